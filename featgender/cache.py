@@ -1,0 +1,438 @@
+"""The HDF5 feature cache: schema, crash-safe resumable writing, and reading.
+
+Schema of a finished cache (plain HDF5; ``h5py`` or ``h5dump`` read it with no featgender code):
+
+=================  ==========================  ==========================================
+dataset            shape, dtype                meaning
+=================  ==========================  ==========================================
+``features``       (N, D) float16 or float32   one embedding per image, chunked by rows;
+                                               NaN rows for images that failed to decode
+``labels``         (N,) int8                   1 = male, 0 = female
+``split``          (N,) int8                   index into the attribute ``names``
+                                               (train, valid, test)
+``ids``            (N,) utf-8 strings          image names relative to the dataset root
+``valid``          (N,) bool                   False where the image failed to decode
+``attributes``     (N, K) int32, optional      CelebA's 40 attributes (0/1) or a CSV's extra
+                                               columns; attrs ``names`` and ``categories``
+                                               (JSON: codes of categorical columns)
+``failed/ids``     (F,) strings, optional      images that failed, with ``failed/reasons``
+=================  ==========================  ==========================================
+
+Root attributes: ``format_version``, ``complete``, ``backbone``, ``layer``, ``feature_dim``,
+``weights``, ``weights_sha256``, ``preprocessing`` (JSON), ``dtype``, ``dataset_root``,
+``dataset_format``, ``dataset_fingerprint``, ``split_source``, ``limit``, ``seed``,
+``versions`` (JSON), ``created``.
+
+Writing goes through ``<out>.partial/``: every chunk of rows is saved to its own file with
+write-to-temp + fsync + rename, so a kill at any moment loses at most the chunk in flight;
+rerunning resumes at the first missing chunk. The HDF5 file is assembled from the chunks
+into a temporary file that atomically replaces ``out`` at the end, so an existing cache is
+never half-overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Iterable
+
+import h5py
+import numpy as np
+
+from featgender.backbones import Backbone
+from featgender.data import SPLITS, FaceDataset
+from featgender.errors import FeatgenderError
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+DEFAULT_CACHE_DIR = Path("cache")
+# Identity fields: a cache, or a partial one, is reused only when all of these match.
+IDENTITY_KEYS = ("backbone", "layer", "weights", "weights_sha256", "preprocessing", "precision", "dtype",
+                 "dataset_fingerprint")
+CHUNK_ROWS = 1024  # rows per crash-safe chunk file, rounded up to whole batches
+
+
+def default_cache_path(dataset: FaceDataset, backbone: str, limit: int | None = None,
+                       cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
+    """``cache/<dataset>-<backbone>[-limit<N>].h5``."""
+    suffix = f"-limit{limit}" if limit else ""
+    return Path(cache_dir) / f"{dataset.name}-{backbone}{suffix}.h5"
+
+
+def _versions() -> dict:
+    import sklearn
+    import torch
+    import torchvision
+
+    from featgender import __version__
+
+    return {
+        "featgender": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "h5py": h5py.__version__,
+        "scikit-learn": sklearn.__version__,
+    }
+
+
+def cache_metadata(dataset: FaceDataset, backbone: Backbone, precision: str, dtype: str,
+                   limit: int | None, seed: int) -> dict:
+    """The root attributes a cache of ``dataset`` embedded by ``backbone`` carries."""
+    config = backbone.config
+    return {
+        "format_version": FORMAT_VERSION,
+        "backbone": config.name,
+        "layer": config.layer,
+        "feature_dim": int(config.feature_dim),
+        "input_kind": config.input_kind,
+        "weights": backbone.weights.name,
+        "weights_sha256": backbone.weights.sha256 or "",
+        "preprocessing": json.dumps(config.preprocessing(), sort_keys=True),
+        "precision": precision,
+        "dtype": dtype,
+        "dataset_root": str(dataset.root.resolve()),
+        "dataset_format": dataset.format,
+        "dataset_fingerprint": dataset.fingerprint(),
+        "num_images": len(dataset),
+        "split_source": dataset.split_source,
+        "limit": limit if limit is not None else -1,
+        "seed": seed,
+        "versions": json.dumps(_versions(), sort_keys=True),
+    }
+
+
+def _identity_mismatch(found: dict, wanted: dict) -> list[str]:
+    return [key for key in IDENTITY_KEYS if str(found.get(key)) != str(wanted.get(key))]
+
+
+# --- writing ---------------------------------------------------------------------------
+
+
+def _fsync_replace(tmp: Path, target: Path) -> None:
+    with open(tmp, "rb+") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, target)
+
+
+class _PartialCache:
+    """The ``<out>.partial/`` folder: metadata plus one ``.npz`` file per finished chunk."""
+
+    def __init__(self, out: Path):
+        self.folder = out.with_name(out.name + ".partial")
+
+    def chunk_path(self, start: int) -> Path:
+        return self.folder / f"rows-{start:010d}.npz"
+
+    def read_meta(self) -> dict | None:
+        meta_file = self.folder / "meta.json"
+        return json.loads(meta_file.read_text()) if meta_file.is_file() else None
+
+    def start(self, meta: dict) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tmp = self.folder / "meta.json.tmp"
+        tmp.write_text(json.dumps(meta, indent=1))
+        _fsync_replace(tmp, self.folder / "meta.json")
+
+    def done_rows(self, chunk_rows: int, total: int) -> int:
+        """Rows covered by the unbroken run of finished chunks from row 0."""
+        start = 0
+        while start < total and self.chunk_path(start).is_file():
+            start += chunk_rows
+        return min(start, total)
+
+    def write_chunk(self, start: int, features: np.ndarray, errors: list[str]) -> None:
+        tmp = self.folder / f"rows-{start:010d}.tmp.npz"
+        np.savez(tmp, features=features, errors=np.array(errors, dtype=str))
+        _fsync_replace(tmp, self.chunk_path(start))
+
+    def read_chunk(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+        with np.load(self.chunk_path(start), allow_pickle=False) as chunk:
+            return chunk["features"], chunk["errors"]
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+@dataclass
+class CacheResult:
+    """What :func:`build_cache` did."""
+
+    path: Path
+    status: str  # 'created', 'resumed' or 'up to date'
+    num_images: int
+    num_failed: int
+    resumed_from: int = 0
+
+
+def build_cache(
+    dataset: FaceDataset,
+    backbone: Backbone,
+    out: str | Path,
+    *,
+    batch_size: int | None = None,
+    device: str = "auto",
+    workers: int | None = None,
+    dtype: str = "float16",
+    precision: str = "auto",
+    overwrite: bool = False,
+    limit: int | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> CacheResult:
+    """Embed every image of ``dataset`` once into the HDF5 cache ``out``; resume if interrupted.
+
+    A finished cache with the same identity (backbone, weights, preprocessing, dtype, dataset
+    rows) is left as it is; one with another identity is refused unless ``overwrite``.
+    ``batch_size``, ``workers`` and ``precision`` default to what suits the device (see
+    :mod:`featgender.extract`).
+    """
+    from featgender.extract import default_batch_size, iter_features, resolve_device, resolve_precision
+
+    out = Path(out)
+    device = resolve_device(device)
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
+    precision = resolve_precision(precision, device)
+    meta = cache_metadata(dataset, backbone, precision, dtype, limit, seed)
+    if out.exists() and not overwrite:
+        found = read_metadata(out)
+        mismatch = _identity_mismatch(found, meta)
+        if mismatch:
+            raise FeatgenderError(
+                f"{out}: holds a different cache ({', '.join(mismatch)} differ); "
+                "pass --overwrite to replace it or --out to write elsewhere"
+            )
+        if found.get("complete"):
+            return CacheResult(out, "up to date", int(found["num_images"]), int(found.get("failed_count", 0)))
+    partial = _PartialCache(out)
+    previous = partial.read_meta()
+    if previous is not None and _identity_mismatch(previous, meta):
+        if not overwrite:
+            raise FeatgenderError(
+                f"{partial.folder}: an unfinished extraction of a different cache "
+                f"({', '.join(_identity_mismatch(previous, meta))} differ); pass --overwrite to discard it"
+            )
+        partial.remove()
+        previous = None
+    # Chunks hold whole batches, so a resumed run feeds the network the same batches.
+    chunk_rows = previous["chunk_rows"] if previous else batch_size * -(-CHUNK_ROWS // max(batch_size, 1))
+    if previous is None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        partial.start({**meta, "chunk_rows": chunk_rows})
+    start = partial.done_rows(chunk_rows, len(dataset))
+    if start:
+        logger.info("%s: resuming at image %d of %d", out, start, len(dataset))
+    _write_chunks(
+        partial,
+        iter_features(backbone, dataset.paths, start=start, batch_size=batch_size, device=device,
+                      workers=workers, dtype=dtype, precision=precision, progress=progress),
+        start,
+        chunk_rows,
+        len(dataset),
+    )
+    num_failed = _assemble(partial, dataset, meta, chunk_rows, out)
+    partial.remove()
+    return CacheResult(out, "resumed" if start else "created", len(dataset), num_failed, start)
+
+
+def _write_chunks(partial: _PartialCache, batches: Iterable, start: int, chunk_rows: int, total: int) -> None:
+    """Group batches into chunks of ``chunk_rows`` and save each on a writer thread."""
+    features, errors, rows, chunk_start = [], [], 0, start
+    pending = []
+    with ThreadPoolExecutor(max_workers=1) as writer:  # overlaps disk writes with compute
+        for _, batch_features, batch_errors in batches:
+            features.append(batch_features)
+            errors.extend(batch_errors)
+            rows += len(batch_features)
+            while rows >= chunk_rows or (rows and chunk_start + rows == total):
+                block = np.concatenate(features) if len(features) > 1 else features[0]
+                take = min(chunk_rows, rows)
+                pending.append(writer.submit(partial.write_chunk, chunk_start, block[:take], errors[:take]))
+                features = [block[take:]] if rows > take else []
+                errors, rows, chunk_start = errors[take:], rows - take, chunk_start + take
+            for future in [f for f in pending if f.done()]:
+                future.result()  # re-raise a write error (e.g. disk full) without waiting for the end
+                pending.remove(future)
+        for future in pending:
+            future.result()
+
+
+def _assemble(partial: _PartialCache, dataset: FaceDataset, meta: dict, chunk_rows: int, out: Path) -> int:
+    """Write the finished HDF5 file from the chunk files, then swap it in atomically."""
+    tmp = out.with_name(out.name + ".tmp")
+    total = len(dataset)
+    failed_ids, failed_reasons = [], []
+    valid = np.ones(total, dtype=bool)
+    with h5py.File(tmp, "w") as h5:
+        features = h5.create_dataset(
+            "features", shape=(total, meta["feature_dim"]), dtype=meta["dtype"],
+            chunks=(min(max(total, 1), 1024), meta["feature_dim"]),
+        )
+        for chunk_start in range(0, total, chunk_rows):
+            chunk_features, chunk_errors = partial.read_chunk(chunk_start)
+            features[chunk_start:chunk_start + len(chunk_features)] = chunk_features
+            for offset, error in enumerate(chunk_errors):
+                if error:
+                    row = chunk_start + offset
+                    valid[row] = False
+                    failed_ids.append(dataset.image_ids[row])
+                    failed_reasons.append(str(error))
+        h5.create_dataset("labels", data=dataset.labels.astype(np.int8))
+        split = h5.create_dataset("split", data=dataset.splits.astype(np.int8))
+        split.attrs["names"] = list(SPLITS)
+        h5.create_dataset("ids", data=dataset.image_ids, dtype=h5py.string_dtype())
+        h5.create_dataset("valid", data=valid)
+        if dataset.attributes is not None:
+            attributes = h5.create_dataset("attributes", data=dataset.attributes.astype(np.int32))
+            attributes.attrs["names"] = dataset.attribute_names
+            attributes.attrs["categories"] = json.dumps(dataset.attribute_categories)
+        if failed_ids:
+            h5.create_dataset("failed/ids", data=failed_ids, dtype=h5py.string_dtype())
+            h5.create_dataset("failed/reasons", data=failed_reasons, dtype=h5py.string_dtype())
+        h5.attrs.update(meta)
+        h5.attrs["failed_count"] = len(failed_ids)
+        h5.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        h5.attrs["complete"] = True
+    _fsync_replace(tmp, out)
+    return len(failed_ids)
+
+
+# --- reading ---------------------------------------------------------------------------
+
+
+def read_metadata(path: str | Path) -> dict:
+    """Root attributes of a cache, as plain Python values."""
+    path = Path(path)
+    if not path.is_file():
+        raise FeatgenderError(f"{path}: no such cache file")
+    try:
+        with h5py.File(path, "r") as h5:
+            return {key: _plain(value) for key, value in h5.attrs.items()}
+    except OSError as error:
+        raise FeatgenderError(f"{path}: not a readable HDF5 cache ({error})") from None
+
+
+def _plain(value):
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return value
+
+
+@dataclass
+class CacheData:
+    """Rows of a cache read into memory."""
+
+    features: np.ndarray
+    labels: np.ndarray
+    ids: list[str]
+    splits: np.ndarray
+    attributes: np.ndarray | None
+    attribute_names: list[str]
+    attribute_categories: dict
+    metadata: dict
+
+
+def read_cache(path: str | Path, split: str | None = None, *, dtype: type = np.float32,
+               include_failed: bool = False) -> CacheData:
+    """Read a finished cache (optionally one split) into memory.
+
+    Rows whose image failed to decode are left out unless ``include_failed``.
+    """
+    path = Path(path)
+    metadata = read_metadata(path)
+    if metadata.get("format_version") != FORMAT_VERSION or not metadata.get("complete"):
+        raise FeatgenderError(f"{path}: not a complete featgender cache (format {FORMAT_VERSION})")
+    if split is not None and split not in SPLITS:
+        raise FeatgenderError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    with h5py.File(path, "r") as h5:
+        splits = h5["split"][:]
+        rows = np.ones(len(splits), dtype=bool) if split is None else splits == SPLITS.index(split)
+        if not include_failed:
+            rows &= h5["valid"][:]
+        index = np.flatnonzero(rows)
+        features = _read_rows(h5["features"], index)
+        attributes = None
+        names, categories = [], {}
+        if "attributes" in h5:
+            attributes = h5["attributes"][:][index]
+            names = [str(name) for name in h5["attributes"].attrs["names"]]
+            categories = json.loads(h5["attributes"].attrs["categories"])
+        ids = h5["ids"].asstr()[:]
+        return CacheData(
+            features=features.astype(dtype, copy=False),
+            labels=h5["labels"][:][index],
+            ids=[ids[i] for i in index],
+            splits=splits[index],
+            attributes=attributes,
+            attribute_names=names,
+            attribute_categories=categories,
+            metadata=metadata,
+        )
+
+
+def _read_rows(dataset: h5py.Dataset, index: np.ndarray) -> np.ndarray:
+    """Rows ``index`` (sorted) of an HDF5 dataset; one slice read when they are contiguous."""
+    if len(index) and index[-1] - index[0] + 1 == len(index):
+        return dataset[index[0]:index[-1] + 1]
+    return dataset[:][index]
+
+
+def cache_summary(path: str | Path) -> dict:
+    """Metadata plus row counts per split and label: what ``featgender info`` prints."""
+    metadata = read_metadata(path)
+    with h5py.File(path, "r") as h5:
+        splits = h5["split"][:]
+        labels = h5["labels"][:]
+        counts = {
+            name: {"images": int((splits == code).sum()), "male": int(((splits == code) & (labels == 1)).sum())}
+            for code, name in enumerate(SPLITS)
+        }
+        metadata["features_shape"] = list(h5["features"].shape)
+        if "attributes" in h5:
+            metadata["attributes"] = [str(name) for name in h5["attributes"].attrs["names"]]
+    metadata["splits"] = counts
+    return metadata
+
+
+def extract_to_cache(
+    data: str | Path,
+    *,
+    backbone: str = "efficientnet_lite0",
+    weights: str = "default",
+    layer: str | None = None,
+    out: str | Path | None = None,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    format: str = "auto",
+    limit: int | None = None,
+    seed: int = 0,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    **options,
+) -> CacheResult:
+    """Read a dataset, build a backbone and embed the dataset into a cache: ``featgender extract``.
+
+    ``options`` go to :func:`build_cache` (batch_size, device, workers, dtype, overwrite, ...).
+
+    Examples
+    --------
+    >>> result = extract_to_cache("../shared/faces/utkface", limit=200)  # doctest: +SKIP
+    >>> result.path  # doctest: +SKIP
+    PosixPath('cache/utkface-efficientnet_lite0-limit200.h5')
+    """
+    from featgender.backbones import build_backbone
+    from featgender.data import load_dataset
+
+    dataset = load_dataset(data, format=format, limit=limit, seed=seed,
+                           image_column=image_column, label_column=label_column)
+    built = build_backbone(backbone, weights=weights, layer=layer)
+    out = Path(out) if out is not None else default_cache_path(dataset, backbone, limit, cache_dir)
+    return build_cache(dataset, built, out, limit=limit, seed=seed, **options)

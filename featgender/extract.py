@@ -1,0 +1,208 @@
+"""Batched frozen forward pass: image files in, embedding rows out (as arrays; no files written).
+
+The fast path decodes images to uint8 on CPU loader workers (JPEGs are decoded at a reduced
+scale when they are much larger than needed), moves uint8 batches to the device (pinned,
+non-blocking on CUDA), and resizes, normalises and embeds them there, in channels_last
+layout under ``inference_mode`` and bf16 autocast where the hardware runs it natively
+(CUDA GPUs, and CPUs with AVX512-BF16 or AMX, where it halves the time per image for
+features whose cosine similarity to float32 ones stays above 0.999).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from featgender.backbones import Backbone
+from featgender.errors import FeatgenderError
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float16": np.float16, "float32": np.float32}
+PRECISIONS = ("auto", "float32", "bfloat16")
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """'auto' picks CUDA when there is a GPU, else the CPU; 'cuda' without one is an error."""
+    if str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise FeatgenderError(f"--device {device!r}: use auto, cpu or cuda[:N]") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise FeatgenderError(f"--device {device}: no CUDA GPU is visible to torch here")
+    return resolved
+
+
+def default_workers(device: torch.device) -> int:
+    """Decode workers: on CPU one (the cores are busy with the forward pass); on GPU up to 8."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return min(8, max(1, cores - 1)) if device.type == "cuda" else 1
+
+
+def default_batch_size(device: torch.device) -> int:
+    """Images per forward pass: small on CPU (cache-friendly, measured fastest), large on GPU."""
+    return 128 if device.type == "cuda" else 8
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """'auto' is bfloat16 where the device computes it natively, else float32."""
+    if precision not in PRECISIONS:
+        raise FeatgenderError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
+        torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    return "bfloat16" if native_bf16 else "float32"
+
+
+def load_image(source: str | Path | object, min_side: int | None = None) -> torch.Tensor:
+    """Decode an image file (or PIL image) to a uint8 (3, H, W) RGB tensor.
+
+    Grayscale, palette, CMYK and alpha images are converted to RGB, EXIF orientation is
+    applied, and JPEGs much larger than ``min_side`` are decoded at a reduced scale.
+    """
+    from PIL import Image, ImageOps
+
+    image = source if isinstance(source, Image.Image) else Image.open(source)
+    if min_side is not None and image.format == "JPEG":
+        image.draft("RGB", (min_side, min_side))  # DCT scaling keeps both sides >= min_side
+    image = ImageOps.exif_transpose(image)
+    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        image = background
+    array = np.asarray(image.convert("RGB"))
+    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+
+class ImageFiles(Dataset):
+    """Images by index, decoded to uint8; a file that cannot be decoded gives its error instead."""
+
+    def __init__(self, sources: Sequence, min_side: int | None):
+        self.sources = sources
+        self.min_side = min_side
+
+    def __len__(self) -> int:
+        return len(self.sources)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
+        try:
+            return index, load_image(self.sources[index], self.min_side), ""
+        except Exception as error:  # PIL raises many types for broken files; each is reported
+            return index, None, f"{type(error).__name__}: {error}"
+
+
+@dataclass
+class ImageBatch:
+    """A collated batch: row indices, the decodable images, and an error per row ('' if fine)."""
+
+    indices: np.ndarray
+    images: torch.Tensor | list[torch.Tensor] | None
+    ok: np.ndarray
+    errors: list[str]
+
+    def pin_memory(self) -> "ImageBatch":
+        if isinstance(self.images, torch.Tensor):
+            self.images = self.images.pin_memory()
+        return self
+
+
+def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> ImageBatch:
+    """Stack same-sized images into one tensor; keep a list when sizes differ."""
+    images = [image for _, image, _ in items if image is not None]
+    if not images:
+        images = None
+    elif all(image.shape == images[0].shape for image in images):
+        images = torch.stack(images)
+    return ImageBatch(
+        indices=np.array([index for index, _, _ in items], dtype=np.int64),
+        images=images,
+        ok=np.array([image is not None for _, image, _ in items]),
+        errors=[error for _, _, error in items],
+    )
+
+
+def iter_features(
+    backbone: Backbone,
+    sources: Sequence,
+    *,
+    start: int = 0,
+    batch_size: int | None = None,
+    device: str | torch.device = "auto",
+    workers: int | None = None,
+    dtype: str = "float16",
+    precision: str = "auto",
+    progress: bool = True,
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """Embed ``sources[start:]`` in order, one batch at a time.
+
+    ``batch_size`` and ``workers`` default to what suits the device (see
+    :func:`default_batch_size`, :func:`default_workers`); ``precision`` is the autocast type
+    (see :func:`resolve_precision`); ``dtype`` is the type of the returned features.
+
+    Yields
+    ------
+    indices : row numbers into ``sources``.
+    features : (len(indices), D) array of ``dtype``; NaN rows where an image failed.
+    errors : one message per row, '' where the image was embedded.
+    """
+    if dtype not in DTYPES:
+        raise FeatgenderError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    device = resolve_device(device)
+    batch_size = default_batch_size(device) if batch_size is None else batch_size
+    if batch_size < 1:
+        raise FeatgenderError(f"--batch-size {batch_size}: must be at least 1")
+    workers = default_workers(device) if workers is None else workers
+    autocast = resolve_precision(precision, device) == "bfloat16"
+    model = backbone.model.to(device).to(memory_format=torch.channels_last)
+    transform = backbone.transform.to(device)
+    on_cuda = device.type == "cuda"
+    rows = range(start, len(sources))
+    loader = DataLoader(
+        ImageFiles([sources[i] for i in rows], backbone.config.resize_size),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=on_cuda,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+    )
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(sources), initial=start, unit="img", disable=not progress, desc=backbone.config.name)
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+        for batch in loader:
+            features = np.full((len(batch.indices), backbone.config.feature_dim), np.nan, dtype=DTYPES[dtype])
+            if batch.images is not None:
+                images = batch.images
+                if isinstance(images, torch.Tensor):
+                    images = images.to(device, non_blocking=True)
+                else:
+                    images = [image.to(device, non_blocking=True) for image in images]
+                embedded = model(transform(images, torch.bfloat16 if autocast else torch.float32))
+                features[batch.ok] = embedded.float().cpu().numpy().astype(DTYPES[dtype], copy=False)
+            bar.update(len(batch.indices))
+            yield batch.indices + start, features, batch.errors
+    bar.close()
+
+
+def extract_features(backbone: Backbone, sources: Sequence, **options) -> tuple[np.ndarray, list[str]]:
+    """All embeddings of ``sources`` at once (in memory): features and per-row errors."""
+    features, errors = [], []
+    for _, batch_features, batch_errors in iter_features(backbone, sources, **options):
+        features.append(batch_features)
+        errors.extend(batch_errors)
+    if not features:
+        return np.empty((0, backbone.config.feature_dim), dtype=DTYPES[options.get("dtype", "float16")]), []
+    return np.concatenate(features), errors
