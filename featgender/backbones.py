@@ -185,10 +185,13 @@ class EmbeddingModel(nn.Module):
 
         network.eval()
         _, eval_nodes = get_graph_node_names(network, suppress_diff_warning=True)
-        if layer not in eval_nodes:
-            raise FeatgenderError(
-                f"--layer {layer!r}: not a node of this network; last nodes: {', '.join(eval_nodes[-8:])}"
-            )
+        if layer not in eval_nodes:  # a module name (e.g. 'layer3') means the last node inside it
+            inside = [node for node in eval_nodes if node.startswith(layer + ".")]
+            if not inside:
+                raise FeatgenderError(
+                    f"--layer {layer!r}: not a node or module of this network; last nodes: {', '.join(eval_nodes[-8:])}"
+                )
+            layer = inside[-1]
         self.layer = layer
         self.body = create_feature_extractor(network, return_nodes={layer: "embedding"}, suppress_diff_warning=True)
         self.body.eval()

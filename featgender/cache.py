@@ -56,7 +56,6 @@ DEFAULT_CACHE_DIR = Path("cache")
 # Identity fields: a cache, or a partial one, is reused only when all of these match.
 IDENTITY_KEYS = ("backbone", "layer", "weights", "weights_sha256", "preprocessing", "precision", "dtype",
                  "dataset_fingerprint")
-CHUNK_ROWS = 1024  # rows per crash-safe chunk file, rounded up to whole batches
 
 
 def default_cache_path(dataset: FaceDataset, backbone: str, limit: int | None = None,
@@ -182,6 +181,7 @@ def build_cache(
     workers: int | None = None,
     dtype: str = "float16",
     precision: str = "auto",
+    chunk_rows: int = 1024,
     overwrite: bool = False,
     limit: int | None = None,
     seed: int = 0,
@@ -192,7 +192,8 @@ def build_cache(
     A finished cache with the same identity (backbone, weights, preprocessing, dtype, dataset
     rows) is left as it is; one with another identity is refused unless ``overwrite``.
     ``batch_size``, ``workers`` and ``precision`` default to what suits the device (see
-    :mod:`featgender.extract`).
+    :mod:`featgender.extract`). Progress is saved every ``chunk_rows`` images (rounded up to
+    whole batches, so that a resumed run feeds the network the very same batches).
     """
     from featgender.extract import default_batch_size, iter_features, resolve_device, resolve_precision
 
@@ -221,8 +222,7 @@ def build_cache(
             )
         partial.remove()
         previous = None
-    # Chunks hold whole batches, so a resumed run feeds the network the same batches.
-    chunk_rows = previous["chunk_rows"] if previous else batch_size * -(-CHUNK_ROWS // max(batch_size, 1))
+    chunk_rows = previous["chunk_rows"] if previous else batch_size * -(-chunk_rows // max(batch_size, 1))
     if previous is None:
         out.parent.mkdir(parents=True, exist_ok=True)
         partial.start({**meta, "chunk_rows": chunk_rows})

@@ -210,15 +210,13 @@ def stratified_limit(dataset: FaceDataset, limit: int, seed: int = 0) -> FaceDat
 
 def _with_seeded_split(dataset: FaceDataset, seed: int) -> FaceDataset:
     """Assign a stratified 80/10/10 train/valid/test split, reproducible from ``seed``."""
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(dataset))
-    stratify = dataset.labels if np.bincount(dataset.labels, minlength=2).min() >= 5 else None
-    train, rest = train_test_split(indices, test_size=0.2, stratify=stratify, random_state=seed)
-    rest_stratify = None if stratify is None else dataset.labels[rest]
-    valid, test = train_test_split(rest, test_size=0.5, stratify=rest_stratify, random_state=seed)
-    splits = np.empty(len(dataset), dtype=np.int8)
-    splits[train], splits[valid], splits[test] = 0, 1, 2
+    rng = np.random.default_rng(seed)
+    splits = np.zeros(len(dataset), dtype=np.int8)
+    for label in (0, 1):
+        members = rng.permutation(np.flatnonzero(dataset.labels == label))
+        held_out = round(0.1 * len(members))
+        splits[members[len(members) - 2 * held_out:len(members) - held_out]] = 1
+        splits[members[len(members) - held_out:]] = 2
     return replace(dataset, splits=splits, split_source=f"seeded stratified 80/10/10 split, seed={seed}")
 
 

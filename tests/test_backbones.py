@@ -1,0 +1,129 @@
+import numpy as np
+import pytest
+import torch
+
+from featgender.backbones import (
+    Preprocess,
+    build_backbone,
+    get_config,
+    list_backbones,
+    register_backbone,
+    weights_available,
+)
+from featgender.errors import FeatgenderError
+from featgender.extract import load_image
+
+REQUIRED = ["vgg16", "vgg19", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large", "inception_v3",
+            "googlenet", "efficientnet_b0", "convnext_tiny", "efficientnet_lite0"]
+
+
+def test_registry_lists_the_required_backbones_sorted():
+    names = list_backbones()
+    assert names == sorted(names)
+    assert set(REQUIRED) <= set(names)
+
+
+def test_duplicate_and_unknown_names_are_errors():
+    with pytest.raises(ValueError, match="already registered"):
+        register_backbone("resnet50")(lambda: None)
+    with pytest.raises(FeatgenderError, match="unknown; choose one of .*resnet50"):
+        get_config("resnet5O")
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "resnet18", "googlenet", "efficientnet_lite0"])
+def test_embedding_width_matches_the_registry(name):
+    backbone = build_backbone(name, weights="none")
+    size = backbone.config.input_size
+    with torch.inference_mode():
+        features = backbone.model(torch.rand(2, 3, size, size))
+    assert features.shape == (2, get_config(name).feature_dim)
+
+
+def test_any_torchvision_model_works_by_name_with_its_penultimate_layer():
+    backbone = build_backbone("shufflenet_v2_x0_5", weights="none")
+    assert backbone.config.layer == "mean"  # shufflenet pools with x.mean([2, 3])
+    assert backbone.config.feature_dim == 1024
+    assert backbone.config.weights.startswith("torchvision:ShuffleNet_V2_X0_5_Weights")
+
+
+def test_layer_by_name_is_validated():
+    backbone = build_backbone("resnet18", weights="none", layer="layer3")
+    assert backbone.config.feature_dim == 256  # 4-D output, global-average pooled
+    with pytest.raises(FeatgenderError, match="--layer 'layer9'"):
+        build_backbone("resnet18", weights="none", layer="layer9")
+
+
+def test_random_init_is_seeded_and_frozen():
+    first, second = build_backbone("resnet18", weights="none"), build_backbone("resnet18", weights="none")
+    images = torch.rand(2, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(first.model(images), second.model(images))
+    first.model.train()
+    assert not first.model.body.training
+    assert not any(p.requires_grad for p in first.model.parameters())
+
+
+def test_local_weights_file_round_trip(tmp_path):
+    import torchvision
+
+    network = torchvision.models.resnet18(num_classes=1000)
+    torch.nn.init.normal_(network.fc.weight)
+    path = tmp_path / "resnet18.pth"
+    torch.save({"state_dict": network.state_dict()}, path)
+    backbone = build_backbone("resnet18", weights=path)
+    images = torch.rand(2, 3, 224, 224)
+    network.eval()
+    with torch.inference_mode():
+        expected = torch.flatten(torch.nn.Sequential(*list(network.children())[:-1])(images), 1)
+        torch.testing.assert_close(backbone.model(images), expected)
+    assert backbone.weights.name == "file:resnet18.pth"
+    assert len(backbone.weights.sha256) == 64
+
+
+def test_bad_weights_files_are_named(tmp_path):
+    with pytest.raises(FeatgenderError, match="no such file"):
+        build_backbone("resnet18", weights=tmp_path / "missing.pth")
+    junk = tmp_path / "junk.pth"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(FeatgenderError, match="junk.pth: cannot be read"):
+        build_backbone("resnet18", weights=junk)
+    other = tmp_path / "other.pth"
+    torch.save(torch.nn.Linear(2, 2).state_dict(), other)
+    with pytest.raises(FeatgenderError, match="other.pth: does not fit resnet18"):
+        build_backbone("resnet18", weights=other)
+
+
+def test_default_weights_without_network_name_the_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # nothing listens: the download fails at once
+    config = get_config("resnet18")
+    assert not weights_available(config)
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    with pytest.raises(FeatgenderError, match=rf"place resnet18-[0-9a-f]+\.pth in {checkpoints}"):
+        build_backbone("resnet18")
+
+
+def test_preprocess_handles_lists_of_sizes_like_single_images():
+    preprocess = Preprocess(get_config("resnet18"))
+    rng = np.random.default_rng(0)
+    images = [torch.from_numpy(rng.integers(0, 256, (3, h, w), dtype=np.uint8)) for h, w in [(218, 178), (300, 300)]]
+    batch = preprocess(images)
+    assert batch.shape == (2, 3, 224, 224)
+    assert batch.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(batch[1:], preprocess(images[1][None]))
+
+
+def test_efficientnet_lite0_pretrained_weights_classify_real_photos():
+    skimage_data = pytest.importorskip("skimage.data")
+    backbone = build_backbone("efficientnet_lite0", layer="_fc")  # logits: the whole ImageNet classifier
+    assert weights_available(backbone.config)
+    assert backbone.config.feature_dim == 1000
+    from PIL import Image
+
+    photos = [Image.fromarray(skimage_data.chelsea()), Image.fromarray(skimage_data.coffee())]
+    with torch.inference_mode():
+        logits = backbone.model(backbone.transform([load_image(photo) for photo in photos]))
+    top = logits.argmax(1).tolist()
+    assert 281 <= top[0] <= 285  # a domestic cat (tabby, tiger cat, Persian, Siamese, Egyptian cat)
+    assert top[1] == 967  # espresso

@@ -1,0 +1,82 @@
+import json
+
+import h5py
+import pytest
+from typer.testing import CliRunner
+
+from featgender.cli import app
+
+runner = CliRunner()
+
+
+def invoke(*args: str):
+    return runner.invoke(app, [str(arg) for arg in args])
+
+
+def test_every_command_has_help_text():
+    commands = app.registered_commands
+    assert {c.callback.__name__ for c in commands} >= {"extract", "info", "backbones", "download", "demo"}
+    for command in commands:
+        result = invoke(command.callback.__name__, "--help")
+        assert result.exit_code == 0, result.output
+        assert command.callback.__doc__.split("\n")[0][:30] in " ".join(result.output.split())
+
+
+def test_extract_then_info(csv_dataset, tmp_path):
+    out = tmp_path / "c.h5"
+    args = ("extract", "--data", csv_dataset, "--backbone", "mobilenet_v3_small", "--weights", "none",
+            "--out", out, "--batch-size", "4")
+    result = invoke(*args)
+    assert result.exit_code == 0, result.output
+    assert "40 images, 0 failed" in result.output
+    with h5py.File(out, "r") as h5:
+        assert h5["features"].shape == (40, 576)
+    again = invoke(*args)
+    assert "already complete" in again.output
+    info = invoke("info", out)
+    assert "split train: 32 images, 16 male" in info.output
+    summary = json.loads(invoke("info", out, "--json").output)
+    assert summary["backbone"] == "mobilenet_v3_small" and summary["features_shape"] == [40, 576]
+
+
+def test_extract_default_path_goes_to_the_cache_folder(csv_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("extract", "--data", csv_dataset, "--backbone", "mobilenet_v3_small", "--weights", "none",
+                    "--limit", "10")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "cache" / "csvset-mobilenet_v3_small-limit10.h5").is_file()
+
+
+def test_bad_input_is_a_one_line_error(tmp_path):
+    result = invoke("extract", "--data", tmp_path / "nowhere")
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"Error: --data {tmp_path / 'nowhere'}: no such file or folder"]
+    result = invoke("info", tmp_path / "missing.h5")
+    assert result.exit_code == 1 and "missing.h5: no such cache file" in result.output
+
+
+def test_backbones_lists_registry_and_offline_weights():
+    result = invoke("backbones")
+    assert result.exit_code == 0
+    lines = {line.split()[0]: line.split() for line in result.output.splitlines()[1:]}
+    assert lines["efficientnet_lite0"][1:4] == ["1280", "224", "yes"]
+    assert lines["resnet50"][1:3] == ["2048", "224"]
+
+
+def test_download_without_network_says_which_files_to_place(tmp_path, monkeypatch):
+    for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    result = invoke("download", "celeba", tmp_path)
+    assert result.exit_code == 1
+    assert "CelebA download failed" in result.output
+    for name in ("img_align_celeba.zip", "list_attr_celeba.txt", "list_eval_partition.txt"):
+        assert str(tmp_path / "celeba" / name) in result.output
+
+
+def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("demo", "--data", shared_faces / "utkface", "--limit", "300")
+    assert result.exit_code == 0, result.output
+    assert "trained on 240 images" in result.output
+    accuracy = float(result.output.split("accuracy ")[1].split(",")[0])
+    assert accuracy > 0.6

@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+
+from conftest import CELEBA_ATTRIBUTES, celeba_rows
+from featgender.data import SPLITS, FeatgenderError, detect_format, load_dataset, parse_label
+
+
+def test_formats_are_detected(celeba_official, celeba_kaggle, folder_dataset, csv_dataset):
+    assert detect_format(celeba_official) == "celeba"
+    assert detect_format(celeba_official.parent) == "celeba"  # torchvision's ROOT/celeba
+    assert detect_format(celeba_kaggle) == "celeba-kaggle"
+    assert detect_format(folder_dataset) == "folder"
+    assert detect_format(csv_dataset) == "csv"
+    assert detect_format(csv_dataset / "labels.csv") == "csv"
+
+
+def test_celeba_official_reads_labels_attributes_and_partitions(celeba_official):
+    names, values, partitions = celeba_rows(30)
+    dataset = load_dataset(celeba_official)
+    assert dataset.image_ids == names
+    assert dataset.attribute_names == CELEBA_ATTRIBUTES
+    np.testing.assert_array_equal(dataset.attributes, (values > 0).astype(int))
+    np.testing.assert_array_equal(dataset.labels, values[:, CELEBA_ATTRIBUTES.index("Male")] > 0)
+    np.testing.assert_array_equal(dataset.splits, partitions)
+    assert all(path.is_file() for path in dataset.paths)
+    sample = next(iter(dataset))
+    assert (sample.image_id, sample.label, sample.split) == ("000001.jpg", 0, "train")
+
+
+def test_celeba_kaggle_layout_gives_the_same_rows(celeba_official, celeba_kaggle):
+    official, kaggle = load_dataset(celeba_official), load_dataset(celeba_kaggle)
+    assert kaggle.image_ids == official.image_ids
+    np.testing.assert_array_equal(kaggle.attributes, official.attributes)
+    np.testing.assert_array_equal(kaggle.splits, official.splits)
+    assert all(path.is_file() for path in kaggle.paths)
+
+
+def test_folder_layout_maps_class_words_and_assigns_a_seeded_split(folder_dataset):
+    dataset = load_dataset(folder_dataset)
+    assert len(dataset) == 40
+    assert all(dataset.labels[i] == dataset.image_ids[i].startswith("Man/") for i in range(40))
+    counts = np.bincount(dataset.splits, minlength=3)
+    assert counts.tolist() == [32, 4, 4]
+    for split in range(3):  # stratified: each split is half male
+        assert dataset.labels[dataset.splits == split].mean() == 0.5
+    again = load_dataset(folder_dataset)
+    np.testing.assert_array_equal(again.splits, dataset.splits)
+    assert "seed=0" in dataset.split_source
+    assert not np.array_equal(load_dataset(folder_dataset, seed=1).splits, dataset.splits)
+
+
+def test_folder_layout_with_split_folders(tmp_path):
+    from conftest import write_images
+
+    for split in ("train", "val", "test"):
+        write_images(tmp_path / split, ["male/a.jpg", "female/b.png"], [1, 0])
+    dataset = load_dataset(tmp_path)
+    assert sorted(dataset.image_ids) == sorted(f"{s}/{c}" for s in ("train", "val", "test")
+                                                for c in ("male/a.jpg", "female/b.png"))
+    assert [SPLITS[s] for s in dataset.splits] == ["test", "test", "train", "train", "valid", "valid"]
+
+
+def test_csv_layout_keeps_extra_columns_as_attributes(csv_dataset):
+    dataset = load_dataset(csv_dataset)
+    assert len(dataset) == 40 and dataset.labels.tolist() == [i % 2 for i in range(40)]
+    assert dataset.attribute_names == ["age", "race"]
+    assert dataset.attributes[:, 0].tolist() == list(range(20, 60))
+    races = dataset.attribute_categories["race"]
+    assert [races[code] for code in dataset.attributes[:4, 1]] == ["white", "black", "asian", "indian"]
+    assert dataset.paths[0] == csv_dataset / "images" / "000.jpg"
+
+
+def test_csv_columns_chosen_by_option_and_bad_labels_named(tmp_path):
+    (tmp_path / "x.jpg").write_bytes(b"")
+    (tmp_path / "list.csv").write_text("picture,sex_code\nx.jpg,1\nx.jpg,-1\n")
+    dataset = load_dataset(tmp_path / "list.csv", image_column="picture", label_column="sex_code")
+    assert dataset.labels.tolist() == [1, 0]
+    (tmp_path / "list.csv").write_text("image,gender\nx.jpg,male\nx.jpg,unknown\n")
+    with pytest.raises(FeatgenderError, match=r"list.csv:3: label 'unknown'"):
+        load_dataset(tmp_path)
+    with pytest.raises(FeatgenderError, match="no column 'nope'"):
+        load_dataset(tmp_path, image_column="nope")
+
+
+@pytest.mark.parametrize("value,label", [("Male", 1), ("f", 0), ("woman", 0), ("1", 1), ("-1", 0), ("0", 0)])
+def test_parse_label(value, label):
+    assert parse_label(value, "here") == label
+
+
+def test_limit_is_stratified_seeded_and_keeps_file_order(csv_dataset):
+    dataset = load_dataset(csv_dataset)
+    subset = load_dataset(csv_dataset, limit=20)
+    assert len(subset) == 20
+    assert subset.labels.mean() == 0.5
+    positions = [dataset.image_ids.index(image_id) for image_id in subset.image_ids]
+    assert positions == sorted(positions)
+    assert load_dataset(csv_dataset, limit=20).image_ids == subset.image_ids
+    with pytest.raises(FeatgenderError, match="--limit 0"):
+        load_dataset(csv_dataset, limit=0)
+
+
+def test_unknown_data_is_refused_with_its_path(tmp_path):
+    with pytest.raises(FeatgenderError, match="no such file"):
+        load_dataset(tmp_path / "missing")
+    with pytest.raises(FeatgenderError, match="not a recognised dataset"):
+        load_dataset(tmp_path)
+
+
+def test_real_celeba_mini(shared_faces):
+    dataset = load_dataset(shared_faces / "celeba_mini")
+    assert dataset.format == "celeba" and len(dataset) == 100
+    assert int(dataset.labels.sum()) == 42
+    assert set(dataset.splits.tolist()) == {0}
+    assert len(dataset.attribute_names) == 40 and dataset.attributes.shape == (100, 40)
+    assert all(path.is_file() for path in dataset.paths)
+
+
+def test_real_utkface_csv(shared_faces):
+    dataset = load_dataset(shared_faces / "utkface")
+    assert len(dataset) == 8000 and int(dataset.labels.sum()) == 4000
+    assert dataset.attribute_names == ["age", "race"]
+    assert set(dataset.attribute_categories["race"]) == {"white", "black", "asian", "indian", "other"}
+    assert dataset.paths[0].is_file()
+    assert np.bincount(dataset.splits).tolist() == [6400, 800, 800]

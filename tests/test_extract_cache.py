@@ -1,0 +1,157 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from featgender.backbones import build_backbone
+from featgender.cache import build_cache, cache_summary, read_cache
+from featgender.data import load_dataset
+from featgender.errors import FeatgenderError
+from featgender.extract import extract_features, load_image
+
+BACKBONE = "mobilenet_v3_small"
+
+
+@pytest.fixture(scope="module")
+def small_backbone():
+    return build_backbone(BACKBONE, weights="none")
+
+
+def test_cache_schema_opens_in_plain_h5py(celeba_official, small_backbone, tmp_path):
+    dataset = load_dataset(celeba_official)
+    out = tmp_path / "c.h5"
+    result = build_cache(dataset, small_backbone, out, batch_size=4, progress=False)
+    assert result.status == "created" and result.num_failed == 0
+    with h5py.File(out, "r") as h5:
+        assert h5["features"].shape == (30, 576) and h5["features"].dtype == np.float16
+        assert h5["features"].chunks is not None
+        assert h5["labels"][:].tolist() == dataset.labels.tolist()
+        assert h5["split"][:].tolist() == dataset.splits.tolist()
+        assert list(h5["split"].attrs["names"]) == ["train", "valid", "test"]
+        assert h5["ids"].asstr()[:].tolist() == dataset.image_ids
+        assert h5["attributes"].shape == (30, 40) and "Male" in list(h5["attributes"].attrs["names"])
+        assert h5["valid"][:].all()
+        attrs = dict(h5.attrs)
+        assert attrs["backbone"] == BACKBONE and attrs["complete"]
+        assert attrs["dataset_fingerprint"] == dataset.fingerprint()
+        assert json.loads(attrs["preprocessing"])["input_size"] == 224
+        assert "torch" in json.loads(attrs["versions"])
+        assert attrs["weights"].startswith("none")
+    summary = cache_summary(out)
+    assert summary["splits"]["train"]["images"] == 18
+
+
+def test_cached_features_equal_a_direct_forward_pass(csv_dataset, small_backbone, tmp_path):
+    dataset = load_dataset(csv_dataset, limit=12)
+    out = tmp_path / "c.h5"
+    build_cache(dataset, small_backbone, out, batch_size=4, dtype="float32", precision="float32",
+                workers=0, progress=False)
+    cached = read_cache(out)
+    images = small_backbone.transform([load_image(path) for path in dataset.paths[:4]])
+    with torch.inference_mode():
+        expected = small_backbone.model(images).numpy()
+    np.testing.assert_allclose(cached.features[:4], expected, rtol=1e-4, atol=1e-5)
+    test_rows = read_cache(out, "test")
+    assert set(test_rows.ids) == {i for i, s in zip(dataset.image_ids, dataset.splits) if s == 2}
+
+
+def test_rerun_is_a_noop_and_a_different_cache_is_refused(csv_dataset, small_backbone, tmp_path):
+    dataset = load_dataset(csv_dataset, limit=8)
+    out = tmp_path / "c.h5"
+    build_cache(dataset, small_backbone, out, progress=False)
+    before = out.read_bytes()
+    assert build_cache(dataset, small_backbone, out, progress=False).status == "up to date"
+    other = build_backbone("resnet18", weights="none")
+    with pytest.raises(FeatgenderError, match="backbone.*differ.*--overwrite"):
+        build_cache(dataset, other, out, progress=False)
+    with pytest.raises(FeatgenderError, match="dataset_fingerprint differ"):
+        build_cache(load_dataset(csv_dataset, limit=10), small_backbone, out, progress=False)
+    assert out.read_bytes() == before  # refused means untouched
+    assert build_cache(dataset, other, out, overwrite=True, progress=False).status == "created"
+    assert read_cache(out).metadata["backbone"] == "resnet18"
+
+
+def test_broken_images_are_recorded_not_fatal(csv_dataset, small_backbone, tmp_path):
+    (csv_dataset / "images" / "001.jpg").write_bytes(b"this is not a jpeg")
+    (csv_dataset / "images" / "002.jpg").write_bytes(b"")
+    dataset = load_dataset(csv_dataset)
+    out = tmp_path / "c.h5"
+    result = build_cache(dataset, small_backbone, out, batch_size=4, progress=False)
+    assert result.num_failed == 2
+    with h5py.File(out, "r") as h5:
+        assert h5["failed/ids"].asstr()[:].tolist() == ["images/001.jpg", "images/002.jpg"]
+        assert "UnidentifiedImageError" in h5["failed/reasons"].asstr()[0]
+        assert np.isnan(h5["features"][1]).all() and not h5["valid"][1]
+    assert len(read_cache(out).ids) == 38
+    assert len(read_cache(out, include_failed=True).ids) == 40
+
+
+def test_image_modes_are_converted_to_rgb(tmp_path):
+    from PIL import Image
+
+    rgba = Image.new("RGBA", (10, 12), (255, 0, 0, 0))
+    rgba.save(tmp_path / "a.png")
+    Image.new("L", (10, 12), 7).save(tmp_path / "g.png")
+    Image.new("CMYK", (10, 12), (0, 0, 0, 0)).save(tmp_path / "c.jpg")
+    transparent, gray, cmyk = (load_image(tmp_path / name) for name in ("a.png", "g.png", "c.jpg"))
+    assert transparent.shape == gray.shape == cmyk.shape == (3, 12, 10)
+    assert transparent.unique().tolist() == [255]  # transparent pixels become white
+    assert gray.unique().tolist() == [7]
+
+
+KILL_SCRIPT = """
+import sys
+from featgender.backbones import build_backbone
+from featgender.cache import build_cache
+from featgender.data import load_dataset
+build_cache(load_dataset(sys.argv[1]), build_backbone("%s", weights="none"), sys.argv[2],
+            batch_size=2, chunk_rows=4, workers=0, progress=False)
+""" % BACKBONE
+
+
+def _run_and_kill(data, out, chunks_before_kill: int) -> bool:
+    """Start an extraction, SIGKILL it once ``chunks_before_kill`` chunks exist; True if killed mid-way."""
+    partial = out.with_name(out.name + ".partial")
+    process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(data), str(out)])
+    try:
+        while process.poll() is None:
+            if len(list(partial.glob("rows-*[0-9].npz"))) >= chunks_before_kill:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+                return not out.exists()
+            time.sleep(0.002)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return False
+
+
+def test_kill_9_then_resume_gives_the_identical_cache(csv_dataset, tmp_path):
+    reference, resumed = tmp_path / "ref.h5", tmp_path / "resumed.h5"
+    dataset = load_dataset(csv_dataset)
+    options = dict(batch_size=2, chunk_rows=4, workers=0, progress=False)
+    build_cache(dataset, build_backbone(BACKBONE, weights="none"), reference, **options)
+    killed = [_run_and_kill(csv_dataset, resumed, chunks) for chunks in (2, 5)]
+    assert any(killed), "the extraction finished before it could be killed"
+    result = build_cache(dataset, build_backbone(BACKBONE, weights="none"), resumed, **options)
+    assert result.status == "resumed" and result.resumed_from >= 8
+    with h5py.File(reference, "r") as ref, h5py.File(resumed, "r") as res:
+        np.testing.assert_array_equal(ref["features"][:], res["features"][:])
+        assert ref["ids"].asstr()[:].tolist() == res["ids"].asstr()[:].tolist()
+    assert not resumed.with_name(resumed.name + ".partial").exists()
+
+
+def test_extract_features_in_memory_matches_the_cache(csv_dataset, small_backbone, tmp_path):
+    dataset = load_dataset(csv_dataset, limit=6)
+    features, errors = extract_features(small_backbone, dataset.paths, batch_size=3, progress=False)
+    out = tmp_path / "c.h5"
+    build_cache(dataset, small_backbone, out, batch_size=3, progress=False)
+    np.testing.assert_array_equal(features, read_cache(out, dtype=np.float16).features)
+    assert errors == [""] * 6
