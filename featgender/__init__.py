@@ -10,13 +10,21 @@ from featgender.backbones import build_backbone, list_backbones, register_backbo
 from featgender.cache import build_cache, read_cache
 from featgender.data import load_dataset
 from featgender.errors import FeatgenderError
+from featgender.extract import CNNFeatures
+from featgender.heads import list_heads, load_model, make_head
+from featgender.predict import load
 
 __all__ = [
+    "CNNFeatures",
     "FeatgenderError",
     "build_backbone",
     "build_cache",
     "list_backbones",
+    "list_heads",
+    "load",
     "load_dataset",
+    "load_model",
+    "make_head",
     "read_cache",
     "register_backbone",
 ]

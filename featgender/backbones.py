@@ -16,6 +16,7 @@ import hashlib
 import logging
 import os
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -307,27 +308,41 @@ _TORCHVISION_KWARGS = {
 _TORCHVISION_IGNORED_KEYS = {"inception_v3": ("AuxLogits.",), "googlenet": ("aux1.", "aux2.")}
 
 
-def _torchvision_config(name: str, layer: str | None, feature_dim: int | None) -> BackboneConfig:
+def _torchvision_weights(name: str):
     import torchvision
 
-    weights = torchvision.models.get_model_weights(name).DEFAULT
+    return torchvision.models.get_model_weights(name).DEFAULT
+
+
+def _torchvision_checkpoint(name: str) -> Path:
+    """Where torch.hub keeps the default weights file of torchvision model ``name``."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_torchvision_weights(name).url)
+
+
+def _build_torchvision(name: str) -> nn.Module:
+    import torchvision
+
+    return torchvision.models.get_model(name, weights=None, **_TORCHVISION_KWARGS.get(name, {}))
+
+
+def _download_torchvision(name: str) -> None:
+    url, checkpoint = _torchvision_weights(name).url, _torchvision_checkpoint(name)
+    try:
+        torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
+    except Exception as error:  # URLError, HTTPError, hash mismatch, ...
+        raise FeatgenderError(
+            f"{name}: could not download {url} ({error}); place {checkpoint.name} in "
+            f"{checkpoint.parent} (or pass --weights PATH)"
+        ) from None
+
+
+def _torchvision_config(name: str, layer: str | None, feature_dim: int | None) -> BackboneConfig:
+    from torchvision.models.feature_extraction import get_graph_node_names
+
+    weights = _torchvision_weights(name)
     transform = weights.transforms()
-    checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
-
-    def build() -> nn.Module:
-        return torchvision.models.get_model(name, weights=None, **_TORCHVISION_KWARGS.get(name, {}))
-
-    def download() -> None:
-        try:
-            torch.hub.load_state_dict_from_url(weights.url, progress=True, check_hash=True)
-        except Exception as error:  # URLError, HTTPError, hash mismatch, ...
-            raise FeatgenderError(
-                f"{name}: could not download {weights.url} ({error}); place {checkpoint.name} in "
-                f"{checkpoint.parent} (or pass --weights PATH)"
-            ) from None
-
     if layer is None:
-        _, eval_nodes = torchvision.models.feature_extraction.get_graph_node_names(build().eval(), suppress_diff_warning=True)
+        _, eval_nodes = get_graph_node_names(_build_torchvision(name).eval(), suppress_diff_warning=True)
         layer = eval_nodes[-2]  # the node that feeds the classifier
     return BackboneConfig(
         name=name,
@@ -339,9 +354,9 @@ def _torchvision_config(name: str, layer: str | None, feature_dim: int | None) -
         feature_dim=feature_dim,
         weights=f"torchvision:{weights}",
         interpolation=transform.interpolation.value,
-        build=build,
-        default_weights_file=lambda: checkpoint,
-        download=download,
+        build=partial(_build_torchvision, name),
+        default_weights_file=partial(_torchvision_checkpoint, name),
+        download=partial(_download_torchvision, name),
         ignored_keys=_TORCHVISION_IGNORED_KEYS.get(name, ()),
     )
 

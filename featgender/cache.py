@@ -65,7 +65,8 @@ def default_cache_path(dataset: FaceDataset, backbone: str, limit: int | None = 
     return Path(cache_dir) / f"{dataset.name}-{backbone}{suffix}.h5"
 
 
-def _versions() -> dict:
+def library_versions() -> dict:
+    """Versions of featgender and the libraries whose output it stores."""
     import sklearn
     import torch
     import torchvision
@@ -94,6 +95,7 @@ def cache_metadata(dataset: FaceDataset, backbone: Backbone, precision: str, dty
         "input_kind": config.input_kind,
         "weights": backbone.weights.name,
         "weights_sha256": backbone.weights.sha256 or "",
+        "weights_path": backbone.weights.path or "",
         "preprocessing": json.dumps(config.preprocessing(), sort_keys=True),
         "precision": precision,
         "dtype": dtype,
@@ -104,7 +106,7 @@ def cache_metadata(dataset: FaceDataset, backbone: Backbone, precision: str, dty
         "split_source": dataset.split_source,
         "limit": limit if limit is not None else -1,
         "seed": seed,
-        "versions": json.dumps(_versions(), sort_keys=True),
+        "versions": json.dumps(library_versions(), sort_keys=True),
     }
 
 
@@ -377,6 +379,62 @@ def read_cache(path: str | Path, split: str | None = None, *, dtype: type = np.f
             attribute_categories=categories,
             metadata=metadata,
         )
+
+
+def read_caches(paths: list[str | Path] | str | Path, split: str | None = None, *,
+                dtype: type = np.float32) -> CacheData:
+    """Read one cache, or several caches of the same images side by side.
+
+    Several caches (e.g. two backbones) are joined by image id into one feature matrix; they
+    must hold the same images with the same labels and splits. Rows whose image failed in
+    any of them are left out. ``metadata['sources']`` lists each cache's metadata.
+    """
+    paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
+    if not paths:
+        raise FeatgenderError("--cache: give at least one cache file")
+    parts = [read_cache(path, split, dtype=dtype, include_failed=len(paths) > 1) for path in paths]
+    first = parts[0]
+    for path, part in zip(paths[1:], parts[1:]):
+        if part.ids != first.ids:
+            if sorted(part.ids) != sorted(first.ids):
+                raise FeatgenderError(f"{path}: holds other images than {paths[0]}; caches are joined by image id")
+            position = {image_id: row for row, image_id in enumerate(part.ids)}
+            order = np.array([position[image_id] for image_id in first.ids])
+            part.features, part.labels, part.splits = part.features[order], part.labels[order], part.splits[order]
+        if not (np.array_equal(part.labels, first.labels) and np.array_equal(part.splits, first.splits)):
+            raise FeatgenderError(f"{path}: labels or splits differ from {paths[0]} for the same images")
+    features = np.hstack([part.features for part in parts]) if len(parts) > 1 else first.features
+    keep = np.isfinite(features).all(axis=1)
+    first.metadata["sources"] = [part.metadata for part in parts]
+    return CacheData(
+        features=features[keep],
+        labels=first.labels[keep],
+        ids=[image_id for image_id, kept in zip(first.ids, keep) if kept],
+        splits=first.splits[keep],
+        attributes=None if first.attributes is None else first.attributes[keep],
+        attribute_names=first.attribute_names,
+        attribute_categories=first.attribute_categories,
+        metadata=first.metadata,
+    )
+
+
+def iter_cache_chunks(path: str | Path, split: str | None = None, rows: int = 16384,
+                      dtype: type = np.float32) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+    """(features, labels) of a split, ``rows`` at a time, without loading the whole cache.
+
+    Memory stays within about ``rows`` x D x 4 bytes, plus one int8 and one bool per image.
+    """
+    path = Path(path)
+    read_metadata(path)
+    with h5py.File(path, "r") as h5:
+        wanted = h5["valid"][:]
+        if split is not None:
+            wanted &= h5["split"][:] == SPLITS.index(split)
+        for start in range(0, len(wanted), rows):
+            mask = wanted[start:start + rows]
+            if mask.any():
+                features = h5["features"][start:start + len(mask)][mask].astype(dtype, copy=False)
+                yield features, h5["labels"][start:start + len(mask)][mask]
 
 
 def _read_rows(dataset: h5py.Dataset, index: np.ndarray) -> np.ndarray:

@@ -137,10 +137,112 @@ def download(
     typer.echo(f"CelebA is in {target}; next: featgender extract --data {target}")
 
 
+CacheOption = typer.Option(..., "--cache", "-c", help="Feature cache (repeat to join several backbones' caches by image id).")
+GroupsOption = typer.Option(None, "--groups", help="Comma-separated attributes to slice by (default: CelebA's eight, or age and race).")
+
+
+def _print_metrics(evaluation: dict) -> None:
+    ci = evaluation["ci95"]
+    typer.echo(f"{evaluation['split']} ({evaluation['n']} images):")
+    for name in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc"):
+        if name in evaluation:
+            typer.echo(f"  {name:<18} {evaluation[name]:.4f}  (95% CI {ci[name][0]:.4f} - {ci[name][1]:.4f})")
+    for attribute, slices in evaluation["subgroups"].items():
+        worst = min(slices["groups"].items(), key=lambda item: item[1]["accuracy"])
+        typer.echo(f"  {attribute}: largest accuracy gap {slices['accuracy_gap']:.4f} "
+                   f"(lowest: {worst[0]} {worst[1]['accuracy']:.4f}, n={worst[1]['n']})")
+
+
+def _split_groups(groups: Optional[str]) -> Optional[list[str]]:
+    return None if groups is None else [name.strip() for name in groups.split(",") if name.strip()]
+
+
+@_command
+def fit(
+    cache: list[Path] = CacheOption,
+    head: Optional[str] = typer.Option(None, "--head", help="logreg (default), svm, svm-rbf, gbm or mlp."),
+    train_split: Optional[str] = typer.Option(None, "--train-split", help="Split to train on (default train)."),
+    eval_split: Optional[str] = typer.Option(None, "--eval-split", help="Split to report metrics on (default valid)."),
+    pca: Optional[int] = typer.Option(None, "--pca", help="PCA components before the classifier (0: none)."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="Row normalisation: none (default), l2, power."),
+    c: Optional[float] = typer.Option(None, "-C", "--C", help="Regularisation C (logreg, svm, svm-rbf)."),
+    search: bool = typer.Option(False, "--search", help="Tune the key hyper-parameter by cross-validation on the train split."),
+    out_of_core: bool = typer.Option(False, "--out-of-core", help="Stream features from HDF5 (logreg/svm via SGD) for caches larger than memory."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Model file (default models/<head>.joblib)."),
+    groups: Optional[str] = GroupsOption,
+    as_json: bool = typer.Option(False, "--json", help="Print the evaluation as JSON."),
+) -> None:
+    """Train a scikit-learn head on a cache's train split, print eval metrics, save the model."""
+    from featgender.evaluate import train_head
+
+    head_name = head or "logreg"
+    out = out or Path("models") / f"{head_name}.joblib"
+    model, evaluation = train_head(
+        cache, head_name, search=search, out_of_core=out_of_core, out=out, groups=_split_groups(groups),
+        **_given(train_split=train_split, eval_split=eval_split, pca=pca, normalize=normalize, C=c),
+    )
+    if as_json:
+        typer.echo(json.dumps({"model": str(out), "training": model.training, "params": model.params,
+                               "metrics": model.metrics}, indent=2, default=str))
+        return
+    typer.echo(f"{model.head} fitted on {model.training['images']} images in {model.training['fit_seconds']:.2f} s"
+               + (f"; best {model.training['search']['best_params']}" if model.training["search"] else ""))
+    if evaluation:
+        _print_metrics(evaluation)
+    typer.echo(f"saved {out}")
+
+
+@_command
+def evaluate(
+    model: Path = typer.Option(..., "--model", "-m", help="Model file written by `featgender fit`."),
+    cache: list[Path] = CacheOption,
+    split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (default test)."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Write metrics.json, report.md and PNG plots here."),
+    groups: Optional[str] = GroupsOption,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Score a saved head on a cache split: metrics with bootstrap 95% CIs and subgroup gaps."""
+    from featgender.evaluate import evaluate_model
+
+    evaluation = evaluate_model(model, cache, report=report, groups=_split_groups(groups), **_given(split=split))
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in evaluation.items() if not k.startswith("_")}, indent=2))
+        return
+    _print_metrics(evaluation)
+    if report is not None:
+        typer.echo(f"report written to {report}")
+
+
+@_command
+def predict(
+    images: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
+    model: Path = typer.Option(..., "--model", "-m", help="Model file written by `featgender fit`."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write id,label rows (Kaggle submission style)."),
+    device: Optional[str] = DeviceOption,
+    batch_size: Optional[int] = BatchOption,
+) -> None:
+    """Classify raw images with a saved head: one line per image (label, P(male)); broken files are reported."""
+    from featgender.predict import expand_inputs, load, write_predictions_csv
+
+    files = expand_inputs(images)
+    predictions = load(model, **_given(device=device, batch_size=batch_size)).predict(files, progress=len(files) > 100)
+    for prediction in predictions:
+        if prediction.error:
+            typer.echo(f"{prediction.image}: error: {prediction.error}", err=True)
+        else:
+            typer.echo(f"{prediction.image}\t{prediction.label}\t{prediction.probability:.4f}")
+    failed = sum(1 for p in predictions if p.error)
+    if csv is not None:
+        typer.echo(f"wrote {write_predictions_csv(predictions, csv)} rows to {csv}", err=True)
+    if failed:
+        typer.echo(f"{failed} of {len(predictions)} images could not be read", err=True)
+
+
 @_command
 def demo(
     data: Path = DataOption,
     backbone: Optional[str] = BackboneOption,
+    head: Optional[str] = typer.Option(None, "--head", help="Head to fit (default logreg)."),
     limit: Optional[int] = LimitOption,
     format: Optional[str] = FormatOption,
     device: Optional[str] = DeviceOption,
@@ -148,14 +250,11 @@ def demo(
     """Run the whole path offline: extract a cache, fit a head on train, print test metrics."""
     from featgender.demo import run_demo
 
-    result = run_demo(data, **_given(backbone=backbone, limit=limit, format=format, device=device))
-    cache, test = result["cache"], result["test"]
+    result = run_demo(data, **_given(backbone=backbone, head=head, limit=limit, format=format, device=device))
+    cache, model = result["cache"], result["model"]
     typer.echo(f"cache: {cache.path} ({cache.status}, {cache.num_images} images)")
-    typer.echo(f"head: {result['head']}, trained on {result['train_images']} images")
-    typer.echo(
-        f"test ({test['n']} images): accuracy {test['accuracy']:.4f}, balanced accuracy "
-        f"{test['balanced_accuracy']:.4f}, F1 {test['f1']:.4f}, ROC-AUC {test.get('roc_auc', float('nan')):.4f}"
-    )
+    typer.echo(f"head: {model.head}, trained on {model.training['images']} images in {model.training['fit_seconds']:.2f} s")
+    _print_metrics(result["test"])
 
 
 def main() -> None:

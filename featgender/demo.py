@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from featgender.cache import extract_to_cache, read_cache
-from featgender.evaluate import classification_metrics
-from featgender.heads import make_head
+from featgender.cache import extract_to_cache
+from featgender.evaluate import train_head
 
 
 def run_demo(
@@ -19,17 +18,9 @@ def run_demo(
 ) -> dict:
     """Run the whole path offline and return what it did and measured.
 
-    Returns a dict with ``cache`` (the :class:`~featgender.cache.CacheResult`),
-    ``head``, ``train_images`` and ``test`` metrics.
+    Returns a dict with ``cache`` (the :class:`~featgender.cache.CacheResult`), ``model``
+    (the fitted :class:`~featgender.heads.HeadModel`) and ``test`` (its evaluation).
     """
     result = extract_to_cache(data, backbone=backbone, limit=limit, **extract_options)
-    train = read_cache(result.path, "train")
-    test = read_cache(result.path, "test")
-    model = make_head(head).fit(train.features, train.labels)
-    scores = model.predict_proba(test.features)[:, 1]
-    return {
-        "cache": result,
-        "head": head,
-        "train_images": len(train.labels),
-        "test": classification_metrics(test.labels, (scores >= 0.5).astype(int), scores),
-    }
+    model, evaluation = train_head(result.path, head, eval_split="test")
+    return {"cache": result, "model": model, "test": evaluation}

@@ -1,28 +1,337 @@
-"""Classification metrics for gender heads (1 = male is the positive class)."""
+"""Honest evaluation of gender heads: metrics with bootstrap CIs, subgroup slices, reports.
+
+The positive class is 1 = male. :func:`evaluate_model` scores a head artifact on a cache
+split; :func:`train_head` (``featgender fit``) fits a head on one split, evaluates it on
+another and saves the artifact; :func:`write_report` writes metrics.json, a markdown
+summary and PNG plots (with the ``plots`` extra).
+"""
 
 from __future__ import annotations
 
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
 import numpy as np
-from sklearn import metrics
+from sklearn import metrics as skm
+
+from featgender.cache import CacheData, iter_cache_chunks, library_versions, read_caches, read_metadata
+from featgender.errors import FeatgenderError
+from featgender.heads import HeadModel, fit_head, fit_head_streaming, load_model
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc")
+CELEBA_GROUPS = ("Young", "Pale_Skin", "Eyeglasses", "Wearing_Hat", "Heavy_Makeup", "Bald", "Blond_Hair", "Smiling")
+AGE_BINS = (0, 30, 45, 60, 200)  # 18-29, 30-44, 45-59, 60+
 
 
 def classification_metrics(labels: np.ndarray, predicted: np.ndarray, scores: np.ndarray | None = None) -> dict:
     """Accuracy, balanced accuracy, precision, recall, F1, ROC-AUC and the confusion matrix.
 
-    ``scores`` are probabilities or decision values of the male class; ROC-AUC is left out
-    without them or when only one class is present.
+    ``scores`` are probabilities (or decision values) of the male class; ROC-AUC is left
+    out without them or when only one class is present.
     """
-    labels = np.asarray(labels)
-    predicted = np.asarray(predicted)
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
     result = {
         "n": int(len(labels)),
-        "accuracy": float(metrics.accuracy_score(labels, predicted)),
-        "balanced_accuracy": float(metrics.balanced_accuracy_score(labels, predicted)),
-        "precision": float(metrics.precision_score(labels, predicted, zero_division=0)),
-        "recall": float(metrics.recall_score(labels, predicted, zero_division=0)),
-        "f1": float(metrics.f1_score(labels, predicted, zero_division=0)),
-        "confusion_matrix": metrics.confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
+        "accuracy": float(skm.accuracy_score(labels, predicted)),
+        "balanced_accuracy": float(skm.balanced_accuracy_score(labels, predicted)),
+        "precision": float(skm.precision_score(labels, predicted, zero_division=0)),
+        "recall": float(skm.recall_score(labels, predicted, zero_division=0)),
+        "f1": float(skm.f1_score(labels, predicted, zero_division=0)),
+        "confusion_matrix": skm.confusion_matrix(labels, predicted, labels=[0, 1]).tolist(),
     }
     if scores is not None and len(np.unique(labels)) == 2:
-        result["roc_auc"] = float(metrics.roc_auc_score(labels, scores))
+        result["roc_auc"] = float(skm.roc_auc_score(labels, scores))
     return result
+
+
+def resampled_metrics(truth: np.ndarray, guess: np.ndarray, scores: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Every metric of :data:`METRICS` for each row of 2-D (resamples x images) label arrays.
+
+    Vectorised over resamples; ROC-AUC through the rank-sum (Mann-Whitney) identity.
+    """
+    from scipy.stats import rankdata
+
+    truth, guess = np.asarray(truth).astype(bool), np.asarray(guess).astype(bool)
+    size = truth.shape[1]
+    true_pos, true_neg = (truth & guess).sum(1), (~truth & ~guess).sum(1)
+    positives, predicted_pos = truth.sum(1), guess.sum(1)
+    negatives = size - positives
+    with np.errstate(divide="ignore", invalid="ignore"):
+        recall = true_pos / positives
+        precision = np.where(predicted_pos > 0, true_pos / predicted_pos, 0.0)
+        samples = {
+            "accuracy": (true_pos + true_neg) / size,
+            "balanced_accuracy": (recall + true_neg / negatives) / 2,
+            "precision": precision,
+            "recall": recall,
+            "f1": np.where(precision + recall > 0, 2 * precision * recall / (precision + recall), 0.0),
+        }
+        if scores is not None:
+            ranks = rankdata(scores, axis=1)
+            samples["roc_auc"] = ((ranks * truth).sum(1) - positives * (positives + 1) / 2) / (positives * negatives)
+    return samples
+
+
+def bootstrap_ci(labels: np.ndarray, predicted: np.ndarray, scores: np.ndarray | None = None, *,
+                 n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
+    """Percentile bootstrap confidence intervals of every metric in :data:`METRICS`.
+
+    The images are resampled with replacement ``n_boot`` times (seeded).
+    """
+    rows = np.random.default_rng(seed).integers(0, len(labels), size=(n_boot, len(labels)))
+    samples = resampled_metrics(np.asarray(labels)[rows], np.asarray(predicted)[rows],
+                                None if scores is None else np.asarray(scores)[rows])
+    tail = (1 - level) / 2 * 100
+    return {
+        name: [float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100 - tail))]
+        for name, values in samples.items()
+    }
+
+
+def _group_values(data: CacheData, name: str) -> tuple[np.ndarray, list[str]] | None:
+    """Group codes and names for one attribute: 0/1 flags, text categories, or age bins."""
+    if data.attributes is None or name not in data.attribute_names:
+        return None
+    column = data.attributes[:, data.attribute_names.index(name)]
+    if name in data.attribute_categories:
+        return column, data.attribute_categories[name]
+    if name.lower() == "age":
+        codes = np.digitize(column, AGE_BINS[1:-1])
+        return codes, ["<30", "30-44", "45-59", "60+"]
+    if set(np.unique(column).tolist()) <= {0, 1}:
+        return column, [f"not {name}", name]
+    return None
+
+
+def default_groups(data: CacheData) -> list[str]:
+    """The attributes sliced by default: CelebA's eight, or a CSV's age and race."""
+    wanted = list(CELEBA_GROUPS) + ["age", "race", "Age", "Race"]
+    return [name for name in wanted if name in data.attribute_names]
+
+
+def subgroup_metrics(data: CacheData, predicted: np.ndarray, groups: list[str] | None = None,
+                     min_size: int = 10) -> dict:
+    """Per-group accuracy and error rates for each attribute, and the largest accuracy gap.
+
+    For each group: n, accuracy, the rate at which women are called men (``female_error``)
+    and men called women (``male_error``). Groups smaller than ``min_size`` are reported but
+    left out of the gap.
+    """
+    groups = default_groups(data) if groups is None else groups
+    result = {}
+    for name in groups:
+        found = _group_values(data, name)
+        if found is None:
+            raise FeatgenderError(f"--groups {name!r}: not a usable attribute of this cache "
+                                  f"(attributes: {', '.join(data.attribute_names) or 'none'})")
+        codes, group_names = found
+        rows = {}
+        for code, group in enumerate(group_names):
+            members = codes == code
+            if not members.any():
+                continue
+            truth, guess = data.labels[members], predicted[members]
+            women, men = truth == 0, truth == 1
+            rows[group] = {
+                "n": int(members.sum()),
+                "accuracy": float((truth == guess).mean()),
+                "female_error": float((guess[women] == 1).mean()) if women.any() else None,
+                "male_error": float((guess[men] == 0).mean()) if men.any() else None,
+            }
+        sized = [row["accuracy"] for row in rows.values() if row["n"] >= min_size]
+        result[name] = {"groups": rows, "accuracy_gap": float(max(sized) - min(sized)) if len(sized) > 1 else 0.0}
+    return result
+
+
+def evaluate_features(model: HeadModel, data: CacheData, *, groups: list[str] | None = None,
+                      n_boot: int = 1000) -> dict:
+    """Metrics, their bootstrap 95% CIs and subgroup slices of ``model`` on cached rows."""
+    if len(data.labels) == 0:
+        raise FeatgenderError("the evaluation split has no images")
+    scores = model.predict_proba(data.features)
+    predicted = (scores >= 0.5).astype(int)
+    result = classification_metrics(data.labels, predicted, scores)
+    result["ci95"] = bootstrap_ci(data.labels, predicted, scores if "roc_auc" in result else None, n_boot=n_boot)
+    result["subgroups"] = subgroup_metrics(data, predicted, groups)
+    result["_curves"] = {"labels": data.labels, "scores": scores}
+    return result
+
+
+def evaluate_model(model: str | Path | HeadModel, caches: list[str | Path] | str | Path, *,
+                   split: str = "test", groups: list[str] | None = None, report: str | Path | None = None) -> dict:
+    """Evaluate a head artifact on a split of the cache(s) it was trained for: ``featgender evaluate``."""
+    model = load_model(model) if isinstance(model, (str, Path)) else model
+    data = read_caches(caches, split)
+    _check_caches_fit_model(model, data)
+    result = evaluate_features(model, data, groups=groups)
+    result["split"] = split
+    result["caches"] = [str(path) for path in ([caches] if isinstance(caches, (str, Path)) else caches)]
+    if report is not None:
+        write_report(result, report, title=f"{model.head} on {' + '.join(b['backbone'] for b in model.backbones)}")
+    return result
+
+
+def _check_caches_fit_model(model: HeadModel, data: CacheData) -> None:
+    for expected, found in zip(model.backbones, data.metadata["sources"]):
+        for key in ("backbone", "layer", "weights_sha256", "preprocessing"):
+            if str(expected.get(key)) != str(found.get(key)):
+                raise FeatgenderError(
+                    f"cache of {found.get('backbone')} does not match the model's features ({key} differs)"
+                )
+    if len(model.backbones) != len(data.metadata["sources"]):
+        raise FeatgenderError(f"the model expects {len(model.backbones)} cache(s), got {len(data.metadata['sources'])}")
+
+
+BACKBONE_KEYS = ("backbone", "layer", "feature_dim", "input_kind", "weights", "weights_sha256", "weights_path",
+                 "preprocessing", "precision", "dtype")
+
+
+def train_head(
+    caches: list[str | Path] | str | Path,
+    head: str = "logreg",
+    *,
+    train_split: str = "train",
+    eval_split: str | None = "valid",
+    search: bool = False,
+    out_of_core: bool = False,
+    out: str | Path | None = None,
+    groups: list[str] | None = None,
+    **head_params,
+) -> tuple[HeadModel, dict]:
+    """Fit ``head`` on ``train_split`` of the cache(s), evaluate on ``eval_split``, save to ``out``.
+
+    ``head_params`` (pca, normalize, C, ...) go to :func:`featgender.heads.make_head`.
+    ``out_of_core`` streams the features from HDF5 (one cache, linear heads only).
+
+    Returns the model and the evaluation (also stored in ``model.metrics``).
+    """
+    caches = [caches] if isinstance(caches, (str, Path)) else list(caches)
+    started = time.perf_counter()
+    if out_of_core:
+        if len(caches) != 1:
+            raise FeatgenderError("--out-of-core: fits on one cache at a time")
+        options = {key: head_params[key] for key in ("normalize", "epochs", "alpha") if head_params.get(key) is not None}
+        pipeline = fit_head_streaming(lambda: iter_cache_chunks(caches[0], train_split), head, **options)
+        n_train = int(pipeline.named_steps["scale"].n_samples_seen_)
+        sources, search_result = [read_metadata(caches[0])], {}
+    else:
+        train = read_caches(caches, train_split)
+        if len(train.labels) == 0:
+            raise FeatgenderError(f"--train-split {train_split}: no images in {caches[0]}")
+        pipeline, search_result = fit_head(train.features, train.labels, head, search=search, **head_params)
+        sources, n_train = train.metadata["sources"], len(train.labels)
+    fit_seconds = time.perf_counter() - started
+    model = HeadModel(
+        pipeline,
+        head=head,
+        params={**{k: v for k, v in head_params.items() if v is not None}, **search_result.get("best_params", {})},
+        backbones=[{key: source.get(key) for key in BACKBONE_KEYS} for source in sources],
+        training={
+            "caches": [str(Path(path).resolve()) for path in caches],
+            "dataset_fingerprints": [source.get("dataset_fingerprint") for source in sources],
+            "split": train_split,
+            "images": n_train,
+            "fit_seconds": round(fit_seconds, 3),
+            "search": search_result,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        },
+        versions=library_versions(),
+    )
+    evaluation = {}
+    if eval_split is not None:
+        evaluation = evaluate_features(model, read_caches(caches, eval_split), groups=groups)
+        evaluation["split"] = eval_split
+        model.metrics = {key: value for key, value in evaluation.items() if not key.startswith("_")}
+    if out is not None:
+        model.save(out)
+    return model, evaluation
+
+
+# --- reports ---------------------------------------------------------------------------------
+
+
+def write_report(result: dict, folder: str | Path, *, title: str = "featgender evaluation") -> list[Path]:
+    """metrics.json, report.md and (with matplotlib) roc.png, confusion.png, subgroups.png."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    plain = {key: value for key, value in result.items() if not key.startswith("_")}
+    written = [folder / "metrics.json", folder / "report.md"]
+    written[0].write_text(json.dumps(plain, indent=2))
+    written[1].write_text(markdown_summary(plain, title))
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+    except ImportError:
+        logger.warning("matplotlib is not installed (pip install 'featgender[plots]'): no PNG plots")
+        return written
+    written += _plots(result, folder)
+    return written
+
+
+def markdown_summary(result: dict, title: str) -> str:
+    """A markdown table of the metrics with CIs, the confusion matrix and subgroup gaps."""
+    lines = [f"# {title}", "", f"Split: {result.get('split', '?')}, {result['n']} images.", "",
+             "| metric | value | 95% CI |", "|---|---|---|"]
+    for name in METRICS:
+        if name in result:
+            low, high = result["ci95"].get(name, [float("nan")] * 2)
+            lines.append(f"| {name} | {result[name]:.4f} | {low:.4f} – {high:.4f} |")
+    (tn, fp), (fn, tp) = result["confusion_matrix"]
+    lines += ["", "Confusion matrix (rows: true female, male; columns: predicted female, male):", "",
+              f"| | female | male |", "|---|---|---|", f"| female | {tn} | {fp} |", f"| male | {fn} | {tp} |"]
+    for name, slices in result.get("subgroups", {}).items():
+        lines += ["", f"## {name} (largest accuracy gap {slices['accuracy_gap']:.4f})", "",
+                  "| group | n | accuracy | women called men | men called women |", "|---|---|---|---|---|"]
+        for group, row in slices["groups"].items():
+            rates = [f"{row[k]:.4f}" if row[k] is not None else "–" for k in ("female_error", "male_error")]
+            lines.append(f"| {group} | {row['n']} | {row['accuracy']:.4f} | {rates[0]} | {rates[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plots(result: dict, folder: Path) -> list[Path]:
+    import matplotlib.pyplot as plt
+
+    written = []
+    curves = result.get("_curves")
+    if curves is not None and "roc_auc" in result:
+        false_pos, true_pos, _ = skm.roc_curve(curves["labels"], curves["scores"])
+        figure, axes = plt.subplots(figsize=(4.5, 4.5))
+        axes.plot(false_pos, true_pos, label=f"AUC {result['roc_auc']:.4f}")
+        axes.plot([0, 1], [0, 1], "k:", linewidth=0.8)
+        axes.set(xlabel="false positive rate (women called men)", ylabel="true positive rate (men)", title="ROC")
+        axes.legend(loc="lower right")
+        written.append(_save(figure, folder / "roc.png"))
+    figure, axes = plt.subplots(figsize=(4, 3.5))
+    skm.ConfusionMatrixDisplay(np.array(result["confusion_matrix"]), display_labels=["female", "male"]).plot(
+        ax=axes, colorbar=False)
+    written.append(_save(figure, folder / "confusion.png"))
+    subgroups = result.get("subgroups", {})
+    if subgroups:
+        names, accuracies, colours = [], [], []
+        for index, (attribute, slices) in enumerate(subgroups.items()):
+            for group, row in slices["groups"].items():
+                names.append(f"{attribute}: {group} (n={row['n']})")
+                accuracies.append(row["accuracy"])
+                colours.append(f"C{index % 10}")
+        figure, axes = plt.subplots(figsize=(7, 0.3 * len(names) + 1))
+        axes.barh(names, accuracies, color=colours)
+        axes.axvline(result["accuracy"], color="k", linestyle=":", linewidth=0.8)
+        axes.set(xlabel="accuracy", xlim=(max(0.0, min(accuracies) - 0.05), 1.0), title="Accuracy per group")
+        axes.invert_yaxis()
+        written.append(_save(figure, folder / "subgroups.png"))
+    return written
+
+
+def _save(figure, path: Path) -> Path:
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+    return path

@@ -18,6 +18,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 import torch
+from sklearn.base import BaseEstimator, TransformerMixin
+from sklearn.utils.validation import check_is_fitted
 from torch.utils.data import DataLoader, Dataset
 
 from featgender.backbones import Backbone
@@ -206,3 +208,51 @@ def extract_features(backbone: Backbone, sources: Sequence, **options) -> tuple[
     if not features:
         return np.empty((0, backbone.config.feature_dim), dtype=DTYPES[options.get("dtype", "float16")]), []
     return np.concatenate(features), errors
+
+
+class CNNFeatures(TransformerMixin, BaseEstimator):
+    """scikit-learn transformer: image paths or PIL images → frozen CNN embeddings (float32).
+
+    >>> from sklearn.pipeline import make_pipeline  # doctest: +SKIP
+    >>> model = make_pipeline(CNNFeatures("resnet50"), LogisticRegression())  # doctest: +SKIP
+    >>> model.fit(train_paths, train_labels).predict(test_paths)  # doctest: +SKIP
+
+    The backbone is built in ``fit`` (nothing is learned from the images); an image that cannot
+    be decoded is an error naming it.
+    """
+
+    def __init__(self, backbone: str = "efficientnet_lite0", *, weights: str = "default", layer: str | None = None,
+                 batch_size: int | None = None, device: str = "auto", progress: bool = False):
+        self.backbone = backbone
+        self.weights = weights
+        self.layer = layer
+        self.batch_size = batch_size
+        self.device = device
+        self.progress = progress
+
+    def fit(self, X=None, y=None) -> "CNNFeatures":
+        from featgender.backbones import build_backbone
+
+        self.backbone_ = build_backbone(self.backbone, weights=self.weights, layer=self.layer)
+        self.n_features_out_ = int(self.backbone_.config.feature_dim)
+        return self
+
+    def transform(self, X) -> np.ndarray:
+        check_is_fitted(self, "backbone_")
+        images = list(X)
+        features, errors = extract_features(self.backbone_, images, batch_size=self.batch_size, device=self.device,
+                                            dtype="float32", workers=0, progress=self.progress)
+        failed = next((i for i, error in enumerate(errors) if error), None)
+        if failed is not None:
+            raise FeatgenderError(f"{images[failed]}: cannot be read as an image ({errors[failed]})")
+        return features
+
+    def get_feature_names_out(self, input_features=None) -> np.ndarray:
+        check_is_fitted(self, "n_features_out_")
+        return np.array([f"{self.backbone}_{i}" for i in range(self.n_features_out_)], dtype=object)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.two_d_array = False  # takes a list of images, not a numeric matrix
+        tags.requires_fit = True
+        return tags

@@ -15,7 +15,8 @@ def invoke(*args: str):
 
 def test_every_command_has_help_text():
     commands = app.registered_commands
-    assert {c.callback.__name__ for c in commands} >= {"extract", "info", "backbones", "download", "demo"}
+    assert {c.callback.__name__ for c in commands} >= {"extract", "info", "backbones", "download", "demo", "fit",
+                                                       "evaluate", "predict"}
     for command in commands:
         result = invoke(command.callback.__name__, "--help")
         assert result.exit_code == 0, result.output
@@ -78,5 +79,33 @@ def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
     result = invoke("demo", "--data", shared_faces / "utkface", "--limit", "300")
     assert result.exit_code == 0, result.output
     assert "trained on 240 images" in result.output
-    accuracy = float(result.output.split("accuracy ")[1].split(",")[0])
+    accuracy = float(result.output.split("accuracy")[1].split()[0])
     assert accuracy > 0.6
+
+
+def test_fit_evaluate_predict(csv_dataset, tmp_path):
+    cache, model = tmp_path / "c.h5", tmp_path / "m.joblib"
+    assert invoke("extract", "--data", csv_dataset, "--backbone", "mobilenet_v3_small", "--weights", "none",
+                  "--out", cache).exit_code == 0
+    fitted = invoke("fit", "--cache", cache, "--head", "logreg", "--out", model, "--json")
+    assert fitted.exit_code == 0, fitted.output
+    summary = json.loads(fitted.output)
+    assert summary["training"]["images"] == 32 and summary["metrics"]["split"] == "valid"
+    assert set(summary["metrics"]["ci95"]) >= {"accuracy", "roc_auc"}
+    evaluated = invoke("evaluate", "--model", model, "--cache", cache, "--report", tmp_path / "report")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "test (4 images)" in evaluated.output and "race: largest accuracy gap" in evaluated.output
+    assert (tmp_path / "report" / "report.md").is_file()
+    (csv_dataset / "images" / "bad.jpg").write_text("no image")
+    predicted = invoke("predict", "--model", model, csv_dataset / "images", "--csv", tmp_path / "p.csv")
+    assert predicted.exit_code == 0
+    lines = [line for line in predicted.output.splitlines() if "\t" in line]
+    assert len(lines) == 40 and all(line.split("\t")[1] in ("male", "female") for line in lines)
+    assert "bad.jpg: error: UnidentifiedImageError" in predicted.output
+    assert "1 of 41 images could not be read" in predicted.output
+    assert (tmp_path / "p.csv").read_text().count("\n") == 41
+
+
+def test_fit_names_a_missing_cache(tmp_path):
+    result = invoke("fit", "--cache", tmp_path / "missing.h5", "--head", "svm")
+    assert result.exit_code == 1 and "missing.h5: no such cache file" in result.output

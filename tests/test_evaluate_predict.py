@@ -1,0 +1,185 @@
+import csv
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn import metrics as skm
+
+import featgender
+from featgender.backbones import build_backbone
+from featgender.cache import CacheData, build_cache, read_caches
+from featgender.data import load_dataset
+from featgender.errors import FeatgenderError
+from featgender.evaluate import (
+    bootstrap_ci,
+    classification_metrics,
+    evaluate_model,
+    resampled_metrics,
+    subgroup_metrics,
+    train_head,
+)
+from featgender.heads import load_model
+from featgender.predict import expand_inputs, write_predictions_csv
+
+
+def test_metrics_match_sklearn_including_rank_auc_with_ties():
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 2, 200)
+    scores = np.round(np.clip(labels * 0.3 + rng.normal(0.35, 0.25, 200), 0, 1), 1)  # many ties
+    predicted = (scores >= 0.5).astype(int)
+    result = classification_metrics(labels, predicted, scores)
+    assert result["accuracy"] == skm.accuracy_score(labels, predicted)
+    assert result["f1"] == skm.f1_score(labels, predicted)
+    assert result["confusion_matrix"] == skm.confusion_matrix(labels, predicted).tolist()
+    vectorised = resampled_metrics(labels[None], predicted[None], scores[None])
+    for name in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc"):
+        assert vectorised[name][0] == pytest.approx(result[name], abs=1e-12), name
+
+
+def test_bootstrap_intervals_hold_the_estimate_and_shrink_with_more_images():
+    rng = np.random.default_rng(1)
+
+    def width(n):
+        labels = rng.integers(0, 2, n)
+        predicted = np.where(rng.random(n) < 0.9, labels, 1 - labels)
+        low, high = bootstrap_ci(labels, predicted, n_boot=500)["accuracy"]
+        assert low <= (labels == predicted).mean() <= high
+        return high - low
+
+    assert width(4000) < width(200) / 2
+
+
+def test_subgroup_slices_and_gap():
+    labels = np.array([1, 1, 0, 0, 1, 1, 0, 0])
+    predicted = np.array([1, 1, 0, 0, 0, 1, 1, 0])
+    young = np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    race = np.array([0, 1, 0, 1, 0, 1, 0, 1])
+    data = CacheData(np.zeros((8, 2), np.float32), labels, [str(i) for i in range(8)], np.zeros(8, np.int8),
+                     np.stack([young, race], 1), ["Young", "race"], {"race": ["asian", "white"]}, {})
+    slices = subgroup_metrics(data, predicted, min_size=1)
+    assert slices["Young"]["groups"]["Young"] == {"n": 4, "accuracy": 1.0, "female_error": 0.0, "male_error": 0.0}
+    assert slices["Young"]["groups"]["not Young"] == {"n": 4, "accuracy": 0.5, "female_error": 0.5, "male_error": 0.5}
+    assert slices["Young"]["accuracy_gap"] == 0.5
+    assert set(slices["race"]["groups"]) == {"asian", "white"}
+    with pytest.raises(FeatgenderError, match="--groups 'Bald'"):
+        subgroup_metrics(data, predicted, ["Bald"])
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """Two small real caches of one generated dataset (two backbones), and a head fitted on one."""
+    from conftest import write_images
+
+    root = tmp_path_factory.mktemp("faces")
+    write_images(root, [f"male/{i}.jpg" for i in range(40)], [1] * 40, seed=5)
+    write_images(root, [f"female/{i}.jpg" for i in range(40)], [0] * 40, seed=6)
+    dataset = load_dataset(root)
+    caches = []
+    for name in ("mobilenet_v3_small", "resnet18"):
+        caches.append(root / f"{name}.h5")
+        build_cache(dataset, build_backbone(name, weights="none"), caches[-1], progress=False)
+    model_path = root / "models" / "logreg.joblib"
+    model, evaluation = train_head(caches[0], "logreg", out=model_path)
+    return root, caches, model_path, model, evaluation
+
+
+def test_train_head_evaluates_and_saves_a_complete_artifact(trained):
+    root, caches, model_path, model, evaluation = trained
+    assert evaluation["split"] == "valid" and evaluation["n"] == 8
+    assert evaluation["accuracy"] >= 0.75
+    loaded = load_model(model_path)
+    assert loaded.backbones[0]["backbone"] == "mobilenet_v3_small"
+    assert loaded.training["images"] == 64 and loaded.metrics["accuracy"] == evaluation["accuracy"]
+    assert "scikit-learn" in loaded.versions
+    features = read_caches(caches[0], "test").features
+    np.testing.assert_array_equal(loaded.predict_proba(features), model.predict_proba(features))
+
+
+def test_evaluate_writes_a_report(trained, tmp_path):
+    root, caches, model_path, _, _ = trained
+    result = evaluate_model(model_path, caches[0], split="test", report=tmp_path / "report")
+    written = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert written["accuracy"] == result["accuracy"] and "ci95" in written
+    assert "| accuracy |" in (tmp_path / "report" / "report.md").read_text()
+    if pytest.importorskip("matplotlib"):
+        assert Image.open(tmp_path / "report" / "roc.png").size[0] > 100
+    with pytest.raises(FeatgenderError, match="does not match the model"):
+        evaluate_model(model_path, caches[1])
+
+
+def test_caches_of_two_backbones_join_by_id(trained, tmp_path):
+    root, caches, _, _, _ = trained
+    joined = read_caches(caches, "train")
+    assert joined.features.shape == (64, 576 + 512)
+    model, evaluation = train_head(caches, "logreg", eval_split="test", out=tmp_path / "joint.joblib")
+    assert model.feature_dim == 1088 and [b["backbone"] for b in model.backbones] == ["mobilenet_v3_small", "resnet18"]
+    other = tmp_path / "other.h5"
+    build_cache(load_dataset(root, limit=40), build_backbone("resnet18", weights="none"), other, progress=False)
+    with pytest.raises(FeatgenderError, match="other images"):
+        read_caches([caches[0], other])
+
+
+def test_out_of_core_fit_on_a_cache(trained):
+    _, caches, _, model, _ = trained
+    streamed, evaluation = train_head(caches[0], "logreg", out_of_core=True)
+    assert streamed.training["images"] == 64
+    assert evaluation["accuracy"] >= 0.75
+
+
+def test_predict_images_with_broken_files_and_odd_modes(trained, tmp_path):
+    root, _, model_path, _, _ = trained
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.open(root / "male" / "0.jpg").save(folder / "man.jpg")
+    Image.open(root / "female" / "0.jpg").convert("LA").save(folder / "woman_gray_alpha.png")
+    Image.open(root / "female" / "1.jpg").convert("CMYK").save(folder / "woman_cmyk.jpg")
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    (folder / "notes.txt").write_text("not an image")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "link.jpg").symlink_to(root / "male" / "1.jpg")
+    (folder / "sub").symlink_to(tmp_path / "linked")
+    files = expand_inputs([folder])
+    assert [f.name for f in files] == ["broken.jpg", "man.jpg", "link.jpg", "woman_cmyk.jpg", "woman_gray_alpha.png"]
+    predictor = featgender.load(model_path)
+    predictions = predictor.predict(files)
+    by_name = {p.image.split("/")[-1]: p for p in predictions}
+    originals = predictor.predict([root / "male" / "0.jpg", root / "male" / "1.jpg", root / "female" / "1.jpg"])
+    assert by_name["broken.jpg"].label is None and "broken.jpg" in by_name["broken.jpg"].image
+    assert "UnidentifiedImageError" in by_name["broken.jpg"].error
+    assert by_name["man.jpg"].probability == pytest.approx(originals[0].probability, abs=0.05)
+    assert by_name["link.jpg"].probability == originals[1].probability  # the symlink's target, unchanged
+    assert by_name["woman_cmyk.jpg"].probability == pytest.approx(originals[2].probability, abs=0.1)
+    assert by_name["woman_gray_alpha.png"].label in ("male", "female")
+    assert write_predictions_csv(predictions, tmp_path / "out.csv") == 4
+    rows = list(csv.reader(open(tmp_path / "out.csv")))
+    assert rows[0] == ["id", "label"] and ["man.jpg", by_name["man.jpg"].label] in rows
+
+
+def test_cnn_features_in_a_sklearn_pipeline(trained):
+    import pickle
+
+    from sklearn.base import clone
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+    from sklearn.utils.estimator_checks import (
+        check_get_params_invariance,
+        check_no_attributes_set_in_init,
+        check_parameters_default_constructible,
+        check_set_params,
+    )
+
+    root = trained[0]
+    paths = sorted(root.glob("*/*.jpg"))
+    labels = [int(p.parent.name == "male") for p in paths]
+    features = featgender.CNNFeatures("mobilenet_v3_small", weights="none", batch_size=16)
+    for check in (check_get_params_invariance, check_no_attributes_set_in_init,
+                  check_parameters_default_constructible, check_set_params):
+        check("CNNFeatures", clone(features))
+    pipeline = make_pipeline(features, StandardScaler(), LogisticRegression(max_iter=1000)).fit(paths[::2], labels[::2])
+    assert (pipeline.predict(paths[1::2]) == labels[1::2]).mean() > 0.9
+    again = pickle.loads(pickle.dumps(pipeline))
+    np.testing.assert_array_equal(again.predict_proba(paths[:4]), pipeline.predict_proba(paths[:4]))
+    with pytest.raises(FeatgenderError, match="missing.jpg: cannot be read"):
+        pipeline.predict([root / "missing.jpg"])

@@ -1,0 +1,134 @@
+import pickle
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.linear_model import LogisticRegression
+from sklearn.utils.estimator_checks import check_estimator
+
+from featgender.errors import FeatgenderError
+from featgender.heads import (
+    FeatureNormalizer,
+    SampledStandardScaler,
+    SizeAdaptiveClassifier,
+    fit_head,
+    fit_head_streaming,
+    list_heads,
+    load_model,
+    make_head,
+    search_grid,
+)
+
+
+def separable(n=300, d=40, seed=0):
+    """Non-negative, CNN-like features where a few dimensions carry the label."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 2, n)
+    features = np.abs(rng.normal(0, 1, (n, d))).astype(np.float32)
+    features[:, :3] += 1.5 * labels[:, None]
+    return features, labels
+
+
+def test_registry_has_every_head():
+    assert list_heads() == ["gbm", "logreg", "mlp", "svm", "svm-rbf"]
+    with pytest.raises(FeatgenderError, match="--head 'svn'.*svm"):
+        make_head("svn")
+
+
+@pytest.mark.parametrize("head", ["logreg", "svm", "svm-rbf", "gbm", "mlp"])
+def test_every_head_learns_separable_features_with_probabilities(head):
+    features, labels = separable()
+    test_features, test_labels = separable(seed=1)
+    pipeline, _ = fit_head(features, labels, head, pca=0 if head == "gbm" else None)
+    assert (pipeline.predict(test_features) == test_labels).mean() > 0.9
+    probabilities = pipeline.predict_proba(test_features)
+    assert probabilities.shape == (300, 2)
+    np.testing.assert_allclose(probabilities.sum(1), 1, rtol=1e-6)
+
+
+def test_pca_and_normalisation_are_pipeline_steps():
+    pipeline = make_head("gbm")
+    assert list(pipeline.named_steps) == ["normalize", "scale", "pca", "classifier"]
+    assert pipeline.named_steps["pca"].n_components == 64
+    assert "pca" not in make_head("gbm", pca=0).named_steps
+    assert make_head("logreg", pca=16).named_steps["pca"].n_components == 16
+    assert make_head("logreg", C=0.5).named_steps["classifier"].C == 0.5
+
+
+def test_power_normalisation_is_signed_sqrt_then_unit_length():
+    features = np.array([[4.0, -9.0, 0.0], [0.0, 0.0, 0.0]], dtype=np.float32)
+    out = FeatureNormalizer("power").fit_transform(features)
+    np.testing.assert_allclose(out[0], np.array([2, -3, 0]) / np.sqrt(13), rtol=1e-6)
+    np.testing.assert_array_equal(out[1], 0)
+    assert out.dtype == np.float32
+    with pytest.raises(FeatgenderError, match="--normalize 'cube'"):
+        FeatureNormalizer("cube").fit(features)
+
+
+def test_sampled_scaler_estimates_the_full_statistics():
+    features = np.random.default_rng(0).normal(3, 2, (50_000, 4)).astype(np.float32)
+    scaler = SampledStandardScaler(max_samples=20_000).fit(features)
+    np.testing.assert_allclose(scaler.mean_, features.mean(0), atol=0.05)
+    np.testing.assert_allclose(scaler.scale_, features.std(0), rtol=0.02)
+
+
+def test_size_adaptive_classifier_picks_by_training_size():
+    features, labels = separable(n=100)
+    chooser = SizeAdaptiveClassifier(small=LogisticRegression(C=1.0), large=LogisticRegression(C=0.01),
+                                     max_small_samples=50)
+    assert chooser.fit(features, labels).estimator_.C == 0.01
+    assert clone(chooser).set_params(max_small_samples=100).fit(features, labels).estimator_.C == 1.0
+
+
+@pytest.mark.parametrize("estimator", [FeatureNormalizer("l2"), SampledStandardScaler(),
+                                       SizeAdaptiveClassifier(small=LogisticRegression(), large=LogisticRegression())])
+def test_our_estimators_pass_sklearn_checks(estimator):
+    check_estimator(estimator)
+
+
+def test_search_tunes_the_key_parameter_on_train_only():
+    features, labels = separable()
+    pipeline, result = fit_head(features, labels, "logreg", search=True, n_jobs=1)
+    assert result["best_params"]["C"] in search_grid("logreg")["classifier__C"]
+    assert pipeline.named_steps["classifier"].C == result["best_params"]["C"]
+    assert 0.9 < result["cv_accuracy"] <= 1.0
+
+
+def test_streaming_fit_matches_in_memory_accuracy():
+    features, labels = separable(n=2000)
+    test_features, test_labels = separable(n=500, seed=1)
+    chunks = lambda: ((features[i:i + 256], labels[i:i + 256]) for i in range(0, 2000, 256))
+    streamed = fit_head_streaming(chunks, "logreg")
+    in_memory, _ = fit_head(features, labels, "logreg")
+    streamed_accuracy = (streamed.predict(test_features) == test_labels).mean()
+    assert streamed_accuracy > (in_memory.predict(test_features) == test_labels).mean() - 0.02
+    assert streamed.named_steps["scale"].n_samples_seen_ == 2000
+    assert fit_head_streaming(chunks, "svm").predict_proba(test_features).shape == (500, 2)
+    with pytest.raises(FeatgenderError, match="out-of-core"):
+        fit_head_streaming(chunks, "gbm")
+
+
+def test_artifacts_refuse_foreign_files(tmp_path):
+    import joblib
+
+    with pytest.raises(FeatgenderError, match="no such file"):
+        load_model(tmp_path / "none.joblib")
+    (tmp_path / "text.joblib").write_text("hello")
+    with pytest.raises(FeatgenderError, match="not a featgender model"):
+        load_model(tmp_path / "text.joblib")
+    joblib.dump({"some": "dict"}, tmp_path / "dict.joblib")
+    with pytest.raises(FeatgenderError, match="not a featgender head artifact"):
+        load_model(tmp_path / "dict.joblib")
+    joblib.dump({"format": "featgender-head", "format_version": 99}, tmp_path / "new.joblib")
+    with pytest.raises(FeatgenderError, match="artifact format 99"):
+        load_model(tmp_path / "new.joblib")
+    joblib.dump({"format": "featgender-head", "format_version": 1, "head": "logreg"}, tmp_path / "part.joblib")
+    with pytest.raises(FeatgenderError, match="metadata is incomplete"):
+        load_model(tmp_path / "part.joblib")
+
+
+def test_fitted_pipelines_pickle():
+    features, labels = separable()
+    pipeline, _ = fit_head(features, labels, "svm")
+    again = pickle.loads(pickle.dumps(pipeline))
+    np.testing.assert_array_equal(again.predict_proba(features), pipeline.predict_proba(features))
