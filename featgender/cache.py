@@ -40,7 +40,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -267,25 +267,40 @@ def _write_chunks(partial: _PartialCache, batches: Iterable, start: int, chunk_r
 
 
 def _assemble(partial: _PartialCache, dataset: FaceDataset, meta: dict, chunk_rows: int, out: Path) -> int:
-    """Write the finished HDF5 file from the chunk files, then swap it in atomically."""
+    """Write the finished HDF5 file from the chunk files."""
+    chunks = (partial.read_chunk(start) for start in range(0, len(dataset), chunk_rows))
+    return write_cache(out, dataset, chunks, meta)
+
+
+def write_cache(out: str | Path, dataset: FaceDataset, chunks: Iterable[tuple[np.ndarray, Sequence[str]]],
+                metadata: dict) -> int:
+    """Write a complete cache file from consecutive (features, errors) row blocks, atomically.
+
+    The one writer of the schema: extraction uses it, and so can anyone with features of
+    their own (benchmarks write generated features through it). ``metadata`` needs at least
+    ``feature_dim`` and ``dtype``. Returns the number of failed rows (non-empty errors).
+    """
+    out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     total = len(dataset)
     failed_ids, failed_reasons = [], []
     valid = np.ones(total, dtype=bool)
     with h5py.File(tmp, "w") as h5:
         features = h5.create_dataset(
-            "features", shape=(total, meta["feature_dim"]), dtype=meta["dtype"],
-            chunks=(min(max(total, 1), 1024), meta["feature_dim"]),
+            "features", shape=(total, metadata["feature_dim"]), dtype=metadata["dtype"],
+            chunks=(min(max(total, 1), 1024), metadata["feature_dim"]),
         )
-        for chunk_start in range(0, total, chunk_rows):
-            chunk_features, chunk_errors = partial.read_chunk(chunk_start)
-            features[chunk_start:chunk_start + len(chunk_features)] = chunk_features
+        row = 0
+        for chunk_features, chunk_errors in chunks:
+            features[row:row + len(chunk_features)] = chunk_features
             for offset, error in enumerate(chunk_errors):
                 if error:
-                    row = chunk_start + offset
-                    valid[row] = False
-                    failed_ids.append(dataset.image_ids[row])
+                    valid[row + offset] = False
+                    failed_ids.append(dataset.image_ids[row + offset])
                     failed_reasons.append(str(error))
+            row += len(chunk_features)
+        if row != total:
+            raise FeatgenderError(f"{out}: {row} feature rows written for {total} images")
         h5.create_dataset("labels", data=dataset.labels.astype(np.int8))
         split = h5.create_dataset("split", data=dataset.splits.astype(np.int8))
         split.attrs["names"] = list(SPLITS)
@@ -298,7 +313,7 @@ def _assemble(partial: _PartialCache, dataset: FaceDataset, meta: dict, chunk_ro
         if failed_ids:
             h5.create_dataset("failed/ids", data=failed_ids, dtype=h5py.string_dtype())
             h5.create_dataset("failed/reasons", data=failed_reasons, dtype=h5py.string_dtype())
-        h5.attrs.update(meta)
+        h5.attrs.update({"format_version": FORMAT_VERSION, "num_images": total, **metadata})
         h5.attrs["failed_count"] = len(failed_ids)
         h5.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         h5.attrs["complete"] = True

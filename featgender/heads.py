@@ -65,30 +65,40 @@ class FeatureNormalizer(TransformerMixin, BaseEstimator):
         X = validate_data(self, X, dtype=[np.float32, np.float64], reset=False)
         if self.kind == "none":
             return X
-        if self.kind == "power":
-            X = np.sign(X) * np.sqrt(np.abs(X))
-        norms = np.linalg.norm(X, axis=1, keepdims=True)
-        return X / np.maximum(norms, np.finfo(X.dtype).tiny)
+        if self.kind == "power":  # in place on one copy: 162,770 x 2048 takes ~1 s, not ~5 s
+            out = np.abs(X)
+            np.sqrt(out, out=out)
+            norms = np.sqrt(np.einsum("ij,ij->i", out, out))
+            np.copysign(out, X, out=out)
+        else:
+            out, norms = X.copy(), np.sqrt(np.einsum("ij,ij->i", X, X))
+        out /= np.maximum(norms, np.finfo(X.dtype).tiny)[:, None]
+        return out
 
 
-class SampledStandardScaler(StandardScaler):
-    """StandardScaler whose mean and variance come from at most ``max_samples`` rows.
+class SubsampleFit(TransformerMixin, BaseEstimator):
+    """Fits ``transformer`` on at most ``max_samples`` random rows, then transforms every row.
 
-    On 162,770 × 2048 float32 features the full fit takes 9 s on 2 cores; 20,000 random rows
-    estimate the same statistics to well under 1% in about 1 s.
+    Scaling statistics and PCA bases barely move beyond a few ten thousand rows, but their
+    cost grows with every row: on 162,770 x 2048 float32 features, StandardScaler's full
+    fit takes 9 s and PCA(64)'s 13 s on 2 cores; on 20,000 rows, 0.8 s and 2 s.
     """
 
-    def __init__(self, *, max_samples: int = 20_000, random_state: int = 0, copy: bool = True):
-        super().__init__(copy=copy)
+    def __init__(self, transformer=None, *, max_samples: int = 20_000, random_state: int = 0):
+        self.transformer = transformer
         self.max_samples = max_samples
         self.random_state = random_state
 
-    def fit(self, X, y=None, sample_weight=None):
-        if (X.shape[0] if hasattr(X, "shape") else len(np.asarray(X))) > self.max_samples:
-            sampled = resample(X, *([] if sample_weight is None else [sample_weight]), replace=False,
-                               n_samples=self.max_samples, random_state=self.random_state)
-            X, sample_weight = (sampled, None) if sample_weight is None else sampled
-        return super().fit(X, sample_weight=sample_weight)
+    def fit(self, X, y=None):
+        X = validate_data(self, X, dtype=[np.float32, np.float64])
+        if len(X) > self.max_samples:
+            X = X[np.sort(np.random.default_rng(self.random_state).choice(len(X), self.max_samples, replace=False))]
+        self.transformer_ = clone(self.transformer).fit(X)
+        return self
+
+    def transform(self, X):
+        check_is_fitted(self)
+        return self.transformer_.transform(validate_data(self, X, dtype=[np.float32, np.float64], reset=False))
 
 
 class SizeAdaptiveClassifier(ClassifierMixin, BaseEstimator):
@@ -174,9 +184,11 @@ def make_head(
     params = {key: value for key, value in params.items() if value is not None}
     classifier, default_pca = _HEADS[name](random_state=random_state, **params)
     pca = default_pca if pca is None else pca
-    steps = [("normalize", FeatureNormalizer(normalize)), ("scale", SampledStandardScaler(random_state=random_state))]
+    steps = [("normalize", FeatureNormalizer(normalize)),
+             ("scale", SubsampleFit(StandardScaler(), random_state=random_state))]
     if pca:
-        steps.append(("pca", PCA(pca, svd_solver="randomized", whiten=False, random_state=random_state)))
+        steps.append(("pca", SubsampleFit(PCA(pca, svd_solver="randomized", random_state=random_state),
+                                          random_state=random_state)))
     steps.append(("classifier", classifier))
     return Pipeline(steps)
 
@@ -216,10 +228,11 @@ def _svm_rbf(random_state: int, C: float = 3.0):
     ), None
 
 
-@register_head("gbm", grid={"learning_rate": [0.03, 0.1, 0.3]})
-def _gbm(random_state: int, learning_rate: float = 0.1):
+@register_head("gbm", grid={"learning_rate": [0.05, 0.1, 0.2, 0.3]})
+def _gbm(random_state: int, learning_rate: float = 0.2):
+    # lr 0.2 beat 0.1 on UTKFace's validation split and halves the boosting rounds needed.
     return HistGradientBoostingClassifier(
-        learning_rate=learning_rate, max_iter=300, early_stopping=True, validation_fraction=0.1,
+        learning_rate=learning_rate, max_iter=150, early_stopping=True, validation_fraction=0.1,
         n_iter_no_change=15, random_state=random_state,
     ), 64
 

@@ -3,14 +3,15 @@ import pickle
 import numpy as np
 import pytest
 from sklearn.base import clone
+from sklearn.preprocessing import StandardScaler
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.estimator_checks import check_estimator
 
 from featgender.errors import FeatgenderError
 from featgender.heads import (
     FeatureNormalizer,
-    SampledStandardScaler,
     SizeAdaptiveClassifier,
+    SubsampleFit,
     fit_head,
     fit_head_streaming,
     list_heads,
@@ -49,9 +50,9 @@ def test_every_head_learns_separable_features_with_probabilities(head):
 def test_pca_and_normalisation_are_pipeline_steps():
     pipeline = make_head("gbm")
     assert list(pipeline.named_steps) == ["normalize", "scale", "pca", "classifier"]
-    assert pipeline.named_steps["pca"].n_components == 64
+    assert pipeline.named_steps["pca"].transformer.n_components == 64
     assert "pca" not in make_head("gbm", pca=0).named_steps
-    assert make_head("logreg", pca=16).named_steps["pca"].n_components == 16
+    assert make_head("logreg", pca=16).named_steps["pca"].transformer.n_components == 16
     assert make_head("logreg", C=0.5).named_steps["classifier"].C == 0.5
 
 
@@ -65,11 +66,15 @@ def test_power_normalisation_is_signed_sqrt_then_unit_length():
         FeatureNormalizer("cube").fit(features)
 
 
-def test_sampled_scaler_estimates_the_full_statistics():
+def test_subsample_fit_estimates_the_full_statistics():
+    from sklearn.preprocessing import StandardScaler
+
     features = np.random.default_rng(0).normal(3, 2, (50_000, 4)).astype(np.float32)
-    scaler = SampledStandardScaler(max_samples=20_000).fit(features)
-    np.testing.assert_allclose(scaler.mean_, features.mean(0), atol=0.05)
-    np.testing.assert_allclose(scaler.scale_, features.std(0), rtol=0.02)
+    scaler = SubsampleFit(StandardScaler(), max_samples=20_000).fit(features)
+    assert scaler.transformer_.n_samples_seen_ == 20_000
+    np.testing.assert_allclose(scaler.transformer_.mean_, features.mean(0), atol=0.05)
+    np.testing.assert_allclose(scaler.transformer_.scale_, features.std(0), rtol=0.02)
+    np.testing.assert_allclose(scaler.transform(features).mean(0), 0, atol=0.03)
 
 
 def test_size_adaptive_classifier_picks_by_training_size():
@@ -80,7 +85,8 @@ def test_size_adaptive_classifier_picks_by_training_size():
     assert clone(chooser).set_params(max_small_samples=100).fit(features, labels).estimator_.C == 1.0
 
 
-@pytest.mark.parametrize("estimator", [FeatureNormalizer("l2"), SampledStandardScaler(),
+@pytest.mark.parametrize("estimator", [FeatureNormalizer("l2"), FeatureNormalizer("power"),
+                                       SubsampleFit(StandardScaler(), max_samples=20),
                                        SizeAdaptiveClassifier(small=LogisticRegression(), large=LogisticRegression())])
 def test_our_estimators_pass_sklearn_checks(estimator):
     check_estimator(estimator)
