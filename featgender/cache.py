@@ -54,14 +54,14 @@ logger = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = Path("cache")
 # Identity fields: a cache, or a partial one, is reused only when all of these match.
-IDENTITY_KEYS = ("backbone", "layer", "weights", "weights_sha256", "preprocessing", "precision", "dtype",
+IDENTITY_KEYS = ("backbone", "layer", "weights", "weights_sha256", "preprocessing", "flip", "precision", "dtype",
                  "dataset_fingerprint")
 
 
 def default_cache_path(dataset: FaceDataset, backbone: str, limit: int | None = None,
-                       cache_dir: str | Path = DEFAULT_CACHE_DIR) -> Path:
-    """``cache/<dataset>-<backbone>[-limit<N>].h5``."""
-    suffix = f"-limit{limit}" if limit else ""
+                       cache_dir: str | Path = DEFAULT_CACHE_DIR, flip: bool = False) -> Path:
+    """``cache/<dataset>-<backbone>[-limit<N>][-flip].h5``."""
+    suffix = (f"-limit{limit}" if limit else "") + ("-flip" if flip else "")
     return Path(cache_dir) / f"{dataset.name}-{backbone}{suffix}.h5"
 
 
@@ -73,7 +73,7 @@ def library_versions() -> dict:
 
     from featgender import __version__
 
-    return {
+    versions = {
         "featgender": __version__,
         "torch": torch.__version__,
         "torchvision": torchvision.__version__,
@@ -81,10 +81,11 @@ def library_versions() -> dict:
         "h5py": h5py.__version__,
         "scikit-learn": sklearn.__version__,
     }
+    return {name: str(version) for name, version in versions.items()}  # TorchVersion is no plain str
 
 
 def cache_metadata(dataset: FaceDataset, backbone: Backbone, precision: str, dtype: str,
-                   limit: int | None, seed: int) -> dict:
+                   limit: int | None, seed: int, flip: bool = False) -> dict:
     """The root attributes a cache of ``dataset`` embedded by ``backbone`` carries."""
     config = backbone.config
     return {
@@ -97,6 +98,7 @@ def cache_metadata(dataset: FaceDataset, backbone: Backbone, precision: str, dty
         "weights_sha256": backbone.weights.sha256 or "",
         "weights_path": backbone.weights.path or "",
         "preprocessing": json.dumps(config.preprocessing(), sort_keys=True),
+        "flip": bool(flip),
         "precision": precision,
         "dtype": dtype,
         "dataset_root": str(dataset.root.resolve()),
@@ -183,6 +185,7 @@ def build_cache(
     workers: int | None = None,
     dtype: str = "float16",
     precision: str = "auto",
+    flip: bool = False,
     chunk_rows: int = 1024,
     overwrite: bool = False,
     limit: int | None = None,
@@ -194,7 +197,8 @@ def build_cache(
     A finished cache with the same identity (backbone, weights, preprocessing, dtype, dataset
     rows) is left as it is; one with another identity is refused unless ``overwrite``.
     ``batch_size``, ``workers`` and ``precision`` default to what suits the device (see
-    :mod:`featgender.extract`). Progress is saved every ``chunk_rows`` images (rounded up to
+    :mod:`featgender.extract`); ``flip`` averages each embedding with the mirrored image's.
+    Progress is saved every ``chunk_rows`` images (rounded up to
     whole batches, so that a resumed run feeds the network the very same batches).
     """
     from featgender.extract import default_batch_size, iter_features, resolve_device, resolve_precision
@@ -203,7 +207,7 @@ def build_cache(
     device = resolve_device(device)
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     precision = resolve_precision(precision, device)
-    meta = cache_metadata(dataset, backbone, precision, dtype, limit, seed)
+    meta = cache_metadata(dataset, backbone, precision, dtype, limit, seed, flip)
     if out.exists() and not overwrite:
         found = read_metadata(out)
         mismatch = _identity_mismatch(found, meta)
@@ -234,7 +238,7 @@ def build_cache(
     _write_chunks(
         partial,
         iter_features(backbone, dataset.paths, start=start, batch_size=batch_size, device=device,
-                      workers=workers, dtype=dtype, precision=precision, progress=progress),
+                      workers=workers, dtype=dtype, precision=precision, flip=flip, progress=progress),
         start,
         chunk_rows,
         len(dataset),
@@ -507,5 +511,6 @@ def extract_to_cache(
     dataset = load_dataset(data, format=format, limit=limit, seed=seed,
                            image_column=image_column, label_column=label_column)
     built = build_backbone(backbone, weights=weights, layer=layer)
-    out = Path(out) if out is not None else default_cache_path(dataset, backbone, limit, cache_dir)
-    return build_cache(dataset, built, out, limit=limit, seed=seed, **options)
+    if out is None:
+        out = default_cache_path(dataset, backbone, limit, cache_dir, options.get("flip", False))
+    return build_cache(dataset, built, Path(out), limit=limit, seed=seed, **options)

@@ -70,6 +70,7 @@ def extract(
     workers: Optional[int] = WorkersOption,
     dtype: Optional[str] = DtypeOption,
     precision: Optional[str] = PrecisionOption,
+    flip: bool = typer.Option(False, "--flip", help="Average each embedding with the mirrored image's (2x the compute)."),
     image_column: Optional[str] = typer.Option(None, "--image-column", help="CSV column of image paths."),
     label_column: Optional[str] = typer.Option(None, "--label-column", help="CSV column of gender labels."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache (or unfinished one) of different identity."),
@@ -80,6 +81,7 @@ def extract(
     result = extract_to_cache(
         data,
         overwrite=overwrite,
+        flip=flip,
         **_given(backbone=backbone, weights=weights, layer=layer, out=out, format=format, limit=limit,
                  batch_size=batch_size, device=device, workers=workers, dtype=dtype,
                  precision=precision, image_column=image_column, label_column=label_column),
@@ -216,7 +218,7 @@ def evaluate(
 @_command
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
-    model: Path = typer.Option(..., "--model", "-m", help="Model file written by `featgender fit`."),
+    model: Path = typer.Option(..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write id,label rows (Kaggle submission style)."),
     device: Optional[str] = DeviceOption,
     batch_size: Optional[int] = BatchOption,
@@ -236,6 +238,35 @@ def predict(
         typer.echo(f"wrote {write_predictions_csv(predictions, csv)} rows to {csv}", err=True)
     if failed:
         typer.echo(f"{failed} of {len(predictions)} images could not be read", err=True)
+
+
+@_command
+def finetune(
+    data: Path = DataOption,
+    backbone: Optional[str] = BackboneOption,
+    weights: Optional[str] = WeightsOption,
+    epochs: Optional[int] = typer.Option(None, "--epochs", help="Most epochs to train (default 10)."),
+    unfreeze_last: Optional[str] = typer.Option(None, "--unfreeze-last", help="Blocks of the backbone to train: 0 (head only, default), N, or all."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (default 32)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-3)."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Stop after this many epochs without a better valid loss (default 2)."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Best checkpoint (default models/<backbone>-ft.pt)."),
+    limit: Optional[int] = LimitOption,
+    device: Optional[str] = DeviceOption,
+    workers: Optional[int] = WorkersOption,
+) -> None:
+    """Fine-tune a backbone end to end (the baseline for frozen features + head); resumable."""
+    from featgender.finetune import finetune as run_finetune
+
+    result = run_finetune(data, **_given(backbone=backbone, weights=weights, epochs=epochs, unfreeze_last=unfreeze_last,
+                                         batch_size=batch_size, lr=lr, patience=patience, out=out, limit=limit,
+                                         device=device, workers=workers))
+    for row in result.history:
+        typer.echo(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, valid loss {row['valid_loss']:.4f}, "
+                   f"valid accuracy {row['valid_accuracy']:.4f}")
+    typer.echo(f"best epoch {result.best_epoch}; saved {result.checkpoint}")
+    if result.test:
+        _print_metrics(result.test)
 
 
 @_command

@@ -93,7 +93,7 @@ def bootstrap_ci(labels: np.ndarray, predicted: np.ndarray, scores: np.ndarray |
     }
 
 
-def _group_values(data: CacheData, name: str) -> tuple[np.ndarray, list[str]] | None:
+def _group_values(data, name: str) -> tuple[np.ndarray, list[str]] | None:
     """Group codes and names for one attribute: 0/1 flags, text categories, or age bins."""
     if data.attributes is None or name not in data.attribute_names:
         return None
@@ -108,13 +108,13 @@ def _group_values(data: CacheData, name: str) -> tuple[np.ndarray, list[str]] | 
     return None
 
 
-def default_groups(data: CacheData) -> list[str]:
+def default_groups(data) -> list[str]:
     """The attributes sliced by default: CelebA's eight, or a CSV's age and race."""
     wanted = list(CELEBA_GROUPS) + ["age", "race", "Age", "Race"]
     return [name for name in wanted if name in data.attribute_names]
 
 
-def subgroup_metrics(data: CacheData, predicted: np.ndarray, groups: list[str] | None = None,
+def subgroup_metrics(data, predicted: np.ndarray, groups: list[str] | None = None,
                      min_size: int = 10) -> dict:
     """Per-group accuracy and error rates for each attribute, and the largest accuracy gap.
 
@@ -148,18 +148,28 @@ def subgroup_metrics(data: CacheData, predicted: np.ndarray, groups: list[str] |
     return result
 
 
-def evaluate_features(model: HeadModel, data: CacheData, *, groups: list[str] | None = None,
-                      n_boot: int = 1000) -> dict:
-    """Metrics, their bootstrap 95% CIs and subgroup slices of ``model`` on cached rows."""
+def evaluate_scores(data, scores: np.ndarray, *, groups: list[str] | None = None, n_boot: int = 1000) -> dict:
+    """Metrics, bootstrap 95% CIs and subgroup slices of P(male) ``scores`` for ``data``'s rows.
+
+    ``data`` is anything with ``labels`` and attributes (a :class:`CacheData` or a
+    :class:`~featgender.data.FaceDataset`), so heads and fine-tuned networks share one evaluation.
+    """
     if len(data.labels) == 0:
         raise FeatgenderError("the evaluation split has no images")
-    scores = model.predict_proba(data.features)
     predicted = (scores >= 0.5).astype(int)
     result = classification_metrics(data.labels, predicted, scores)
     result["ci95"] = bootstrap_ci(data.labels, predicted, scores if "roc_auc" in result else None, n_boot=n_boot)
     result["subgroups"] = subgroup_metrics(data, predicted, groups)
     result["_curves"] = {"labels": data.labels, "scores": scores}
     return result
+
+
+def evaluate_features(model: HeadModel, data: CacheData, *, groups: list[str] | None = None,
+                      n_boot: int = 1000) -> dict:
+    """:func:`evaluate_scores` of a head on cached rows."""
+    if len(data.labels) == 0:
+        raise FeatgenderError("the evaluation split has no images")
+    return evaluate_scores(data, model.predict_proba(data.features), groups=groups, n_boot=n_boot)
 
 
 def evaluate_model(model: str | Path | HeadModel, caches: list[str | Path] | str | Path, *,
@@ -188,7 +198,7 @@ def _check_caches_fit_model(model: HeadModel, data: CacheData) -> None:
 
 
 BACKBONE_KEYS = ("backbone", "layer", "feature_dim", "input_kind", "weights", "weights_sha256", "weights_path",
-                 "preprocessing", "precision", "dtype")
+                 "preprocessing", "flip", "precision", "dtype")
 
 
 def train_head(

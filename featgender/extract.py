@@ -156,6 +156,7 @@ def iter_features(
     workers: int | None = None,
     dtype: str = "float16",
     precision: str = "auto",
+    flip: bool = False,
     progress: bool = True,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
     """Embed ``sources[start:]`` in order, one batch at a time.
@@ -163,6 +164,7 @@ def iter_features(
     ``batch_size`` and ``workers`` default to what suits the device (see
     :func:`default_batch_size`, :func:`default_workers`); ``precision`` is the autocast type
     (see :func:`resolve_precision`); ``dtype`` is the type of the returned features.
+    ``flip`` averages each embedding with that of the mirrored image (test-time augmentation).
 
     Yields
     ------
@@ -179,6 +181,8 @@ def iter_features(
     if workers is None:
         workers = default_workers(device, loader_bound=backbone.transform.loader_step is not None)
     autocast = resolve_precision(precision, device) == "bfloat16"
+    if flip and backbone.transform.loader_step is not None:
+        raise FeatgenderError(f"--flip: not available for {backbone.config.name}, whose embedding is computed on the loader")
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
     transform = backbone.transform.to(device)
     on_cuda = device.type == "cuda"
@@ -204,7 +208,10 @@ def iter_features(
                     images = images.to(device, non_blocking=True)
                 else:
                     images = [image.to(device, non_blocking=True) for image in images]
-                embedded = model(transform(images, torch.bfloat16 if autocast else torch.float32))
+                batch_pixels = transform(images, torch.bfloat16 if autocast else torch.float32)
+                embedded = model(batch_pixels)
+                if flip:
+                    embedded = (embedded + model(batch_pixels.flip(-1))) / 2
                 features[batch.ok] = embedded.float().cpu().numpy().astype(DTYPES[dtype], copy=False)
             bar.update(len(batch.indices))
             yield batch.indices + start, features, batch.errors

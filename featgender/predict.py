@@ -66,8 +66,9 @@ class Predictor:
         """Predictions for image paths or PIL images; a broken file gets an error, the rest run."""
         images = list(images)
         blocks, errors = [], [""] * len(images)
-        for backbone in self.backbones:
-            features, block_errors = extract_features(backbone, images, progress=progress, **self.options)
+        for backbone, entry in zip(self.backbones, self.model.backbones):
+            features, block_errors = extract_features(backbone, images, progress=progress,
+                                                      flip=bool(entry.get("flip")), **self.options)
             blocks.append(features)
             errors = [first or second for first, second in zip(errors, block_errors)]
         names = [str(image) if isinstance(image, (str, os.PathLike)) else f"image {i}" for i, image in enumerate(images)]
@@ -82,11 +83,44 @@ class Predictor:
         ]
 
 
-def load(path: str | Path, **options) -> Predictor:
-    """Load a head artifact and rebuild its backbone(s): ``featgender.load(path).predict(images)``.
+class FinetunedPredictor:
+    """A fine-tuned network (``featgender finetune``), with the same ``predict`` as :class:`Predictor`."""
 
-    Loading runs a pickle: only load artifacts you made or trust.
+    def __init__(self, path: str | Path, *, device: str = "auto", batch_size: int | None = None,
+                 workers: int | None = None):
+        from dataclasses import replace
+
+        from torch import nn
+
+        from featgender.finetune import load_finetuned
+
+        net, backbone, self.checkpoint = load_finetuned(path, device=device)
+        probability = nn.Sequential(net, nn.Sigmoid(), nn.Unflatten(0, (-1, 1)))
+        self.backbone = backbone._replace(model=probability, config=replace(backbone.config, feature_dim=1))
+        self.options = {"device": device, "batch_size": batch_size, "workers": workers, "dtype": "float32"}
+
+    def predict(self, images: Sequence, *, progress: bool = False) -> list[Prediction]:
+        images = list(images)
+        probabilities, errors = extract_features(self.backbone, images, progress=progress, **self.options)
+        names = [str(image) if isinstance(image, (str, os.PathLike)) else f"image {i}" for i, image in enumerate(images)]
+        return [
+            Prediction(name, ("female", "male")[int(p >= 0.5)], float(p), "") if not error
+            else Prediction(name, None, None, error)
+            for name, p, error in zip(names, probabilities[:, 0], errors)
+        ]
+
+
+FINETUNED_SUFFIXES = (".pt", ".pth")
+
+
+def load(path: str | Path, **options) -> Predictor | FinetunedPredictor:
+    """Load a head artifact (``.joblib``) or a fine-tuned checkpoint (``.pt``), ready for images.
+
+    ``featgender.load(path).predict(images)``. Loading a head artifact runs a pickle: only
+    load artifacts you made or trust (fine-tuned checkpoints load with ``weights_only=True``).
     """
+    if Path(path).suffix in FINETUNED_SUFFIXES:
+        return FinetunedPredictor(path, **options)
     return Predictor(load_model(path), **options)
 
 

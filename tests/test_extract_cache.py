@@ -155,3 +155,18 @@ def test_extract_features_in_memory_matches_the_cache(csv_dataset, small_backbon
     build_cache(dataset, small_backbone, out, batch_size=3, progress=False)
     np.testing.assert_array_equal(features, read_cache(out, dtype=np.float16).features)
     assert errors == [""] * 6
+
+
+def test_flip_averages_the_embeddings_of_the_image_and_its_mirror(csv_dataset, small_backbone, tmp_path):
+    dataset = load_dataset(csv_dataset, limit=4)
+    out = tmp_path / "flip.h5"
+    build_cache(dataset, small_backbone, out, dtype="float32", precision="float32", flip=True, progress=False)
+    batch = small_backbone.transform([load_image(path) for path in dataset.paths])
+    with torch.inference_mode():
+        expected = ((small_backbone.model(batch) + small_backbone.model(batch.flip(-1))) / 2).numpy()
+    cached = read_cache(out, include_failed=True)
+    order = [dataset.image_ids.index(image_id) for image_id in cached.ids]
+    np.testing.assert_allclose(cached.features, expected[order], rtol=1e-4, atol=1e-5)
+    assert cached.metadata["flip"]
+    with pytest.raises(FeatgenderError, match="flip differ"):
+        build_cache(dataset, small_backbone, out, dtype="float32", precision="float32", progress=False)

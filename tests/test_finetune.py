@@ -1,0 +1,49 @@
+import torch
+
+import featgender
+from featgender.finetune import GenderNet, finetune, freeze_all_but_last, parameter_blocks
+from featgender.backbones import build_backbone
+
+OPTIONS = dict(backbone="mobilenet_v3_small", weights="none", batch_size=8, workers=0, progress=False)
+
+
+def test_unfreeze_last_counts_blocks_from_the_top():
+    net = GenderNet(build_backbone("resnet18", weights="none"))
+    blocks = parameter_blocks(net.embedding)
+    assert blocks[:2] == ["conv1", "bn1"] and blocks[-1] == "layer4.1"
+    assert freeze_all_but_last(net, 1) == ["layer4.1"]
+    trainable = {name for name, p in net.embedding.named_parameters() if p.requires_grad}
+    assert trainable and all(name.startswith("layer4.1.") for name in trainable)
+    assert freeze_all_but_last(net, 0) == []
+    assert not any(p.requires_grad for p in net.embedding.parameters())
+    assert all(p.requires_grad for p in net.logit.parameters())
+    assert freeze_all_but_last(net, "all") == blocks
+
+
+def test_one_epoch_saves_a_weights_only_checkpoint_that_predicts(csv_dataset, tmp_path):
+    out = tmp_path / "ft.pt"
+    result = finetune(csv_dataset, epochs=1, unfreeze_last=1, out=out, **OPTIONS)
+    assert len(result.history) == 1 and result.best_epoch == 1
+    assert result.test["n"] == 4 and "ci95" in result.test and "race" in result.test["subgroups"]
+    saved = torch.load(out, weights_only=True)
+    assert saved["format"] == "featgender-finetuned" and saved["trainable_blocks"]
+    predictions = featgender.load(out).predict(sorted((csv_dataset / "images").glob("*.jpg"))[:3])
+    assert all(p.label in ("male", "female") and 0 <= p.probability <= 1 for p in predictions)
+
+
+def test_early_stopping_on_a_plateau_keeps_the_best_epoch(csv_dataset, tmp_path):
+    result = finetune(csv_dataset, epochs=10, lr=0.0, patience=2, out=tmp_path / "ft.pt", **OPTIONS)
+    assert len(result.history) == 3  # epoch 1 is best; 2 and 3 do not improve: stop
+    assert result.best_epoch == 1
+
+
+def test_resume_continues_where_it_stopped(csv_dataset, tmp_path):
+    straight = finetune(csv_dataset, epochs=2, patience=5, out=tmp_path / "a.pt", **OPTIONS)
+    finetune(csv_dataset, epochs=1, patience=5, out=tmp_path / "b.pt", **OPTIONS)
+    resumed = finetune(csv_dataset, epochs=2, patience=5, out=tmp_path / "b.pt", **OPTIONS)
+    assert resumed.resumed_from == 1 and len(resumed.history) == 2
+    for a, b in zip(straight.history, resumed.history):
+        assert a["valid_loss"] == b["valid_loss"] and a["train_loss"] == b["train_loss"]
+    best_a = torch.load(tmp_path / "a.pt", weights_only=True)["state_dict"]
+    best_b = torch.load(tmp_path / "b.pt", weights_only=True)["state_dict"]
+    assert all(torch.equal(best_a[key], best_b[key]) for key in best_a)
