@@ -270,6 +270,34 @@ def finetune(
 
 
 @_command
+def bench(
+    data: Path = DataOption,
+    backbones: Optional[str] = typer.Option(None, "--backbones", help="Comma-separated backbones (default efficientnet_lite0)."),
+    heads: Optional[str] = typer.Option(None, "--heads", help="Comma-separated heads (default logreg,svm)."),
+    finetune: bool = typer.Option(False, "--finetune", help="Also time one fine-tune epoch of the first backbone."),
+    weights: Optional[str] = WeightsOption,
+    limit: Optional[int] = LimitOption,
+    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed repeats after one warm-up (default 3)."),
+    device: Optional[str] = DeviceOption,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write results.json, results.md and accuracy_vs_cost.png here."),
+) -> None:
+    """Time every stage (decode, preprocess, forward, cache write, head fit/predict, fine-tune) on your hardware."""
+    from featgender.bench import run_bench
+
+    lists = {key: value.split(",") for key, value in (("backbones", backbones), ("heads", heads)) if value}
+    results = run_bench(data, finetune=finetune, out=out,
+                        **lists, **_given(weights=weights, limit=limit, repeats=repeats, device=device))
+    for row in results["heads"]:
+        typer.echo(f"{row['backbone']} + {row['head']}: accuracy {row['test_accuracy']:.4f}, fit {row['fit_s']:.3f} s")
+    for row in results["backbones"]:
+        typer.echo(f"{row['backbone']}: " + ", ".join(f"{stage} {v['images_per_s']} img/s" for stage, v in row["stages"].items()))
+    if "finetune" in results:
+        typer.echo(f"fine-tune {results['finetune']['backbone']}: {results['finetune']['s_per_epoch']} s/epoch")
+    if out is not None:
+        typer.echo(f"report written to {out}")
+
+
+@_command
 def demo(
     data: Path = DataOption,
     backbone: Optional[str] = BackboneOption,

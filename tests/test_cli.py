@@ -16,7 +16,7 @@ def invoke(*args: str):
 def test_every_command_has_help_text():
     commands = app.registered_commands
     assert {c.callback.__name__ for c in commands} >= {"extract", "info", "backbones", "download", "demo", "fit",
-                                                       "evaluate", "predict"}
+                                                       "evaluate", "predict", "finetune", "bench"}
     for command in commands:
         result = invoke(command.callback.__name__, "--help")
         assert result.exit_code == 0, result.output
@@ -109,3 +109,18 @@ def test_fit_evaluate_predict(csv_dataset, tmp_path):
 def test_fit_names_a_missing_cache(tmp_path):
     result = invoke("fit", "--cache", tmp_path / "missing.h5", "--head", "svm")
     assert result.exit_code == 1 and "missing.h5: no such cache file" in result.output
+
+
+def test_finetune_and_bench_commands(csv_dataset, tmp_path):
+    out = tmp_path / "ft.pt"
+    result = invoke("finetune", "--data", csv_dataset, "--backbone", "mobilenet_v3_small", "--weights", "none",
+                    "--epochs", "1", "--batch-size", "8", "--workers", "0", "--out", out)
+    assert result.exit_code == 0, result.output
+    assert "epoch 1: train loss" in result.output and f"saved {out}" in result.output and out.is_file()
+    predicted = invoke("predict", "--model", out, csv_dataset / "images" / "000.jpg")
+    assert predicted.exit_code == 0 and predicted.output.split("\t")[1] in ("male", "female")
+    bench = invoke("bench", "--data", csv_dataset, "--backbones", "mobilenet_v3_small", "--heads", "logreg",
+                   "--weights", "none", "--repeats", "1", "--out", tmp_path / "bench")
+    assert bench.exit_code == 0, bench.output
+    assert "mobilenet_v3_small + logreg: accuracy" in bench.output
+    assert (tmp_path / "bench" / "results.md").is_file()

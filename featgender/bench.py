@@ -1,0 +1,216 @@
+"""Benchmarks of every stage on the user's own hardware: ``featgender bench``.
+
+Times image decoding, preprocessing, the forward pass and the end-to-end cache write
+(images/s), each head's fit (s) and prediction (ms/image) with its test accuracy, and
+optionally the fine-tune path (s/epoch); each after a warm-up run, repeated, reported as
+median with min-max spread, with peak memory and the machine's description. Writes
+results.json, results.md and an accuracy-vs-cost plot.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from featgender.backbones import build_backbone
+from featgender.cache import build_cache, library_versions, read_caches
+from featgender.data import load_dataset
+from featgender.evaluate import classification_metrics
+from featgender.extract import default_batch_size, load_image, resolve_device
+from featgender.heads import fit_head
+
+
+def machine_info() -> dict:
+    """CPU, cores, GPU and library versions, recorded with every result."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {
+        "cpu": cpu,
+        "cores": torch.get_num_threads(),
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "cuda": torch.version.cuda if torch.cuda.is_available() else None,
+        **library_versions(),
+    }
+
+
+def peak_memory_mb() -> dict:
+    """Peak resident memory of this process (and peak CUDA memory) so far, in MiB."""
+    peak = {"cpu_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        peak["cuda_peak_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
+
+
+def timed(function: Callable[[], object], repeats: int) -> dict:
+    """Seconds of ``function``: one warm-up run (not counted), then median and spread of ``repeats``."""
+    function()
+    runs = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        function()
+        runs.append(time.perf_counter() - started)
+    return {"median_s": statistics.median(runs), "min_s": min(runs), "max_s": max(runs), "runs": len(runs)}
+
+
+def _per_second(timing: dict, count: int) -> dict:
+    return {"images_per_s": round(count / timing["median_s"], 1),
+            "spread_images_per_s": [round(count / timing["max_s"], 1), round(count / timing["min_s"], 1)]}
+
+
+def bench_backbone(dataset, name: str, *, weights: str, device: str, repeats: int, sample: int, cache: Path) -> dict:
+    """Stage timings of one backbone on ``sample`` images, then the whole dataset into ``cache``."""
+    backbone = build_backbone(name, weights=weights)
+    device = resolve_device(device)
+    paths = dataset.paths[:sample]
+    images = [load_image(path, backbone.config.resize_size) for path in paths]
+    batch = default_batch_size(device)
+    transform = backbone.transform.to(device)
+    model = backbone.model.to(device).to(memory_format=torch.channels_last)
+    stages = {"decode": _per_second(timed(lambda: [load_image(p, backbone.config.resize_size) for p in paths],
+                                          repeats), len(paths))}
+    if backbone.transform.loader_step is None:
+        def preprocess():
+            return [transform([image.to(device) for image in images[i:i + batch]]) for i in range(0, len(images), batch)]
+
+        prepared = preprocess()
+
+        def forward():
+            with torch.inference_mode():
+                outputs = [model(pixels) for pixels in prepared]
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            return outputs
+
+        stages["preprocess"] = _per_second(timed(preprocess, repeats), len(paths))
+        stages["forward"] = _per_second(timed(forward, repeats), len(paths))
+    started = time.perf_counter()
+    build_cache(dataset, backbone, cache, device=str(device), overwrite=True, progress=False)
+    stages["extract_to_cache"] = {"images_per_s": round(len(dataset) / (time.perf_counter() - started), 1),
+                                  "images": len(dataset)}
+    return {"backbone": name, "weights": backbone.weights.name, "stages": stages, **peak_memory_mb()}
+
+
+def bench_head(cache: Path, head: str, repeats: int) -> dict:
+    """Fit time, prediction time and test accuracy of one head on a cache."""
+    train, test = read_caches(cache, "train"), read_caches(cache, "test")
+    fitted = {}
+
+    def fit():
+        fitted["pipeline"] = fit_head(train.features, train.labels, head)[0]
+
+    fit_timing = timed(fit, repeats)
+    predict_timing = timed(lambda: fitted["pipeline"].predict_proba(test.features), repeats)
+    scores = fitted["pipeline"].predict_proba(test.features)[:, 1]
+    metrics = classification_metrics(test.labels, (scores >= 0.5).astype(int), scores)
+    return {
+        "head": head,
+        "fit_s": round(fit_timing["median_s"], 3),
+        "fit_spread_s": [round(fit_timing["min_s"], 3), round(fit_timing["max_s"], 3)],
+        "predict_ms_per_image": round(predict_timing["median_s"] / max(len(test.labels), 1) * 1000, 4),
+        "test_accuracy": metrics["accuracy"],
+        "test_images": metrics["n"],
+        **peak_memory_mb(),
+    }
+
+
+def bench_finetune(data, backbone: str, *, weights: str, device: str, limit: int | None, epochs: int = 1) -> dict:
+    """Seconds per epoch and test accuracy of the fine-tune path."""
+    from featgender.finetune import finetune
+
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        result = finetune(data, backbone=backbone, weights=weights, epochs=epochs, device=device, limit=limit,
+                          out=Path(tmp) / "ft.pt", progress=False)
+        seconds = time.perf_counter() - started
+    return {"backbone": backbone, "epochs": len(result.history), "s_per_epoch": round(seconds / len(result.history), 2),
+            "test_accuracy": result.test.get("accuracy"), **peak_memory_mb()}
+
+
+def run_bench(
+    data: str | Path,
+    *,
+    backbones: list[str] = ("efficientnet_lite0",),
+    heads: list[str] = ("logreg", "svm"),
+    finetune: bool = False,
+    weights: str = "default",
+    device: str = "auto",
+    limit: int | None = None,
+    repeats: int = 3,
+    sample: int = 64,
+    out: str | Path | None = None,
+) -> dict:
+    """Benchmark backbones × heads (and optionally fine-tuning) on ``data``; write a report to ``out``."""
+    dataset = load_dataset(data, limit=limit)
+    results = {"machine": machine_info(), "data": str(data), "images": len(dataset), "backbones": [], "heads": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in backbones:
+            cache = Path(tmp) / f"{name}.h5"
+            results["backbones"].append(bench_backbone(dataset, name, weights=weights, device=device,
+                                                       repeats=repeats, sample=min(sample, len(dataset)), cache=cache))
+            for head in heads:
+                results["heads"].append({"backbone": name, **bench_head(cache, head, repeats)})
+    if finetune:
+        results["finetune"] = bench_finetune(data, backbones[0], weights=weights, device=device, limit=limit)
+    if out is not None:
+        write_bench_report(results, out)
+    return results
+
+
+def write_bench_report(results: dict, folder: str | Path) -> list[Path]:
+    """results.json, results.md and (with matplotlib) accuracy_vs_cost.png."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results, indent=2))
+    speed = {row["backbone"]: row["stages"]["extract_to_cache"]["images_per_s"] for row in results["backbones"]}
+    lines = [f"# featgender bench: {results['data']} ({results['images']} images)", "",
+             f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} threads, "
+             f"GPU {results['machine']['gpu'] or 'none'}, torch {results['machine']['torch']}.", "",
+             "| backbone | head | test accuracy | fit (s) | predict (ms/image) | extraction (images/s) |",
+             "|---|---|---|---|---|---|"]
+    for row in results["heads"]:
+        lines.append(f"| {row['backbone']} | {row['head']} | {row['test_accuracy']:.4f} | {row['fit_s']:.3f} | "
+                     f"{row['predict_ms_per_image']:.4f} | {speed[row['backbone']]} |")
+    if "finetune" in results:
+        ft = results["finetune"]
+        accuracy = f"{ft['test_accuracy']:.4f}" if ft["test_accuracy"] is not None else "–"
+        lines.append(f"| {ft['backbone']} | fine-tuned end to end | {accuracy} | {ft['s_per_epoch']} per epoch | – | – |")
+    lines += ["", "Stages (images/s, median of repeats after a warm-up):", "", "| backbone | stage | images/s |",
+              "|---|---|---|"]
+    for row in results["backbones"]:
+        for stage, values in row["stages"].items():
+            lines.append(f"| {row['backbone']} | {stage} | {values['images_per_s']} |")
+    written = [folder / "results.json", folder / "results.md"]
+    written[1].write_text("\n".join(lines) + "\n")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return written
+    figure, axes = plt.subplots(figsize=(6, 4))
+    for row in results["heads"]:
+        cost = row["fit_s"] + results["images"] / speed[row["backbone"]]
+        axes.scatter(cost, row["test_accuracy"])
+        axes.annotate(f"{row['backbone']} + {row['head']}", (cost, row["test_accuracy"]), fontsize=7)
+    if "finetune" in results and results["finetune"]["test_accuracy"] is not None:
+        ft = results["finetune"]
+        axes.scatter(ft["s_per_epoch"] * ft["epochs"], ft["test_accuracy"], marker="*", s=120)
+        axes.annotate(f"{ft['backbone']} fine-tuned", (ft["s_per_epoch"] * ft["epochs"], ft["test_accuracy"]), fontsize=7)
+    axes.set(xscale="log", xlabel="cost: extraction + fit (s)", ylabel="test accuracy", title="Accuracy vs cost")
+    figure.tight_layout()
+    figure.savefig(folder / "accuracy_vs_cost.png", dpi=120)
+    plt.close(figure)
+    return written + [folder / "accuracy_vs_cost.png"]

@@ -1,0 +1,29 @@
+import json
+
+from PIL import Image
+
+from featgender.bench import run_bench, timed
+
+
+def test_timed_excludes_the_warm_up_and_reports_spread():
+    calls = []
+    timing = timed(lambda: calls.append(1), repeats=3)
+    assert len(calls) == 4 and timing["runs"] == 3
+    assert timing["min_s"] <= timing["median_s"] <= timing["max_s"]
+
+
+def test_bench_json_has_every_stage(csv_dataset, tmp_path):
+    results = run_bench(csv_dataset, backbones=["mobilenet_v3_small"], heads=["logreg"], finetune=True,
+                        weights="none", repeats=1, sample=8, out=tmp_path / "bench")
+    written = json.loads((tmp_path / "bench" / "results.json").read_text())
+    stages = written["backbones"][0]["stages"]
+    assert set(stages) == {"decode", "preprocess", "forward", "extract_to_cache"}
+    assert all(stage["images_per_s"] > 0 for stage in stages.values())
+    head = written["heads"][0]
+    assert head["head"] == "logreg" and head["fit_s"] > 0 and head["predict_ms_per_image"] > 0
+    assert 0 <= head["test_accuracy"] <= 1 and head["cpu_peak_mb"] > 0
+    assert written["finetune"]["s_per_epoch"] > 0 and written["finetune"]["epochs"] == 1
+    assert written["machine"]["cores"] >= 1 and "torch" in written["machine"]
+    assert "| mobilenet_v3_small | logreg |" in (tmp_path / "bench" / "results.md").read_text()
+    assert Image.open(tmp_path / "bench" / "accuracy_vs_cost.png").size[0] > 100
+    assert results["images"] == 40
