@@ -25,7 +25,7 @@ from featgender.backbones import build_backbone
 from featgender.cache import build_cache, library_versions, read_caches
 from featgender.data import load_dataset
 from featgender.evaluate import classification_metrics
-from featgender.extract import default_batch_size, load_image, resolve_device
+from featgender.extract import default_batch_size, load_image, resolve_device, resolve_precision
 from featgender.heads import fit_head
 
 
@@ -86,8 +86,10 @@ def bench_backbone(dataset, name: str, *, weights: str, device: str, repeats: in
 
         prepared = preprocess()
 
+        autocast = resolve_precision("auto", device) == "bfloat16"  # as extraction runs it
+
         def forward():
-            with torch.inference_mode():
+            with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
                 outputs = [model(pixels) for pixels in prepared]
             if device.type == "cuda":
                 torch.cuda.synchronize()

@@ -19,7 +19,8 @@ dataset            shape, dtype                meaning
 =================  ==========================  ==========================================
 
 Root attributes: ``format_version``, ``complete``, ``backbone``, ``layer``, ``feature_dim``,
-``weights``, ``weights_sha256``, ``preprocessing`` (JSON), ``dtype``, ``dataset_root``,
+``weights``, ``weights_sha256``, ``weights_path``, ``preprocessing`` (JSON), ``flip``, ``precision``,
+``dtype``, ``dataset_root``,
 ``dataset_format``, ``dataset_fingerprint``, ``split_source``, ``limit``, ``seed``,
 ``versions`` (JSON), ``created``.
 
