@@ -39,6 +39,7 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils import resample
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from featgender.data import LABEL_NAMES
 from featgender.errors import FeatgenderError
 
 NORMALIZATIONS = ("none", "l2", "power")
@@ -319,7 +320,6 @@ def fit_head_streaming(
 
 ARTIFACT_FORMAT = "featgender-head"
 ARTIFACT_VERSION = 1
-LABEL_NAMES = ("female", "male")
 
 
 class HeadModel:

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from featgender.backbones import Backbone, build_backbone
-from featgender.data import IMAGE_SUFFIXES
+from featgender.data import IMAGE_SUFFIXES, LABEL_NAMES
 from featgender.errors import FeatgenderError
 from featgender.extract import extract_features
 from featgender.heads import HeadModel, load_model
@@ -30,6 +30,15 @@ class Prediction:
     label: str | None
     probability: float | None
     error: str = ""
+
+
+def _predictions(images: list, probabilities: np.ndarray, errors: list[str]) -> list[Prediction]:
+    """One :class:`Prediction` per image from P(male), or its error."""
+    names = [str(image) if isinstance(image, (str, os.PathLike)) else f"image {i}" for i, image in enumerate(images)]
+    return [
+        Prediction(name, LABEL_NAMES[int(p >= 0.5)], float(p), "") if not error else Prediction(name, None, None, error)
+        for name, p, error in zip(names, probabilities, errors)
+    ]
 
 
 def _weights_option(entry: dict) -> str:
@@ -71,16 +80,11 @@ class Predictor:
                                                       flip=bool(entry.get("flip")), **self.options)
             blocks.append(features)
             errors = [first or second for first, second in zip(errors, block_errors)]
-        names = [str(image) if isinstance(image, (str, os.PathLike)) else f"image {i}" for i, image in enumerate(images)]
         ok = np.array([not error for error in errors], dtype=bool)
         probabilities = np.full(len(images), np.nan)
         if ok.any():
             probabilities[ok] = self.model.predict_proba(np.hstack(blocks)[ok])
-        return [
-            Prediction(name, self.model.label_names[int(p >= 0.5)], float(p), "") if not error
-            else Prediction(name, None, None, error)
-            for name, p, error in zip(names, probabilities, errors)
-        ]
+        return _predictions(images, probabilities, errors)
 
 
 class FinetunedPredictor:
@@ -102,12 +106,7 @@ class FinetunedPredictor:
     def predict(self, images: Sequence, *, progress: bool = False) -> list[Prediction]:
         images = list(images)
         probabilities, errors = extract_features(self.backbone, images, progress=progress, **self.options)
-        names = [str(image) if isinstance(image, (str, os.PathLike)) else f"image {i}" for i, image in enumerate(images)]
-        return [
-            Prediction(name, ("female", "male")[int(p >= 0.5)], float(p), "") if not error
-            else Prediction(name, None, None, error)
-            for name, p, error in zip(names, probabilities[:, 0], errors)
-        ]
+        return _predictions(images, probabilities[:, 0], errors)
 
 
 FINETUNED_SUFFIXES = (".pt", ".pth")
