@@ -204,11 +204,11 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Score a saved head on a cache split: metrics with bootstrap 95% CIs and subgroup gaps."""
-    from featgender.evaluate import evaluate_model
+    from featgender.evaluate import evaluate_model, public_result
 
     evaluation = evaluate_model(model, cache, report=report, groups=_split_groups(groups), **_given(split=split))
     if as_json:
-        typer.echo(json.dumps({k: v for k, v in evaluation.items() if not k.startswith("_")}, indent=2))
+        typer.echo(json.dumps(public_result(evaluation), indent=2))
         return
     _print_metrics(evaluation)
     if report is not None:

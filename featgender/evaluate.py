@@ -164,11 +164,14 @@ def evaluate_scores(data, scores: np.ndarray, *, groups: list[str] | None = None
     return result
 
 
+def public_result(result: dict) -> dict:
+    """An evaluation without its in-memory parts (``_curves``): what is saved and printed."""
+    return {key: value for key, value in result.items() if not key.startswith("_")}
+
+
 def evaluate_features(model: HeadModel, data: CacheData, *, groups: list[str] | None = None,
                       n_boot: int = 1000) -> dict:
     """:func:`evaluate_scores` of a head on cached rows."""
-    if len(data.labels) == 0:
-        raise FeatgenderError("the evaluation split has no images")
     return evaluate_scores(data, model.predict_proba(data.features), groups=groups, n_boot=n_boot)
 
 
@@ -176,11 +179,12 @@ def evaluate_model(model: str | Path | HeadModel, caches: list[str | Path] | str
                    split: str = "test", groups: list[str] | None = None, report: str | Path | None = None) -> dict:
     """Evaluate a head artifact on a split of the cache(s) it was trained for: ``featgender evaluate``."""
     model = load_model(model) if isinstance(model, (str, Path)) else model
+    caches = [caches] if isinstance(caches, (str, Path)) else list(caches)
     data = read_caches(caches, split)
     _check_caches_fit_model(model, data)
     result = evaluate_features(model, data, groups=groups)
     result["split"] = split
-    result["caches"] = [str(path) for path in ([caches] if isinstance(caches, (str, Path)) else caches)]
+    result["caches"] = [str(path) for path in caches]
     if report is not None:
         write_report(result, report, title=f"{model.head} on {' + '.join(b['backbone'] for b in model.backbones)}")
     return result
@@ -256,7 +260,7 @@ def train_head(
     if eval_split is not None:
         evaluation = evaluate_features(model, read_caches(caches, eval_split), groups=groups)
         evaluation["split"] = eval_split
-        model.metrics = {key: value for key, value in evaluation.items() if not key.startswith("_")}
+        model.metrics = public_result(evaluation)
     if out is not None:
         model.save(out)
     return model, evaluation
@@ -269,7 +273,7 @@ def write_report(result: dict, folder: str | Path, *, title: str = "featgender e
     """metrics.json, report.md and (with matplotlib) roc.png, confusion.png, subgroups.png."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    plain = {key: value for key, value in result.items() if not key.startswith("_")}
+    plain = public_result(result)
     written = [folder / "metrics.json", folder / "report.md"]
     written[0].write_text(json.dumps(plain, indent=2))
     written[1].write_text(markdown_summary(plain, title))

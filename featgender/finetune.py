@@ -175,7 +175,7 @@ def finetune(
     """
     from tqdm.auto import tqdm
 
-    from featgender.evaluate import evaluate_scores
+    from featgender.evaluate import evaluate_scores, public_result
 
     dataset = load_dataset(data, format=format, limit=limit, seed=seed)
     splits = {name: np.flatnonzero(dataset.splits == code) for code, name in enumerate(("train", "valid", "test"))}
@@ -237,7 +237,7 @@ def finetune(
     if len(splits["test"]):
         test_loader = _loader(TrainingImages(dataset, splits["test"], input_size, resize, False), batch_size, False,
                               workers, seed, pin)
-        _, test_labels, test_scores = _run_epoch(net, test_loader, device, normalise, autocast)
+        _, _, test_scores = _run_epoch(net, test_loader, device, normalise, autocast)
         test = evaluate_scores(dataset.subset(splits["test"]), test_scores)
         test["split"] = "test"
     from featgender.cache import library_versions
@@ -247,7 +247,7 @@ def finetune(
                 "weights_path": built.weights.path or "", "trainable_blocks": trainable,
                 "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "history": history,
                 "best_epoch": best["epoch"],
-                "metrics": {k: v for k, v in test.items() if not k.startswith("_")}, "versions": library_versions()})
+                "metrics": public_result(test), "versions": library_versions()})
     return FinetuneResult(out, best["epoch"], history, test, start_epoch)
 
 
