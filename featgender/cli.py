@@ -166,7 +166,7 @@ def fit(
     train_split: Optional[str] = typer.Option(None, "--train-split", help="Split to train on (default train)."),
     eval_split: Optional[str] = typer.Option(None, "--eval-split", help="Split to report metrics on (default valid)."),
     pca: Optional[int] = typer.Option(None, "--pca", help="PCA components before the classifier (0: none)."),
-    normalize: Optional[str] = typer.Option(None, "--normalize", help="Row normalisation: none (default), l2, power."),
+    normalize: Optional[str] = typer.Option(None, "--normalize", help="Row normalisation: power (default: signed square root, then unit length), l2, none."),
     c: Optional[float] = typer.Option(None, "-C", "--C", help="Regularisation C (logreg, svm, svm-rbf)."),
     search: bool = typer.Option(False, "--search", help="Tune the key hyper-parameter by cross-validation on the train split."),
     out_of_core: bool = typer.Option(False, "--out-of-core", help="Stream features from HDF5 (logreg/svm via SGD) for caches larger than memory."),

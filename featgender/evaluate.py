@@ -229,6 +229,10 @@ def train_head(
     if out_of_core:
         if len(caches) != 1:
             raise FeatgenderError("--out-of-core: fits on one cache at a time")
+        unsupported = [f"--{key}" for key in ("pca", "C") if head_params.get(key) is not None] + ["--search"] * search
+        if unsupported:
+            raise FeatgenderError(f"--out-of-core: {', '.join(unsupported)} not supported by the streaming SGD fit "
+                                  "(its options: --normalize)")
         options = {key: head_params[key] for key in ("normalize", "epochs", "alpha") if head_params.get(key) is not None}
         pipeline = fit_head_streaming(lambda: iter_cache_chunks(caches[0], train_split), head, **options)
         n_train = int(pipeline.named_steps["scale"].n_samples_seen_)
@@ -237,7 +241,8 @@ def train_head(
         train = read_caches(caches, train_split)
         if len(train.labels) == 0:
             raise FeatgenderError(f"--train-split {train_split}: no images in {caches[0]}")
-        pipeline, search_result = fit_head(train.features, train.labels, head, search=search, **head_params)
+        pipeline, search_result = fit_head(train.features, train.labels, head, search=search,
+                                            overwrite_features=True, **head_params)
         sources, n_train = train.metadata["sources"], len(train.labels)
     fit_seconds = time.perf_counter() - started
     model = HeadModel(

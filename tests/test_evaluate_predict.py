@@ -125,6 +125,9 @@ def test_out_of_core_fit_on_a_cache(trained):
     streamed, evaluation = train_head(caches[0], "logreg", out_of_core=True)
     assert streamed.training["images"] == 64
     assert evaluation["accuracy"] >= 0.75
+    for options in ({"pca": 16}, {"C": 0.1}, {"search": True}):
+        with pytest.raises(FeatgenderError, match="--out-of-core: --(pca|C|search) not supported"):
+            train_head(caches[0], "logreg", out_of_core=True, **options)
 
 
 def test_predict_images_with_broken_files_and_odd_modes(trained, tmp_path):

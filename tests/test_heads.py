@@ -10,8 +10,9 @@ from sklearn.utils.estimator_checks import check_estimator
 from featgender.errors import FeatgenderError
 from featgender.heads import (
     FeatureNormalizer,
+    SampledScaler,
     SizeAdaptiveClassifier,
-    SubsampleFit,
+    StandardizedPCA,
     fit_head,
     fit_head_streaming,
     list_heads,
@@ -49,10 +50,10 @@ def test_every_head_learns_separable_features_with_probabilities(head):
 
 def test_pca_and_normalisation_are_pipeline_steps():
     pipeline = make_head("gbm")
-    assert list(pipeline.named_steps) == ["normalize", "scale", "pca", "classifier"]
-    assert pipeline.named_steps["pca"].transformer.n_components == 64
-    assert "pca" not in make_head("gbm", pca=0).named_steps
-    assert make_head("logreg", pca=16).named_steps["pca"].transformer.n_components == 16
+    assert list(pipeline.named_steps) == ["normalize", "pca", "classifier"]
+    assert pipeline.named_steps["pca"].n_components == 64
+    assert list(make_head("gbm", pca=0).named_steps) == ["normalize", "scale", "classifier"]
+    assert make_head("logreg", pca=16).named_steps["pca"].n_components == 16
     assert make_head("logreg", C=0.5).named_steps["classifier"].C == 0.5
 
 
@@ -66,15 +67,30 @@ def test_power_normalisation_is_signed_sqrt_then_unit_length():
         FeatureNormalizer("cube").fit(features)
 
 
-def test_subsample_fit_estimates_the_full_statistics():
-    from sklearn.preprocessing import StandardScaler
-
+def test_sampled_scaler_estimates_the_full_statistics():
     features = np.random.default_rng(0).normal(3, 2, (50_000, 4)).astype(np.float32)
-    scaler = SubsampleFit(StandardScaler(), max_samples=20_000).fit(features)
-    assert scaler.transformer_.n_samples_seen_ == 20_000
-    np.testing.assert_allclose(scaler.transformer_.mean_, features.mean(0), atol=0.05)
-    np.testing.assert_allclose(scaler.transformer_.scale_, features.std(0), rtol=0.02)
-    np.testing.assert_allclose(scaler.transform(features).mean(0), 0, atol=0.03)
+    features[:, 3] = 7.0
+    scaler = SampledScaler(max_samples=20_000).fit(features)
+    np.testing.assert_allclose(scaler.mean_, features.mean(0), atol=0.05)
+    np.testing.assert_allclose(scaler.scale_[:3], features.std(0)[:3], rtol=0.02)
+    assert scaler.scale_[3] == 1.0
+    scaled = scaler.transform(features)
+    np.testing.assert_allclose(scaled.mean(0), 0, atol=0.03)
+    assert scaled is not features and scaled.dtype == np.float32
+    assert SampledScaler(copy=False).fit(features).transform(features) is features
+
+
+def test_standardized_pca_equals_scaler_then_pca_on_the_same_rows():
+    from sklearn.decomposition import PCA
+
+    features = np.abs(np.random.default_rng(0).normal(1, 2, (3_000, 32))).astype(np.float32)
+    fused = StandardizedPCA(8, max_samples=1_000).fit(features)
+    sample = features[np.sort(np.random.default_rng(0).choice(3_000, 1_000, replace=False))]
+    scaler = StandardScaler().fit(sample.astype(np.float64))
+    pca = PCA(8, svd_solver="randomized", iterated_power=3, random_state=0).fit(scaler.transform(sample))
+    np.testing.assert_allclose(fused.transform(features), pca.transform(scaler.transform(features)), atol=1e-4)
+    assert fused.transform(features).dtype == np.float32
+    assert StandardizedPCA(64).fit(features[:20]).transform(features).shape == (3_000, 20)
 
 
 def test_size_adaptive_classifier_picks_by_training_size():
@@ -86,7 +102,8 @@ def test_size_adaptive_classifier_picks_by_training_size():
 
 
 @pytest.mark.parametrize("estimator", [FeatureNormalizer("l2"), FeatureNormalizer("power"),
-                                       SubsampleFit(StandardScaler(), max_samples=20),
+                                       SampledScaler(max_samples=20),
+                                       StandardizedPCA(2, max_samples=20),
                                        SizeAdaptiveClassifier(small=LogisticRegression(), large=LogisticRegression())])
 def test_our_estimators_pass_sklearn_checks(estimator):
     check_estimator(estimator)
