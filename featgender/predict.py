@@ -14,31 +14,39 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from PIL import Image
 
 from featgender.backbones import Backbone, build_backbone
 from featgender.data import IMAGE_SUFFIXES, LABEL_NAMES
 from featgender.errors import FeatgenderError
-from featgender.extract import extract_features
+from featgender.extract import extract_features, load_image
 from featgender.heads import HeadModel, load_model
 
 
 @dataclass
 class Prediction:
-    """One image's result: label 'male'/'female' and P(male), or the error that stopped it."""
+    """One image's (or face's) result: label 'male'/'female' and P(male), or the error that
+    stopped it; ``box`` (left, top, right, bottom) when the face was found in a photo."""
 
     image: str
     label: str | None
     probability: float | None
     error: str = ""
+    box: tuple[int, int, int, int] | None = None
 
 
-def _predictions(images: list, probabilities: np.ndarray, errors: list[str]) -> list[Prediction]:
-    """One :class:`Prediction` per image from P(male), or its error."""
-    names = [str(image) if isinstance(image, (str, os.PathLike)) else f"image {i}" for i, image in enumerate(images)]
-    return [
-        Prediction(name, LABEL_NAMES[int(p >= 0.5)], float(p), "") if not error else Prediction(name, None, None, error)
-        for name, p, error in zip(names, probabilities, errors)
-    ]
+FACE_MODES = ("auto", "crop", "photo")
+NO_FACE = "no face found"
+
+
+def _name(image, index: int) -> str:
+    return str(image) if isinstance(image, (str, os.PathLike)) else f"image {index}"
+
+
+def _prediction(name: str, probability: float, error: str, box=None) -> Prediction:
+    if error:
+        return Prediction(name, None, None, error, box)
+    return Prediction(name, LABEL_NAMES[int(probability >= 0.5)], float(probability), "", box)
 
 
 def _weights_option(entry: dict) -> str:
@@ -62,7 +70,61 @@ def rebuild_backbone(entry: dict) -> Backbone:
     return backbone
 
 
-class Predictor:
+class ImagePredictor:
+    """What every predictor does with raw images; subclasses give ``probabilities``."""
+
+    input_kind = "face crop"
+
+    def probabilities(self, images: list, progress: bool) -> tuple[np.ndarray, list[str]]:
+        """P(male) per image (NaN where it failed) and the errors ('' where it worked)."""
+        raise NotImplementedError
+
+    def predict(self, images: Sequence, *, faces: str = "auto", all_faces: bool = False,
+                progress: bool = False) -> list[Prediction]:
+        """Predictions for image paths or PIL images; a broken file gets an error, the rest run.
+
+        ``faces``: 'crop' classifies each image whole, as the training face crops were;
+        'photo' finds the faces first and classifies the largest (every one with
+        ``all_faces``), each with its box; an image without a face gets the error
+        'no face found' and no label. 'auto' is 'photo' with ``all_faces`` or when the model's
+        backbone finds faces itself (``input_kind`` 'photo'), else 'crop'.
+        """
+        if faces not in FACE_MODES:
+            raise FeatgenderError(f"--faces {faces!r}: choose one of {', '.join(FACE_MODES)}")
+        images = list(images)
+        if faces == "crop" or (faces == "auto" and not all_faces and self.input_kind != "photo"):
+            probabilities, errors = self.probabilities(images, progress)
+            return [_prediction(_name(image, i), p, error)
+                    for i, (image, p, error) in enumerate(zip(images, probabilities, errors))]
+        return self._predict_faces(images, all_faces, progress)
+
+    def _predict_faces(self, images: list, all_faces: bool, progress: bool) -> list[Prediction]:
+        from featgender.faces import crop_face, default_detector, find_faces
+
+        detector = default_detector()
+        found = []  # per image: an error, or [(box, crop), ...]
+        for image in images:
+            try:
+                picture = Image.fromarray(load_image(image).permute(1, 2, 0).numpy())
+            except Exception as error:  # the same reasons extraction reports
+                found.append(f"{type(error).__name__}: {error}")
+                continue
+            boxes = find_faces(picture, detector)[:None if all_faces else 1]
+            found.append([(box, crop_face(picture, box)) for box in boxes] or NO_FACE)
+        crops = [crop for faces in found if isinstance(faces, list) for _, crop in faces]
+        probabilities, errors = self.probabilities(crops, progress) if crops else ([], [])
+        results, next_crop = [], 0
+        for index, (image, faces) in enumerate(zip(images, found)):
+            if isinstance(faces, str):
+                results.append(Prediction(_name(image, index), None, None, faces))
+                continue
+            for box, _ in faces:
+                results.append(_prediction(_name(image, index), probabilities[next_crop], errors[next_crop], box))
+                next_crop += 1
+        return results
+
+
+class Predictor(ImagePredictor):
     """A head artifact with its backbone(s) rebuilt, ready for raw images."""
 
     def __init__(self, model: HeadModel, *, device: str = "auto", batch_size: int | None = None,
@@ -70,10 +132,10 @@ class Predictor:
         self.model = model
         self.backbones = [rebuild_backbone(entry) for entry in model.backbones]
         self.options = {"device": device, "batch_size": batch_size, "workers": workers, "dtype": "float32"}
+        kinds = {backbone.config.input_kind for backbone in self.backbones}
+        self.input_kind = "photo" if kinds == {"photo"} else "face crop"
 
-    def predict(self, images: Sequence, *, progress: bool = False) -> list[Prediction]:
-        """Predictions for image paths or PIL images; a broken file gets an error, the rest run."""
-        images = list(images)
+    def probabilities(self, images: list, progress: bool) -> tuple[np.ndarray, list[str]]:
         blocks, errors = [], [""] * len(images)
         for backbone, entry in zip(self.backbones, self.model.backbones):
             features, block_errors = extract_features(backbone, images, progress=progress,
@@ -84,10 +146,10 @@ class Predictor:
         probabilities = np.full(len(images), np.nan)
         if ok.any():
             probabilities[ok] = self.model.predict_proba(np.hstack(blocks)[ok])
-        return _predictions(images, probabilities, errors)
+        return probabilities, errors
 
 
-class FinetunedPredictor:
+class FinetunedPredictor(ImagePredictor):
     """A fine-tuned network (``featgender finetune``), with the same ``predict`` as :class:`Predictor`."""
 
     def __init__(self, path: str | Path, *, device: str = "auto", batch_size: int | None = None,
@@ -103,10 +165,9 @@ class FinetunedPredictor:
         self.backbone = backbone._replace(model=probability, config=replace(backbone.config, feature_dim=1))
         self.options = {"device": device, "batch_size": batch_size, "workers": workers, "dtype": "float32"}
 
-    def predict(self, images: Sequence, *, progress: bool = False) -> list[Prediction]:
-        images = list(images)
+    def probabilities(self, images: list, progress: bool) -> tuple[np.ndarray, list[str]]:
         probabilities, errors = extract_features(self.backbone, images, progress=progress, **self.options)
-        return _predictions(images, probabilities[:, 0], errors)
+        return probabilities[:, 0], errors
 
 
 FINETUNED_SUFFIXES = (".pt", ".pth")
@@ -138,14 +199,19 @@ def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
 
 
 def write_predictions_csv(predictions: list[Prediction], path: str | Path) -> int:
-    """Kaggle submission style: ``id,label`` (male/female) for every image that was classified."""
+    """Kaggle submission style: ``id,label`` (male/female) for every image that was classified.
+
+    Faces found in photos add a ``box`` column (left top right bottom).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
+    with_boxes = any(p.box is not None for p in predictions)
     with open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["id", "label"])
-        rows = [(Path(p.image).name, p.label) for p in predictions if p.label is not None]
+        writer.writerow(["id", "label", "box"] if with_boxes else ["id", "label"])
+        rows = [(Path(p.image).name, p.label) + ((" ".join(map(str, p.box or ())),) if with_boxes else ())
+                for p in predictions if p.label is not None]
         writer.writerows(rows)
     os.replace(tmp, path)
     return len(rows)

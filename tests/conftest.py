@@ -101,7 +101,7 @@ def csv_dataset(tmp_path) -> Path:
     return root
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def shared_faces() -> Path:
     """../shared/faces, or skip where this checkout has none beside it."""
     if not (SHARED_FACES / "utkface" / "labels.csv").is_file():

@@ -1,5 +1,7 @@
 """dlib's face-recognition backbone on real faces from ../shared (skips without dlib or ../shared)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -20,7 +22,7 @@ def dlib_backbone():
 
 def test_registry_entry_and_offline_weights():
     config = get_config("dlib_resnet")
-    assert config.feature_dim == 128 and config.input_kind == "face crop"
+    assert config.feature_dim == 128 and config.input_kind == "photo"
     assert weights_available(config)
     with pytest.raises(FeatgenderError, match="--weights none: dlib_resnet has no random init"):
         build_backbone("dlib_resnet", weights="none")
@@ -70,3 +72,48 @@ def test_face_features_beat_imagenet_features_with_the_same_head(shared_faces, t
         accuracy[name] = (head.predict(test.features) == test.labels).mean()
     assert accuracy["dlib_resnet"] > accuracy["efficientnet_lite0"]
     assert accuracy["dlib_resnet"] > 0.93
+
+
+@pytest.fixture(scope="module")
+def dlib_model(shared_faces, tmp_path_factory):
+    from featgender.cache import build_cache
+    from featgender.evaluate import train_head
+
+    folder = tmp_path_factory.mktemp("dlib_model")
+    dataset = load_dataset(shared_faces / "utkface", limit=300)
+    build_cache(dataset, build_backbone("dlib_resnet"), folder / "utk.h5", progress=False)
+    train_head(folder / "utk.h5", "logreg", eval_split=None, out=folder / "logreg.joblib")
+    test = dataset.subset(np.flatnonzero(dataset.splits == 2))
+    return folder / "logreg.joblib", [Path(path) for path in test.paths], test.labels
+
+
+def test_a_group_photo_gives_one_prediction_per_face_with_its_box(dlib_model, tmp_path):
+    from PIL import Image
+
+    import featgender
+    from featgender.cli import app
+    from typer.testing import CliRunner
+
+    model_path, paths, labels = dlib_model
+    man, woman = paths[list(labels).index(1)], paths[list(labels).index(0)]
+    photo = Image.new("RGB", (720, 400), (90, 120, 90))
+    photo.paste(Image.open(man).convert("RGB").resize((200, 200)), (60, 100))
+    photo.paste(Image.open(woman).convert("RGB").resize((200, 200)), (440, 100))
+    photo.save(tmp_path / "group.jpg", quality=95)
+    Image.new("RGB", (400, 300), (200, 200, 200)).save(tmp_path / "wall.jpg")
+    predictor = featgender.load(model_path)
+    alone = {p.image: p for p in predictor.predict([man, woman], faces="crop")}
+    faces = predictor.predict([tmp_path / "group.jpg", tmp_path / "wall.jpg"], all_faces=True)
+    found = sorted((p for p in faces if p.box), key=lambda p: p.box[0])
+    assert len(found) == 2 and len(faces) == 3
+    assert found[0].box[2] < 360 < found[1].box[0]  # one face in each half
+    assert [p.label for p in found] == [alone[str(man)].label, alone[str(woman)].label]
+    wall = next(p for p in faces if p.image.endswith("wall.jpg"))
+    assert wall.error == "no face found" and wall.label is None and wall.probability is None
+    # dlib_resnet finds faces itself: 'auto' is photo mode, the largest face only
+    assert len(predictor.predict([tmp_path / "group.jpg"])) == 1
+    result = CliRunner().invoke(app, ["predict", "--model", str(model_path), "--all-faces",
+                                      str(tmp_path / "group.jpg"), str(tmp_path / "wall.jpg")])
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stdout.splitlines() if "box=" in line]
+    assert len(lines) == 2 and "1 of 2 images: no face found" in result.stderr
