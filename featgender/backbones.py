@@ -46,6 +46,9 @@ class BackboneConfig:
         a 4-D output is global-average pooled.
     feature_dim : width of the embedding.
     weights : what ``weights='default'`` loads, in words.
+    alignment : how a face-aligning backbone (dlib_resnet) finds and aligns faces, in words.
+    face_box : for face-aligning backbones, the face's relative (left, top, right, bottom) box
+        in every image of a dataset of aligned crops: landmarks there, no detection.
     input_kind : what the backbone expects: 'face crop' (a cropped face, as in CelebA; photos
         need the face step of ``predict --faces photo`` first) or 'photo' (it finds and aligns
         the face itself).
@@ -66,6 +69,7 @@ class BackboneConfig:
     download: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     ignored_keys: tuple[str, ...] = ()
     alignment: str = ""
+    face_box: tuple[float, float, float, float] | None = None
     # Backbones that are not a torch graph (dlib) build themselves: (config, weights) -> Backbone.
     assemble: Callable[["BackboneConfig", str], "Backbone"] | None = field(default=None, repr=False, compare=False)
 
@@ -78,7 +82,11 @@ class BackboneConfig:
             "std": list(self.std),
             "interpolation": self.interpolation,
         }
-        return {**values, "alignment": self.alignment} if self.alignment else values
+        if self.alignment:
+            values["alignment"] = self.alignment
+        if self.face_box is not None:
+            values["face_box"] = list(self.face_box)
+        return values
 
 
 class WeightsInfo(NamedTuple):
@@ -145,6 +153,7 @@ def build_backbone(
     *,
     weights: str | os.PathLike = "default",
     layer: str | None = None,
+    face_box: tuple[float, float, float, float] | None = None,
 ) -> Backbone:
     """Build a frozen backbone in eval mode on the CPU.
 
@@ -155,6 +164,8 @@ def build_backbone(
         way), 'none' (random init, seeded: for tests), or the path of a state_dict file
         (loaded with ``weights_only=True``).
     layer : graph node to take the embedding from; default: the config's.
+    face_box : face-aligning backbones only (dlib_resnet): the relative box of the face in
+        every image, instead of detecting it (see :func:`featgender.faces.calibrate_face_box`).
 
     Examples
     --------
@@ -164,6 +175,13 @@ def build_backbone(
     """
     config = get_config(name)
     weights = str(weights)
+    if face_box is not None:
+        if not config.alignment:
+            raise FeatgenderError(f"--face-box: {name} does not align faces (only dlib_resnet does)")
+        box = tuple(float(value) for value in face_box)
+        if len(box) != 4 or not 0 <= box[0] < box[2] <= 1 or not 0 <= box[1] < box[3] <= 1:
+            raise FeatgenderError(f"--face-box {face_box}: want left,top,right,bottom fractions in [0, 1]")
+        config = replace(config, face_box=box)
     if config.assemble is not None:
         if layer not in (None, config.layer):
             raise FeatgenderError(f"--layer: {name} has a single embedding and no selectable layers")
@@ -503,7 +521,8 @@ def _assemble_dlib(config: BackboneConfig, weights: str) -> Backbone:
         raise FeatgenderError(f"--weights {path}: no such file (dlib's dlib_face_recognition_resnet_model_v1.dat)")
     name = config.weights if weights == "default" else f"file:{path.name}"
     # Datasets are face crops: where no detector finds the face, its central box is used.
-    aligner = FaceAligner(str(_dlib_file("landmarks")), str(_dlib_file("cnn_detector")), face_crop=True)
+    aligner = FaceAligner(str(_dlib_file("landmarks")), str(_dlib_file("cnn_detector")), face_crop=True,
+                          box=config.face_box)
     return Backbone(nn.Identity(), LoaderEmbeddings(FaceDescriptor(aligner, str(path))), config,
                     WeightsInfo(name, file_sha256(path), str(path)))
 

@@ -329,16 +329,27 @@ def write_cache(out: str | Path, dataset: FaceDataset, chunks: Iterable[tuple[np
 # --- reading ---------------------------------------------------------------------------
 
 
-def read_metadata(path: str | Path) -> dict:
-    """Root attributes of a cache, as plain Python values."""
+def read_metadata(path: str | Path, *, check_shards: bool = True) -> dict:
+    """Root attributes of a cache, as plain Python values.
+
+    A cache joined from torchrun shards is refused when a shard is missing, unless not
+    ``check_shards``."""
     path = Path(path)
     if not path.is_file():
         raise FeatgenderError(f"{path}: no such cache file")
     try:
         with h5py.File(path, "r") as h5:
-            return {key: _plain(value) for key, value in h5.attrs.items()}
+            metadata = {key: _plain(value) for key, value in h5.attrs.items()}
     except OSError as error:
         raise FeatgenderError(f"{path}: not a readable HDF5 cache ({error})") from None
+    if check_shards and "shards" in metadata:  # a torchrun extraction's join: its features live in the shards
+        from featgender.distributed import missing_shards
+
+        missing = missing_shards(path, metadata)
+        if missing:
+            raise FeatgenderError(f"{path}: its shard {missing[0]} is missing ({len(missing)} of "
+                                  f"{len(json.loads(metadata['shards']))}); keep {path.name}.shards/ beside it")
+    return metadata
 
 
 def _plain(value):
@@ -494,11 +505,16 @@ def extract_to_cache(
     seed: int = 0,
     image_column: str | None = None,
     label_column: str | None = None,
+    face_box: str | tuple = "auto",
     **options,
 ) -> CacheResult:
     """Read a dataset, build a backbone and embed the dataset into a cache: ``featgender extract``.
 
-    ``options`` go to :func:`build_cache` (batch_size, device, workers, dtype, overwrite, ...).
+    ``face_box`` matters to face-aligning backbones (dlib_resnet) only: 'auto' finds where
+    the face sits in the dataset's aligned crops (:func:`featgender.faces.calibrate_face_box`)
+    and skips detection when it sits still, 'detect' detects in every image, or a relative
+    (left, top, right, bottom) box. ``options`` go to :func:`build_cache` (batch_size,
+    device, workers, dtype, overwrite, ...).
 
     Examples
     --------
@@ -511,7 +527,36 @@ def extract_to_cache(
 
     dataset = load_dataset(data, format=format, limit=limit, seed=seed,
                            image_column=image_column, label_column=label_column)
-    built = build_backbone(backbone, weights=weights, layer=layer)
+    built = build_backbone(backbone, weights=weights, layer=layer,
+                           face_box=_resolve_face_box(face_box, backbone, dataset))
     if out is None:
         out = default_cache_path(dataset, backbone, limit, cache_dir, options.get("flip", False))
+    from featgender.distributed import current_rank, extract_sharded
+
+    rank = current_rank()
+    if rank is not None:  # under torchrun: this rank's shard, then the joined cache
+        return extract_sharded(dataset, built, Path(out), rank, limit=limit, seed=seed, **options)
     return build_cache(dataset, built, Path(out), limit=limit, seed=seed, **options)
+
+
+def _resolve_face_box(face_box: str | tuple, backbone: str, dataset: FaceDataset) -> tuple | None:
+    """The ``face_box`` for :func:`build_backbone`: None for detection (or a backbone that does
+    not align faces), the given box, or the dataset's calibrated one."""
+    from featgender.backbones import get_config
+
+    if face_box == "detect":
+        return None
+    if isinstance(face_box, str) and face_box != "auto":
+        try:
+            face_box = tuple(float(value) for value in face_box.split(","))
+        except ValueError:
+            raise FeatgenderError(f"--face-box {face_box!r}: want auto, detect or left,top,right,bottom") from None
+    if face_box != "auto":
+        return face_box
+    if not get_config(backbone).alignment:
+        return None
+    from featgender.faces import calibrate_face_box
+
+    box = calibrate_face_box(dataset.paths)
+    logger.info("%s: %s", backbone, f"faces sit at {box} in {dataset.name}: no detection" if box else "faces move: detecting")
+    return box

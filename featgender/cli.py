@@ -74,6 +74,7 @@ def extract(
     image_column: Optional[str] = typer.Option(None, "--image-column", help="CSV column of image paths."),
     label_column: Optional[str] = typer.Option(None, "--label-column", help="CSV column of gender labels."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache (or unfinished one) of different identity."),
+    face_box: Optional[str] = typer.Option(None, "--face-box", help="dlib_resnet only: auto (default: where faces sit still in the dataset's aligned crops, skip detection), detect (in every image), or L,T,R,B fractions."),
 ) -> None:
     """Embed every image of a dataset once into an HDF5 feature cache (resumable: rerun after a crash)."""
     from featgender.cache import extract_to_cache
@@ -84,7 +85,7 @@ def extract(
         flip=flip,
         **_given(backbone=backbone, weights=weights, layer=layer, out=out, format=format, limit=limit,
                  batch_size=batch_size, device=device, workers=workers, dtype=dtype,
-                 precision=precision, image_column=image_column, label_column=label_column),
+                 precision=precision, image_column=image_column, label_column=label_column, face_box=face_box),
     )
     if result.status == "up to date":
         typer.echo(f"{result.path}: already complete ({result.num_images} images); nothing to do")
@@ -314,12 +315,15 @@ def demo(
     format: Optional[str] = FormatOption,
     device: Optional[str] = DeviceOption,
 ) -> None:
-    """Run the whole path offline: extract a cache, fit a head on train, print test metrics."""
+    """Run the whole path offline: extract a cache, fit a head on train, print test metrics.
+
+    The backbone defaults to the most accurate one installed: dlib_resnet (extra 'faces'),
+    else efficientnet_lite0 (extra 'offline')."""
     from featgender.demo import run_demo
 
     result = run_demo(data, **_given(backbone=backbone, head=head, limit=limit, format=format, device=device))
     cache, model = result["cache"], result["model"]
-    typer.echo(f"cache: {cache.path} ({cache.status}, {cache.num_images} images)")
+    typer.echo(f"cache: {cache.path} ({cache.status}, {cache.num_images} images, backbone {model.backbones[0]['backbone']})")
     typer.echo(f"head: {model.head}, trained on {model.training['images']} images in {model.training['fit_seconds']:.2f} s")
     _print_metrics(result["test"])
 

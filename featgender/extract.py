@@ -10,6 +10,7 @@ features whose cosine similarity to float32 ones stays above 0.999).
 
 from __future__ import annotations
 
+import warnings
 import logging
 import os
 from dataclasses import dataclass
@@ -74,12 +75,19 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 def load_image(source: str | Path | object, min_side: int | None = None) -> torch.Tensor:
     """Decode an image file (or PIL image) to a uint8 (3, H, W) RGB tensor.
 
-    Grayscale, palette, CMYK and alpha images are converted to RGB, EXIF orientation is
-    applied, and JPEGs much larger than ``min_side`` are decoded at a reduced scale.
+    Grayscale (8- and 16-bit), palette, CMYK and alpha images are converted to RGB, EXIF
+    orientation is applied, and JPEGs much larger than ``min_side`` are decoded at a reduced
+    scale. Images over PIL's ``MAX_IMAGE_PIXELS`` (decompression bombs) are refused, not
+    decoded.
     """
     from PIL import Image, ImageOps
 
-    image = source if isinstance(source, Image.Image) else Image.open(source)
+    if isinstance(source, Image.Image):
+        image = source
+    else:
+        with warnings.catch_warnings():  # PIL only warns below twice its pixel limit
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(source)
     if min_side is not None and image.format == "JPEG":
         image.draft("RGB", (min_side, min_side))  # DCT scaling keeps both sides >= min_side
     image = ImageOps.exif_transpose(image)
@@ -87,6 +95,9 @@ def load_image(source: str | Path | object, min_side: int | None = None) -> torc
         background = Image.new("RGB", image.size, (255, 255, 255))
         background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
         image = background
+    if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale: keep the top 8 bits
+        depth = 16 if image.mode.startswith("I;16") or np.asarray(image).max() < 65536 else 32
+        image = Image.fromarray((np.asarray(image).astype(np.uint32) >> (depth - 8)).astype(np.uint8))
     array = np.asarray(image.convert("RGB"))
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 

@@ -100,6 +100,10 @@ def find_faces(picture, detector: FaceDetector, max_side: int = DETECTION_MAX_SI
     return [tuple(round(value / scale) for value in box) for box in boxes]
 
 
+# Where crop_face puts the detector's (square) box inside the crop it cuts.
+BOX_IN_FACE_CROP = ((FACE_CROP_SCALE - 1) / (2 * FACE_CROP_SCALE),) * 2 + ((FACE_CROP_SCALE + 1) / (2 * FACE_CROP_SCALE),) * 2
+
+
 def crop_face(image, box: Box, scale: float = FACE_CROP_SCALE):
     """The square around ``box`` with side ``scale`` times its larger side, as a PIL image.
 
@@ -112,18 +116,54 @@ def crop_face(image, box: Box, scale: float = FACE_CROP_SCALE):
     return image.crop(tuple(round(value) for value in (x - half, y - half, x + half, y + half)))
 
 
+def calibrate_face_box(sources: list, samples: int = 64, max_spread: float = 0.1) -> tuple[float, ...] | None:
+    """Where the face sits in a dataset of aligned face crops, as a relative box; else None.
+
+    HOG-detects faces in ``samples`` images spread evenly over ``sources`` (deterministic).
+    When at least half of them have a face and the boxes agree (median absolute deviation of
+    each side below ``max_spread``), returns their median (left, top, right, bottom) as
+    fractions of width and height; a dataset whose faces move around gets None (detect).
+    """
+    from featgender.extract import load_image
+
+    detector = FaceDetector()  # HOG only: fast, and the median needs no stragglers
+    picks = np.unique(np.linspace(0, len(sources) - 1, min(samples, len(sources))).round().astype(int))
+    relative = []
+    for index in picks:
+        try:
+            picture = load_image(sources[index])
+        except Exception:  # unreadable files are extraction's to report
+            continue
+        height, width = picture.shape[1:]
+        boxes = detector(np.ascontiguousarray(picture.permute(1, 2, 0).numpy()))
+        if boxes:
+            left, top, right, bottom = boxes[0]
+            relative.append((left / width, top / height, right / width, bottom / height))
+    if len(relative) < 0.5 * len(picks):
+        return None
+    relative = np.array(relative)
+    median = np.median(relative, axis=0)
+    if np.median(np.abs(relative - median), axis=0).max() >= max_spread:
+        return None
+    return tuple(round(float(value), 3) for value in median)
+
+
 class FaceAligner:
     """uint8 (3, H, W) image → aligned uint8 (3, 150, 150) face chip, as dlib's model expects.
 
-    ``face_crop``: the image is a face crop (CelebA, UTKFace); when no detector finds the
-    face, the central box is used rather than giving up. Photos without a face raise
+    ``box``: the face's relative (left, top, right, bottom) box in every image (aligned face
+    crops, see :func:`calibrate_face_box`): no detection, only landmarks. Else the face is
+    detected; ``face_crop``: the image is a face crop, and when no detector finds the face,
+    the central box is used rather than giving up. Photos without a face raise
     :class:`FeatgenderError`.
     """
 
-    def __init__(self, landmarks_file: str, cnn_detector_file: str | None = None, *, face_crop: bool = True):
+    def __init__(self, landmarks_file: str, cnn_detector_file: str | None = None, *, face_crop: bool = True,
+                 box: tuple[float, float, float, float] | None = None):
         self.landmarks_file = landmarks_file
         self.detector = FaceDetector(cnn_detector_file)
         self.face_crop = face_crop
+        self.box = box
         self._landmarks = None
 
     def __getstate__(self) -> dict:
@@ -134,12 +174,12 @@ class FaceAligner:
         if self._landmarks is None:
             self._landmarks = dlib.shape_predictor(self.landmarks_file)
         pixels = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
-        boxes = self.detector(pixels)
+        boxes = [] if self.box is not None else self.detector(pixels)
         if not boxes:
-            if not self.face_crop:
+            if self.box is None and not self.face_crop:
                 raise FeatgenderError("no face found")
             height, width = pixels.shape[:2]
-            left, top, right, bottom = CROP_FALLBACK_BOX
+            left, top, right, bottom = self.box or CROP_FALLBACK_BOX
             boxes = [(int(left * width), int(top * height), int(right * width), int(bottom * height))]
         shape = self._landmarks(pixels, dlib.rectangle(*boxes[0]))
         chip = dlib.get_face_chip(pixels, shape, size=CHIP_SIZE, padding=CHIP_PADDING)

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,9 +60,19 @@ def _weights_option(entry: dict) -> str:
     return "default"
 
 
-def rebuild_backbone(entry: dict) -> Backbone:
-    """Build the backbone described by one of a model's ``backbones`` entries; check its weights."""
-    backbone = build_backbone(entry["backbone"], weights=_weights_option(entry), layer=entry["layer"])
+def rebuild_backbone(entry: dict, *, face_crops: bool = False) -> Backbone:
+    """Build the backbone described by one of a model's ``backbones`` entries; check its weights.
+
+    ``face_crops``: the images will be faces cut from photos by :func:`featgender.faces.crop_face`,
+    so a face-aligning backbone finds the face where the crop put it instead of detecting again.
+    """
+    preprocessing = json.loads(entry.get("preprocessing") or "{}")
+    face_box = preprocessing.get("face_box")
+    if face_crops and preprocessing.get("alignment"):
+        from featgender.faces import BOX_IN_FACE_CROP
+
+        face_box = BOX_IN_FACE_CROP
+    backbone = build_backbone(entry["backbone"], weights=_weights_option(entry), layer=entry["layer"], face_box=face_box)
     if (backbone.weights.sha256 or "") != (entry.get("weights_sha256") or ""):
         raise FeatgenderError(
             f"{entry['backbone']}: weights here ({backbone.weights.name}, sha256 {str(backbone.weights.sha256)[:12]}) "
@@ -75,8 +86,9 @@ class ImagePredictor:
 
     input_kind = "face crop"
 
-    def probabilities(self, images: list, progress: bool) -> tuple[np.ndarray, list[str]]:
-        """P(male) per image (NaN where it failed) and the errors ('' where it worked)."""
+    def probabilities(self, images: list, progress: bool, face_crops: bool = False) -> tuple[np.ndarray, list[str]]:
+        """P(male) per image (NaN where it failed) and the errors ('' where it worked);
+        ``face_crops``: the images are faces cut from photos by the face step."""
         raise NotImplementedError
 
     def predict(self, images: Sequence, *, faces: str = "auto", all_faces: bool = False,
@@ -112,7 +124,7 @@ class ImagePredictor:
             boxes = find_faces(picture, detector)[:None if all_faces else 1]
             found.append([(box, crop_face(picture, box)) for box in boxes] or NO_FACE)
         crops = [crop for faces in found if isinstance(faces, list) for _, crop in faces]
-        probabilities, errors = self.probabilities(crops, progress) if crops else ([], [])
+        probabilities, errors = self.probabilities(crops, progress, face_crops=True) if crops else ([], [])
         results, next_crop = [], 0
         for index, (image, faces) in enumerate(zip(images, found)):
             if isinstance(faces, str):
@@ -130,14 +142,16 @@ class Predictor(ImagePredictor):
     def __init__(self, model: HeadModel, *, device: str = "auto", batch_size: int | None = None,
                  workers: int | None = None):
         self.model = model
-        self.backbones = [rebuild_backbone(entry) for entry in model.backbones]
+        self.backbones = {False: [rebuild_backbone(entry) for entry in model.backbones]}
         self.options = {"device": device, "batch_size": batch_size, "workers": workers, "dtype": "float32"}
-        kinds = {backbone.config.input_kind for backbone in self.backbones}
+        kinds = {backbone.config.input_kind for backbone in self.backbones[False]}
         self.input_kind = "photo" if kinds == {"photo"} else "face crop"
 
-    def probabilities(self, images: list, progress: bool) -> tuple[np.ndarray, list[str]]:
+    def probabilities(self, images: list, progress: bool, face_crops: bool = False) -> tuple[np.ndarray, list[str]]:
+        if face_crops not in self.backbones:
+            self.backbones[face_crops] = [rebuild_backbone(entry, face_crops=True) for entry in self.model.backbones]
         blocks, errors = [], [""] * len(images)
-        for backbone, entry in zip(self.backbones, self.model.backbones):
+        for backbone, entry in zip(self.backbones[face_crops], self.model.backbones):
             features, block_errors = extract_features(backbone, images, progress=progress,
                                                       flip=bool(entry.get("flip")), **self.options)
             blocks.append(features)
@@ -165,7 +179,7 @@ class FinetunedPredictor(ImagePredictor):
         self.backbone = backbone._replace(model=probability, config=replace(backbone.config, feature_dim=1))
         self.options = {"device": device, "batch_size": batch_size, "workers": workers, "dtype": "float32"}
 
-    def probabilities(self, images: list, progress: bool) -> tuple[np.ndarray, list[str]]:
+    def probabilities(self, images: list, progress: bool, face_crops: bool = False) -> tuple[np.ndarray, list[str]]:
         probabilities, errors = extract_features(self.backbone, images, progress=progress, **self.options)
         return probabilities[:, 0], errors
 

@@ -78,9 +78,9 @@ def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     result = invoke("demo", "--data", shared_faces / "utkface", "--limit", "300")
     assert result.exit_code == 0, result.output
-    assert "trained on 240 images" in result.output
+    assert "trained on 240 images" in result.output and "backbone dlib_resnet" in result.output
     accuracy = float(result.output.split("accuracy")[1].split()[0])
-    assert accuracy > 0.6
+    assert accuracy > 0.85
 
 
 def test_fit_evaluate_predict(csv_dataset, tmp_path):

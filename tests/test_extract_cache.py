@@ -104,6 +104,17 @@ def test_image_modes_are_converted_to_rgb(tmp_path):
     assert transparent.shape == gray.shape == cmyk.shape == (3, 12, 10)
     assert transparent.unique().tolist() == [255]  # transparent pixels become white
     assert gray.unique().tolist() == [7]
+    deep = np.array([[0, 257 * 100, 65535]], dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")  # 16-bit grayscale PNG
+    assert load_image(tmp_path / "deep.png")[0].tolist() == [[0, 100, 255]]
+
+
+def test_decompression_bombs_are_refused_and_recorded(csv_dataset, small_backbone, tmp_path, monkeypatch):
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000)  # the fixture images have 44 x 54 pixels
+    features, errors = extract_features(small_backbone, load_dataset(csv_dataset).paths[:2], workers=0, progress=False)
+    assert all("DecompressionBomb" in error for error in errors) and np.isnan(features).all()
 
 
 KILL_SCRIPT = """

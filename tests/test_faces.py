@@ -1,5 +1,6 @@
 """dlib's face-recognition backbone on real faces from ../shared (skips without dlib or ../shared)."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from featgender.backbones import build_backbone, weights_available, get_config  
 from featgender.data import load_dataset  # noqa: E402
 from featgender.errors import FeatgenderError  # noqa: E402
 from featgender.extract import extract_features, load_image  # noqa: E402
-from featgender.faces import FaceAligner, dlib_model_file  # noqa: E402
+from featgender.faces import FaceAligner, calibrate_face_box, dlib_model_file  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +59,25 @@ def test_a_photo_without_a_face_is_reported_not_classified(tmp_path):
     assert crop_aligner(blank).shape == (3, 150, 150)  # a face crop falls back to its central box
 
 
+def test_aligned_crops_get_a_fixed_face_box_and_skip_detection(shared_faces, tmp_path):
+    from PIL import Image
+
+    box = calibrate_face_box(load_dataset(shared_faces / "celeba_mini").paths)
+    # img_align_celeba puts the face at the same place in every image: the centre, below the middle
+    np.testing.assert_allclose(box, (0.25, 0.43, 0.74, 0.82), atol=0.03)
+    walls = []
+    for i in range(6):
+        Image.new("RGB", (120, 100), (40 * i, 90, 90)).save(tmp_path / f"{i}.png")
+        walls.append(tmp_path / f"{i}.png")
+    assert calibrate_face_box(walls) is None  # no faces: detect
+    blank = torch.full((3, 218, 178), 128, dtype=torch.uint8)
+    fixed = FaceAligner(str(dlib_model_file("landmarks")), None, face_crop=False, box=box)
+    assert fixed(blank).shape == (3, 150, 150)  # landmarks in the box, no detection to fail
+    assert build_backbone("dlib_resnet", face_box=box).config.preprocessing()["face_box"] == list(box)
+    with pytest.raises(FeatgenderError, match="--face-box: resnet18 does not align faces"):
+        build_backbone("resnet18", weights="none", face_box=box)
+
+
 def test_face_features_beat_imagenet_features_with_the_same_head(shared_faces, tmp_path):
     from featgender.cache import build_cache, read_cache
     from featgender.heads import make_head
@@ -76,12 +96,15 @@ def test_face_features_beat_imagenet_features_with_the_same_head(shared_faces, t
 
 @pytest.fixture(scope="module")
 def dlib_model(shared_faces, tmp_path_factory):
-    from featgender.cache import build_cache
+    from featgender.cache import extract_to_cache, read_metadata
     from featgender.evaluate import train_head
 
     folder = tmp_path_factory.mktemp("dlib_model")
     dataset = load_dataset(shared_faces / "utkface", limit=300)
-    build_cache(dataset, build_backbone("dlib_resnet"), folder / "utk.h5", progress=False)
+    result = extract_to_cache(shared_faces / "utkface", backbone="dlib_resnet", limit=300, out=folder / "utk.h5",
+                              progress=False)
+    preprocessing = json.loads(read_metadata(result.path)["preprocessing"])
+    assert preprocessing["face_box"] == list(calibrate_face_box(dataset.paths))
     train_head(folder / "utk.h5", "logreg", eval_split=None, out=folder / "logreg.joblib")
     test = dataset.subset(np.flatnonzero(dataset.splits == 2))
     return folder / "logreg.joblib", [Path(path) for path in test.paths], test.labels

@@ -1,0 +1,57 @@
+"""torchrun extraction: 2 gloo ranks on this machine against one process, shards, joins."""
+
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from featgender.cache import extract_to_cache, read_cache, read_metadata
+from featgender.distributed import shard_path, shard_rows
+from featgender.errors import FeatgenderError
+
+EXTRACT = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--precision", "float32", "--workers", "0"]
+
+
+def torchrun(data, out, nproc=2):
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+         "-m", "featgender", "extract", "--data", str(data), "--out", str(out), *EXTRACT],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+
+
+def test_shards_are_contiguous_and_cover_every_row():
+    blocks = [shard_rows(10, rank, 3) for rank in range(3)]
+    assert [list(block) for block in blocks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
+
+
+def test_two_gloo_ranks_give_the_single_process_cache(csv_dataset, tmp_path):
+    single = tmp_path / "single.h5"
+    extract_to_cache(csv_dataset, backbone="mobilenet_v3_small", weights="none", precision="float32", workers=0,
+                     out=single, progress=False)
+    joined = tmp_path / "joined.h5"
+    run = torchrun(csv_dataset, joined)
+    assert run.returncode == 0, run.stderr[-3000:]
+    alone, together = read_cache(single), read_cache(joined)
+    assert together.ids == alone.ids and np.array_equal(together.labels, alone.labels)
+    np.testing.assert_array_equal(together.features, alone.features)  # bit for bit
+    assert together.attribute_names == alone.attribute_names and np.array_equal(together.attributes, alone.attributes)
+    metadata = read_metadata(joined)
+    assert metadata["num_images"] == 40 and metadata["dataset_fingerprint"] == read_metadata(single)["dataset_fingerprint"]
+    with h5py.File(joined) as h5:
+        assert h5["features"].is_virtual  # the shards' rows, not a copy
+
+    # a rank whose shard is gone: the rerun redoes that shard only
+    first, second = shard_path(joined, 0, 2), shard_path(joined, 1, 2)
+    first_written = first.stat().st_mtime_ns
+    second.unlink()
+    with pytest.raises(FeatgenderError, match="rank-00001-of-00002.h5 is missing"):
+        read_cache(joined)
+    run = torchrun(csv_dataset, joined)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert first.stat().st_mtime_ns == first_written and second.is_file()
+    np.testing.assert_array_equal(read_cache(joined).features, alone.features)
