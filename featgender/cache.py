@@ -189,6 +189,7 @@ def build_cache(
     flip: bool = False,
     chunk_rows: int = 1024,
     overwrite: bool = False,
+    strict: bool = False,
     limit: int | None = None,
     seed: int = 0,
     progress: bool = True,
@@ -201,6 +202,8 @@ def build_cache(
     :mod:`featgender.extract`); ``flip`` averages each embedding with the mirrored image's.
     Progress is saved every ``chunk_rows`` images (rounded up to
     whole batches, so that a resumed run feeds the network the very same batches).
+    Unreadable images are recorded in the cache (``failed/``) and skipped; with ``strict``
+    the first one stops the extraction (resumable once the file is fixed or removed).
     """
     from featgender.extract import default_batch_size, iter_features, resolve_device, resolve_precision
 
@@ -236,10 +239,11 @@ def build_cache(
     start = partial.done_rows(chunk_rows, len(dataset))
     if start:
         logger.info("%s: resuming at image %d of %d", out, start, len(dataset))
+    batches = iter_features(backbone, dataset.paths, start=start, batch_size=batch_size, device=device,
+                            workers=workers, dtype=dtype, precision=precision, flip=flip, progress=progress)
     _write_chunks(
         partial,
-        iter_features(backbone, dataset.paths, start=start, batch_size=batch_size, device=device,
-                      workers=workers, dtype=dtype, precision=precision, flip=flip, progress=progress),
+        _stop_at_first_error(batches, dataset.paths) if strict else batches,
         start,
         chunk_rows,
         len(dataset),
@@ -247,6 +251,14 @@ def build_cache(
     num_failed = _assemble(partial, dataset, meta, chunk_rows, out)
     partial.remove()
     return CacheResult(out, "resumed" if start else "created", len(dataset), num_failed, start)
+
+
+def _stop_at_first_error(batches: Iterable, paths: Sequence[Path]) -> Iterable:
+    for indices, features, errors in batches:
+        for index, error in zip(indices, errors):
+            if error:
+                raise FeatgenderError(f"{paths[index]}: {error} (--strict: unreadable images are fatal)")
+        yield indices, features, errors
 
 
 def _write_chunks(partial: _PartialCache, batches: Iterable, start: int, chunk_rows: int, total: int) -> None:

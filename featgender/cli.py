@@ -74,6 +74,7 @@ def extract(
     image_column: Optional[str] = typer.Option(None, "--image-column", help="CSV column of image paths."),
     label_column: Optional[str] = typer.Option(None, "--label-column", help="CSV column of gender labels."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache (or unfinished one) of different identity."),
+    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of recording and skipping it."),
     face_box: Optional[str] = typer.Option(None, "--face-box", help="dlib_resnet only: auto (default: where faces sit still in the dataset's aligned crops, skip detection), detect (in every image), or L,T,R,B fractions."),
 ) -> None:
     """Embed every image of a dataset once into an HDF5 feature cache (resumable: rerun after a crash)."""
@@ -82,6 +83,7 @@ def extract(
     result = extract_to_cache(
         data,
         overwrite=overwrite,
+        strict=strict,
         flip=flip,
         **_given(backbone=backbone, weights=weights, layer=layer, out=out, format=format, limit=limit,
                  batch_size=batch_size, device=device, workers=workers, dtype=dtype,
@@ -141,6 +143,15 @@ def download(
 
 
 CacheOption = typer.Option(..., "--cache", "-c", help="Feature cache (repeat to join several backbones' caches by image id).")
+def _announce(model: Path) -> None:
+    """Say which model file is about to be used, by its sha256."""
+    if model.is_file():
+        from featgender.backbones import file_sha256
+
+        typer.echo(f"model {model}: sha256 {file_sha256(model)}", err=True)
+
+
+TrustedOption = typer.Option(False, "--trusted", help="Open a model file not written by featgender on this machine (loading it runs a pickle: only for sources you trust).")
 GroupsOption = typer.Option(None, "--groups", help="Comma-separated attributes to slice by (default: CelebA's eight, or age and race).")
 
 
@@ -203,11 +214,14 @@ def evaluate(
     report: Optional[Path] = typer.Option(None, "--report", help="Write metrics.json, report.md and PNG plots here."),
     groups: Optional[str] = GroupsOption,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    trusted: bool = TrustedOption,
 ) -> None:
     """Score a saved head on a cache split: metrics with bootstrap 95% CIs and subgroup gaps."""
     from featgender.evaluate import evaluate_model, public_result
 
-    evaluation = evaluate_model(model, cache, report=report, groups=_split_groups(groups), **_given(split=split))
+    _announce(model)
+    evaluation = evaluate_model(model, cache, report=report, groups=_split_groups(groups), trusted=trusted,
+                                **_given(split=split))
     if as_json:
         typer.echo(json.dumps(public_result(evaluation), indent=2))
         return
@@ -225,13 +239,15 @@ def predict(
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write id,label rows (Kaggle submission style; a box column for photos)."),
     device: Optional[str] = DeviceOption,
     batch_size: Optional[int] = BatchOption,
+    trusted: bool = TrustedOption,
 ) -> None:
     """Classify raw images with a saved head: one line per image, or per face in photos
     (label, P(male), box); broken files and images without a face are reported, not guessed."""
     from featgender.predict import NO_FACE, expand_inputs, load, write_predictions_csv
 
     files = expand_inputs(images)
-    predictor = load(model, **_given(device=device, batch_size=batch_size))
+    _announce(model)
+    predictor = load(model, trusted=trusted, **_given(device=device, batch_size=batch_size))
     predictions = predictor.predict(files, faces=faces, all_faces=all_faces, progress=len(files) > 100)
     for prediction in predictions:
         if prediction.error:

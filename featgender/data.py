@@ -251,10 +251,11 @@ def _read_celeba(root: Path) -> FaceDataset:
         if len(row) != len(names) + 1:
             raise FeatgenderError(f"{attr_file}:{number}: expected {len(names) + 1} fields, got {len(row)}")
     image_ids = [row[0] for row in rows]
-    values = np.array([row[1:] for row in rows], dtype=np.int32)
+    values = _attribute_values([row[1:] for row in rows], attr_file, 3)
     partition_file = root / "list_eval_partition.txt"
     partitions = _read_partitions(partition_file, _whitespace_rows(partition_file)) if partition_file.is_file() else {}
-    return _celeba_dataset(root, "celeba", root / "img_align_celeba", image_ids, names, values, partitions, attr_file)
+    return _celeba_dataset(root, "celeba", root / "img_align_celeba", image_ids, names, values, partitions,
+                           attr_file, 3)
 
 
 def _read_celeba_kaggle(root: Path) -> FaceDataset:
@@ -265,7 +266,7 @@ def _read_celeba_kaggle(root: Path) -> FaceDataset:
         rows = [row for row in reader if row]
     names = [name.strip() for name in header[1:]]
     image_ids = [row[0] for row in rows]
-    values = np.array([row[1:] for row in rows], dtype=np.int32)
+    values = _attribute_values([row[1:] for row in rows], attr_file, 2)
     partition_file = root / "list_eval_partition.csv"
     partitions = {}
     if partition_file.is_file():
@@ -275,7 +276,24 @@ def _read_celeba_kaggle(root: Path) -> FaceDataset:
     image_dir = root / "img_align_celeba" / "img_align_celeba"
     if not image_dir.is_dir():
         image_dir = root / "img_align_celeba"
-    return _celeba_dataset(root, "celeba-kaggle", image_dir, image_ids, names, values, partitions, attr_file)
+    return _celeba_dataset(root, "celeba-kaggle", image_dir, image_ids, names, values, partitions, attr_file, 2)
+
+
+def _refuse_duplicates(image_ids: list[str], source: Path, first_line: int) -> None:
+    """Each image once: a repeated id would give one image two rows, maybe with two labels."""
+    seen: dict[str, int] = {}
+    for line, image_id in enumerate(image_ids, start=first_line):
+        if image_id in seen:
+            raise FeatgenderError(f"{source}:{line}: image {image_id!r} is listed again (first at line {seen[image_id]})")
+        seen[image_id] = line
+
+
+def _attribute_values(rows: list[list[str]], attr_file: Path, first_line: int) -> np.ndarray:
+    try:
+        return np.array(rows, dtype=np.int32)
+    except ValueError:
+        bad = next(n for n, row in enumerate(rows) if not all(v.strip().lstrip("-").isdigit() for v in row))
+        raise FeatgenderError(f"{attr_file}:{bad + first_line}: attribute values must be -1 or 1") from None
 
 
 def _whitespace_rows(path: Path) -> list[list[str]]:
@@ -289,9 +307,16 @@ def _read_partitions(path: Path, rows: list[list[str]]) -> dict[str, int]:
         raise FeatgenderError(f"{path}: expected rows of '<image> <0|1|2>'") from None
 
 
-def _celeba_dataset(root, format, image_dir, image_ids, names, values, partitions, attr_file) -> FaceDataset:
+def _celeba_dataset(root, format, image_dir, image_ids, names, values, partitions, attr_file,
+                    first_line: int) -> FaceDataset:
+    """``first_line``: the attribute file's line of the first image row (for error messages)."""
     if "Male" not in names:
         raise FeatgenderError(f"{attr_file}: no 'Male' attribute column")
+    _refuse_duplicates(image_ids, attr_file, first_line)
+    male = values[:, names.index("Male")] if len(values) else values
+    bad = np.flatnonzero(~np.isin(male, (-1, 1)))
+    if len(bad):
+        raise FeatgenderError(f"{attr_file}:{bad[0] + first_line}: Male is {male[bad[0]]}, not -1 (female) or 1 (male)")
     attributes = (values > 0).astype(np.int32)  # CelebA stores -1/1
     splits = [partitions.get(image_id, -1) for image_id in image_ids]
     has_splits = bool(partitions) and min(splits) >= 0
@@ -385,6 +410,7 @@ def _read_csv(path: Path, image_column: str | None, label_column: str | None) ->
     label_column = _pick_column(header, label_column, _LABEL_COLUMNS, "label", csv_file)
     base = csv_file.parent
     image_ids = [row[image_column] for row in rows]
+    _refuse_duplicates(image_ids, csv_file, 2)
     labels = [parse_label(row[label_column], f"{csv_file}:{n}") for n, row in enumerate(rows, start=2)]
     split_column = next((name for name in header if name.lower() in ("split", "partition")), None)
     splits = [-1] * len(rows)

@@ -176,9 +176,13 @@ def evaluate_features(model: HeadModel, data: CacheData, *, groups: list[str] | 
 
 
 def evaluate_model(model: str | Path | HeadModel, caches: list[str | Path] | str | Path, *,
-                   split: str = "test", groups: list[str] | None = None, report: str | Path | None = None) -> dict:
-    """Evaluate a head artifact on a split of the cache(s) it was trained for: ``featgender evaluate``."""
-    model = load_model(model) if isinstance(model, (str, Path)) else model
+                   split: str = "test", groups: list[str] | None = None, report: str | Path | None = None,
+                   trusted: bool = False) -> dict:
+    """Evaluate a head artifact on a split of the cache(s) it was trained for: ``featgender evaluate``.
+
+    ``trusted``: open an artifact not written here (see :func:`featgender.heads.load_model`).
+    """
+    model = load_model(model, trusted=trusted) if isinstance(model, (str, Path)) else model
     caches = [caches] if isinstance(caches, (str, Path)) else list(caches)
     data = read_caches(caches, split)
     _check_caches_fit_model(model, data)

@@ -39,6 +39,8 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils import resample
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from featgender import trust
+from featgender.backbones import file_sha256
 from featgender.data import LABEL_NAMES
 from featgender.errors import FeatgenderError
 
@@ -423,17 +425,25 @@ class HeadModel:
         tmp = path.with_name(path.name + ".tmp")
         joblib.dump({"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, **self.__dict__}, tmp)
         os.replace(tmp, path)
+        trust.record(path)
 
 
-def load_model(path: str | os.PathLike) -> HeadModel:
+def load_model(path: str | os.PathLike, *, trusted: bool = False) -> HeadModel:
     """Load a head artifact written by :meth:`HeadModel.save`.
 
-    Loading runs a pickle: only load artifacts you made or trust. A file that is not a
-    featgender head artifact of this format version is refused.
+    Loading runs a pickle, so only artifacts written by featgender on this machine (their
+    sha256 is in :func:`featgender.trust.trust_list`) are opened, unless ``trusted``: say so
+    only for files from a source you trust. A file that is not a featgender head artifact of
+    this format version, or whose metadata is incomplete, is refused. The loaded model's
+    ``sha256`` is the file's.
     """
     path = Path(path)
     if not path.is_file():
         raise FeatgenderError(f"--model {path}: no such file")
+    digest = file_sha256(path)
+    if not trusted and not trust.is_trusted(digest):
+        raise FeatgenderError(f"--model {path}: sha256 {digest} was not written by featgender here; loading it "
+                              "runs a pickle, so pass --trusted only if you trust where it comes from")
     try:
         content = joblib.load(path)
     except Exception as error:  # unpickling raises many types for foreign files
@@ -448,4 +458,6 @@ def load_model(path: str | os.PathLike) -> HeadModel:
     missing = [field for field in fields if field not in content]
     if missing or not isinstance(content["pipeline"], Pipeline) or not content["backbones"]:
         raise FeatgenderError(f"--model {path}: artifact metadata is incomplete ({', '.join(missing) or 'pipeline'})")
-    return HeadModel(**{field: content[field] for field in fields})
+    model = HeadModel(**{field: content[field] for field in fields})
+    model.sha256 = digest
+    return model

@@ -187,15 +187,16 @@ class FinetunedPredictor(ImagePredictor):
 FINETUNED_SUFFIXES = (".pt", ".pth")
 
 
-def load(path: str | Path, **options) -> Predictor | FinetunedPredictor:
+def load(path: str | Path, *, trusted: bool = False, **options) -> Predictor | FinetunedPredictor:
     """Load a head artifact (``.joblib``) or a fine-tuned checkpoint (``.pt``), ready for images.
 
     ``featgender.load(path).predict(images)``. Loading a head artifact runs a pickle: only
-    load artifacts you made or trust (fine-tuned checkpoints load with ``weights_only=True``).
+    artifacts written by featgender on this machine open, unless ``trusted`` (see
+    :func:`featgender.heads.load_model`); fine-tuned checkpoints load with ``weights_only=True``.
     """
     if Path(path).suffix in FINETUNED_SUFFIXES:
         return FinetunedPredictor(path, **options)
-    return Predictor(load_model(path), **options)
+    return Predictor(load_model(path, trusted=trusted), **options)
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:

@@ -101,6 +101,15 @@ def csv_dataset(tmp_path) -> Path:
     return root
 
 
+@pytest.fixture(scope="session", autouse=True)
+def featgender_home(tmp_path_factory):
+    """Models written by tests are recorded in a trust list of their own, not the user's."""
+    import os
+
+    os.environ["FEATGENDER_HOME"] = str(tmp_path_factory.mktemp("featgender_home"))
+    return Path(os.environ["FEATGENDER_HOME"])
+
+
 @pytest.fixture(scope="session")
 def shared_faces() -> Path:
     """../shared/faces, or skip where this checkout has none beside it."""

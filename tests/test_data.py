@@ -72,14 +72,35 @@ def test_csv_layout_keeps_extra_columns_as_attributes(csv_dataset):
 
 def test_csv_columns_chosen_by_option_and_bad_labels_named(tmp_path):
     (tmp_path / "x.jpg").write_bytes(b"")
-    (tmp_path / "list.csv").write_text("picture,sex_code\nx.jpg,1\nx.jpg,-1\n")
+    (tmp_path / "list.csv").write_text("picture,sex_code\nx.jpg,1\ny.jpg,-1\n")
     dataset = load_dataset(tmp_path / "list.csv", image_column="picture", label_column="sex_code")
     assert dataset.labels.tolist() == [1, 0]
-    (tmp_path / "list.csv").write_text("image,gender\nx.jpg,male\nx.jpg,unknown\n")
+    (tmp_path / "list.csv").write_text("image,gender\nx.jpg,male\ny.jpg,unknown\n")
     with pytest.raises(FeatgenderError, match=r"list.csv:3: label 'unknown'"):
         load_dataset(tmp_path)
     with pytest.raises(FeatgenderError, match="no column 'nope'"):
         load_dataset(tmp_path, image_column="nope")
+
+
+def test_duplicate_ids_missing_labels_and_bad_celeba_rows_are_named(tmp_path, celeba_official):
+    listing = tmp_path / "list.csv"
+    listing.write_text("image,gender\nx.jpg,male\ny.jpg,female\nx.jpg,female\n")
+    with pytest.raises(FeatgenderError, match=r"list.csv:4: image 'x.jpg' is listed again \(first at line 2\)"):
+        load_dataset(listing)
+    listing.write_text("image,gender\nx.jpg,male\ny.jpg,\n")
+    with pytest.raises(FeatgenderError, match=r"list.csv:3: label ''"):
+        load_dataset(listing)
+    attr_file = celeba_official / "list_attr_celeba.txt"
+    lines = attr_file.read_text().splitlines()
+    male = lines[1].split().index("Male") + 1
+    row = lines[4].split()
+    row[male] = "0"
+    attr_file.write_text("\n".join(lines[:4] + [" ".join(row)] + lines[5:]) + "\n")
+    with pytest.raises(FeatgenderError, match=r"list_attr_celeba.txt:5: Male is 0, not -1 \(female\) or 1"):
+        load_dataset(celeba_official)
+    attr_file.write_text("\n".join(lines + [lines[2]]) + "\n")
+    with pytest.raises(FeatgenderError, match=rf"list_attr_celeba.txt:{len(lines) + 1}: image .* listed again"):
+        load_dataset(celeba_official)
 
 
 @pytest.mark.parametrize("value,label", [("Male", 1), ("f", 0), ("woman", 0), ("1", 1), ("-1", 0), ("0", 0)])

@@ -81,16 +81,21 @@ def test_rerun_is_a_noop_and_a_different_cache_is_refused(csv_dataset, small_bac
 def test_broken_images_are_recorded_not_fatal(csv_dataset, small_backbone, tmp_path):
     (csv_dataset / "images" / "001.jpg").write_bytes(b"this is not a jpeg")
     (csv_dataset / "images" / "002.jpg").write_bytes(b"")
+    whole = (csv_dataset / "images" / "003.jpg").read_bytes()
+    (csv_dataset / "images" / "003.jpg").write_bytes(whole[:len(whole) // 2])  # truncated
     dataset = load_dataset(csv_dataset)
     out = tmp_path / "c.h5"
     result = build_cache(dataset, small_backbone, out, batch_size=4, progress=False)
-    assert result.num_failed == 2
+    assert result.num_failed == 3
     with h5py.File(out, "r") as h5:
-        assert h5["failed/ids"].asstr()[:].tolist() == ["images/001.jpg", "images/002.jpg"]
+        assert h5["failed/ids"].asstr()[:].tolist() == ["images/001.jpg", "images/002.jpg", "images/003.jpg"]
         assert "UnidentifiedImageError" in h5["failed/reasons"].asstr()[0]
+        assert "truncated" in h5["failed/reasons"].asstr()[2]
         assert np.isnan(h5["features"][1]).all() and not h5["valid"][1]
-    assert len(read_cache(out).ids) == 38
+    assert len(read_cache(out).ids) == 37
     assert len(read_cache(out, include_failed=True).ids) == 40
+    with pytest.raises(FeatgenderError, match=r"images/001.jpg: UnidentifiedImageError.*--strict"):
+        build_cache(dataset, small_backbone, tmp_path / "strict.h5", batch_size=4, strict=True, progress=False)
 
 
 def test_image_modes_are_converted_to_rgb(tmp_path):
@@ -181,3 +186,26 @@ def test_flip_averages_the_embeddings_of_the_image_and_its_mirror(csv_dataset, s
     assert cached.metadata["flip"]
     with pytest.raises(FeatgenderError, match="flip differ"):
         build_cache(dataset, small_backbone, out, dtype="float32", precision="float32", progress=False)
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_kill_9_at_random_moments_never_leaves_a_wrong_cache(csv_dataset, tmp_path, seed):
+    """Kills land anywhere: while importing, mid-chunk, between temp file and rename, while
+    assembling the HDF5 file. Whatever is on disk then is either absent or complete and right."""
+    import random
+
+    rng = random.Random(seed)
+    dataset = load_dataset(csv_dataset)
+    options = dict(batch_size=2, chunk_rows=4, workers=0, progress=False)
+    reference, out = tmp_path / "ref.h5", tmp_path / "killed.h5"
+    build_cache(dataset, build_backbone(BACKBONE, weights="none"), reference, **options)
+    expected = read_cache(reference, include_failed=True).features
+    for _ in range(3):
+        process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(csv_dataset), str(out)])
+        time.sleep(rng.uniform(0.5, 6.0))
+        process.kill()
+        process.wait()
+        if out.exists():
+            np.testing.assert_array_equal(read_cache(out, include_failed=True).features, expected)
+    build_cache(dataset, build_backbone(BACKBONE, weights="none"), out, **options)
+    np.testing.assert_array_equal(read_cache(out, include_failed=True).features, expected)

@@ -138,16 +138,36 @@ def test_artifacts_refuse_foreign_files(tmp_path):
         load_model(tmp_path / "none.joblib")
     (tmp_path / "text.joblib").write_text("hello")
     with pytest.raises(FeatgenderError, match="not a featgender model"):
-        load_model(tmp_path / "text.joblib")
+        load_model(tmp_path / "text.joblib", trusted=True)
     joblib.dump({"some": "dict"}, tmp_path / "dict.joblib")
     with pytest.raises(FeatgenderError, match="not a featgender head artifact"):
-        load_model(tmp_path / "dict.joblib")
+        load_model(tmp_path / "dict.joblib", trusted=True)
     joblib.dump({"format": "featgender-head", "format_version": 99}, tmp_path / "new.joblib")
     with pytest.raises(FeatgenderError, match="artifact format 99"):
-        load_model(tmp_path / "new.joblib")
+        load_model(tmp_path / "new.joblib", trusted=True)
     joblib.dump({"format": "featgender-head", "format_version": 1, "head": "logreg"}, tmp_path / "part.joblib")
     with pytest.raises(FeatgenderError, match="metadata is incomplete"):
-        load_model(tmp_path / "part.joblib")
+        load_model(tmp_path / "part.joblib", trusted=True)
+
+
+def test_only_artifacts_written_here_open_without_trusted(tmp_path):
+    import shutil
+
+    from featgender.backbones import file_sha256
+    from featgender.heads import HeadModel
+
+    features, labels = separable()
+    model = HeadModel(make_head("logreg").fit(features, labels), head="logreg", params={},
+                      backbones=[{"backbone": "x"}], training={})
+    model.save(tmp_path / "ours.joblib")
+    assert load_model(tmp_path / "ours.joblib").sha256 == file_sha256(tmp_path / "ours.joblib")
+    shutil.copy(tmp_path / "ours.joblib", tmp_path / "copy.joblib")
+    load_model(tmp_path / "copy.joblib")  # the same bytes: still ours
+    with open(tmp_path / "copy.joblib", "ab") as handle:
+        handle.write(b"\0")  # changed after it was written: from elsewhere now
+    with pytest.raises(FeatgenderError, match=r"copy.joblib: sha256 [0-9a-f]{64} was not written by featgender here"):
+        load_model(tmp_path / "copy.joblib")
+    assert load_model(tmp_path / "copy.joblib", trusted=True).head == "logreg"
 
 
 def test_fitted_pipelines_pickle():
