@@ -49,6 +49,7 @@ class BackboneConfig:
     alignment : how a face-aligning backbone (dlib_resnet) finds and aligns faces, in words.
     face_box : for face-aligning backbones, the face's relative (left, top, right, bottom) box
         in every image of a dataset of aligned crops: landmarks there, no detection.
+    face_step : set when photos go through the face step first (find the largest face, crop).
     input_kind : what the backbone expects: 'face crop' (a cropped face, as in CelebA; photos
         need the face step of ``predict --faces photo`` first) or 'photo' (it finds and aligns
         the face itself).
@@ -70,6 +71,7 @@ class BackboneConfig:
     ignored_keys: tuple[str, ...] = ()
     alignment: str = ""
     face_box: tuple[float, float, float, float] | None = None
+    face_step: str = ""
     # Backbones that are not a torch graph (dlib) build themselves: (config, weights) -> Backbone.
     assemble: Callable[["BackboneConfig", str], "Backbone"] | None = field(default=None, repr=False, compare=False)
 
@@ -86,6 +88,8 @@ class BackboneConfig:
             values["alignment"] = self.alignment
         if self.face_box is not None:
             values["face_box"] = list(self.face_box)
+        if self.face_step:
+            values["face_step"] = self.face_step
         return values
 
 
@@ -154,6 +158,7 @@ def build_backbone(
     weights: str | os.PathLike = "default",
     layer: str | None = None,
     face_box: tuple[float, float, float, float] | None = None,
+    find_faces: bool = False,
 ) -> Backbone:
     """Build a frozen backbone in eval mode on the CPU.
 
@@ -166,6 +171,8 @@ def build_backbone(
     layer : graph node to take the embedding from; default: the config's.
     face_box : face-aligning backbones only (dlib_resnet): the relative box of the face in
         every image, instead of detecting it (see :func:`featgender.faces.calibrate_face_box`).
+    find_faces : the images are photos: each goes through the face step first (dlib finds
+        the largest face, which is cut as dataset crops are framed); no face, no embedding.
 
     Examples
     --------
@@ -173,6 +180,14 @@ def build_backbone(
     >>> backbone.config.feature_dim
     2048
     """
+    if find_faces:
+        from featgender.faces import BOX_IN_FACE_CROP, PhotoFaceStep, default_detector
+
+        if face_box is None and get_config(name).alignment:
+            face_box = BOX_IN_FACE_CROP  # the face step already found the face: no second detection
+        backbone = build_backbone(name, weights=weights, layer=layer, face_box=face_box)
+        backbone.transform.loader_step = PhotoFaceStep(default_detector(), backbone.transform.loader_step)
+        return backbone._replace(config=replace(backbone.config, face_step="largest face, dlib HOG/CNN, crop 1.8x box"))
     config = get_config(name)
     weights = str(weights)
     if face_box is not None:

@@ -518,6 +518,7 @@ def extract_to_cache(
     image_column: str | None = None,
     label_column: str | None = None,
     face_box: str | tuple = "auto",
+    faces: str = "crop",
     **options,
 ) -> CacheResult:
     """Read a dataset, build a backbone and embed the dataset into a cache: ``featgender extract``.
@@ -526,7 +527,9 @@ def extract_to_cache(
     the face sits in the dataset's aligned crops (:func:`featgender.faces.calibrate_face_box`)
     and skips detection when it sits still, 'detect' detects in every image, or a relative
     (left, top, right, bottom) box. ``options`` go to :func:`build_cache` (batch_size,
-    device, workers, dtype, overwrite, ...).
+    device, workers, dtype, overwrite, ...). ``faces='photo'``: the images are photos; each
+    goes through the face step (largest face found and cut), and one without a face is
+    recorded as failed ('no face found') and left out of training and metrics.
 
     Examples
     --------
@@ -539,8 +542,13 @@ def extract_to_cache(
 
     dataset = load_dataset(data, format=format, limit=limit, seed=seed,
                            image_column=image_column, label_column=label_column)
-    built = build_backbone(backbone, weights=weights, layer=layer,
-                           face_box=_resolve_face_box(face_box, backbone, dataset))
+    if faces not in ("crop", "photo"):
+        raise FeatgenderError(f"--faces {faces!r}: choose crop or photo")
+    if faces == "photo":
+        built = build_backbone(backbone, weights=weights, layer=layer, find_faces=True)
+    else:
+        built = build_backbone(backbone, weights=weights, layer=layer,
+                               face_box=_resolve_face_box(face_box, backbone, dataset))
     if out is None:
         out = default_cache_path(dataset, backbone, limit, cache_dir, options.get("flip", False))
     from featgender.distributed import current_rank, extract_sharded

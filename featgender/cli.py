@@ -75,6 +75,7 @@ def extract(
     label_column: Optional[str] = typer.Option(None, "--label-column", help="CSV column of gender labels."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache (or unfinished one) of different identity."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of recording and skipping it."),
+    faces: Optional[str] = typer.Option(None, "--faces", help="crop (default): images are face crops; photo: find the largest face in each photo first (dlib, extra 'faces'); photos without a face are recorded as failed."),
     face_box: Optional[str] = typer.Option(None, "--face-box", help="dlib_resnet only: auto (default: where faces sit still in the dataset's aligned crops, skip detection), detect (in every image), or L,T,R,B fractions."),
 ) -> None:
     """Embed every image of a dataset once into an HDF5 feature cache (resumable: rerun after a crash)."""
@@ -87,7 +88,8 @@ def extract(
         flip=flip,
         **_given(backbone=backbone, weights=weights, layer=layer, out=out, format=format, limit=limit,
                  batch_size=batch_size, device=device, workers=workers, dtype=dtype,
-                 precision=precision, image_column=image_column, label_column=label_column, face_box=face_box),
+                 precision=precision, image_column=image_column, label_column=label_column, face_box=face_box,
+                 faces=faces),
     )
     if result.status == "up to date":
         typer.echo(f"{result.path}: already complete ({result.num_images} images); nothing to do")

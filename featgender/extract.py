@@ -193,13 +193,15 @@ def iter_features(
         workers = default_workers(device, loader_bound=backbone.transform.loader_step is not None)
     autocast = resolve_precision(precision, device) == "bfloat16"
     if flip and backbone.transform.loader_step is not None:
-        raise FeatgenderError(f"--flip: not available for {backbone.config.name}, whose embedding is computed on the loader")
+        raise FeatgenderError(f"--flip: not available for {backbone.config.name} with a face step on the loader workers")
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
     transform = backbone.transform.to(device)
     on_cuda = device.type == "cuda"
     rows = range(start, len(sources))
     loader = DataLoader(
-        ImageFiles([sources[i] for i in rows], backbone.config.resize_size, backbone.transform.loader_step),
+        # photos for the face step decode whole: a face is a small part of them
+        ImageFiles([sources[i] for i in rows], None if backbone.config.face_step else backbone.config.resize_size,
+                   backbone.transform.loader_step),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate,

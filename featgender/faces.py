@@ -148,6 +148,29 @@ def calibrate_face_box(sources: list, samples: int = 64, max_spread: float = 0.1
     return tuple(round(float(value), 3) for value in median)
 
 
+class PhotoFaceStep:
+    """Loader step for photo datasets: find the largest face, cut it as dataset crops are
+    framed (:func:`crop_face`), then run ``then`` (the backbone's own loader step, if any).
+
+    A photo without a face raises :class:`FeatgenderError` 'no face found': extraction
+    records it among the failed images, which stay out of training and metrics.
+    """
+
+    def __init__(self, detector: FaceDetector, then=None):
+        self.detector = detector
+        self.then = then
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        from PIL import Image
+
+        picture = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
+        boxes = find_faces(picture, self.detector)
+        if not boxes:
+            raise FeatgenderError("no face found")
+        face = torch.from_numpy(np.asarray(crop_face(picture, boxes[0])).copy()).permute(2, 0, 1)
+        return face if self.then is None else self.then(face)
+
+
 class FaceAligner:
     """uint8 (3, H, W) image → aligned uint8 (3, 150, 150) face chip, as dlib's model expects.
 

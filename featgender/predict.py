@@ -68,11 +68,13 @@ def rebuild_backbone(entry: dict, *, face_crops: bool = False) -> Backbone:
     """
     preprocessing = json.loads(entry.get("preprocessing") or "{}")
     face_box = preprocessing.get("face_box")
-    if face_crops and preprocessing.get("alignment"):
+    find_faces = bool(preprocessing.get("face_step")) and not face_crops  # trained on photos: same step
+    if find_faces or (face_crops and preprocessing.get("alignment")):
         from featgender.faces import BOX_IN_FACE_CROP
 
-        face_box = BOX_IN_FACE_CROP
-    backbone = build_backbone(entry["backbone"], weights=_weights_option(entry), layer=entry["layer"], face_box=face_box)
+        face_box = BOX_IN_FACE_CROP if preprocessing.get("alignment") else None
+    backbone = build_backbone(entry["backbone"], weights=_weights_option(entry), layer=entry["layer"],
+                              face_box=face_box, find_faces=find_faces)
     if (backbone.weights.sha256 or "") != (entry.get("weights_sha256") or ""):
         raise FeatgenderError(
             f"{entry['backbone']}: weights here ({backbone.weights.name}, sha256 {str(backbone.weights.sha256)[:12]}) "

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -140,3 +141,37 @@ def test_a_group_photo_gives_one_prediction_per_face_with_its_box(dlib_model, tm
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if "box=" in line]
     assert len(lines) == 2 and "1 of 2 images: no face found" in result.stderr
+
+
+def test_photo_datasets_go_through_the_face_step(shared_faces, tmp_path):
+    import csv
+
+    from PIL import Image
+
+    from featgender.cache import extract_to_cache, read_cache, read_metadata
+
+    utk = load_dataset(shared_faces / "utkface", limit=100)
+    rows = []
+    for i, (path, label) in enumerate(zip(utk.paths[:6], utk.labels[:6])):
+        photo = Image.new("RGB", (800, 600), (70 + 20 * i, 110, 90))
+        photo.paste(Image.open(path).convert("RGB"), (60 + 90 * i, 40 + 50 * i))
+        photo.save(tmp_path / f"photo{i}.jpg", quality=95)
+        rows.append((f"photo{i}.jpg", "male" if label else "female"))
+    for i in range(2):
+        Image.new("RGB", (640, 480), (200, 190, 180 - 40 * i)).save(tmp_path / f"empty{i}.jpg")
+        rows.append((f"empty{i}.jpg", "female"))
+    with open(tmp_path / "photos.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("image", "gender"), *rows])
+    result = extract_to_cache(tmp_path / "photos.csv", backbone="dlib_resnet", faces="photo",
+                              out=tmp_path / "photos.h5", progress=False, workers=0)
+    assert result.num_failed == 2
+    with h5py.File(result.path) as h5:
+        assert h5["failed/ids"].asstr()[:].tolist() == ["empty0.jpg", "empty1.jpg"]
+        assert set(h5["failed/reasons"].asstr()[:]) == {"no face found"}
+    assert len(read_cache(result.path).ids) == 6  # faceless photos stay out of training and metrics
+    assert "face_step" in json.loads(read_metadata(result.path)["preprocessing"])
+    # the face found in a photo embeds like the crop it came from
+    crops, _ = extract_features(build_backbone("dlib_resnet"), utk.paths[:6], workers=0, progress=False)
+    found = read_cache(result.path, include_failed=True).features[:6]
+    cosine = (found * crops).sum(1) / np.linalg.norm(found, axis=1) / np.linalg.norm(crops, axis=1)
+    assert cosine.min() > 0.95
