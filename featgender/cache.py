@@ -425,17 +425,18 @@ def read_cache(path: str | Path, split: str | None = None, *, dtype: type = np.f
 
 
 def read_caches(paths: list[str | Path] | str | Path, split: str | None = None, *,
-                dtype: type = np.float32) -> CacheData:
+                dtype: type = np.float32, include_failed: bool = False) -> CacheData:
     """Read one cache, or several caches of the same images side by side.
 
     Several caches (e.g. two backbones) are joined by image id into one feature matrix; they
     must hold the same images with the same labels and splits. Rows whose image failed in
-    any of them are left out. ``metadata['sources']`` lists each cache's metadata.
+    any of them are left out unless ``include_failed`` (their features are NaN).
+    ``metadata['sources']`` lists each cache's metadata.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise FeatgenderError("--cache: give at least one cache file")
-    parts = [read_cache(path, split, dtype=dtype, include_failed=len(paths) > 1) for path in paths]
+    parts = [read_cache(path, split, dtype=dtype, include_failed=len(paths) > 1 or include_failed) for path in paths]
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:]):
         if part.ids != first.ids:
@@ -447,7 +448,7 @@ def read_caches(paths: list[str | Path] | str | Path, split: str | None = None, 
         if not (np.array_equal(part.labels, first.labels) and np.array_equal(part.splits, first.splits)):
             raise FeatgenderError(f"{path}: labels or splits differ from {paths[0]} for the same images")
     features = np.hstack([part.features for part in parts]) if len(parts) > 1 else first.features
-    keep = np.isfinite(features).all(axis=1)
+    keep = np.ones(len(features), dtype=bool) if include_failed else np.isfinite(features).all(axis=1)
     first.metadata["sources"] = [part.metadata for part in parts]
     return CacheData(
         features=features[keep],

@@ -216,6 +216,7 @@ def evaluate(
     report: Optional[Path] = typer.Option(None, "--report", help="Write metrics.json, report.md and PNG plots here."),
     groups: Optional[str] = GroupsOption,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    count_failed: bool = typer.Option(False, "--count-failed", help="Count images that failed at extraction (unreadable, no face found) as wrong answers instead of leaving them out."),
     trusted: bool = TrustedOption,
 ) -> None:
     """Score a saved head on a cache split: metrics with bootstrap 95% CIs and subgroup gaps."""
@@ -223,7 +224,7 @@ def evaluate(
 
     _announce(model)
     evaluation = evaluate_model(model, cache, report=report, groups=_split_groups(groups), trusted=trusted,
-                                **_given(split=split))
+                                count_failed=count_failed, **_given(split=split))
     if as_json:
         typer.echo(json.dumps(public_result(evaluation), indent=2))
         return

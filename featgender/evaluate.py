@@ -177,16 +177,23 @@ def evaluate_features(model: HeadModel, data: CacheData, *, groups: list[str] | 
 
 def evaluate_model(model: str | Path | HeadModel, caches: list[str | Path] | str | Path, *,
                    split: str = "test", groups: list[str] | None = None, report: str | Path | None = None,
-                   trusted: bool = False) -> dict:
+                   trusted: bool = False, count_failed: bool = False) -> dict:
     """Evaluate a head artifact on a split of the cache(s) it was trained for: ``featgender evaluate``.
 
-    ``trusted``: open an artifact not written here (see :func:`featgender.heads.load_model`).
+    Images that failed at extraction (unreadable, or no face found in a photo) are left out,
+    or with ``count_failed`` counted as wrong answers. ``trusted``: open an artifact not
+    written here (see :func:`featgender.heads.load_model`).
     """
     model = load_model(model, trusted=trusted) if isinstance(model, (str, Path)) else model
     caches = [caches] if isinstance(caches, (str, Path)) else list(caches)
-    data = read_caches(caches, split)
+    data = read_caches(caches, split, include_failed=count_failed)
     _check_caches_fit_model(model, data)
-    result = evaluate_features(model, data, groups=groups)
+    failed = ~np.isfinite(data.features).all(axis=1)
+    scores = 1.0 - data.labels.astype(float)  # a failed image: the wrong answer, surely
+    if (~failed).any():
+        scores[~failed] = model.predict_proba(data.features[~failed])
+    result = evaluate_scores(data, scores, groups=groups)
+    result["failed_counted_as_errors"] = int(failed.sum())
     result["split"] = split
     result["caches"] = [str(path) for path in caches]
     if report is not None:

@@ -186,3 +186,24 @@ def test_cnn_features_in_a_sklearn_pipeline(trained):
     np.testing.assert_array_equal(again.predict_proba(paths[:4]), pipeline.predict_proba(paths[:4]))
     with pytest.raises(FeatgenderError, match="missing.jpg: cannot be read"):
         pipeline.predict([root / "missing.jpg"])
+
+
+def test_failed_images_stay_out_of_metrics_unless_counted(trained, tmp_path):
+    import shutil
+
+    root, caches, model_path, _, _ = trained
+    copy = tmp_path / "faces"
+    shutil.copytree(root / "male", copy / "male")
+    shutil.copytree(root / "female", copy / "female")
+    dataset = load_dataset(copy)
+    test_rows = np.flatnonzero(dataset.splits == 2)
+    for row in test_rows[:3]:
+        dataset.paths[row].write_bytes(b"")  # three test images fail at extraction
+    cache = tmp_path / "broken.h5"
+    build_cache(dataset, build_backbone("mobilenet_v3_small", weights="none"), cache, progress=False)
+    left_out = evaluate_model(model_path, cache, split="test")
+    counted = evaluate_model(model_path, cache, split="test", count_failed=True)
+    assert left_out["n"] == len(test_rows) - 3 and left_out["failed_counted_as_errors"] == 0
+    assert counted["n"] == len(test_rows) and counted["failed_counted_as_errors"] == 3
+    correct = left_out["accuracy"] * left_out["n"]
+    assert counted["accuracy"] == pytest.approx(correct / counted["n"])
