@@ -360,9 +360,14 @@ def _torchvision_weights(name: str):
     return torchvision.models.get_model_weights(name).DEFAULT
 
 
+def _hub_checkpoint(url: str) -> Path:
+    """Where torch.hub keeps the file downloaded from ``url``: <hub dir>/checkpoints/."""
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
 def _torchvision_checkpoint(name: str) -> Path:
     """Where torch.hub keeps the default weights file of torchvision model ``name``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(_torchvision_weights(name).url)
+    return _hub_checkpoint(_torchvision_weights(name).url)
 
 
 def _build_torchvision(name: str) -> nn.Module:
@@ -477,13 +482,8 @@ def _efficientnet_lite0() -> BackboneConfig:
 VGGFACE2_URL = "https://github.com/timesler/facenet-pytorch/releases/download/v2.2.9/20180402-114759-vggface2.pt"
 
 
-def _vggface2_checkpoint() -> Path:
-    """Where torch.hub (and facenet-pytorch) keep the checkpoint: <hub dir>/checkpoints/."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(VGGFACE2_URL)
-
-
 def _download_vggface2() -> None:
-    checkpoint = _vggface2_checkpoint()
+    checkpoint = _hub_checkpoint(VGGFACE2_URL)  # where facenet-pytorch keeps it too
     try:
         checkpoint.parent.mkdir(parents=True, exist_ok=True)
         torch.hub.download_url_to_file(VGGFACE2_URL, str(checkpoint), progress=True)
@@ -510,7 +510,7 @@ def _vggface2() -> BackboneConfig:
         feature_dim=512,
         weights="facenet-pytorch 20180402-114759-vggface2.pt (Inception-ResNet-v1, VGGFace2)",
         build=_inception_resnet_v1,
-        default_weights_file=_vggface2_checkpoint,
+        default_weights_file=partial(_hub_checkpoint, VGGFACE2_URL),
         download=_download_vggface2,
         ignored_keys=("logits.",),  # the 8,631-identity classifier
     )

@@ -300,42 +300,45 @@ def write_cache(out: str | Path, dataset: FaceDataset, chunks: Iterable[tuple[np
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
     total = len(dataset)
-    failed_ids, failed_reasons = [], []
-    valid = np.ones(total, dtype=bool)
+    errors = []
     with h5py.File(tmp, "w") as h5:
         features = h5.create_dataset(
             "features", shape=(total, metadata["feature_dim"]), dtype=metadata["dtype"],
             chunks=(min(max(total, 1), 1024), metadata["feature_dim"]),
         )
-        row = 0
         for chunk_features, chunk_errors in chunks:
-            features[row:row + len(chunk_features)] = chunk_features
-            for offset, error in enumerate(chunk_errors):
-                if error:
-                    valid[row + offset] = False
-                    failed_ids.append(dataset.image_ids[row + offset])
-                    failed_reasons.append(str(error))
-            row += len(chunk_features)
-        if row != total:
-            raise FeatgenderError(f"{out}: {row} feature rows written for {total} images")
-        h5.create_dataset("labels", data=dataset.labels.astype(np.int8))
-        split = h5.create_dataset("split", data=dataset.splits.astype(np.int8))
-        split.attrs["names"] = list(SPLITS)
-        h5.create_dataset("ids", data=dataset.image_ids, dtype=h5py.string_dtype())
-        h5.create_dataset("valid", data=valid)
-        if dataset.attributes is not None:
-            attributes = h5.create_dataset("attributes", data=dataset.attributes.astype(np.int32))
-            attributes.attrs["names"] = dataset.attribute_names
-            attributes.attrs["categories"] = json.dumps(dataset.attribute_categories)
-        if failed_ids:
-            h5.create_dataset("failed/ids", data=failed_ids, dtype=h5py.string_dtype())
-            h5.create_dataset("failed/reasons", data=failed_reasons, dtype=h5py.string_dtype())
-        h5.attrs.update({"format_version": FORMAT_VERSION, "num_images": total, **metadata})
-        h5.attrs["failed_count"] = len(failed_ids)
-        h5.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-        h5.attrs["complete"] = True
+            features[len(errors):len(errors) + len(chunk_features)] = chunk_features
+            errors.extend(str(error) for error in chunk_errors)
+        if len(errors) != total:
+            raise FeatgenderError(f"{out}: {len(errors)} feature rows written for {total} images")
+        failed_count = write_rows(h5, dataset, errors, metadata)
     _fsync_replace(tmp, out)
-    return len(failed_ids)
+    return failed_count
+
+
+def write_rows(h5: h5py.File, dataset: FaceDataset, errors: Sequence[str], metadata: dict) -> int:
+    """Everything of the schema but ``features``: the dataset's rows, which failed and why
+    (``errors``, one per row, '' where the image was embedded), and the root attributes.
+    Marks the file complete; returns the number of failed rows."""
+    valid = np.array([not error for error in errors], dtype=bool)
+    failed = np.flatnonzero(~valid)
+    h5.create_dataset("labels", data=dataset.labels.astype(np.int8))
+    split = h5.create_dataset("split", data=dataset.splits.astype(np.int8))
+    split.attrs["names"] = list(SPLITS)
+    h5.create_dataset("ids", data=dataset.image_ids, dtype=h5py.string_dtype())
+    h5.create_dataset("valid", data=valid)
+    if dataset.attributes is not None:
+        attributes = h5.create_dataset("attributes", data=dataset.attributes.astype(np.int32))
+        attributes.attrs["names"] = dataset.attribute_names
+        attributes.attrs["categories"] = json.dumps(dataset.attribute_categories)
+    if len(failed):
+        h5.create_dataset("failed/ids", data=[dataset.image_ids[row] for row in failed], dtype=h5py.string_dtype())
+        h5.create_dataset("failed/reasons", data=[errors[row] for row in failed], dtype=h5py.string_dtype())
+    h5.attrs.update({"format_version": FORMAT_VERSION, "num_images": len(dataset), **metadata})
+    h5.attrs["failed_count"] = len(failed)
+    h5.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    h5.attrs["complete"] = True
+    return len(failed)
 
 
 # --- reading ---------------------------------------------------------------------------

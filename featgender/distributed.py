@@ -57,46 +57,32 @@ def shard_path(out: str | Path, rank: int, world_size: int) -> Path:
     return out.with_name(out.name + ".shards") / f"rank-{rank:05d}-of-{world_size:05d}.h5"
 
 
-def join_shards(out: str | Path, shards: list[Path], metadata: dict) -> None:
-    """Write ``out`` from complete shard caches, in order: features as a virtual dataset,
-    everything else copied (small). Atomic, like every cache write."""
-    from featgender.cache import FORMAT_VERSION, _fsync_replace, read_metadata
+def join_shards(out: str | Path, dataset, shards: list[Path], metadata: dict) -> None:
+    """Write ``out`` for ``dataset`` from its complete shard caches, in order: features as a
+    virtual dataset over the shards', the rest as any cache (:func:`featgender.cache.write_rows`).
+    Atomic, like every cache write."""
+    from featgender.cache import _fsync_replace, write_rows
 
     out = Path(out)
     tmp = out.with_name(out.name + ".tmp")
-    sources = [h5py.File(path, "r") for path in shards]
-    try:
-        total = sum(len(source["labels"]) for source in sources)
-        dim = metadata["feature_dim"]
-        layout = h5py.VirtualLayout(shape=(total, dim), dtype=metadata["dtype"])
-        row = 0
-        for path, source in zip(shards, sources):
-            rows = len(source["labels"])
-            # relative to the joined file: the pair can be moved together
-            layout[row:row + rows] = h5py.VirtualSource(os.path.relpath(path, out.parent), "features", shape=(rows, dim))
-            row += rows
-        with h5py.File(tmp, "w", libver="latest") as h5:
-            h5.create_virtual_dataset("features", layout, fillvalue=np.nan)
-            for name in ("labels", "split", "valid"):
-                h5.create_dataset(name, data=np.concatenate([source[name][:] for source in sources]))
-            h5["split"].attrs.update(sources[0]["split"].attrs)
-            h5.create_dataset("ids", data=[i for s in sources for i in s["ids"].asstr()[:]], dtype=h5py.string_dtype())
-            if "attributes" in sources[0]:
-                h5.create_dataset("attributes", data=np.concatenate([source["attributes"][:] for source in sources]))
-                h5["attributes"].attrs.update(sources[0]["attributes"].attrs)
-            failed = [(i, r) for s in sources if "failed" in s
-                      for i, r in zip(s["failed/ids"].asstr()[:], s["failed/reasons"].asstr()[:])]
-            if failed:
-                h5.create_dataset("failed/ids", data=[i for i, _ in failed], dtype=h5py.string_dtype())
-                h5.create_dataset("failed/reasons", data=[r for _, r in failed], dtype=h5py.string_dtype())
-            h5.attrs.update({"format_version": FORMAT_VERSION, "num_images": total, **metadata})
-            h5.attrs["failed_count"] = len(failed)
-            h5.attrs["shards"] = json.dumps([os.path.relpath(path, out.parent) for path in shards])
-            h5.attrs["created"] = read_metadata(shards[-1])["created"]
-            h5.attrs["complete"] = True
-    finally:
-        for source in sources:
-            source.close()
+    dim = metadata["feature_dim"]
+    layout = h5py.VirtualLayout(shape=(len(dataset), dim), dtype=metadata["dtype"])
+    errors = []
+    for path in shards:
+        with h5py.File(path, "r") as shard:
+            rows = len(shard["labels"])
+            reasons = dict(zip(shard["failed/ids"].asstr()[:], shard["failed/reasons"].asstr()[:])) \
+                if "failed" in shard else {}
+            errors += [reasons.get(image_id, "") for image_id in shard["ids"].asstr()[:]]
+        # relative to the joined file: the pair can be moved together
+        layout[len(errors) - rows:len(errors)] = h5py.VirtualSource(os.path.relpath(path, out.parent), "features",
+                                                                    shape=(rows, dim))
+    if len(errors) != len(dataset):
+        raise FeatgenderError(f"{out}: the shards hold {len(errors)} rows for {len(dataset)} images")
+    with h5py.File(tmp, "w", libver="latest") as h5:
+        h5.create_virtual_dataset("features", layout, fillvalue=np.nan)
+        write_rows(h5, dataset, errors, {**metadata, "shards": json.dumps([os.path.relpath(path, out.parent)
+                                                                             for path in shards])})
     _fsync_replace(tmp, out)
 
 
@@ -141,7 +127,7 @@ def extract_sharded(dataset, backbone, out: str | Path, rank: Rank, *, device: s
                              progress=progress and rank.rank == 0, **options)
         dist.barrier()
         if rank.rank == 0:
-            join_shards(out, [shard_path(out, r, rank.world_size) for r in range(rank.world_size)], metadata)
+            join_shards(out, dataset, [shard_path(out, r, rank.world_size) for r in range(rank.world_size)], metadata)
         dist.barrier()
     finally:
         if started_here:

@@ -116,6 +116,13 @@ def crop_face(image, box: Box, scale: float = FACE_CROP_SCALE):
     return image.crop(tuple(round(value) for value in (x - half, y - half, x + half, y + half)))
 
 
+def cut_faces(picture, detector: FaceDetector, all_faces: bool = False) -> list[tuple[Box, object]]:
+    """The face step: (box, face crop as a PIL image) for the largest face found in a PIL
+    picture, or for every face with ``all_faces``; [] when there is none."""
+    boxes = find_faces(picture, detector)[:None if all_faces else 1]
+    return [(box, crop_face(picture, box)) for box in boxes]
+
+
 def calibrate_face_box(sources: list, samples: int = 64, max_spread: float = 0.1) -> tuple[float, ...] | None:
     """Where the face sits in a dataset of aligned face crops, as a relative box; else None.
 
@@ -163,11 +170,10 @@ class PhotoFaceStep:
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         from PIL import Image
 
-        picture = Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy()))
-        boxes = find_faces(picture, self.detector)
-        if not boxes:
+        faces = cut_faces(Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())), self.detector)
+        if not faces:
             raise FeatgenderError("no face found")
-        face = torch.from_numpy(np.asarray(crop_face(picture, boxes[0])).copy()).permute(2, 0, 1)
+        face = torch.from_numpy(np.asarray(faces[0][1]).copy()).permute(2, 0, 1)
         return face if self.then is None else self.then(face)
 
 

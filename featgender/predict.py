@@ -67,14 +67,13 @@ def rebuild_backbone(entry: dict, *, face_crops: bool = False) -> Backbone:
     so a face-aligning backbone finds the face where the crop put it instead of detecting again.
     """
     preprocessing = json.loads(entry.get("preprocessing") or "{}")
-    face_box = preprocessing.get("face_box")
-    find_faces = bool(preprocessing.get("face_step")) and not face_crops  # trained on photos: same step
-    if find_faces or (face_crops and preprocessing.get("alignment")):
+    face_box = preprocessing.get("face_box")  # a photo cache's is already where the face step puts faces
+    if face_crops and preprocessing.get("alignment"):
         from featgender.faces import BOX_IN_FACE_CROP
 
-        face_box = BOX_IN_FACE_CROP if preprocessing.get("alignment") else None
+        face_box = BOX_IN_FACE_CROP
     backbone = build_backbone(entry["backbone"], weights=_weights_option(entry), layer=entry["layer"],
-                              face_box=face_box, find_faces=find_faces)
+                              face_box=face_box, find_faces=bool(preprocessing.get("face_step")) and not face_crops)
     if (backbone.weights.sha256 or "") != (entry.get("weights_sha256") or ""):
         raise FeatgenderError(
             f"{entry['backbone']}: weights here ({backbone.weights.name}, sha256 {str(backbone.weights.sha256)[:12]}) "
@@ -113,7 +112,7 @@ class ImagePredictor:
         return self._predict_faces(images, all_faces, progress)
 
     def _predict_faces(self, images: list, all_faces: bool, progress: bool) -> list[Prediction]:
-        from featgender.faces import crop_face, default_detector, find_faces
+        from featgender.faces import cut_faces, default_detector
 
         detector = default_detector()
         found = []  # per image: an error, or [(box, crop), ...]
@@ -123,8 +122,7 @@ class ImagePredictor:
             except Exception as error:  # the same reasons extraction reports
                 found.append(f"{type(error).__name__}: {error}")
                 continue
-            boxes = find_faces(picture, detector)[:None if all_faces else 1]
-            found.append([(box, crop_face(picture, box)) for box in boxes] or NO_FACE)
+            found.append(cut_faces(picture, detector, all_faces) or NO_FACE)
         crops = [crop for faces in found if isinstance(faces, list) for _, crop in faces]
         probabilities, errors = self.probabilities(crops, progress, face_crops=True) if crops else ([], [])
         results, next_crop = [], 0
