@@ -212,22 +212,24 @@ def iter_features(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(sources), initial=start, unit="img", disable=not progress, desc=backbone.config.name)
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-        for batch in loader:
-            features = np.full((len(batch.indices), backbone.config.feature_dim), np.nan, dtype=DTYPES[dtype])
-            if batch.images is not None:
-                images = batch.images
-                if isinstance(images, torch.Tensor):
-                    images = images.to(device, non_blocking=True)
-                else:
-                    images = [image.to(device, non_blocking=True) for image in images]
+    for batch in loader:
+        features = np.full((len(batch.indices), backbone.config.feature_dim), np.nan, dtype=DTYPES[dtype])
+        if batch.images is not None:
+            images = batch.images
+            if isinstance(images, torch.Tensor):
+                images = images.to(device, non_blocking=True)
+            else:
+                images = [image.to(device, non_blocking=True) for image in images]
+            # entered per batch, never held across a yield: autocast and inference mode are the
+            # thread's state, and a caller that stops iterating must not be left inside them
+            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 batch_pixels = transform(images, torch.bfloat16 if autocast else torch.float32)
                 embedded = model(batch_pixels)
                 if flip:
                     embedded = (embedded + model(batch_pixels.flip(-1))) / 2
                 features[batch.ok] = embedded.float().cpu().numpy().astype(DTYPES[dtype], copy=False)
-            bar.update(len(batch.indices))
-            yield batch.indices + start, features, batch.errors
+        bar.update(len(batch.indices))
+        yield batch.indices + start, features, batch.errors
     bar.close()
 
 

@@ -209,3 +209,15 @@ def test_kill_9_at_random_moments_never_leaves_a_wrong_cache(csv_dataset, tmp_pa
             np.testing.assert_array_equal(read_cache(out, include_failed=True).features, expected)
     build_cache(dataset, build_backbone(BACKBONE, weights="none"), out, **options)
     np.testing.assert_array_equal(read_cache(out, include_failed=True).features, expected)
+
+
+def test_a_caller_between_batches_is_not_left_in_autocast(csv_dataset, small_backbone):
+    """A caller that stops iterating (an error, a full disk) must get its thread back as it was:
+    a later extraction would otherwise run under the abandoned one's autocast state."""
+    from featgender.extract import iter_features
+
+    batches = iter_features(small_backbone, load_dataset(csv_dataset).paths, batch_size=2, workers=0,
+                            precision="bfloat16", progress=False)
+    next(batches)
+    assert not torch.is_autocast_enabled("cpu") and not torch.is_inference_mode_enabled()
+    del batches
