@@ -25,17 +25,20 @@ Root attributes: ``format_version``, ``complete``, ``backbone``, ``layer``, ``fe
 ``versions`` (JSON), ``created``.
 
 Writing goes through ``<out>.partial/``: every chunk of rows is saved to its own file with
-write-to-temp + fsync + rename, so a kill at any moment loses at most the chunk in flight;
-rerunning resumes at the first missing chunk. The HDF5 file is assembled from the chunks
-into a temporary file that atomically replaces ``out`` at the end, so an existing cache is
-never half-overwritten.
+write-to-temp + fsync + rename (:mod:`featgender.files`), so a kill at any moment loses at
+most the chunk in flight; rerunning resumes at the first missing chunk. The HDF5 file is
+assembled from the chunks into a temporary file that atomically replaces ``out`` at the end,
+so an existing cache is never half-overwritten.
+
+Reading while writing (what HDF5's SWMR mode offers, without its single-file constraints):
+``<out>.partial/rows.h5`` holds the dataset's rows from the start, so :func:`open_rows` with
+``in_progress=True`` sees the finished chunks, alone or across a torchrun job's shards.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,6 +52,7 @@ import numpy as np
 from featgender.backbones import Backbone
 from featgender.data import SPLITS, FaceDataset
 from featgender.errors import FeatgenderError
+from featgender.files import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -120,30 +124,36 @@ def _identity_mismatch(found: dict, wanted: dict) -> list[str]:
 # --- writing ---------------------------------------------------------------------------
 
 
-def _fsync_replace(tmp: Path, target: Path) -> None:
-    with open(tmp, "rb+") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
-
-
 class _PartialCache:
-    """The ``<out>.partial/`` folder: metadata plus one ``.npz`` file per finished chunk."""
+    """The ``<out>.partial/`` folder of an extraction in progress: ``meta.json`` (what is being
+    written), ``rows.h5`` (the dataset's rows: the schema less ``features``, for readers) and
+    one ``.npz`` file per finished chunk of rows."""
 
     def __init__(self, out: Path):
+        self.out = out
         self.folder = out.with_name(out.name + ".partial")
+        self.rows_path = self.folder / "rows.h5"
 
     def chunk_path(self, start: int) -> Path:
         return self.folder / f"rows-{start:010d}.npz"
+
+    def chunk_starts(self) -> list[int]:
+        """First rows of the finished chunks, sorted."""
+        return sorted(int(path.stem[len("rows-"):]) for path in self.folder.glob("rows-" + "[0-9]" * 10 + ".npz"))
 
     def read_meta(self) -> dict | None:
         meta_file = self.folder / "meta.json"
         return json.loads(meta_file.read_text()) if meta_file.is_file() else None
 
-    def start(self, meta: dict) -> None:
+    def start(self, meta: dict, dataset: FaceDataset) -> None:
+        """Record the dataset's rows and what is being written, unless a resumed run did."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.folder / "meta.json.tmp"
-        tmp.write_text(json.dumps(meta, indent=1))
-        _fsync_replace(tmp, self.folder / "meta.json")
+        if not self.rows_path.is_file():
+            with atomic_write(self.rows_path, size=row_table_bytes(dataset)) as tmp, h5py.File(tmp, "w") as h5:
+                write_row_table(h5, dataset)
+        if self.read_meta() is None:
+            with atomic_write(self.folder / "meta.json") as tmp:
+                tmp.write_text(json.dumps(meta, indent=1))
 
     def done_rows(self, chunk_rows: int, total: int) -> int:
         """Rows covered by the unbroken run of finished chunks from row 0."""
@@ -153,9 +163,8 @@ class _PartialCache:
         return min(start, total)
 
     def write_chunk(self, start: int, features: np.ndarray, errors: list[str]) -> None:
-        tmp = self.folder / f"rows-{start:010d}.tmp.npz"
-        np.savez(tmp, features=features, errors=np.array(errors, dtype=str))
-        _fsync_replace(tmp, self.chunk_path(start))
+        with atomic_write(self.chunk_path(start)) as tmp, open(tmp, "wb") as handle:
+            np.savez(handle, features=features, errors=np.array(errors, dtype=str))
 
     def read_chunk(self, start: int) -> tuple[np.ndarray, np.ndarray]:
         with np.load(self.chunk_path(start), allow_pickle=False) as chunk:
@@ -233,9 +242,7 @@ def build_cache(
         partial.remove()
         previous = None
     chunk_rows = previous["chunk_rows"] if previous else batch_size * -(-chunk_rows // max(batch_size, 1))
-    if previous is None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        partial.start({**meta, "chunk_rows": chunk_rows})
+    partial.start({**meta, "chunk_rows": chunk_rows}, dataset)
     start = partial.done_rows(chunk_rows, len(dataset))
     if start:
         logger.info("%s: resuming at image %d of %d", out, start, len(dataset))
@@ -298,10 +305,10 @@ def write_cache(out: str | Path, dataset: FaceDataset, chunks: Iterable[tuple[np
     ``feature_dim`` and ``dtype``. Returns the number of failed rows (non-empty errors).
     """
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
     total = len(dataset)
     errors = []
-    with h5py.File(tmp, "w") as h5:
+    size = total * metadata["feature_dim"] * np.dtype(metadata["dtype"]).itemsize + row_table_bytes(dataset)
+    with atomic_write(out, size=size) as tmp, h5py.File(tmp, "w") as h5:
         features = h5.create_dataset(
             "features", shape=(total, metadata["feature_dim"]), dtype=metadata["dtype"],
             chunks=(min(max(total, 1), 1024), metadata["feature_dim"]),
@@ -312,7 +319,6 @@ def write_cache(out: str | Path, dataset: FaceDataset, chunks: Iterable[tuple[np
         if len(errors) != total:
             raise FeatgenderError(f"{out}: {len(errors)} feature rows written for {total} images")
         failed_count = write_rows(h5, dataset, errors, metadata)
-    _fsync_replace(tmp, out)
     return failed_count
 
 
@@ -322,15 +328,8 @@ def write_rows(h5: h5py.File, dataset: FaceDataset, errors: Sequence[str], metad
     Marks the file complete; returns the number of failed rows."""
     valid = np.array([not error for error in errors], dtype=bool)
     failed = np.flatnonzero(~valid)
-    h5.create_dataset("labels", data=dataset.labels.astype(np.int8))
-    split = h5.create_dataset("split", data=dataset.splits.astype(np.int8))
-    split.attrs["names"] = list(SPLITS)
-    h5.create_dataset("ids", data=dataset.image_ids, dtype=h5py.string_dtype())
+    write_row_table(h5, dataset)
     h5.create_dataset("valid", data=valid)
-    if dataset.attributes is not None:
-        attributes = h5.create_dataset("attributes", data=dataset.attributes.astype(np.int32))
-        attributes.attrs["names"] = dataset.attribute_names
-        attributes.attrs["categories"] = json.dumps(dataset.attribute_categories)
     if len(failed):
         h5.create_dataset("failed/ids", data=[dataset.image_ids[row] for row in failed], dtype=h5py.string_dtype())
         h5.create_dataset("failed/reasons", data=[errors[row] for row in failed], dtype=h5py.string_dtype())
@@ -341,17 +340,40 @@ def write_rows(h5: h5py.File, dataset: FaceDataset, errors: Sequence[str], metad
     return len(failed)
 
 
+def row_table_bytes(dataset: FaceDataset) -> int:
+    """An upper bound of the bytes :func:`write_row_table` and the root attributes take on disk
+    (variable-length strings cost about 64 bytes each beyond their text)."""
+    columns = 0 if dataset.attributes is None else dataset.attributes.shape[1]
+    text = sum(len(image_id.encode()) + 64 for image_id in dataset.image_ids)
+    return len(dataset) * (3 + 4 * columns) + text + 2**16
+
+
+def write_row_table(h5: h5py.File, dataset: FaceDataset) -> None:
+    """What the schema holds of the dataset itself: ``labels``, ``split``, ``ids``, ``attributes``."""
+    h5.create_dataset("labels", data=dataset.labels.astype(np.int8))
+    split = h5.create_dataset("split", data=dataset.splits.astype(np.int8))
+    split.attrs["names"] = list(SPLITS)
+    h5.create_dataset("ids", data=dataset.image_ids, dtype=h5py.string_dtype())
+    if dataset.attributes is not None:
+        attributes = h5.create_dataset("attributes", data=dataset.attributes.astype(np.int32))
+        attributes.attrs["names"] = dataset.attribute_names
+        attributes.attrs["categories"] = json.dumps(dataset.attribute_categories)
+
+
 # --- reading ---------------------------------------------------------------------------
 
 
-def read_metadata(path: str | Path, *, check_shards: bool = True) -> dict:
+def read_metadata(path: str | Path, *, check_shards: bool = True, in_progress: bool = False) -> dict:
     """Root attributes of a cache, as plain Python values.
 
     A cache joined from torchrun shards is refused when a shard is missing, unless not
-    ``check_shards``."""
+    ``check_shards``. ``in_progress``: where ``path`` is still being extracted, the metadata of
+    the rows finished so far (``complete`` False, ``finished_rows``; see :func:`open_rows`)."""
     path = Path(path)
     if not path.is_file():
-        raise FeatgenderError(f"{path}: no such cache file")
+        if in_progress:
+            return open_rows(path, in_progress=True).metadata
+        raise FeatgenderError(_missing_cache_message(path))
     try:
         with h5py.File(path, "r") as h5:
             metadata = {key: _plain(value) for key, value in h5.attrs.items()}
@@ -367,12 +389,178 @@ def read_metadata(path: str | Path, *, check_shards: bool = True) -> dict:
     return metadata
 
 
+def _missing_cache_message(path: Path) -> str:
+    try:
+        rows = _rows_in_progress(path)
+    except FileNotFoundError:  # it finished while we looked
+        rows = None
+    if rows is None:
+        return f"{path}: no such cache file"
+    return (f"{path}: still being extracted ({rows.metadata['finished_rows']} of {rows.metadata['num_images']} "
+            "images done); pass --in-progress to read the finished ones")
+
+
 def _plain(value):
     if isinstance(value, np.generic):
         return value.item()
     if isinstance(value, np.ndarray):
         return value.tolist()
     return value
+
+
+class CacheRows:
+    """A snapshot of a cache's rows, finished or still being written: what every reader reads.
+
+    The per-row flags are in memory (``labels``, ``splits``, ``finished``: the image has been
+    processed, ``valid``: processed and embedded); features, ids and attributes are read from
+    disk by row number on demand, so a reader's memory follows what it asks for. Rows that
+    finish after the snapshot was taken are not seen.
+    """
+
+    metadata: dict
+    labels: np.ndarray
+    splits: np.ndarray
+    finished: np.ndarray
+    valid: np.ndarray
+    attribute_names: list[str]
+    attribute_categories: dict
+
+    def read(self, column: str, index: np.ndarray) -> np.ndarray | None:
+        """Rows ``index`` (sorted, finished) of 'features', 'ids' or 'attributes' (None if absent)."""
+        raise NotImplementedError
+
+    def _set_attribute_info(self, h5: h5py.File) -> None:
+        self.attribute_names, self.attribute_categories = [], {}
+        if "attributes" in h5:
+            self.attribute_names = [str(name) for name in h5["attributes"].attrs["names"]]
+            self.attribute_categories = json.loads(h5["attributes"].attrs["categories"])
+
+
+def _read_h5_rows(path: Path, column: str, index: np.ndarray) -> np.ndarray | None:
+    """Rows ``index`` (sorted) of one dataset of an HDF5 file, read as one slice over their span."""
+    with h5py.File(path, "r") as h5:
+        if column not in h5:
+            return None
+        data = h5[column].asstr() if column == "ids" else h5[column]
+        if not len(index):
+            return data[0:0]
+        return data[index[0]:index[-1] + 1][index - index[0]]
+
+
+class _FileRows(CacheRows):
+    """A finished cache file."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.metadata = read_metadata(path)
+        if self.metadata.get("format_version") != FORMAT_VERSION or not self.metadata.get("complete"):
+            raise FeatgenderError(f"{path}: not a complete featgender cache (format {FORMAT_VERSION})")
+        with h5py.File(path, "r") as h5:
+            self.labels, self.splits, self.valid = h5["labels"][:], h5["split"][:], h5["valid"][:]
+            self._set_attribute_info(h5)
+        self.finished = np.ones(len(self.labels), dtype=bool)
+
+    def read(self, column: str, index: np.ndarray) -> np.ndarray | None:
+        return _read_h5_rows(self.path, column, index)
+
+
+class _PartialRows(CacheRows):
+    """The finished chunks of an extraction in progress (``<out>.partial/``). When the
+    extraction ends while they are read, the rows are read from the finished file instead:
+    it was assembled from these very chunks."""
+
+    def __init__(self, partial: _PartialCache):
+        self.partial = partial
+        meta = partial.read_meta()
+        with h5py.File(partial.rows_path, "r") as h5:
+            self.labels, self.splits = h5["labels"][:], h5["split"][:]
+            self._set_attribute_info(h5)
+        self.starts = np.array(partial.chunk_starts(), dtype=np.int64)
+        self.finished = np.zeros(len(self.labels), dtype=bool)
+        self.valid = np.zeros(len(self.labels), dtype=bool)
+        for start in self.starts:
+            errors = self._chunk(start, "errors")
+            self.finished[start:start + len(errors)] = True
+            self.valid[start:start + len(errors)] = errors == ""
+        self.metadata = {**meta, "complete": False, "num_images": len(self.labels),
+                         "finished_rows": int(self.finished.sum())}
+
+    def _chunk(self, start: int, column: str) -> np.ndarray:
+        with np.load(self.partial.chunk_path(start), allow_pickle=False) as chunk:
+            return chunk[column]
+
+    def read(self, column: str, index: np.ndarray) -> np.ndarray | None:
+        try:
+            if column != "features":
+                return _read_h5_rows(self.partial.rows_path, column, index)
+            chunk = np.searchsorted(self.starts, index, side="right") - 1
+            parts = [self._chunk(self.starts[c], "features")[index[chunk == c] - self.starts[c]]
+                     for c in np.unique(chunk)]
+            if not parts:
+                return np.empty((0, self.metadata["feature_dim"]), dtype=self.metadata["dtype"])
+            return np.concatenate(parts)
+        except FileNotFoundError:  # finished meanwhile: the chunks are gone, the cache is there
+            finished = _FileRows(self.partial.out)
+            if _identity_mismatch(finished.metadata, self.metadata):
+                raise FeatgenderError(f"{self.partial.out}: replaced by another extraction while being read; "
+                                      "read it again") from None
+            return finished.read(column, index)
+
+
+class _JoinedRows(CacheRows):
+    """Consecutive row blocks read as one: the shards of a torchrun extraction in progress."""
+
+    def __init__(self, parts: list[CacheRows]):
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(part.labels) for part in parts])
+        for name in ("labels", "splits", "finished", "valid"):
+            setattr(self, name, np.concatenate([getattr(part, name) for part in parts]))
+        self.attribute_names, self.attribute_categories = parts[0].attribute_names, parts[0].attribute_categories
+        self.metadata = {**parts[0].metadata, "complete": False, "num_images": int(self.offsets[-1]),
+                         "finished_rows": int(self.finished.sum())}
+
+    def read(self, column: str, index: np.ndarray) -> np.ndarray | None:
+        pieces = [part.read(column, index[(index >= low) & (index < high)] - low)
+                  for part, low, high in zip(self.parts, self.offsets[:-1], self.offsets[1:])]
+        return None if pieces[0] is None else np.concatenate(pieces)
+
+
+def _rows_in_progress(out: Path) -> CacheRows | None:
+    """The finished rows of the extraction writing ``out``, alone or by torchrun; None if none is."""
+    from featgender.distributed import shards_in_progress
+
+    partial = _PartialCache(out)
+    if partial.read_meta() is not None and partial.rows_path.is_file():
+        return _PartialRows(partial)
+    parts = []
+    for shard in shards_in_progress(out):  # a rank that has not started yet adds no rows
+        shard_partial = _PartialCache(shard)
+        if shard.is_file():
+            parts.append(_FileRows(shard))
+        elif shard_partial.read_meta() is not None and shard_partial.rows_path.is_file():
+            parts.append(_PartialRows(shard_partial))
+    return _JoinedRows(parts) if parts else None
+
+
+def open_rows(path: str | Path, *, in_progress: bool = False) -> CacheRows:
+    """A snapshot of the cache ``path``'s rows (:class:`CacheRows`).
+
+    ``in_progress``: where ``path`` is not written yet because its extraction is still running
+    (alone or under torchrun), the rows finished so far. Every chunk of rows is written
+    atomically, so a reader sees finished rows only, bit-identical to the cache to come.
+    """
+    path = Path(path)
+    if path.is_file() or not in_progress:
+        return _FileRows(path)
+    try:
+        rows = _rows_in_progress(path)
+    except FileNotFoundError:  # it finished while we looked
+        rows = None
+    if rows is not None:
+        return rows
+    if path.is_file():
+        return _FileRows(path)
+    raise FeatgenderError(f"{path}: no such cache file, and no extraction is writing it")
 
 
 @dataclass
@@ -388,58 +576,64 @@ class CacheData:
     attribute_categories: dict
     metadata: dict
 
-
-def read_cache(path: str | Path, split: str | None = None, *, dtype: type = np.float32,
-               include_failed: bool = False) -> CacheData:
-    """Read a finished cache (optionally one split) into memory.
-
-    Rows whose image failed to decode are left out unless ``include_failed``.
-    """
-    path = Path(path)
-    metadata = read_metadata(path)
-    if metadata.get("format_version") != FORMAT_VERSION or not metadata.get("complete"):
-        raise FeatgenderError(f"{path}: not a complete featgender cache (format {FORMAT_VERSION})")
-    if split is not None and split not in SPLITS:
-        raise FeatgenderError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
-    with h5py.File(path, "r") as h5:
-        splits = h5["split"][:]
-        rows = np.ones(len(splits), dtype=bool) if split is None else splits == SPLITS.index(split)
-        if not include_failed:
-            rows &= h5["valid"][:]
-        index = np.flatnonzero(rows)
-        features = _read_rows(h5["features"], index)
-        attributes = None
-        names, categories = [], {}
-        if "attributes" in h5:
-            attributes = h5["attributes"][:][index]
-            names = [str(name) for name in h5["attributes"].attrs["names"]]
-            categories = json.loads(h5["attributes"].attrs["categories"])
-        ids = h5["ids"].asstr()[:]
+    def take(self, keep: np.ndarray) -> CacheData:
+        """The rows where ``keep`` is True."""
         return CacheData(
-            features=features.astype(dtype, copy=False),
-            labels=h5["labels"][:][index],
-            ids=[ids[i] for i in index],
-            splits=splits[index],
-            attributes=attributes,
-            attribute_names=names,
-            attribute_categories=categories,
-            metadata=metadata,
+            features=self.features[keep],
+            labels=self.labels[keep],
+            ids=[image_id for image_id, kept in zip(self.ids, keep) if kept],
+            splits=self.splits[keep],
+            attributes=None if self.attributes is None else self.attributes[keep],
+            attribute_names=self.attribute_names,
+            attribute_categories=self.attribute_categories,
+            metadata=self.metadata,
         )
 
 
+def read_cache(path: str | Path, split: str | None = None, *, dtype: type = np.float32,
+               include_failed: bool = False, in_progress: bool = False) -> CacheData:
+    """Read a cache (optionally one split) into memory.
+
+    Rows whose image failed to decode are left out unless ``include_failed``.
+    ``in_progress``: read the finished rows of a cache still being extracted (:func:`open_rows`).
+    """
+    if split is not None and split not in SPLITS:
+        raise FeatgenderError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    rows = open_rows(path, in_progress=in_progress)
+    wanted = rows.finished if include_failed else rows.valid
+    if split is not None:
+        wanted = wanted & (rows.splits == SPLITS.index(split))
+    index = np.flatnonzero(wanted)
+    return CacheData(
+        features=rows.read("features", index).astype(dtype, copy=False),
+        labels=rows.labels[index],
+        ids=rows.read("ids", index).tolist(),
+        splits=rows.splits[index],
+        attributes=rows.read("attributes", index),
+        attribute_names=rows.attribute_names,
+        attribute_categories=rows.attribute_categories,
+        metadata=rows.metadata,
+    )
+
+
 def read_caches(paths: list[str | Path] | str | Path, split: str | None = None, *,
-                dtype: type = np.float32, include_failed: bool = False) -> CacheData:
+                dtype: type = np.float32, include_failed: bool = False, in_progress: bool = False) -> CacheData:
     """Read one cache, or several caches of the same images side by side.
 
     Several caches (e.g. two backbones) are joined by image id into one feature matrix; they
-    must hold the same images with the same labels and splits. Rows whose image failed in
-    any of them are left out unless ``include_failed`` (their features are NaN).
-    ``metadata['sources']`` lists each cache's metadata.
+    must hold the same images with the same labels and splits (with ``in_progress``, the
+    images finished in all of them). Rows whose image failed in any of them are left out
+    unless ``include_failed`` (their features are NaN). ``metadata['sources']`` lists each
+    cache's metadata.
     """
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise FeatgenderError("--cache: give at least one cache file")
-    parts = [read_cache(path, split, dtype=dtype, include_failed=len(paths) > 1 or include_failed) for path in paths]
+    parts = [read_cache(path, split, dtype=dtype, include_failed=len(paths) > 1 or include_failed,
+                        in_progress=in_progress) for path in paths]
+    if in_progress and len(parts) > 1:  # extractions still running have finished different rows
+        common = set.intersection(*(set(part.ids) for part in parts))
+        parts = [part.take(np.array([image_id in common for image_id in part.ids], dtype=bool)) for part in parts]
     first = parts[0]
     for path, part in zip(paths[1:], parts[1:]):
         if part.ids != first.ids:
@@ -450,61 +644,40 @@ def read_caches(paths: list[str | Path] | str | Path, split: str | None = None, 
             part.features, part.labels, part.splits = part.features[order], part.labels[order], part.splits[order]
         if not (np.array_equal(part.labels, first.labels) and np.array_equal(part.splits, first.splits)):
             raise FeatgenderError(f"{path}: labels or splits differ from {paths[0]} for the same images")
-    features = np.hstack([part.features for part in parts]) if len(parts) > 1 else first.features
-    keep = np.ones(len(features), dtype=bool) if include_failed else np.isfinite(features).all(axis=1)
+    first.features = np.hstack([part.features for part in parts]) if len(parts) > 1 else first.features
     first.metadata["sources"] = [part.metadata for part in parts]
-    return CacheData(
-        features=features[keep],
-        labels=first.labels[keep],
-        ids=[image_id for image_id, kept in zip(first.ids, keep) if kept],
-        splits=first.splits[keep],
-        attributes=None if first.attributes is None else first.attributes[keep],
-        attribute_names=first.attribute_names,
-        attribute_categories=first.attribute_categories,
-        metadata=first.metadata,
-    )
+    return first if include_failed else first.take(np.isfinite(first.features).all(axis=1))
 
 
-def iter_cache_chunks(path: str | Path, split: str | None = None, rows: int = 16384,
+def iter_cache_chunks(cache: str | Path | CacheRows, split: str | None = None, rows: int = 16384,
                       dtype: type = np.float32) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     """(features, labels) of a split, ``rows`` at a time, without loading the whole cache.
 
-    Memory stays within about ``rows`` x D x 4 bytes, plus one int8 and one bool per image.
+    ``cache``: a path or a snapshot from :func:`open_rows` (to stream the same rows of a cache
+    still being extracted several times). Memory stays within about ``rows`` x D x 4 bytes,
+    plus 4 bytes per image for the row flags.
     """
-    path = Path(path)
-    read_metadata(path)
-    with h5py.File(path, "r") as h5:
-        wanted = h5["valid"][:]
-        if split is not None:
-            wanted &= h5["split"][:] == SPLITS.index(split)
-        for start in range(0, len(wanted), rows):
-            mask = wanted[start:start + rows]
-            if mask.any():
-                features = h5["features"][start:start + len(mask)][mask].astype(dtype, copy=False)
-                yield features, h5["labels"][start:start + len(mask)][mask]
+    cache = cache if isinstance(cache, CacheRows) else open_rows(cache)
+    wanted = cache.valid if split is None else cache.valid & (cache.splits == SPLITS.index(split))
+    for start in range(0, len(wanted), rows):
+        index = np.flatnonzero(wanted[start:start + rows]) + start
+        if len(index):
+            yield cache.read("features", index).astype(dtype, copy=False), cache.labels[index]
 
 
-def _read_rows(dataset: h5py.Dataset, index: np.ndarray) -> np.ndarray:
-    """Rows ``index`` (sorted) of an HDF5 dataset; one slice read when they are contiguous."""
-    if len(index) and index[-1] - index[0] + 1 == len(index):
-        return dataset[index[0]:index[-1] + 1]
-    return dataset[:][index]
+def cache_summary(path: str | Path, *, in_progress: bool = True) -> dict:
+    """Metadata plus row counts per split and label: what ``featgender info`` prints.
 
-
-def cache_summary(path: str | Path) -> dict:
-    """Metadata plus row counts per split and label: what ``featgender info`` prints."""
-    metadata = read_metadata(path)
-    with h5py.File(path, "r") as h5:
-        splits = h5["split"][:]
-        labels = h5["labels"][:]
-        counts = {
-            name: {"images": int((splits == code).sum()), "male": int(((splits == code) & (labels == 1)).sum())}
-            for code, name in enumerate(SPLITS)
-        }
-        metadata["features_shape"] = list(h5["features"].shape)
-        if "attributes" in h5:
-            metadata["attributes"] = [str(name) for name in h5["attributes"].attrs["names"]]
-    metadata["splits"] = counts
+    Of a cache still being extracted, what is known so far (``finished_rows``)."""
+    rows = open_rows(path, in_progress=in_progress)
+    metadata = dict(rows.metadata)
+    metadata["features_shape"] = [len(rows.labels), int(metadata["feature_dim"])]
+    if rows.attribute_names:
+        metadata["attributes"] = rows.attribute_names
+    metadata["splits"] = {
+        name: {"images": int((rows.splits == code).sum()), "male": int(((rows.splits == code) & (rows.labels == 1)).sum())}
+        for code, name in enumerate(SPLITS)
+    }
     return metadata
 
 

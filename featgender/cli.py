@@ -100,10 +100,11 @@ def extract(
 
 @_command
 def info(
-    cache: Path = typer.Argument(..., help="A cache file written by `featgender extract`."),
+    cache: Path = typer.Argument(..., help="A cache file written by `featgender extract`, or one it is still writing."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Print a cache's metadata and its image counts per split."""
+    """Print a cache's metadata and its image counts per split; of one still being extracted,
+    how many images are done (finished_rows)."""
     from featgender.cache import cache_summary
 
     summary = cache_summary(cache)
@@ -168,6 +169,8 @@ def _print_metrics(evaluation: dict) -> None:
         typer.echo(f"  {attribute}: largest accuracy gap {slices['accuracy_gap']:.4f} "
                    f"(lowest: {worst[0]} {worst[1]['accuracy']:.4f}, n={worst[1]['n']})")
 
+InProgressOption = typer.Option(False, "--in-progress", help="The cache is still being extracted: use the images finished so far.")
+
 
 def _split_groups(groups: Optional[str]) -> Optional[list[str]]:
     return None if groups is None else [name.strip() for name in groups.split(",") if name.strip()]
@@ -184,6 +187,7 @@ def fit(
     c: Optional[float] = typer.Option(None, "-C", "--C", help="Regularisation C (logreg, svm, svm-rbf)."),
     search: bool = typer.Option(False, "--search", help="Tune the key hyper-parameter by cross-validation on the train split."),
     out_of_core: bool = typer.Option(False, "--out-of-core", help="Stream features from HDF5 (logreg/svm via SGD) for caches larger than memory."),
+    in_progress: bool = InProgressOption,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Model file (default models/<head>.joblib)."),
     groups: Optional[str] = GroupsOption,
     as_json: bool = typer.Option(False, "--json", help="Print the evaluation as JSON."),
@@ -194,7 +198,8 @@ def fit(
     head_name = head or "logreg"
     out = out or Path("models") / f"{head_name}.joblib"
     model, evaluation = train_head(
-        cache, head_name, search=search, out_of_core=out_of_core, out=out, groups=_split_groups(groups),
+        cache, head_name, search=search, out_of_core=out_of_core, in_progress=in_progress, out=out,
+        groups=_split_groups(groups),
         **_given(train_split=train_split, eval_split=eval_split, pca=pca, normalize=normalize, C=c),
     )
     if as_json:
@@ -217,6 +222,7 @@ def evaluate(
     groups: Optional[str] = GroupsOption,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     count_failed: bool = typer.Option(False, "--count-failed", help="Count images that failed at extraction (unreadable, no face found) as wrong answers instead of leaving them out."),
+    in_progress: bool = InProgressOption,
     trusted: bool = TrustedOption,
 ) -> None:
     """Score a saved head on a cache split: metrics with bootstrap 95% CIs and subgroup gaps."""
@@ -224,7 +230,7 @@ def evaluate(
 
     _announce(model)
     evaluation = evaluate_model(model, cache, report=report, groups=_split_groups(groups), trusted=trusted,
-                                count_failed=count_failed, **_given(split=split))
+                                count_failed=count_failed, in_progress=in_progress, **_given(split=split))
     if as_json:
         typer.echo(json.dumps(public_result(evaluation), indent=2))
         return

@@ -25,6 +25,7 @@ import h5py
 import numpy as np
 
 from featgender.errors import FeatgenderError
+from featgender.files import atomic_write
 
 # Ranks wait for the slowest one at the end of extraction, which may take hours.
 BARRIER_TIMEOUT = timedelta(hours=48)
@@ -57,14 +58,23 @@ def shard_path(out: str | Path, rank: int, world_size: int) -> Path:
     return out.with_name(out.name + ".shards") / f"rank-{rank:05d}-of-{world_size:05d}.h5"
 
 
+def shards_in_progress(out: str | Path) -> list[Path]:
+    """The shard paths of the torchrun job writing ``out``, one per rank (finished or not), from
+    the names in ``<out>.shards/``; [] when there is none."""
+    folder = shard_path(out, 0, 1).parent
+    sizes = {int(name.split("-of-")[1][:5]) for name in os.listdir(folder) if "-of-" in name} if folder.is_dir() else set()
+    if len(sizes) > 1:
+        raise FeatgenderError(f"{folder}: shards of jobs with {sorted(sizes)} ranks; remove the ones of the old job")
+    return [shard_path(out, rank, size) for size in sizes for rank in range(size)]
+
+
 def join_shards(out: str | Path, dataset, shards: list[Path], metadata: dict) -> None:
     """Write ``out`` for ``dataset`` from its complete shard caches, in order: features as a
     virtual dataset over the shards', the rest as any cache (:func:`featgender.cache.write_rows`).
     Atomic, like every cache write."""
-    from featgender.cache import _fsync_replace, write_rows
+    from featgender.cache import row_table_bytes, write_rows
 
     out = Path(out)
-    tmp = out.with_name(out.name + ".tmp")
     dim = metadata["feature_dim"]
     layout = h5py.VirtualLayout(shape=(len(dataset), dim), dtype=metadata["dtype"])
     errors = []
@@ -79,11 +89,11 @@ def join_shards(out: str | Path, dataset, shards: list[Path], metadata: dict) ->
                                                                     shape=(rows, dim))
     if len(errors) != len(dataset):
         raise FeatgenderError(f"{out}: the shards hold {len(errors)} rows for {len(dataset)} images")
-    with h5py.File(tmp, "w", libver="latest") as h5:
+    with atomic_write(out, size=row_table_bytes(dataset) + 1024 * len(shards)) as tmp, \
+            h5py.File(tmp, "w", libver="latest") as h5:
         h5.create_virtual_dataset("features", layout, fillvalue=np.nan)
         write_rows(h5, dataset, errors, {**metadata, "shards": json.dumps([os.path.relpath(path, out.parent)
                                                                              for path in shards])})
-    _fsync_replace(tmp, out)
 
 
 def missing_shards(path: Path, metadata: dict) -> list[Path]:
@@ -137,4 +147,5 @@ def extract_sharded(dataset, backbone, out: str | Path, rank: Rank, *, device: s
                        result.resumed_from)
 
 
-__all__ = ["Rank", "current_rank", "extract_sharded", "join_shards", "missing_shards", "shard_path", "shard_rows"]
+__all__ = ["Rank", "current_rank", "extract_sharded", "join_shards", "missing_shards", "shard_path", "shard_rows",
+           "shards_in_progress"]

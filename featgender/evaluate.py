@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
-from featgender.cache import CacheData, iter_cache_chunks, library_versions, read_caches, read_metadata
+from featgender.cache import CacheData, iter_cache_chunks, library_versions, open_rows, read_caches
 from featgender.errors import FeatgenderError
 from featgender.heads import HeadModel, fit_head, fit_head_streaming, load_model
 
@@ -177,16 +177,17 @@ def evaluate_features(model: HeadModel, data: CacheData, *, groups: list[str] | 
 
 def evaluate_model(model: str | Path | HeadModel, caches: list[str | Path] | str | Path, *,
                    split: str = "test", groups: list[str] | None = None, report: str | Path | None = None,
-                   trusted: bool = False, count_failed: bool = False) -> dict:
+                   trusted: bool = False, count_failed: bool = False, in_progress: bool = False) -> dict:
     """Evaluate a head artifact on a split of the cache(s) it was trained for: ``featgender evaluate``.
 
     Images that failed at extraction (unreadable, or no face found in a photo) are left out,
     or with ``count_failed`` counted as wrong answers. ``trusted``: open an artifact not
-    written here (see :func:`featgender.heads.load_model`).
+    written here (see :func:`featgender.heads.load_model`). ``in_progress``: score the images
+    finished so far of caches still being extracted.
     """
     model = load_model(model, trusted=trusted) if isinstance(model, (str, Path)) else model
     caches = [caches] if isinstance(caches, (str, Path)) else list(caches)
-    data = read_caches(caches, split, include_failed=count_failed)
+    data = read_caches(caches, split, include_failed=count_failed, in_progress=in_progress)
     _check_caches_fit_model(model, data)
     failed = ~np.isfinite(data.features).all(axis=1)
     scores = 1.0 - data.labels.astype(float)  # a failed image: the wrong answer, surely
@@ -224,6 +225,7 @@ def train_head(
     eval_split: str | None = "valid",
     search: bool = False,
     out_of_core: bool = False,
+    in_progress: bool = False,
     out: str | Path | None = None,
     groups: list[str] | None = None,
     **head_params,
@@ -232,6 +234,8 @@ def train_head(
 
     ``head_params`` (pca, normalize, C, ...) go to :func:`featgender.heads.make_head`.
     ``out_of_core`` streams the features from HDF5 (one cache, linear heads only).
+    ``in_progress``: train and evaluate on the images finished so far of caches still being
+    extracted (a snapshot taken once: every epoch sees the same rows).
 
     Returns the model and the evaluation (also stored in ``model.metrics``).
     """
@@ -245,11 +249,12 @@ def train_head(
             raise FeatgenderError(f"--out-of-core: {', '.join(unsupported)} not supported by the streaming SGD fit "
                                   "(its options: --normalize)")
         options = {key: head_params[key] for key in ("normalize", "epochs", "alpha") if head_params.get(key) is not None}
-        pipeline = fit_head_streaming(lambda: iter_cache_chunks(caches[0], train_split), head, **options)
+        rows = open_rows(caches[0], in_progress=in_progress)
+        pipeline = fit_head_streaming(lambda: iter_cache_chunks(rows, train_split), head, **options)
         n_train = int(pipeline.named_steps["scale"].n_samples_seen_)
-        sources, search_result = [read_metadata(caches[0])], {}
+        sources, search_result = [rows.metadata], {}
     else:
-        train = read_caches(caches, train_split)
+        train = read_caches(caches, train_split, in_progress=in_progress)
         if len(train.labels) == 0:
             raise FeatgenderError(f"--train-split {train_split}: no images in {caches[0]}")
         pipeline, search_result = fit_head(train.features, train.labels, head, search=search,
@@ -274,7 +279,7 @@ def train_head(
     )
     evaluation = {}
     if eval_split is not None:
-        evaluation = evaluate_features(model, read_caches(caches, eval_split), groups=groups)
+        evaluation = evaluate_features(model, read_caches(caches, eval_split, in_progress=in_progress), groups=groups)
         evaluation["split"] = eval_split
         model.metrics = public_result(evaluation)
     if out is not None:

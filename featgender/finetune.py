@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from featgender.backbones import Backbone, build_backbone
 from featgender.data import FaceDataset, load_dataset
 from featgender.errors import FeatgenderError
+from featgender.files import atomic_write
 from featgender.extract import default_workers, load_image, resolve_device, resolve_precision
 
 logger = logging.getLogger(__name__)
@@ -252,11 +252,10 @@ def finetune(
 
 
 def _save(path: Path, content: dict) -> None:
-    """torch.save to a temporary file, then an atomic rename."""
+    """torch.save, atomically (:func:`featgender.files.atomic_write`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(content, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path) as tmp:
+        torch.save(content, tmp)
 
 
 def load_finetuned(path: str | Path, *, device: str = "auto") -> tuple[GenderNet, Backbone, dict]:

@@ -43,6 +43,7 @@ from featgender import trust
 from featgender.backbones import file_sha256
 from featgender.data import LABEL_NAMES
 from featgender.errors import FeatgenderError
+from featgender.files import atomic_write
 
 NORMALIZATIONS = ("none", "l2", "power")
 
@@ -419,12 +420,11 @@ class HeadModel:
         return self.pipeline.predict_proba(features)[:, 1]
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the artifact with joblib, atomically (temporary file, then rename)."""
+        """Write the artifact with joblib, atomically (:func:`featgender.files.atomic_write`)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        joblib.dump({"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, **self.__dict__}, tmp)
-        os.replace(tmp, path)
+        with atomic_write(path) as tmp:
+            joblib.dump({"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, **self.__dict__}, tmp)
         trust.record(path)
 
 

@@ -1,0 +1,137 @@
+"""Reading a cache while its extraction is still writing it: finished rows only, bit for bit."""
+
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from featgender.backbones import build_backbone
+from featgender.cli import app
+from featgender.cache import build_cache, cache_summary, iter_cache_chunks, open_rows, read_cache
+from featgender.data import load_dataset
+from featgender.distributed import shard_path, shard_rows
+from featgender.errors import FeatgenderError
+from featgender.evaluate import train_head
+
+BACKBONE = "mobilenet_v3_small"
+OPTIONS = dict(batch_size=2, chunk_rows=4, workers=0, progress=False)
+
+
+@pytest.fixture(scope="module")
+def small_backbone():
+    return build_backbone(BACKBONE, weights="none")
+
+
+def break_image(path) -> bytes:
+    """Overwrite an image with junk; returns its bytes to put back."""
+    good = path.read_bytes()
+    path.write_bytes(b"not an image")
+    return good
+
+
+def stop_at_row(dataset, backbone, out, row: int) -> bytes:
+    """Extract until the strict stop at a broken image ``row``: the rows before it are done,
+    the cache is not written. Returns the broken image's bytes."""
+    good = break_image(dataset.paths[row])
+    with pytest.raises(FeatgenderError, match="--strict"):
+        build_cache(dataset, backbone, out, strict=True, **OPTIONS)
+    assert not out.exists()
+    return good
+
+
+def assert_rows_of(part, whole):
+    """``part``'s rows are ``whole``'s rows of the same images, bit for bit."""
+    position = {image_id: row for row, image_id in enumerate(whole.ids)}
+    rows = [position[image_id] for image_id in part.ids]
+    np.testing.assert_array_equal(part.features, whole.features[rows])
+    np.testing.assert_array_equal(part.labels, whole.labels[rows])
+    np.testing.assert_array_equal(part.splits, whole.splits[rows])
+
+
+def test_an_interrupted_extraction_shows_its_finished_rows(csv_dataset, small_backbone, tmp_path):
+    dataset = load_dataset(csv_dataset)
+    out = tmp_path / "c.h5"
+    good = stop_at_row(dataset, small_backbone, out, row=21)
+
+    with pytest.raises(FeatgenderError, match=r"still being extracted \(20 of 40 images done\).*--in-progress"):
+        read_cache(out)
+    partial = read_cache(out, in_progress=True)
+    assert partial.ids == dataset.image_ids[:20]  # whole chunks of 4 rows before the broken one
+    summary = cache_summary(out)
+    assert summary["complete"] is False and summary["finished_rows"] == 20 and summary["num_images"] == 40
+    assert sum(counts["images"] for counts in summary["splits"].values()) == 40
+    snapshot = open_rows(out, in_progress=True)
+    streamed = np.concatenate([features for features, _ in iter_cache_chunks(snapshot, rows=7)])
+    np.testing.assert_array_equal(streamed, partial.features)
+    model, _ = train_head(out, "logreg", in_progress=True, eval_split=None)
+    assert model.training["images"] == int((partial.splits == 0).sum())
+    runner = CliRunner()
+    shown = runner.invoke(app, ["info", str(out)])
+    assert shown.exit_code == 0 and "finished_rows: 20" in shown.output
+    refused = runner.invoke(app, ["fit", "--cache", str(out), "--out", str(tmp_path / "m.joblib")])
+    assert refused.exit_code == 1 and "still being extracted (20 of 40 images done)" in refused.output
+
+    dataset.paths[21].write_bytes(good)
+    build_cache(dataset, small_backbone, out, **OPTIONS)
+    whole = read_cache(out)
+    assert_rows_of(partial, whole)
+    # a snapshot taken before the end still reads: its chunks are gone, the cache has the same rows
+    np.testing.assert_array_equal(snapshot.read("features", np.arange(20)), whole.features[:20])
+    assert read_cache(out, in_progress=True).ids == whole.ids  # a finished cache reads as itself
+
+
+def test_readers_follow_a_running_extraction(csv_dataset, small_backbone, tmp_path):
+    """A second process extracts (one chunk every 0.15 s at least) while this one reads."""
+    out = tmp_path / "c.h5"
+    script = f"""
+import sys, time
+from featgender import cache
+from featgender.backbones import build_backbone
+from featgender.cli import app
+from featgender.data import load_dataset
+write_chunk = cache._PartialCache.write_chunk
+def slow_write_chunk(self, *args):
+    write_chunk(self, *args)
+    time.sleep(0.15)
+cache._PartialCache.write_chunk = slow_write_chunk
+cache.build_cache(load_dataset(sys.argv[1]), build_backbone("{BACKBONE}", weights="none"), sys.argv[2],
+                  **{OPTIONS!r})
+"""
+    process = subprocess.Popen([sys.executable, "-c", script, str(csv_dataset), str(out)])
+    snapshots = []
+    try:
+        while process.poll() is None:
+            try:
+                snapshots.append(read_cache(out, in_progress=True))
+            except FeatgenderError as error:
+                assert "no extraction is writing it" in str(error)  # not started yet
+            time.sleep(0.02)
+    finally:
+        process.kill() if process.poll() is None else None
+    assert process.wait() == 0
+    whole = read_cache(out)
+    seen = [len(snapshot.ids) for snapshot in snapshots]
+    assert len({count for count in seen if 0 < count < 40}) >= 3, seen  # it was read while being written
+    assert seen == sorted(seen) and all(count % 4 == 0 for count in seen), seen
+    for snapshot in snapshots:
+        assert_rows_of(snapshot, whole)
+
+
+def test_torchrun_shards_in_progress_read_as_one_cache(csv_dataset, small_backbone, tmp_path):
+    """The files a 2-rank job leaves mid-way: rank 0's shard finished, rank 1's half done."""
+    dataset = load_dataset(csv_dataset)
+    single = tmp_path / "single.h5"
+    build_cache(dataset, small_backbone, single, **OPTIONS)
+    out = tmp_path / "joined.h5"
+    first, second = (dataset.subset(np.array(shard_rows(40, rank, 2))) for rank in range(2))
+    shard_path(out, 0, 2).parent.mkdir()
+    build_cache(first, small_backbone, shard_path(out, 0, 2), **OPTIONS)
+    stop_at_row(second, small_backbone, shard_path(out, 1, 2), row=9)
+
+    partial = read_cache(out, in_progress=True)
+    assert partial.ids == dataset.image_ids[:28]  # 20 of rank 0, two chunks of rank 1
+    assert_rows_of(partial, read_cache(single))
+    assert cache_summary(out)["finished_rows"] == 28
