@@ -145,6 +145,10 @@ class _PartialCache:
         meta_file = self.folder / "meta.json"
         return json.loads(meta_file.read_text()) if meta_file.is_file() else None
 
+    def readable(self) -> bool:
+        """Whether readers can see this extraction's finished rows (it has started)."""
+        return self.rows_path.is_file() and (self.folder / "meta.json").is_file()
+
     def start(self, meta: dict, dataset: FaceDataset) -> None:
         """Record the dataset's rows and what is being written, unless a resumed run did."""
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -363,16 +367,13 @@ def write_row_table(h5: h5py.File, dataset: FaceDataset) -> None:
 # --- reading ---------------------------------------------------------------------------
 
 
-def read_metadata(path: str | Path, *, check_shards: bool = True, in_progress: bool = False) -> dict:
+def read_metadata(path: str | Path, *, check_shards: bool = True) -> dict:
     """Root attributes of a cache, as plain Python values.
 
     A cache joined from torchrun shards is refused when a shard is missing, unless not
-    ``check_shards``. ``in_progress``: where ``path`` is still being extracted, the metadata of
-    the rows finished so far (``complete`` False, ``finished_rows``; see :func:`open_rows`)."""
+    ``check_shards``. A cache still being extracted is refused, saying how far it is."""
     path = Path(path)
     if not path.is_file():
-        if in_progress:
-            return open_rows(path, in_progress=True).metadata
         raise FeatgenderError(_missing_cache_message(path))
     try:
         with h5py.File(path, "r") as h5:
@@ -390,10 +391,7 @@ def read_metadata(path: str | Path, *, check_shards: bool = True, in_progress: b
 
 
 def _missing_cache_message(path: Path) -> str:
-    try:
-        rows = _rows_in_progress(path)
-    except FileNotFoundError:  # it finished while we looked
-        rows = None
+    rows = _rows_in_progress(path)
     if rows is None:
         return f"{path}: no such cache file"
     return (f"{path}: still being extracted ({rows.metadata['finished_rows']} of {rows.metadata['num_images']} "
@@ -525,20 +523,28 @@ class _JoinedRows(CacheRows):
         return None if pieces[0] is None else np.concatenate(pieces)
 
 
+def _written_rows(path: Path) -> CacheRows | None:
+    """What is written at ``path``: the finished cache, the finished chunks of the extraction
+    writing it, or None."""
+    if path.is_file():
+        return _FileRows(path)
+    partial = _PartialCache(path)
+    return _PartialRows(partial) if partial.readable() else None
+
+
 def _rows_in_progress(out: Path) -> CacheRows | None:
-    """The finished rows of the extraction writing ``out``, alone or by torchrun; None if none is."""
+    """The finished rows of the extraction writing ``out``, alone or by torchrun; None if none
+    is, or if it finished while we looked (its chunks are gone)."""
     from featgender.distributed import shards_in_progress
 
     partial = _PartialCache(out)
-    if partial.read_meta() is not None and partial.rows_path.is_file():
-        return _PartialRows(partial)
-    parts = []
-    for shard in shards_in_progress(out):  # a rank that has not started yet adds no rows
-        shard_partial = _PartialCache(shard)
-        if shard.is_file():
-            parts.append(_FileRows(shard))
-        elif shard_partial.read_meta() is not None and shard_partial.rows_path.is_file():
-            parts.append(_PartialRows(shard_partial))
+    try:
+        if partial.readable():
+            return _PartialRows(partial)
+        # the shards of a torchrun job; a rank that has not started yet adds no rows
+        parts = [rows for rows in map(_written_rows, shards_in_progress(out)) if rows is not None]
+    except FileNotFoundError:
+        return None
     return _JoinedRows(parts) if parts else None
 
 
@@ -552,13 +558,10 @@ def open_rows(path: str | Path, *, in_progress: bool = False) -> CacheRows:
     path = Path(path)
     if path.is_file() or not in_progress:
         return _FileRows(path)
-    try:
-        rows = _rows_in_progress(path)
-    except FileNotFoundError:  # it finished while we looked
-        rows = None
+    rows = _rows_in_progress(path)
     if rows is not None:
         return rows
-    if path.is_file():
+    if path.is_file():  # it finished while we looked
         return _FileRows(path)
     raise FeatgenderError(f"{path}: no such cache file, and no extraction is writing it")
 
