@@ -435,14 +435,16 @@ class CacheRows:
 
 
 def _read_h5_rows(path: Path, column: str, index: np.ndarray) -> np.ndarray | None:
-    """Rows ``index`` (sorted) of one dataset of an HDF5 file, read as one slice over their span."""
+    """Rows ``index`` (sorted) of one dataset of an HDF5 file, read as one slice over their span
+    (and only selected from when they have gaps: a split of 1 GB is not copied twice)."""
     with h5py.File(path, "r") as h5:
         if column not in h5:
             return None
         data = h5[column].asstr() if column == "ids" else h5[column]
         if not len(index):
             return data[0:0]
-        return data[index[0]:index[-1] + 1][index - index[0]]
+        span = data[index[0]:index[-1] + 1]
+        return span if len(span) == len(index) else span[index - index[0]]
 
 
 class _FileRows(CacheRows):
