@@ -125,9 +125,11 @@ def extract_sharded(dataset, backbone, out: str | Path, rank: Rank, *, device: s
         raise FeatgenderError(f"{out}: holds a different cache; pass --overwrite to replace it or --out to write elsewhere")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+        device = torch.device("cuda", torch.cuda.current_device())
     started_here = not dist.is_initialized()
-    if started_here:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=BARRIER_TIMEOUT)
+    if started_here:  # NCCL's barriers run on this rank's GPU, bound here rather than guessed from the rank
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=BARRIER_TIMEOUT,
+                                device_id=device if device.type == "cuda" else None)
     try:
         rows = shard_rows(len(dataset), rank.rank, rank.world_size)
         shard = shard_path(out, rank.rank, rank.world_size)

@@ -1,8 +1,10 @@
 """torchrun extraction: 2 gloo ranks on this machine against one process, shards, joins."""
 
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import h5py
 import numpy as np
@@ -15,10 +17,23 @@ from featgender.errors import FeatgenderError
 EXTRACT = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--precision", "float32", "--workers", "0"]
 
 
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+# The Python API under torchrun, in small chunks so that a rank can be killed between them;
+# each rank writes down its pid and how its shard went.
+API_SCRIPT = """
+import os, sys
+from featgender.cache import extract_to_cache
+open(sys.argv[2] + ".pid" + os.environ["RANK"], "w").write(str(os.getpid()))
+result = extract_to_cache(sys.argv[1], out=sys.argv[2], backbone="mobilenet_v3_small", weights="none",
+                          precision="float32", workers=0, batch_size=1, chunk_rows=2, progress=False)
+open(sys.argv[2] + ".status" + os.environ["RANK"], "w").write(f"{result.status} {result.resumed_from}")
+"""
+
+
 def torchrun(data, out, nproc=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+        [*TORCHRUN, f"--nproc-per-node={nproc}",
          "-m", "featgender", "extract", "--data", str(data), "--out", str(out), *EXTRACT],
         env=env, capture_output=True, text=True, timeout=600,
     )
@@ -55,3 +70,34 @@ def test_two_gloo_ranks_give_the_single_process_cache(csv_dataset, tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     assert first.stat().st_mtime_ns == first_written and second.is_file()
     np.testing.assert_array_equal(read_cache(joined).features, alone.features)
+
+
+def test_a_rank_killed_mid_shard_is_resumed_by_the_rerun(csv_dataset, tmp_path):
+    """kill -9 one rank once its shard has some chunks: torchrun stops the job, nothing is
+    joined; the same job again resumes that shard where it stopped and ends bit for bit
+    equal to one process."""
+    single, joined = tmp_path / "single.h5", tmp_path / "joined.h5"
+    extract_to_cache(csv_dataset, backbone="mobilenet_v3_small", weights="none", precision="float32", workers=0,
+                     out=single, progress=False)
+    script = tmp_path / "api.py"
+    script.write_text(API_SCRIPT)
+    command = [*TORCHRUN, "--nproc-per-node=2", str(script), str(csv_dataset), str(joined)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    partial = shard_path(joined, 1, 2).with_name(shard_path(joined, 1, 2).name + ".partial")
+    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while len(list(partial.glob("rows-*[0-9].npz"))) < 2:
+            assert job.poll() is None, job.communicate()[1][-3000:]
+            time.sleep(0.002)
+        os.kill(int((tmp_path / "joined.h5.pid1").read_text()), signal.SIGKILL)
+        job.communicate(timeout=300)
+    finally:
+        job.kill()
+    assert job.returncode != 0 and not joined.exists()
+    assert not shard_path(joined, 1, 2).exists() and partial.is_dir()  # killed mid-shard, resumable
+
+    rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    resumed, resumed_from = (tmp_path / "joined.h5.status1").read_text().split()
+    assert resumed == "resumed" and 4 <= int(resumed_from) < 20  # only the missing rows were embedded
+    np.testing.assert_array_equal(read_cache(joined).features, read_cache(single).features)
