@@ -2,7 +2,8 @@
 
 The same generated cache as ``heads_speed.py``. For each read - the train split (162,770
 rows), the test split (the last 20,000), and one streamed pass over the train split in
-16,384-row blocks (what ``fit --out-of-core`` does each epoch) - prints one JSON line with
+16,384-row chunks, in file order and in shuffled 256-row blocks (what ``fit --out-of-core``
+does each epoch) - prints one JSON line with
 featgender's seconds, the seconds of the plainest h5py code reading the same rows, and
 their ratio. Best of ``--repeat`` runs.
 
@@ -31,13 +32,19 @@ def plain_read(path: Path, split: str) -> np.ndarray:
         return h5["features"][:][wanted]
 
 
-def plain_stream(path: Path, split: str, rows: int = 16384) -> int:
+def plain_stream(path: Path, split: str, rows: int = 16384, shuffle: int | None = None) -> int:
+    """Rows of one pass in chunks; shuffled: the chunks gather 256-row blocks in a random order."""
     seen = 0
+    block = rows if shuffle is None else 256
     with h5py.File(path, "r") as h5:
         wanted = h5["valid"][:] & (h5["split"][:] == SPLITS.index(split))
-        for start in range(0, len(wanted), rows):
-            mask = wanted[start:start + rows]
-            seen += len(h5["features"][start:start + len(mask)][mask])
+        starts = np.arange(0, len(wanted), block)
+        if shuffle is not None:
+            starts = np.random.default_rng(shuffle).permutation(starts)
+        for first in range(0, len(starts), rows // block):
+            parts = [h5["features"][start:start + block][wanted[start:start + block]]
+                     for start in starts[first:first + rows // block]]
+            seen += len(np.concatenate(parts))
     return seen
 
 
@@ -58,6 +65,8 @@ def timings(cache: Path, repeat: int, read=read_caches, stream=iter_cache_chunks
         ("read test split", lambda: read(cache, "test"), lambda: plain_read(cache, "test")),
         ("stream train split", lambda: sum(len(f) for f, _ in stream(cache, "train")),
          lambda: plain_stream(cache, "train")),
+        ("stream train split, shuffled", lambda: sum(len(f) for f, _ in stream(cache, "train", shuffle=0)),
+         lambda: plain_stream(cache, "train", shuffle=0)),
     ]
     lines = []
     for name, ours, plain in cases:

@@ -654,20 +654,48 @@ def read_caches(paths: list[str | Path] | str | Path, split: str | None = None, 
     return first if include_failed else first.take(np.isfinite(first.features).all(axis=1))
 
 
+# Rows per block when streaming in a shuffled order: small enough that a 16,384-row chunk
+# mixes 64 places of the cache, large enough to be read as one slice.
+SHUFFLE_BLOCK_ROWS = 256
+
+
 def iter_cache_chunks(cache: str | Path | CacheRows, split: str | None = None, rows: int = 16384,
-                      dtype: type = np.float32) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+                      dtype: type = np.float32, shuffle: np.random.Generator | int | None = None,
+                      ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     """(features, labels) of a split, ``rows`` at a time, without loading the whole cache.
 
     ``cache``: a path or a snapshot from :func:`open_rows` (to stream the same rows of a cache
-    still being extracted several times). Memory stays within about ``rows`` x D x 4 bytes,
-    plus 4 bytes per image for the row flags.
+    still being extracted several times). ``shuffle`` (a seed, or a generator that gives
+    another order on each pass): each chunk gathers blocks of 256 consecutive rows from
+    random places of the split instead of the next ``rows`` rows, so that every chunk holds
+    both classes even when the cache is sorted by label (as class folders are); an SGD fit
+    over label-sorted chunks loses ~12 points of accuracy. Memory stays within about
+    ``rows`` x D x 4 bytes, plus 12 bytes per image for the row flags and block order.
     """
     cache = cache if isinstance(cache, CacheRows) else open_rows(cache)
     wanted = cache.valid if split is None else cache.valid & (cache.splits == SPLITS.index(split))
-    for start in range(0, len(wanted), rows):
-        index = np.flatnonzero(wanted[start:start + rows]) + start
-        if len(index):
-            yield cache.read("features", index).astype(dtype, copy=False), cache.labels[index]
+    block = rows if shuffle is None else min(rows, SHUFFLE_BLOCK_ROWS)
+    starts = np.arange(0, len(wanted), block)
+    if shuffle is not None:
+        starts = np.random.default_rng(shuffle).permutation(starts)
+    per_chunk = rows // block
+    for first in range(0, len(starts), per_chunk):
+        index = [np.flatnonzero(wanted[start:start + block]) + start for start in starts[first:first + per_chunk]]
+        index = [part for part in index if len(part)]
+        if index:  # no name here holds a chunk while the next one is read
+            yield _read_blocks(cache, index, dtype), cache.labels[np.concatenate(index)]
+
+
+def _read_blocks(cache: CacheRows, index: list[np.ndarray], dtype: type) -> np.ndarray:
+    """The features of rows ``index`` (sorted blocks, in this order) as one ``dtype`` array."""
+    if len(index) == 1:
+        return cache.read("features", index[0]).astype(dtype, copy=False)
+    features = np.empty((sum(map(len, index)), int(cache.metadata["feature_dim"])), dtype)
+    filled = 0
+    for part in index:  # filled in place: one chunk in memory, not two
+        features[filled:filled + len(part)] = cache.read("features", part)
+        filled += len(part)
+    return features
 
 
 def cache_summary(path: str | Path, *, in_progress: bool = True) -> dict:

@@ -81,11 +81,18 @@ def bootstrap_ci(labels: np.ndarray, predicted: np.ndarray, scores: np.ndarray |
                  n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
     """Percentile bootstrap confidence intervals of every metric in :data:`METRICS`.
 
-    The images are resampled with replacement ``n_boot`` times (seeded).
+    The images are resampled with replacement ``n_boot`` times (seeded), a batch of
+    resamples at a time: memory stays near 2**22 resampled images whatever the split's size.
     """
-    rows = np.random.default_rng(seed).integers(0, len(labels), size=(n_boot, len(labels)))
-    samples = resampled_metrics(np.asarray(labels)[rows], np.asarray(predicted)[rows],
-                                None if scores is None else np.asarray(scores)[rows])
+    rng = np.random.default_rng(seed)
+    labels, predicted = np.asarray(labels), np.asarray(predicted)
+    scores = None if scores is None else np.asarray(scores)
+    per_batch = max(1, 2**22 // len(labels))
+    batches = []
+    for done in range(0, n_boot, per_batch):
+        rows = rng.integers(0, len(labels), size=(min(per_batch, n_boot - done), len(labels)))
+        batches.append(resampled_metrics(labels[rows], predicted[rows], None if scores is None else scores[rows]))
+    samples = {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
     tail = (1 - level) / 2 * 100
     return {
         name: [float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100 - tail))]
@@ -192,7 +199,7 @@ def evaluate_model(model: str | Path | HeadModel, caches: list[str | Path] | str
     failed = ~np.isfinite(data.features).all(axis=1)
     scores = 1.0 - data.labels.astype(float)  # a failed image: the wrong answer, surely
     if (~failed).any():
-        scores[~failed] = model.predict_proba(data.features[~failed])
+        scores[~failed] = model.predict_proba(data.features[~failed] if failed.any() else data.features)
     result = evaluate_scores(data, scores, groups=groups)
     result["failed_counted_as_errors"] = int(failed.sum())
     result["split"] = split
@@ -250,7 +257,9 @@ def train_head(
                                   "(its options: --normalize)")
         options = {key: head_params[key] for key in ("normalize", "epochs", "alpha") if head_params.get(key) is not None}
         rows = open_rows(caches[0], in_progress=in_progress)
-        pipeline = fit_head_streaming(lambda: iter_cache_chunks(rows, train_split), head, **options)
+        order = np.random.default_rng(0)  # another block order each epoch, the same each run
+        pipeline = fit_head_streaming(lambda: iter_cache_chunks(rows, train_split, shuffle=order), head,
+                                      overwrite_chunks=True, **options)
         n_train = int(pipeline.named_steps["scale"].n_samples_seen_)
         sources, search_result = [rows.metadata], {}
     else:

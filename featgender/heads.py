@@ -356,23 +356,34 @@ def fit_head_streaming(
     epochs: int = 5,
     alpha: float = 1e-4,
     normalize: str = "power",
+    overwrite_chunks: bool = False,
     random_state: int = 0,
 ) -> Pipeline:
     """Fit a linear head out of core: ``chunks()`` yields (features, labels) blocks anew on each call.
 
     One pass fits the standardisation (``partial_fit``), then ``epochs`` passes train an
     SGD classifier: log loss for 'logreg', modified Huber (a smoothed hinge that still gives
-    probabilities) for 'svm'. Memory stays at one chunk.
+    probabilities) for 'svm'. Chunks should mix both classes (see ``shuffle`` of
+    :func:`featgender.cache.iter_cache_chunks`). Memory: one chunk at a time, plus a
+    normalised copy of it unless ``overwrite_chunks=True`` lets the fit work in place on
+    chunks nobody else holds; the returned pipeline copies as usual.
     """
     if head not in STREAMING_LOSSES:
         raise FeatgenderError(f"--head {head!r}: out-of-core fitting supports {', '.join(STREAMING_LOSSES)}")
-    normalizer, scaler = FeatureNormalizer(normalize), StandardScaler()
+    normalizer = FeatureNormalizer(normalize, copy=not overwrite_chunks)
+    scaler = StandardScaler(copy=False)  # on the normaliser's output: its copy, or an overwritable chunk
     for features, _ in chunks():
-        scaler.partial_fit(normalizer.fit(features).transform(features))
+        normalized = normalizer.fit(features).transform(features)
+        for start in range(0, len(normalized), 1024):  # partial_fit makes a float64 copy of what it is given
+            scaler.partial_fit(normalized[start:start + 1024])
+        del features, normalized  # before the next chunk is read: one in memory, not two
     classifier = SGDClassifier(loss=STREAMING_LOSSES[head], alpha=alpha, average=True, random_state=random_state)
     for epoch in range(epochs):
         for features, labels in chunks():
             classifier.partial_fit(scaler.transform(normalizer.transform(features)), labels, classes=[0, 1])
+            del features, labels
+    normalizer.set_params(copy=True)
+    scaler.set_params(copy=normalize == "none")
     return Pipeline([("normalize", normalizer), ("scale", scaler), ("classifier", classifier)])
 
 

@@ -50,6 +50,16 @@ def test_bootstrap_intervals_hold_the_estimate_and_shrink_with_more_images():
     assert width(4000) < width(200) / 2
 
 
+def test_bootstrap_of_a_large_split_runs_in_batches_with_the_same_resamples():
+    """50,000 images: resamples drawn in batches of 83 (memory), the same as all at once."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 2, 50_000)
+    predicted = np.where(rng.random(50_000) < 0.8, labels, 1 - labels)
+    rows = np.random.default_rng(0).integers(0, 50_000, size=(300, 50_000))
+    expected = np.percentile((labels[rows] == predicted[rows]).mean(axis=1), [2.5, 97.5])
+    np.testing.assert_allclose(bootstrap_ci(labels, predicted, n_boot=300)["accuracy"], expected, rtol=1e-12)
+
+
 def test_subgroup_slices_and_gap():
     labels = np.array([1, 1, 0, 0, 1, 1, 0, 0])
     predicted = np.array([1, 1, 0, 0, 0, 1, 1, 0])

@@ -121,8 +121,10 @@ def test_streaming_fit_matches_in_memory_accuracy():
     features, labels = separable(n=2000)
     test_features, test_labels = separable(n=500, seed=1)
     chunks = lambda: ((features[i:i + 256], labels[i:i + 256]) for i in range(0, 2000, 256))
+    before = features.copy()
     streamed = fit_head_streaming(chunks, "logreg")
     in_memory, _ = fit_head(features, labels, "logreg")
+    np.testing.assert_array_equal(features, before)  # the caller's chunks are left as they were
     streamed_accuracy = (streamed.predict(test_features) == test_labels).mean()
     assert streamed_accuracy > (in_memory.predict(test_features) == test_labels).mean() - 0.02
     assert streamed.named_steps["scale"].n_samples_seen_ == 2000
@@ -175,3 +177,38 @@ def test_fitted_pipelines_pickle():
     pipeline, _ = fit_head(features, labels, "svm")
     again = pickle.loads(pickle.dumps(pipeline))
     np.testing.assert_array_equal(again.predict_proba(features), pipeline.predict_proba(features))
+
+
+def test_streaming_fit_over_a_label_sorted_cache_matches_in_memory(tmp_path):
+    """Class folders give caches sorted by label; chunks read in file order would hold one
+    class each and ruin SGD. Shuffled blocks mix them: accuracy as in memory, each row once."""
+    from featgender.cache import iter_cache_chunks, read_cache, write_cache
+    from featgender.data import FaceDataset
+
+    rng = np.random.default_rng(0)
+    n, d = 8000, 32
+    labels = np.repeat(np.array([0, 1], dtype=np.int8), n // 2)
+    features = rng.normal(0, 1, (n, d)).astype(np.float32) + 0.15 * np.outer(2 * labels - 1, rng.normal(0, 1, d))
+    splits = np.where(rng.random(n) < 0.25, 2, 0).astype(np.int8)
+    dataset = FaceDataset(root=tmp_path, format="generated", image_ids=[f"{i:05d}" for i in range(n)], paths=[],
+                          labels=labels, splits=splits, split_source="generated")
+    cache = tmp_path / "sorted.h5"
+    write_cache(cache, dataset, [(features, [""] * n)], {"backbone": "generated", "feature_dim": d, "dtype": "float32"})
+    train, test = read_cache(cache, "train"), read_cache(cache, "test")
+
+    order = np.random.default_rng(0)
+    streamed = fit_head_streaming(lambda: iter_cache_chunks(cache, "train", rows=512, shuffle=order), "logreg",
+                                  overwrite_chunks=True)
+    in_memory, _ = fit_head(train.features, train.labels, "logreg")
+    accuracy = lambda model: (model.predict(test.features) == test.labels).mean()
+    test_features = test.features.copy()
+    assert accuracy(streamed) > accuracy(in_memory) - 0.03  # 3 standard errors on 2,000 test rows; file order: -0.10
+    np.testing.assert_array_equal(test.features, test_features)  # fitted in place, predicts on a copy
+
+    passes = [list(iter_cache_chunks(cache, "train", rows=512, shuffle=order)) for _ in range(2)]
+    for chunks in passes:
+        assert all(len(block) <= 512 for block, _ in chunks)
+        streamed_rows = np.concatenate([block for block, _ in chunks])
+        order_of = np.lexsort(streamed_rows.T)
+        np.testing.assert_array_equal(streamed_rows[order_of], train.features[np.lexsort(train.features.T)])
+    assert not np.array_equal(passes[0][0][0], passes[1][0][0])  # another order each pass
