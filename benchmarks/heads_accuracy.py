@@ -1,7 +1,7 @@
 """Every head's accuracy on real faces: test split of one cache, and faces of another dataset.
 
-Each head is fitted with its defaults on the train split of ``--cache`` and scored on its
-test split and, with ``--unseen``, on every image of a second cache (faces of another
+Each head is fitted with its defaults on the train split of ``--cache`` (and logreg once
+more out of core, as ``fit --out-of-core`` does) and scored on its test split and, with ``--unseen``, on every image of a second cache (faces of another
 dataset the heads never saw, e.g. CelebA images for heads trained on UTKFace). Prints a
 markdown table with bootstrap 95% CIs.
 
@@ -17,9 +17,11 @@ import argparse
 import time
 from pathlib import Path
 
-from featgender.cache import read_caches
+import numpy as np
+
+from featgender.cache import iter_cache_chunks, read_caches
 from featgender.evaluate import bootstrap_ci, classification_metrics
-from featgender.heads import fit_head, list_heads
+from featgender.heads import fit_head, fit_head_streaming, list_heads
 
 
 def scored(pipeline, data) -> str:
@@ -42,11 +44,15 @@ def main() -> None:
           + (f"; unseen: {len(unseen.labels)} images of {args.unseen.name}" if unseen else ""))
     print("| head | fit s | test accuracy (95% CI) |" + (" unseen accuracy (95% CI) |" if unseen else ""))
     print("|---|---|---|" + ("---|" if unseen else ""))
-    for head in args.heads.split(","):
+    order = np.random.default_rng(0)
+    fits = {head: lambda head=head: fit_head(train.features, train.labels, head)[0] for head in args.heads.split(",")}
+    fits["logreg, out of core"] = lambda: fit_head_streaming(
+        lambda: iter_cache_chunks(args.cache, "train", shuffle=order), "logreg", overwrite_chunks=True)
+    for name, fit in fits.items():
         started = time.perf_counter()
-        pipeline, _ = fit_head(train.features, train.labels, head)
+        pipeline = fit()
         seconds = time.perf_counter() - started
-        row = f"| {head} | {seconds:.1f} | {scored(pipeline, test)} |"
+        row = f"| {name} | {seconds:.1f} | {scored(pipeline, test)} |"
         print(row + (f" {scored(pipeline, unseen)} |" if unseen else ""), flush=True)
 
 
