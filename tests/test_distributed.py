@@ -1,5 +1,6 @@
 """torchrun extraction: 2 gloo ranks on this machine against one process, shards, joins."""
 
+import json
 import os
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 
-from featgender.cache import extract_to_cache, read_cache, read_metadata
+from featgender.cache import cache_summary, extract_to_cache, read_cache, read_metadata
 from featgender.distributed import shard_path, shard_rows
 from featgender.errors import FeatgenderError
 
@@ -59,6 +60,9 @@ def test_two_gloo_ranks_give_the_single_process_cache(csv_dataset, tmp_path):
     assert metadata["num_images"] == 40 and metadata["dataset_fingerprint"] == read_metadata(single)["dataset_fingerprint"]
     with h5py.File(joined) as h5:
         assert h5["features"].is_virtual  # the shards' rows, not a copy
+    info = subprocess.run([sys.executable, "-m", "featgender", "info", str(joined), "--json"],
+                          capture_output=True, text=True, check=True)
+    assert json.loads(info.stdout)["splits"] == cache_summary(single)["splits"]
 
     # a rank whose shard is gone: the rerun redoes that shard only
     first, second = shard_path(joined, 0, 2), shard_path(joined, 1, 2)
