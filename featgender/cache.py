@@ -52,7 +52,7 @@ import numpy as np
 from featgender.backbones import Backbone
 from featgender.data import SPLITS, FaceDataset
 from featgender.errors import FeatgenderError
-from featgender.files import atomic_write
+from featgender.files import atomic_write, exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -217,6 +217,7 @@ def build_cache(
     whole batches, so that a resumed run feeds the network the very same batches).
     Unreadable images are recorded in the cache (``failed/``) and skipped; with ``strict``
     the first one stops the extraction (resumable once the file is fixed or removed).
+    A second extraction of the same ``out`` while this one runs is refused.
     """
     from featgender.extract import default_batch_size, iter_features, resolve_device, resolve_precision
 
@@ -225,43 +226,45 @@ def build_cache(
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     precision = resolve_precision(precision, device)
     meta = cache_metadata(dataset, backbone, precision, dtype, limit, seed, flip)
-    if out.exists() and not overwrite:
-        found = read_metadata(out)
-        mismatch = _identity_mismatch(found, meta)
-        if mismatch:
-            raise FeatgenderError(
-                f"{out}: holds a different cache ({', '.join(mismatch)} differ); "
-                "pass --overwrite to replace it or --out to write elsewhere"
-            )
-        if found.get("complete"):
-            return CacheResult(out, "up to date", int(found["num_images"]), int(found.get("failed_count", 0)))
-    partial = _PartialCache(out)
-    previous = partial.read_meta()
-    if previous is not None and _identity_mismatch(previous, meta):
-        if not overwrite:
-            raise FeatgenderError(
-                f"{partial.folder}: an unfinished extraction of a different cache "
-                f"({', '.join(_identity_mismatch(previous, meta))} differ); pass --overwrite to discard it"
-            )
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with exclusive(out):  # a second extraction of the same cache would write over this one's files
+        if out.exists() and not overwrite:
+            found = read_metadata(out)
+            mismatch = _identity_mismatch(found, meta)
+            if mismatch:
+                raise FeatgenderError(
+                    f"{out}: holds a different cache ({', '.join(mismatch)} differ); "
+                    "pass --overwrite to replace it or --out to write elsewhere"
+                )
+            if found.get("complete"):
+                return CacheResult(out, "up to date", int(found["num_images"]), int(found.get("failed_count", 0)))
+        partial = _PartialCache(out)
+        previous = partial.read_meta()
+        if previous is not None and _identity_mismatch(previous, meta):
+            if not overwrite:
+                raise FeatgenderError(
+                    f"{partial.folder}: an unfinished extraction of a different cache "
+                    f"({', '.join(_identity_mismatch(previous, meta))} differ); pass --overwrite to discard it"
+                )
+            partial.remove()
+            previous = None
+        chunk_rows = previous["chunk_rows"] if previous else batch_size * -(-chunk_rows // max(batch_size, 1))
+        partial.start({**meta, "chunk_rows": chunk_rows}, dataset)
+        start = partial.done_rows(chunk_rows, len(dataset))
+        if start:
+            logger.info("%s: resuming at image %d of %d", out, start, len(dataset))
+        batches = iter_features(backbone, dataset.paths, start=start, batch_size=batch_size, device=device,
+                                workers=workers, dtype=dtype, precision=precision, flip=flip, progress=progress)
+        _write_chunks(
+            partial,
+            _stop_at_first_error(batches, dataset.paths) if strict else batches,
+            start,
+            chunk_rows,
+            len(dataset),
+        )
+        num_failed = _assemble(partial, dataset, meta, chunk_rows, out)
         partial.remove()
-        previous = None
-    chunk_rows = previous["chunk_rows"] if previous else batch_size * -(-chunk_rows // max(batch_size, 1))
-    partial.start({**meta, "chunk_rows": chunk_rows}, dataset)
-    start = partial.done_rows(chunk_rows, len(dataset))
-    if start:
-        logger.info("%s: resuming at image %d of %d", out, start, len(dataset))
-    batches = iter_features(backbone, dataset.paths, start=start, batch_size=batch_size, device=device,
-                            workers=workers, dtype=dtype, precision=precision, flip=flip, progress=progress)
-    _write_chunks(
-        partial,
-        _stop_at_first_error(batches, dataset.paths) if strict else batches,
-        start,
-        chunk_rows,
-        len(dataset),
-    )
-    num_failed = _assemble(partial, dataset, meta, chunk_rows, out)
-    partial.remove()
-    return CacheResult(out, "resumed" if start else "created", len(dataset), num_failed, start)
+        return CacheResult(out, "resumed" if start else "created", len(dataset), num_failed, start)
 
 
 def _stop_at_first_error(batches: Iterable, paths: Sequence[Path]) -> Iterable:

@@ -25,7 +25,7 @@ import h5py
 import numpy as np
 
 from featgender.errors import FeatgenderError
-from featgender.files import atomic_write
+from featgender.files import atomic_write, exclusive
 
 # Ranks wait for the slowest one at the end of extraction, which may take hours.
 BARRIER_TIMEOUT = timedelta(hours=48)
@@ -139,7 +139,9 @@ def extract_sharded(dataset, backbone, out: str | Path, rank: Rank, *, device: s
                              progress=progress and rank.rank == 0, **options)
         dist.barrier()
         if rank.rank == 0:
-            join_shards(out, dataset, [shard_path(out, r, rank.world_size) for r in range(rank.world_size)], metadata)
+            with exclusive(out):
+                join_shards(out, dataset, [shard_path(out, r, rank.world_size) for r in range(rank.world_size)],
+                            metadata)
         dist.barrier()
     finally:
         if started_here:

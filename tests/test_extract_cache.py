@@ -221,3 +221,31 @@ def test_a_caller_between_batches_is_not_left_in_autocast(csv_dataset, small_bac
     next(batches)
     assert not torch.is_autocast_enabled("cpu") and not torch.is_inference_mode_enabled()
     del batches
+
+
+def test_a_second_extraction_of_the_same_cache_is_refused_while_the_first_runs(csv_dataset, tmp_path):
+    """Two writers would write the same temporary files over each other: the second is refused
+    (naming the first), the first's kill frees the cache, and the rerun resumes it intact."""
+    reference, out = tmp_path / "ref.h5", tmp_path / "busy.h5"
+    dataset = load_dataset(csv_dataset)
+    options = dict(batch_size=2, chunk_rows=4, workers=0, progress=False)
+    second = build_backbone(BACKBONE, weights="none")
+    build_cache(dataset, second, reference, **options)
+    partial = out.with_name(out.name + ".partial")
+    first = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(csv_dataset), str(out)])
+    try:
+        while not list(partial.glob("rows-*[0-9].npz")):
+            assert first.poll() is None, "the first extraction ended before the second could start"
+            time.sleep(0.002)
+        with pytest.raises(FeatgenderError, match=rf"busy.h5: \S+ pid {first.pid} is writing it"):
+            build_cache(dataset, second, out, **options)
+        first.kill()
+        first.wait()
+    finally:
+        first.kill()
+    assert (tmp_path / "busy.h5.lock").exists()  # left by the kill, but no longer locked
+    result = build_cache(dataset, second, out, **options)
+    assert result.status == "resumed"
+    np.testing.assert_array_equal(read_cache(out, include_failed=True).features,
+                                  read_cache(reference, include_failed=True).features)
+    assert not (tmp_path / "busy.h5.lock").exists()
