@@ -80,10 +80,14 @@ def join_shards(out: str | Path, dataset, shards: list[Path], metadata: dict) ->
     errors = []
     for path in shards:
         with h5py.File(path, "r") as shard:
-            rows = len(shard["labels"])
+            ids = shard["ids"].asstr()[:].tolist()
+            first, rows = len(errors), len(ids)
+            if ids != dataset.image_ids[first:first + rows]:  # each rank listed the dataset itself
+                raise FeatgenderError(f"{path}: holds other images than rows {first}-{first + rows - 1} of the dataset "
+                                      "(did it change while the job ran?); remove the shards and rerun")
             reasons = dict(zip(shard["failed/ids"].asstr()[:], shard["failed/reasons"].asstr()[:])) \
                 if "failed" in shard else {}
-            errors += [reasons.get(image_id, "") for image_id in shard["ids"].asstr()[:]]
+            errors += [reasons.get(image_id, "") for image_id in ids]
         # relative to the joined file: the pair can be moved together
         layout[len(errors) - rows:len(errors)] = h5py.VirtualSource(os.path.relpath(path, out.parent), "features",
                                                                     shape=(rows, dim))

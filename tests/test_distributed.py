@@ -105,3 +105,24 @@ def test_a_rank_killed_mid_shard_is_resumed_by_the_rerun(csv_dataset, tmp_path):
     resumed, resumed_from = (tmp_path / "joined.h5.status1").read_text().split()
     assert resumed == "resumed" and 4 <= int(resumed_from) < 20  # only the missing rows were embedded
     np.testing.assert_array_equal(read_cache(joined).features, read_cache(single).features)
+
+
+def test_shards_of_other_rows_are_refused_at_the_join(csv_dataset, tmp_path):
+    """Each rank lists the dataset itself: if the listing changed between them, the shards hold
+    other images than the joined rows would say, and the join refuses rather than mislabel."""
+    from featgender.backbones import build_backbone
+    from featgender.cache import build_cache, cache_metadata
+    from featgender.data import load_dataset
+    from featgender.distributed import join_shards
+
+    dataset, backbone = load_dataset(csv_dataset), build_backbone("mobilenet_v3_small", weights="none")
+    out = tmp_path / "joined.h5"
+    blocks = [dataset.subset(np.array(shard_rows(40, rank, 2))) for rank in range(2)]
+    shards = [shard_path(out, rank, 2) for rank in range(2)]
+    shards[0].parent.mkdir()
+    for block, shard in zip(reversed(blocks), shards):  # rank 0 embedded rank 1's rows and the reverse
+        build_cache(block, backbone, shard, workers=0, progress=False)
+    metadata = cache_metadata(dataset, backbone, "float32", "float16", None, 0, False)
+    with pytest.raises(FeatgenderError, match=r"rank-00000-of-00002.h5: holds other images than rows 0-19"):
+        join_shards(out, dataset, shards, metadata)
+    assert not out.exists()
