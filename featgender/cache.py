@@ -534,7 +534,8 @@ def _written_rows(path: Path) -> CacheRows | None:
     if path.is_file():
         return _FileRows(path)
     partial = _PartialCache(path)
-    return _PartialRows(partial) if partial.readable() else None
+    rows = _PartialRows(partial) if partial.readable() else None
+    return _FileRows(path) if path.is_file() else rows  # see _rows_in_progress
 
 
 def _rows_in_progress(out: Path) -> CacheRows | None:
@@ -545,7 +546,10 @@ def _rows_in_progress(out: Path) -> CacheRows | None:
     partial = _PartialCache(out)
     try:
         if partial.readable():
-            return _PartialRows(partial)
+            rows = _PartialRows(partial)
+            # the chunks are deleted once the finished file is in place: listed meanwhile, some
+            # were gone, and the snapshot would go back in time; the file has them all
+            return None if out.is_file() else rows
         # the shards of a torchrun job; a rank that has not started yet adds no rows
         parts = [rows for rows in map(_written_rows, shards_in_progress(out)) if rows is not None]
     except FileNotFoundError:

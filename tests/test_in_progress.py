@@ -135,3 +135,29 @@ def test_torchrun_shards_in_progress_read_as_one_cache(csv_dataset, small_backbo
     assert partial.ids == dataset.image_ids[:28]  # 20 of rank 0, two chunks of rank 1
     assert_rows_of(partial, read_cache(single))
     assert cache_summary(out)["finished_rows"] == 28
+
+
+def test_a_reader_listing_chunks_while_the_writer_cleans_up_does_not_go_back(csv_dataset, small_backbone, tmp_path,
+                                                                               monkeypatch):
+    """The writer puts the finished file in place, then deletes its chunks. A reader that found
+    no file yet and lists the chunks meanwhile sees only some: it must read the file instead of
+    taking them for the rows done (seen once under load: a snapshot of 12 rows after one of 16)."""
+    import shutil
+
+    from featgender.cache import _PartialCache
+
+    dataset = load_dataset(csv_dataset)
+    out, finished = tmp_path / "c.h5", tmp_path / "finished.h5"
+    build_cache(dataset, small_backbone, finished, **OPTIONS)
+    stop_at_row(dataset, small_backbone, out, row=21)  # five chunks done
+    list_chunks = _PartialCache.chunk_starts
+
+    def writer_finishes_meanwhile(partial):
+        if not out.exists():
+            shutil.copy(finished, out)  # the writer's rename into place
+            for start in list_chunks(partial)[:3]:
+                partial.chunk_path(start).unlink()  # and its cleanup, part-way
+        return list_chunks(partial)
+
+    monkeypatch.setattr(_PartialCache, "chunk_starts", writer_finishes_meanwhile)
+    assert read_cache(out, in_progress=True).ids == read_cache(finished).ids
