@@ -371,7 +371,8 @@ def fit_head_streaming(
     if head not in STREAMING_LOSSES:
         raise FeatgenderError(f"--head {head!r}: out-of-core fitting supports {', '.join(STREAMING_LOSSES)}")
     normalizer = FeatureNormalizer(normalize, copy=not overwrite_chunks)
-    scaler = StandardScaler(copy=False)  # on the normaliser's output: its copy, or an overwritable chunk
+    # in place on the normaliser's output: its copy, or a chunk that may be overwritten
+    scaler = StandardScaler(copy=not overwrite_chunks and normalize == "none")
     for features, _ in chunks():
         normalized = normalizer.fit(features).transform(features)
         for start in range(0, len(normalized), 1024):  # partial_fit makes a float64 copy of what it is given

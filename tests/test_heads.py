@@ -125,6 +125,8 @@ def test_streaming_fit_matches_in_memory_accuracy():
     streamed = fit_head_streaming(chunks, "logreg")
     in_memory, _ = fit_head(features, labels, "logreg")
     np.testing.assert_array_equal(features, before)  # the caller's chunks are left as they were
+    fit_head_streaming(chunks, "logreg", normalize="none")  # no normaliser's copy to scale in place
+    np.testing.assert_array_equal(features, before)
     streamed_accuracy = (streamed.predict(test_features) == test_labels).mean()
     assert streamed_accuracy > (in_memory.predict(test_features) == test_labels).mean() - 0.02
     assert streamed.named_steps["scale"].n_samples_seen_ == 2000
