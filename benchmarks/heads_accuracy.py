@@ -1,9 +1,10 @@
 """Every head's accuracy on real faces: test split of one cache, and faces of another dataset.
 
 Each head is fitted with its defaults on the train split of ``--cache`` (and logreg once
-more out of core, as ``fit --out-of-core`` does) and scored on its test split and, with ``--unseen``, on every image of a second cache (faces of another
-dataset the heads never saw, e.g. CelebA images for heads trained on UTKFace). Prints a
-markdown table with bootstrap 95% CIs.
+more out of core, as ``fit --out-of-core`` does) and scored on its test split and, with
+``--unseen``, on every image of a second cache (faces of another dataset the heads never
+saw, e.g. CelebA images for heads trained on UTKFace). Prints a markdown table with
+bootstrap 95% CIs.
 
     featgender extract --data ../shared/faces/utkface
     featgender extract --data ../shared/faces/celeba_mini

@@ -328,10 +328,7 @@ def fit_head(
     if not search:
         pipeline = make_head(head, random_state=random_state, copy=not overwrite_features, **head_params)
         pipeline.fit(features, labels)
-        pipeline.set_params(normalize__copy=True)
-        if "scale" in pipeline.named_steps:
-            pipeline.set_params(scale__copy=pipeline.named_steps["normalize"].kind == "none")
-        return pipeline, {}
+        return _never_modifies_input(pipeline), {}
     pipeline = make_head(head, random_state=random_state, **head_params)
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
@@ -383,9 +380,16 @@ def fit_head_streaming(
         for features, labels in chunks():
             classifier.partial_fit(scaler.transform(normalizer.transform(features)), labels, classes=[0, 1])
             del features, labels
-    normalizer.set_params(copy=True)
-    scaler.set_params(copy=normalize == "none")
-    return Pipeline([("normalize", normalizer), ("scale", scaler), ("classifier", classifier)])
+    return _never_modifies_input(Pipeline([("normalize", normalizer), ("scale", scaler), ("classifier", classifier)]))
+
+
+def _never_modifies_input(pipeline: Pipeline) -> Pipeline:
+    """After a fit in place: the normaliser copies, and the scaler works in place on that copy
+    (on the input itself where the 'none' normaliser passes it through, so it copies then)."""
+    pipeline.set_params(normalize__copy=True)
+    if "scale" in pipeline.named_steps:
+        pipeline.set_params(scale__copy=pipeline.named_steps["normalize"].kind == "none")
+    return pipeline
 
 
 # --- the model artifact ----------------------------------------------------------------------
