@@ -23,7 +23,7 @@ from PIL import Image
 from torchvision import transforms
 
 from featgender.backbones import build_backbone, weights_available, get_config
-from featgender.cache import build_cache
+from featgender.extraction import build_cache
 from featgender.data import load_dataset
 
 SHARED_UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "faces" / "utkface"

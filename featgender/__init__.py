@@ -4,17 +4,18 @@ Embed a face dataset once into an HDF5 cache with a frozen pretrained backbone, 
 and compare classical heads on that cache in seconds.
 """
 
-__version__ = "0.1.0"
-
 from featgender.backbones import build_backbone, list_backbones, register_backbone
-from featgender.cache import build_cache, read_cache
+from featgender.cache import read_cache
 from featgender.data import load_dataset
 from featgender.errors import FeatgenderError
+from featgender.extraction import build_cache
 from featgender.extract import CNNFeatures
 from featgender.heads import list_heads, load_model, make_head
 from featgender.predict import load
+from featgender.version import __version__
 
 __all__ = [
+    "__version__",
     "CNNFeatures",
     "FeatgenderError",
     "build_backbone",

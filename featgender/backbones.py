@@ -12,7 +12,6 @@ with torchvision's own weights and preprocessing and its penultimate layer.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featgender.errors import FeatgenderError
+from featgender.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -291,15 +291,6 @@ class Preprocess(nn.Module):
 
 
 # --- weights ------------------------------------------------------------------------
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _state_dict_from(obj: object, path: Path) -> dict:

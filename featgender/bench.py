@@ -18,14 +18,15 @@ import time
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
 import torch
 
 from featgender.backbones import build_backbone
-from featgender.cache import build_cache, library_versions, read_caches
+from featgender.cache import library_versions, read_caches
+from featgender.extraction import build_cache
 from featgender.data import load_dataset
 from featgender.evaluate import classification_metrics
-from featgender.extract import default_batch_size, load_image, resolve_device, resolve_precision
+from featgender.extract import default_batch_size, resolve_device, resolve_precision
+from featgender.images import load_image
 from featgender.heads import fit_head
 
 

@@ -1,4 +1,4 @@
-"""The HDF5 feature cache: schema, crash-safe resumable writing, and reading.
+"""The HDF5 feature cache: its schema, where its files lie, and every reader of it.
 
 Schema of a finished cache (plain HDF5; ``h5py`` or ``h5dump`` read it with no featgender code):
 
@@ -24,27 +24,23 @@ Root attributes: ``format_version``, ``complete``, ``backbone``, ``layer``, ``fe
 ``dataset_format``, ``dataset_fingerprint``, ``split_source``, ``limit``, ``seed``,
 ``versions`` (JSON), ``created``.
 
-Writing goes through ``<out>.partial/``: every chunk of rows is saved to its own file with
-write-to-temp + fsync + rename (:mod:`featgender.files`), so a kill at any moment loses at
-most the chunk in flight; rerunning resumes at the first missing chunk. The HDF5 file is
-assembled from the chunks into a temporary file that atomically replaces ``out`` at the end,
-so an existing cache is never half-overwritten.
+Files beside ``<out>``: ``<out>.partial/`` while an extraction writes it (:class:`PartialFolder`:
+``meta.json``, ``rows.h5`` with the dataset's rows, one ``.npz`` per finished chunk of
+features), and ``<out>.shards/rank-RRRRR-of-WWWWW.h5`` for a torchrun job (:func:`shard_path`),
+whose joined ``<out>`` refers to them. :mod:`featgender.cache_writer` writes all of these.
 
 Reading while writing (what HDF5's SWMR mode offers, without its single-file constraints):
-``<out>.partial/rows.h5`` holds the dataset's rows from the start, so :func:`open_rows` with
-``in_progress=True`` sees the finished chunks, alone or across a torchrun job's shards.
+:func:`open_rows` with ``in_progress=True`` sees the finished chunks, alone or across a
+torchrun job's shards, bit-identical to the rows of the cache to come.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-import shutil
-from concurrent.futures import ThreadPoolExecutor
+import os
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable
 
 import h5py
 import numpy as np
@@ -52,9 +48,7 @@ import numpy as np
 from featgender.backbones import Backbone
 from featgender.data import SPLITS, FaceDataset
 from featgender.errors import FeatgenderError
-from featgender.files import atomic_write, exclusive
-
-logger = logging.getLogger(__name__)
+from featgender.version import __version__
 
 FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = Path("cache")
@@ -75,8 +69,6 @@ def library_versions() -> dict:
     import sklearn
     import torch
     import torchvision
-
-    from featgender import __version__
 
     versions = {
         "featgender": __version__,
@@ -117,22 +109,21 @@ def cache_metadata(dataset: FaceDataset, backbone: Backbone, precision: str, dty
     }
 
 
-def _identity_mismatch(found: dict, wanted: dict) -> list[str]:
+def identity_mismatch(found: dict, wanted: dict) -> list[str]:
+    """The identity fields (:data:`IDENTITY_KEYS`) in which two caches' metadata differ."""
     return [key for key in IDENTITY_KEYS if str(found.get(key)) != str(wanted.get(key))]
 
 
-# --- writing ---------------------------------------------------------------------------
-
-
-class _PartialCache:
-    """The ``<out>.partial/`` folder of an extraction in progress: ``meta.json`` (what is being
-    written), ``rows.h5`` (the dataset's rows: the schema less ``features``, for readers) and
-    one ``.npz`` file per finished chunk of rows."""
+class PartialFolder:
+    """Where the files of an extraction in progress lie: ``<out>.partial/`` holds ``meta.json``
+    (what is being written), ``rows.h5`` (the dataset's rows: the schema less ``features``,
+    for readers) and one ``rows-<first row>.npz`` per finished chunk of rows."""
 
     def __init__(self, out: Path):
         self.out = out
         self.folder = out.with_name(out.name + ".partial")
         self.rows_path = self.folder / "rows.h5"
+        self.meta_path = self.folder / "meta.json"
 
     def chunk_path(self, start: int) -> Path:
         return self.folder / f"rows-{start:010d}.npz"
@@ -142,229 +133,38 @@ class _PartialCache:
         return sorted(int(path.stem[len("rows-"):]) for path in self.folder.glob("rows-" + "[0-9]" * 10 + ".npz"))
 
     def read_meta(self) -> dict | None:
-        meta_file = self.folder / "meta.json"
-        return json.loads(meta_file.read_text()) if meta_file.is_file() else None
+        return json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else None
 
     def readable(self) -> bool:
         """Whether readers can see this extraction's finished rows (it has started)."""
-        return self.rows_path.is_file() and (self.folder / "meta.json").is_file()
+        return self.rows_path.is_file() and self.meta_path.is_file()
 
-    def start(self, meta: dict, dataset: FaceDataset) -> None:
-        """Record the dataset's rows and what is being written, unless a resumed run did."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        if not self.rows_path.is_file():
-            with atomic_write(self.rows_path, size=row_table_bytes(dataset)) as tmp, h5py.File(tmp, "w") as h5:
-                write_row_table(h5, dataset)
-        if self.read_meta() is None:
-            with atomic_write(self.folder / "meta.json") as tmp:
-                tmp.write_text(json.dumps(meta, indent=1))
-
-    def done_rows(self, chunk_rows: int, total: int) -> int:
-        """Rows covered by the unbroken run of finished chunks from row 0."""
-        start = 0
-        while start < total and self.chunk_path(start).is_file():
-            start += chunk_rows
-        return min(start, total)
-
-    def write_chunk(self, start: int, features: np.ndarray, errors: list[str]) -> None:
-        with atomic_write(self.chunk_path(start)) as tmp, open(tmp, "wb") as handle:
-            np.savez(handle, features=features, errors=np.array(errors, dtype=str))
-
-    def read_chunk(self, start: int) -> tuple[np.ndarray, np.ndarray]:
+    def read_chunk(self, start: int, column: str) -> np.ndarray:
+        """'features' or 'errors' (one message per row, '' where embedded) of a finished chunk."""
         with np.load(self.chunk_path(start), allow_pickle=False) as chunk:
-            return chunk["features"], chunk["errors"]
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+            return chunk[column]
 
 
-@dataclass
-class CacheResult:
-    """What :func:`build_cache` did."""
-
-    path: Path
-    status: str  # 'created', 'resumed' or 'up to date'
-    num_images: int
-    num_failed: int
-    resumed_from: int = 0
-
-
-def build_cache(
-    dataset: FaceDataset,
-    backbone: Backbone,
-    out: str | Path,
-    *,
-    batch_size: int | None = None,
-    device: str = "auto",
-    workers: int | None = None,
-    dtype: str = "float16",
-    precision: str = "auto",
-    flip: bool = False,
-    chunk_rows: int = 1024,
-    overwrite: bool = False,
-    strict: bool = False,
-    limit: int | None = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> CacheResult:
-    """Embed every image of ``dataset`` once into the HDF5 cache ``out``; resume if interrupted.
-
-    A finished cache with the same identity (backbone, weights, preprocessing, dtype, dataset
-    rows) is left as it is; one with another identity is refused unless ``overwrite``.
-    ``batch_size``, ``workers`` and ``precision`` default to what suits the device (see
-    :mod:`featgender.extract`); ``flip`` averages each embedding with the mirrored image's.
-    Progress is saved every ``chunk_rows`` images (rounded up to
-    whole batches, so that a resumed run feeds the network the very same batches).
-    Unreadable images are recorded in the cache (``failed/``) and skipped; with ``strict``
-    the first one stops the extraction (resumable once the file is fixed or removed).
-    A second extraction of the same ``out`` while this one runs is refused.
-    """
-    from featgender.extract import default_batch_size, iter_features, resolve_device, resolve_precision
-
+def shard_path(out: str | Path, rank: int, world_size: int) -> Path:
+    """``<out>.shards/rank-RRRRR-of-WWWWW.h5``: the cache rank ``rank`` of a torchrun job writes."""
     out = Path(out)
-    device = resolve_device(device)
-    batch_size = default_batch_size(device) if batch_size is None else batch_size
-    precision = resolve_precision(precision, device)
-    meta = cache_metadata(dataset, backbone, precision, dtype, limit, seed, flip)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with exclusive(out):  # a second extraction of the same cache would write over this one's files
-        if out.exists() and not overwrite:
-            found = read_metadata(out)
-            mismatch = _identity_mismatch(found, meta)
-            if mismatch:
-                raise FeatgenderError(
-                    f"{out}: holds a different cache ({', '.join(mismatch)} differ); "
-                    "pass --overwrite to replace it or --out to write elsewhere"
-                )
-            if found.get("complete"):
-                return CacheResult(out, "up to date", int(found["num_images"]), int(found.get("failed_count", 0)))
-        partial = _PartialCache(out)
-        previous = partial.read_meta()
-        if previous is not None and _identity_mismatch(previous, meta):
-            if not overwrite:
-                raise FeatgenderError(
-                    f"{partial.folder}: an unfinished extraction of a different cache "
-                    f"({', '.join(_identity_mismatch(previous, meta))} differ); pass --overwrite to discard it"
-                )
-            partial.remove()
-            previous = None
-        chunk_rows = previous["chunk_rows"] if previous else batch_size * -(-chunk_rows // max(batch_size, 1))
-        partial.start({**meta, "chunk_rows": chunk_rows}, dataset)
-        start = partial.done_rows(chunk_rows, len(dataset))
-        if start:
-            logger.info("%s: resuming at image %d of %d", out, start, len(dataset))
-        batches = iter_features(backbone, dataset.paths, start=start, batch_size=batch_size, device=device,
-                                workers=workers, dtype=dtype, precision=precision, flip=flip, progress=progress)
-        _write_chunks(
-            partial,
-            _stop_at_first_error(batches, dataset.paths) if strict else batches,
-            start,
-            chunk_rows,
-            len(dataset),
-        )
-        num_failed = _assemble(partial, dataset, meta, chunk_rows, out)
-        partial.remove()
-        return CacheResult(out, "resumed" if start else "created", len(dataset), num_failed, start)
+    return out.with_name(out.name + ".shards") / f"rank-{rank:05d}-of-{world_size:05d}.h5"
 
 
-def _stop_at_first_error(batches: Iterable, paths: Sequence[Path]) -> Iterable:
-    for indices, features, errors in batches:
-        for index, error in zip(indices, errors):
-            if error:
-                raise FeatgenderError(f"{paths[index]}: {error} (--strict: unreadable images are fatal)")
-        yield indices, features, errors
+def shards_in_progress(out: str | Path) -> list[Path]:
+    """The shard paths of the torchrun job writing ``out``, one per rank (finished or not), from
+    the names in ``<out>.shards/``; [] when there is none."""
+    folder = shard_path(out, 0, 1).parent
+    sizes = {int(name.split("-of-")[1][:5]) for name in os.listdir(folder) if "-of-" in name} if folder.is_dir() else set()
+    if len(sizes) > 1:
+        raise FeatgenderError(f"{folder}: shards of jobs with {sorted(sizes)} ranks; remove the ones of the old job")
+    return [shard_path(out, rank, size) for size in sizes for rank in range(size)]
 
 
-def _write_chunks(partial: _PartialCache, batches: Iterable, start: int, chunk_rows: int, total: int) -> None:
-    """Group batches into chunks of ``chunk_rows`` and save each on a writer thread."""
-    features, errors, rows, chunk_start = [], [], 0, start
-    pending = []
-    with ThreadPoolExecutor(max_workers=1) as writer:  # overlaps disk writes with compute
-        for _, batch_features, batch_errors in batches:
-            features.append(batch_features)
-            errors.extend(batch_errors)
-            rows += len(batch_features)
-            while rows >= chunk_rows or (rows and chunk_start + rows == total):
-                block = np.concatenate(features) if len(features) > 1 else features[0]
-                take = min(chunk_rows, rows)
-                pending.append(writer.submit(partial.write_chunk, chunk_start, block[:take], errors[:take]))
-                features = [block[take:]] if rows > take else []
-                errors, rows, chunk_start = errors[take:], rows - take, chunk_start + take
-            for future in [f for f in pending if f.done()]:
-                future.result()  # re-raise a write error (e.g. disk full) without waiting for the end
-                pending.remove(future)
-        for future in pending:
-            future.result()
-
-
-def _assemble(partial: _PartialCache, dataset: FaceDataset, meta: dict, chunk_rows: int, out: Path) -> int:
-    """Write the finished HDF5 file from the chunk files."""
-    chunks = (partial.read_chunk(start) for start in range(0, len(dataset), chunk_rows))
-    return write_cache(out, dataset, chunks, meta)
-
-
-def write_cache(out: str | Path, dataset: FaceDataset, chunks: Iterable[tuple[np.ndarray, Sequence[str]]],
-                metadata: dict) -> int:
-    """Write a complete cache file from consecutive (features, errors) row blocks, atomically.
-
-    The one writer of the schema: extraction uses it, and so can anyone with features of
-    their own (benchmarks write generated features through it). ``metadata`` needs at least
-    ``feature_dim`` and ``dtype``. Returns the number of failed rows (non-empty errors).
-    """
-    out = Path(out)
-    total = len(dataset)
-    errors = []
-    size = total * metadata["feature_dim"] * np.dtype(metadata["dtype"]).itemsize + row_table_bytes(dataset)
-    with atomic_write(out, size=size) as tmp, h5py.File(tmp, "w") as h5:
-        features = h5.create_dataset(
-            "features", shape=(total, metadata["feature_dim"]), dtype=metadata["dtype"],
-            chunks=(min(max(total, 1), 1024), metadata["feature_dim"]),
-        )
-        for chunk_features, chunk_errors in chunks:
-            features[len(errors):len(errors) + len(chunk_features)] = chunk_features
-            errors.extend(str(error) for error in chunk_errors)
-        if len(errors) != total:
-            raise FeatgenderError(f"{out}: {len(errors)} feature rows written for {total} images")
-        failed_count = write_rows(h5, dataset, errors, metadata)
-    return failed_count
-
-
-def write_rows(h5: h5py.File, dataset: FaceDataset, errors: Sequence[str], metadata: dict) -> int:
-    """Everything of the schema but ``features``: the dataset's rows, which failed and why
-    (``errors``, one per row, '' where the image was embedded), and the root attributes.
-    Marks the file complete; returns the number of failed rows."""
-    valid = np.array([not error for error in errors], dtype=bool)
-    failed = np.flatnonzero(~valid)
-    write_row_table(h5, dataset)
-    h5.create_dataset("valid", data=valid)
-    if len(failed):
-        h5.create_dataset("failed/ids", data=[dataset.image_ids[row] for row in failed], dtype=h5py.string_dtype())
-        h5.create_dataset("failed/reasons", data=[errors[row] for row in failed], dtype=h5py.string_dtype())
-    h5.attrs.update({"format_version": FORMAT_VERSION, "num_images": len(dataset), **metadata})
-    h5.attrs["failed_count"] = len(failed)
-    h5.attrs["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    h5.attrs["complete"] = True
-    return len(failed)
-
-
-def row_table_bytes(dataset: FaceDataset) -> int:
-    """An upper bound of the bytes :func:`write_row_table` and the root attributes take on disk
-    (variable-length strings cost about 64 bytes each beyond their text)."""
-    columns = 0 if dataset.attributes is None else dataset.attributes.shape[1]
-    text = sum(len(image_id.encode()) + 64 for image_id in dataset.image_ids)
-    return len(dataset) * (3 + 4 * columns) + text + 2**16
-
-
-def write_row_table(h5: h5py.File, dataset: FaceDataset) -> None:
-    """What the schema holds of the dataset itself: ``labels``, ``split``, ``ids``, ``attributes``."""
-    h5.create_dataset("labels", data=dataset.labels.astype(np.int8))
-    split = h5.create_dataset("split", data=dataset.splits.astype(np.int8))
-    split.attrs["names"] = list(SPLITS)
-    h5.create_dataset("ids", data=dataset.image_ids, dtype=h5py.string_dtype())
-    if dataset.attributes is not None:
-        attributes = h5.create_dataset("attributes", data=dataset.attributes.astype(np.int32))
-        attributes.attrs["names"] = dataset.attribute_names
-        attributes.attrs["categories"] = json.dumps(dataset.attribute_categories)
+def missing_shards(path: Path, metadata: dict) -> list[Path]:
+    """Shard files a joined cache refers to that are not there."""
+    return [path.parent / name for name in json.loads(metadata.get("shards") or "[]")
+            if not (path.parent / name).is_file()]
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -384,8 +184,6 @@ def read_metadata(path: str | Path, *, check_shards: bool = True) -> dict:
     except OSError as error:
         raise FeatgenderError(f"{path}: not a readable HDF5 cache ({error})") from None
     if check_shards and "shards" in metadata:  # a torchrun extraction's join: its features live in the shards
-        from featgender.distributed import missing_shards
-
         missing = missing_shards(path, metadata)
         if missing:
             raise FeatgenderError(f"{path}: its shard {missing[0]} is missing ({len(missing)} of "
@@ -472,7 +270,7 @@ class _PartialRows(CacheRows):
     extraction ends while they are read, the rows are read from the finished file instead:
     it was assembled from these very chunks."""
 
-    def __init__(self, partial: _PartialCache):
+    def __init__(self, partial: PartialFolder):
         self.partial = partial
         meta = partial.read_meta()
         with h5py.File(partial.rows_path, "r") as h5:
@@ -482,29 +280,25 @@ class _PartialRows(CacheRows):
         self.finished = np.zeros(len(self.labels), dtype=bool)
         self.valid = np.zeros(len(self.labels), dtype=bool)
         for start in self.starts:
-            errors = self._chunk(start, "errors")
+            errors = self.partial.read_chunk(start, "errors")
             self.finished[start:start + len(errors)] = True
             self.valid[start:start + len(errors)] = errors == ""
         self.metadata = {**meta, "complete": False, "num_images": len(self.labels),
                          "finished_rows": int(self.finished.sum())}
-
-    def _chunk(self, start: int, column: str) -> np.ndarray:
-        with np.load(self.partial.chunk_path(start), allow_pickle=False) as chunk:
-            return chunk[column]
 
     def read(self, column: str, index: np.ndarray) -> np.ndarray | None:
         try:
             if column != "features":
                 return _read_h5_rows(self.partial.rows_path, column, index)
             chunk = np.searchsorted(self.starts, index, side="right") - 1
-            parts = [self._chunk(self.starts[c], "features")[index[chunk == c] - self.starts[c]]
+            parts = [self.partial.read_chunk(self.starts[c], "features")[index[chunk == c] - self.starts[c]]
                      for c in np.unique(chunk)]
             if not parts:
                 return np.empty((0, self.metadata["feature_dim"]), dtype=self.metadata["dtype"])
             return np.concatenate(parts)
         except FileNotFoundError:  # finished meanwhile: the chunks are gone, the cache is there
             finished = _FileRows(self.partial.out)
-            if _identity_mismatch(finished.metadata, self.metadata):
+            if identity_mismatch(finished.metadata, self.metadata):
                 raise FeatgenderError(f"{self.partial.out}: replaced by another extraction while being read; "
                                       "read it again") from None
             return finished.read(column, index)
@@ -533,7 +327,7 @@ def _written_rows(path: Path) -> CacheRows | None:
     writing it, or None."""
     if path.is_file():
         return _FileRows(path)
-    partial = _PartialCache(path)
+    partial = PartialFolder(path)
     rows = _PartialRows(partial) if partial.readable() else None
     return _FileRows(path) if path.is_file() else rows  # see _rows_in_progress
 
@@ -541,9 +335,7 @@ def _written_rows(path: Path) -> CacheRows | None:
 def _rows_in_progress(out: Path) -> CacheRows | None:
     """The finished rows of the extraction writing ``out``, alone or by torchrun; None if none
     is, or if it finished while we looked (its chunks are gone)."""
-    from featgender.distributed import shards_in_progress
-
-    partial = _PartialCache(out)
+    partial = PartialFolder(out)
     try:
         if partial.readable():
             rows = _PartialRows(partial)
@@ -720,80 +512,3 @@ def cache_summary(path: str | Path, *, in_progress: bool = True) -> dict:
     }
     return metadata
 
-
-def extract_to_cache(
-    data: str | Path,
-    *,
-    backbone: str = "efficientnet_lite0",
-    weights: str = "default",
-    layer: str | None = None,
-    out: str | Path | None = None,
-    cache_dir: str | Path = DEFAULT_CACHE_DIR,
-    format: str = "auto",
-    limit: int | None = None,
-    seed: int = 0,
-    image_column: str | None = None,
-    label_column: str | None = None,
-    face_box: str | tuple = "auto",
-    faces: str = "crop",
-    **options,
-) -> CacheResult:
-    """Read a dataset, build a backbone and embed the dataset into a cache: ``featgender extract``.
-
-    ``face_box`` matters to face-aligning backbones (dlib_resnet) only: 'auto' finds where
-    the face sits in the dataset's aligned crops (:func:`featgender.faces.calibrate_face_box`)
-    and skips detection when it sits still, 'detect' detects in every image, or a relative
-    (left, top, right, bottom) box. ``options`` go to :func:`build_cache` (batch_size,
-    device, workers, dtype, overwrite, ...). ``faces='photo'``: the images are photos; each
-    goes through the face step (largest face found and cut), and one without a face is
-    recorded as failed ('no face found') and left out of training and metrics.
-
-    Examples
-    --------
-    >>> result = extract_to_cache("../shared/faces/utkface", limit=200)  # doctest: +SKIP
-    >>> result.path  # doctest: +SKIP
-    PosixPath('cache/utkface-efficientnet_lite0-limit200.h5')
-    """
-    from featgender.backbones import build_backbone
-    from featgender.data import load_dataset
-
-    dataset = load_dataset(data, format=format, limit=limit, seed=seed,
-                           image_column=image_column, label_column=label_column)
-    if faces not in ("crop", "photo"):
-        raise FeatgenderError(f"--faces {faces!r}: choose crop or photo")
-    if faces == "photo":
-        built = build_backbone(backbone, weights=weights, layer=layer, find_faces=True)
-    else:
-        built = build_backbone(backbone, weights=weights, layer=layer,
-                               face_box=_resolve_face_box(face_box, backbone, dataset))
-    if out is None:
-        out = default_cache_path(dataset, backbone, limit, cache_dir, options.get("flip", False))
-    from featgender.distributed import current_rank, extract_sharded
-
-    rank = current_rank()
-    if rank is not None:  # under torchrun: this rank's shard, then the joined cache
-        return extract_sharded(dataset, built, Path(out), rank, limit=limit, seed=seed, **options)
-    return build_cache(dataset, built, Path(out), limit=limit, seed=seed, **options)
-
-
-def _resolve_face_box(face_box: str | tuple, backbone: str, dataset: FaceDataset) -> tuple | None:
-    """The ``face_box`` for :func:`build_backbone`: None for detection (or a backbone that does
-    not align faces), the given box, or the dataset's calibrated one."""
-    from featgender.backbones import get_config
-
-    if face_box == "detect":
-        return None
-    if isinstance(face_box, str) and face_box != "auto":
-        try:
-            face_box = tuple(float(value) for value in face_box.split(","))
-        except ValueError:
-            raise FeatgenderError(f"--face-box {face_box!r}: want auto, detect or left,top,right,bottom") from None
-    if face_box != "auto":
-        return face_box
-    if not get_config(backbone).alignment:
-        return None
-    from featgender.faces import calibrate_face_box
-
-    box = calibrate_face_box(dataset.paths)
-    logger.info("%s: %s", backbone, f"faces sit at {box} in {dataset.name}: no detection" if box else "faces move: detecting")
-    return box

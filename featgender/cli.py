@@ -79,7 +79,7 @@ def extract(
     face_box: Optional[str] = typer.Option(None, "--face-box", help="dlib_resnet only: auto (default: where faces sit still in the dataset's aligned crops, skip detection), detect (in every image), or L,T,R,B fractions."),
 ) -> None:
     """Embed every image of a dataset once into an HDF5 feature cache (resumable: rerun after a crash)."""
-    from featgender.cache import extract_to_cache
+    from featgender.extraction import extract_to_cache
 
     result = extract_to_cache(
         data,
@@ -149,7 +149,7 @@ CacheOption = typer.Option(..., "--cache", "-c", help="Feature cache (repeat to 
 def _announce(model: Path) -> None:
     """Say which model file is about to be used, by its sha256."""
     if model.is_file():
-        from featgender.backbones import file_sha256
+        from featgender.files import file_sha256
 
         typer.echo(f"model {model}: sha256 {file_sha256(model)}", err=True)
 

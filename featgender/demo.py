@@ -6,7 +6,7 @@ import importlib.util
 from pathlib import Path
 
 from featgender.backbones import get_config, weights_available
-from featgender.cache import extract_to_cache
+from featgender.extraction import extract_to_cache
 from featgender.evaluate import train_head
 
 # Most accurate first, on UTKFace and unseen CelebA faces (benchmarks/README.md); all offline.
@@ -32,7 +32,7 @@ def run_demo(
     """Run the whole path offline and return what it did and measured.
 
     ``backbone`` defaults to :func:`best_offline_backbone`. Returns a dict with ``cache``
-    (the :class:`~featgender.cache.CacheResult`), ``model`` (the fitted
+    (the :class:`~featgender.extraction.CacheResult`), ``model`` (the fitted
     :class:`~featgender.heads.HeadModel`) and ``test`` (its evaluation).
     """
     result = extract_to_cache(data, backbone=backbone or best_offline_backbone(), limit=limit, **extract_options)

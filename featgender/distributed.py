@@ -1,13 +1,14 @@
-"""Extraction across the ranks of a torch.distributed job (torchrun), one cache shard per rank.
+"""torch.distributed for extraction (torchrun): which rows a rank embeds, waiting for the other
+ranks, and joining the ranks' shards into one cache.
 
 Under ``torchrun --nproc-per-node N [--nnodes M ...] -m featgender extract ...`` each rank
-embeds one contiguous block of the dataset's rows (rank r of W: rows r*N/W to (r+1)*N/W)
-into its own cache file, ``<out>.shards/rank-RRRRR-of-WWWWW.h5``, with the ordinary
-crash-safe, resumable writer: a rank that dies leaves a resumable shard, and rerunning the
-job redoes only what is missing. When every rank is done, rank 0 writes ``<out>``: the
-labels, ids and splits of all rows, and ``features`` as an HDF5 virtual dataset over the
-shards' features (no copy), in the original image order. Readers see one ordinary cache;
-they refuse it when a shard file is missing.
+embeds one contiguous block of the dataset's rows (rank r of W: rows r*N/W to (r+1)*N/W,
+:func:`shard_rows`) into its own cache file, ``<out>.shards/rank-RRRRR-of-WWWWW.h5``, with the
+ordinary crash-safe, resumable writer (:mod:`featgender.extraction` runs it). When every
+rank is done, rank 0 writes ``<out>`` (:func:`join_shards`): the labels, ids and splits of all
+rows, and ``features`` as an HDF5 virtual dataset over the shards' features (no copy), in the
+original image order. Readers see one ordinary cache; they refuse it when a shard file is
+missing.
 
 The process group is only used to wait for each other: gloo on CPU, NCCL on GPUs. Shards
 and the joined file must be on a file system every node sees.
@@ -17,15 +18,18 @@ from __future__ import annotations
 
 import json
 import os
+from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple
 
 import h5py
 import numpy as np
+import torch
 
+from featgender.cache_writer import row_table_bytes, write_rows
 from featgender.errors import FeatgenderError
-from featgender.files import atomic_write, exclusive
+from featgender.files import atomic_write
 
 # Ranks wait for the slowest one at the end of extraction, which may take hours.
 BARRIER_TIMEOUT = timedelta(hours=48)
@@ -52,28 +56,29 @@ def shard_rows(num_rows: int, rank: int, world_size: int) -> range:
     return range(rank * num_rows // world_size, (rank + 1) * num_rows // world_size)
 
 
-def shard_path(out: str | Path, rank: int, world_size: int) -> Path:
-    """``<out>.shards/rank-RRRRR-of-WWWWW.h5``."""
-    out = Path(out)
-    return out.with_name(out.name + ".shards") / f"rank-{rank:05d}-of-{world_size:05d}.h5"
+@contextmanager
+def process_group(device: torch.device) -> Iterator[None]:
+    """The job's process group for the block, started here unless the caller runs one: NCCL
+    on GPUs, its barriers bound to this rank's GPU rather than guessed from the rank; gloo
+    on CPU."""
+    import torch.distributed as dist
 
-
-def shards_in_progress(out: str | Path) -> list[Path]:
-    """The shard paths of the torchrun job writing ``out``, one per rank (finished or not), from
-    the names in ``<out>.shards/``; [] when there is none."""
-    folder = shard_path(out, 0, 1).parent
-    sizes = {int(name.split("-of-")[1][:5]) for name in os.listdir(folder) if "-of-" in name} if folder.is_dir() else set()
-    if len(sizes) > 1:
-        raise FeatgenderError(f"{folder}: shards of jobs with {sorted(sizes)} ranks; remove the ones of the old job")
-    return [shard_path(out, rank, size) for size in sizes for rank in range(size)]
+    started_here = not dist.is_initialized()
+    if started_here:
+        on_cuda = device.type == "cuda"
+        dist.init_process_group("nccl" if on_cuda else "gloo", timeout=BARRIER_TIMEOUT,
+                                device_id=device if on_cuda else None)
+    try:
+        yield
+    finally:
+        if started_here:
+            dist.destroy_process_group()
 
 
 def join_shards(out: str | Path, dataset, shards: list[Path], metadata: dict) -> None:
     """Write ``out`` for ``dataset`` from its complete shard caches, in order: features as a
-    virtual dataset over the shards', the rest as any cache (:func:`featgender.cache.write_rows`).
+    virtual dataset over the shards', the rest as any cache (:func:`featgender.cache_writer.write_rows`).
     Atomic, like every cache write."""
-    from featgender.cache import row_table_bytes, write_rows
-
     out = Path(out)
     dim = metadata["feature_dim"]
     layout = h5py.VirtualLayout(shape=(len(dataset), dim), dtype=metadata["dtype"])
@@ -100,60 +105,4 @@ def join_shards(out: str | Path, dataset, shards: list[Path], metadata: dict) ->
                                                                              for path in shards])})
 
 
-def missing_shards(path: Path, metadata: dict) -> list[Path]:
-    """Shard files a joined cache refers to that are not there."""
-    return [path.parent / name for name in json.loads(metadata.get("shards") or "[]")
-            if not (path.parent / name).is_file()]
-
-
-def extract_sharded(dataset, backbone, out: str | Path, rank: Rank, *, device: str = "auto",
-                    precision: str = "auto", dtype: str = "float16", flip: bool = False, limit: int | None = None,
-                    seed: int = 0, overwrite: bool = False, progress: bool = True, **options):
-    """This rank's part of a torchrun extraction: its shard, then (rank 0) the joined cache.
-
-    Arguments are :func:`featgender.cache.build_cache`'s. Returns the :class:`CacheResult`
-    of the joined cache (``status`` is this rank's shard's).
-    """
-    import torch
-    import torch.distributed as dist
-
-    from featgender.cache import CacheResult, _identity_mismatch, build_cache, cache_metadata, read_metadata
-    from featgender.extract import resolve_device, resolve_precision
-
-    out = Path(out)
-    if device == "auto" and torch.cuda.is_available():
-        device = f"cuda:{rank.local_rank}"
-    device = resolve_device(device)
-    metadata = cache_metadata(dataset, backbone, resolve_precision(precision, device), dtype, limit, seed, flip)
-    if out.exists() and not overwrite and _identity_mismatch(read_metadata(out, check_shards=False), metadata):
-        raise FeatgenderError(f"{out}: holds a different cache; pass --overwrite to replace it or --out to write elsewhere")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-        device = torch.device("cuda", torch.cuda.current_device())
-    started_here = not dist.is_initialized()
-    if started_here:  # NCCL's barriers run on this rank's GPU, bound here rather than guessed from the rank
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=BARRIER_TIMEOUT,
-                                device_id=device if device.type == "cuda" else None)
-    try:
-        rows = shard_rows(len(dataset), rank.rank, rank.world_size)
-        shard = shard_path(out, rank.rank, rank.world_size)
-        shard.parent.mkdir(parents=True, exist_ok=True)
-        result = build_cache(dataset.subset(np.arange(rows.start, rows.stop)), backbone, shard, device=device,
-                             precision=precision, dtype=dtype, flip=flip, limit=limit, seed=seed, overwrite=overwrite,
-                             progress=progress and rank.rank == 0, **options)
-        dist.barrier()
-        if rank.rank == 0:
-            with exclusive(out):
-                join_shards(out, dataset, [shard_path(out, r, rank.world_size) for r in range(rank.world_size)],
-                            metadata)
-        dist.barrier()
-    finally:
-        if started_here:
-            dist.destroy_process_group()
-    summary = read_metadata(out)
-    return CacheResult(out, result.status, int(summary["num_images"]), int(summary.get("failed_count", 0)),
-                       result.resumed_from)
-
-
-__all__ = ["Rank", "current_rank", "extract_sharded", "join_shards", "missing_shards", "shard_path", "shard_rows",
-           "shards_in_progress"]
+__all__ = ["BARRIER_TIMEOUT", "Rank", "current_rank", "join_shards", "process_group", "shard_rows"]

@@ -328,7 +328,7 @@ def markdown_summary(result: dict, title: str) -> str:
             lines.append(f"| {name} | {result[name]:.4f} | {low:.4f} – {high:.4f} |")
     (tn, fp), (fn, tp) = result["confusion_matrix"]
     lines += ["", "Confusion matrix (rows: true female, male; columns: predicted female, male):", "",
-              f"| | female | male |", "|---|---|---|", f"| female | {tn} | {fp} |", f"| male | {fn} | {tp} |"]
+              "| | female | male |", "|---|---|---|", f"| female | {tn} | {fp} |", f"| male | {fn} | {tp} |"]
     for name, slices in result.get("subgroups", {}).items():
         lines += ["", f"## {name} (largest accuracy gap {slices['accuracy_gap']:.4f})", "",
                   "| group | n | accuracy | women called men | men called women |", "|---|---|---|---|---|"]

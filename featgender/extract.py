@@ -10,11 +10,12 @@ features whose cosine similarity to float32 ones stays above 0.999).
 
 from __future__ import annotations
 
-import warnings
+import ctypes
+import functools
 import logging
 import os
+import signal
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -25,11 +26,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from featgender.backbones import Backbone
 from featgender.errors import FeatgenderError
+from featgender.images import load_image
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float16": np.float16, "float32": np.float32}
 PRECISIONS = ("auto", "float32", "bfloat16")
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -72,34 +75,26 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bfloat16" if native_bf16 else "float32"
 
 
-def load_image(source: str | Path | object, min_side: int | None = None) -> torch.Tensor:
-    """Decode an image file (or PIL image) to a uint8 (3, H, W) RGB tensor.
+def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
+    """A DataLoader ``worker_init_fn`` (with the loader's pid bound): the kernel kills this
+    worker the moment its parent dies (Linux ``PR_SET_PDEATHSIG``).
 
-    Grayscale (8- and 16-bit), palette, CMYK and alpha images are converted to RGB, EXIF
-    orientation is applied, and JPEGs much larger than ``min_side`` are decoded at a reduced
-    scale. Images over PIL's ``MAX_IMAGE_PIXELS`` (decompression bombs) are refused, not
-    decoded.
+    Otherwise a parent killed with ``kill -9`` (an OOM killer, a crashed shell) leaves its
+    forked workers running for seconds, until torch's watchdog notices, holding whatever they
+    inherited. Elsewhere this does nothing.
     """
-    from PIL import Image, ImageOps
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux
+        return
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != parent_pid:  # the parent died before the request was made
+        os._exit(1)
 
-    if isinstance(source, Image.Image):
-        image = source
-    else:
-        with warnings.catch_warnings():  # PIL only warns below twice its pixel limit
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(source)
-    if min_side is not None and image.format == "JPEG":
-        image.draft("RGB", (min_side, min_side))  # DCT scaling keeps both sides >= min_side
-    image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        background = Image.new("RGB", image.size, (255, 255, 255))
-        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
-        image = background
-    if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale: keep the top 8 bits
-        depth = 16 if image.mode.startswith("I;16") or np.asarray(image).max() < 65536 else 32
-        image = Image.fromarray((np.asarray(image).astype(np.uint32) >> (depth - 8)).astype(np.uint8))
-    array = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+
+def worker_init() -> functools.partial:
+    """The ``worker_init_fn`` for loaders started by this process: :func:`die_with_parent`."""
+    return functools.partial(die_with_parent, os.getpid())
 
 
 class ImageFiles(Dataset):
@@ -208,6 +203,7 @@ def iter_features(
         pin_memory=on_cuda,
         persistent_workers=False,
         prefetch_factor=4 if workers else None,
+        worker_init_fn=worker_init() if workers else None,
     )
     from tqdm.auto import tqdm
 

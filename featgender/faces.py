@@ -131,7 +131,7 @@ def calibrate_face_box(sources: list, samples: int = 64, max_spread: float = 0.1
     each side below ``max_spread``), returns their median (left, top, right, bottom) as
     fractions of width and height; a dataset whose faces move around gets None (detect).
     """
-    from featgender.extract import load_image
+    from featgender.images import load_image
 
     detector = FaceDetector()  # HOG only: fast, and the median needs no stragglers
     picks = np.unique(np.linspace(0, len(sources) - 1, min(samples, len(sources))).round().astype(int))

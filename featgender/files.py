@@ -1,5 +1,5 @@
-"""Atomic file writes (caches, chunks and models are replaced whole or not at all), and one
-writer at a time per cache.
+"""Files: atomic writes (caches, chunks and models are replaced whole or not at all), one
+writer at a time per cache, and the sha256 that identifies weights and model files.
 
 Every file featgender writes goes through :func:`atomic_write`: the content is written to
 ``<target>.tmp``, flushed to disk, then renamed over ``target`` (atomic on POSIX file
@@ -13,17 +13,19 @@ and are refused up front when the disk, or ``ulimit -f``, has no room for it.
 
 Two extractions writing the same cache at once (a job launched twice, a requeued job whose
 first run still runs) would write the same temporary files over each other: :func:`exclusive`
-refuses the second one.
+refuses the second one, and only while the first one's process lives.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
 import shutil
 import socket
+import threading
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
@@ -92,28 +94,58 @@ def _no_room(error: BaseException) -> int | None:
 
 @contextmanager
 def exclusive(target: str | os.PathLike) -> Iterator[None]:
-    """Be the only writer of ``target`` for the block, by an flock on ``<target>.lock``; a
-    second writer is refused with a one-line :class:`FeatgenderError` naming the holder. The
-    kernel frees the lock of a killed process, so a stale ``.lock`` file never blocks a rerun.
-    Where the file system has no flock (Lustre mounted without it), this warns and goes on."""
-    if fcntl is None:  # no flock on this platform
+    """Be the only writer of ``target`` for the block, by a lock on ``<target>.lock``; a second
+    writer, in another process or a thread of this one, is refused with a one-line
+    :class:`FeatgenderError` naming the holder.
+
+    The lock is a POSIX record lock (``lockf``), which belongs to the process that took it:
+    unlike an flock, the loader workers it forks do not inherit it, so a writer killed with
+    ``kill -9`` frees the cache at once even while its workers linger. The kernel frees the
+    lock of a dead process, so a stale ``.lock`` file never blocks a rerun. Where the file
+    system has no locks (Lustre mounted without them), this warns and goes on.
+    """
+    if fcntl is None:  # no locks on this platform
         yield
         return
     lock = Path(target).with_name(Path(target).name + ".lock")
+    key = os.path.realpath(lock)
+    with _HELD_GUARD:  # record locks do not exclude the threads of one process: this set does
+        if key in _HELD:
+            raise _busy_error(target, f"{socket.gethostname()} pid {os.getpid()}")
+        _HELD.add(key)
+    try:
+        with _locked(lock, target):
+            yield
+    finally:
+        with _HELD_GUARD:
+            _HELD.discard(key)
+
+
+_HELD: set[str] = set()  # lock files held by this process
+_HELD_GUARD = threading.Lock()
+
+
+def _busy_error(target: str | os.PathLike, holder: str) -> FeatgenderError:
+    return FeatgenderError(f"{target}: {holder} is writing it; wait for it to end, "
+                           "or stop it and run again (it resumes)")
+
+
+@contextmanager
+def _locked(lock: Path, target: str | os.PathLike) -> Iterator[None]:
+    """Hold the record lock on ``lock``, its file naming this host and process."""
     while True:
         handle = open(lock, "a+")
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EACCES, errno.EAGAIN):
+                logger.warning("%s: no lock on this file system (%s); make sure one job writes it at a time",
+                               lock, error.strerror)
+                break
             handle.seek(0)
             holder = handle.read().strip() or "another process"
             handle.close()
-            raise FeatgenderError(f"{target}: {holder} is writing it; wait for it to end, "
-                                  "or stop it and run again (it resumes)") from None
-        except OSError as error:
-            logger.warning("%s: no lock on this file system (%s); make sure one job writes it at a time",
-                           lock, error.strerror)
-            break
+            raise _busy_error(target, holder) from None
         try:  # the file locked must still be the one at that path (a finishing holder unlinks it)
             if os.stat(lock).st_ino == os.fstat(handle.fileno()).st_ino:
                 break
@@ -128,7 +160,16 @@ def exclusive(target: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         lock.unlink(missing_ok=True)
-        handle.close()
+        handle.close()  # closing frees the lock
 
 
-__all__ = ["NO_ROOM", "atomic_write", "exclusive"]
+def file_sha256(path: Path) -> str:
+    """sha256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+__all__ = ["NO_ROOM", "atomic_write", "exclusive", "file_sha256"]

@@ -24,7 +24,8 @@ from featgender.backbones import Backbone, build_backbone
 from featgender.data import FaceDataset, load_dataset
 from featgender.errors import FeatgenderError
 from featgender.files import atomic_write
-from featgender.extract import default_workers, load_image, resolve_device, resolve_precision
+from featgender.extract import default_workers, resolve_device, resolve_precision, worker_init
+from featgender.images import load_image
 
 logger = logging.getLogger(__name__)
 
@@ -122,7 +123,7 @@ class FinetuneResult:
 def _loader(images: TrainingImages, batch_size: int, shuffle: bool, workers: int, seed: int, pin: bool):
     generator = torch.Generator().manual_seed(seed)
     return DataLoader(images, batch_size=batch_size, shuffle=shuffle, num_workers=workers, pin_memory=pin,
-                      generator=generator, drop_last=False)
+                      generator=generator, drop_last=False, worker_init_fn=worker_init() if workers else None)
 
 
 def _run_epoch(net, loader, device, normalise, autocast, optimizer=None) -> tuple[float, np.ndarray, np.ndarray]:

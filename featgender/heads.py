@@ -36,11 +36,10 @@ from sklearn.neural_network import MLPClassifier
 from sklearn.pipeline import Pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
-from sklearn.utils import resample
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featgender import trust
-from featgender.backbones import file_sha256
+from featgender.files import file_sha256
 from featgender.data import LABEL_NAMES
 from featgender.errors import FeatgenderError
 from featgender.files import atomic_write

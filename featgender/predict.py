@@ -20,7 +20,8 @@ from PIL import Image
 from featgender.backbones import Backbone, build_backbone
 from featgender.data import IMAGE_SUFFIXES, LABEL_NAMES
 from featgender.errors import FeatgenderError
-from featgender.extract import extract_features, load_image
+from featgender.extract import extract_features
+from featgender.images import load_image
 from featgender.heads import HeadModel, load_model
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from featgender.backbones import file_sha256
+from featgender.files import file_sha256
 
 
 def trust_list() -> Path:

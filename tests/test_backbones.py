@@ -11,7 +11,7 @@ from featgender.backbones import (
     weights_available,
 )
 from featgender.errors import FeatgenderError
-from featgender.extract import load_image
+from featgender.images import load_image
 
 REQUIRED = ["vgg16", "vgg19", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large", "inception_v3",
             "googlenet", "efficientnet_b0", "convnext_tiny", "efficientnet_lite0"]

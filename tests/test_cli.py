@@ -1,7 +1,9 @@
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import h5py
-import pytest
 from typer.testing import CliRunner
 
 from featgender.cli import app
@@ -21,6 +23,20 @@ def test_every_command_has_help_text():
         result = invoke(command.callback.__name__, "--help")
         assert result.exit_code == 0, result.output
         assert command.callback.__doc__.split("\n")[0][:30] in " ".join(result.output.split())
+
+
+def test_cli_py_at_the_root_of_a_checkout_runs_the_same_app(csv_dataset, tmp_path):
+    """``python cli.py`` (the layout's entry beside featgender/) is the installed command."""
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "c.h5"
+    invoke("extract", "--data", csv_dataset, "--backbone", "mobilenet_v3_small", "--weights", "none", "--out", out)
+    through_file = subprocess.run([sys.executable, "cli.py", "info", str(out), "--json"], cwd=root,
+                                  capture_output=True, text=True)
+    assert through_file.returncode == 0, through_file.stderr
+    assert json.loads(through_file.stdout) == json.loads(invoke("info", out, "--json").output)
+    missing = subprocess.run([sys.executable, "cli.py", "info", str(tmp_path / "none.h5")], cwd=root,
+                             capture_output=True, text=True)
+    assert missing.returncode == 1 and "none.h5: no such cache file" in missing.stderr.splitlines()[-1]
 
 
 def test_extract_then_info(csv_dataset, tmp_path):

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from featgender.backbones import build_backbone
-from featgender.cache import build_cache, read_cache
+from featgender.cache import read_cache
+from featgender.extraction import build_cache
 from featgender.data import load_dataset
 from featgender.errors import FeatgenderError
 from featgender.heads import HeadModel, make_head

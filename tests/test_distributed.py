@@ -11,22 +11,23 @@ import h5py
 import numpy as np
 import pytest
 
-from featgender.cache import cache_summary, extract_to_cache, read_cache, read_metadata
-from featgender.distributed import shard_path, shard_rows
+from featgender.cache import cache_summary, read_cache, read_metadata, shard_path
+from featgender.extraction import extract_to_cache
+from featgender.distributed import shard_rows
 from featgender.errors import FeatgenderError
 
 EXTRACT = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--precision", "float32", "--workers", "0"]
 
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
-# The Python API under torchrun, in small chunks so that a rank can be killed between them;
-# each rank writes down its pid and how its shard went.
+# The Python API under torchrun, in small chunks so that a rank can be killed between them,
+# with loader workers; each rank writes down its pid and how its shard went.
 API_SCRIPT = """
 import os, sys
-from featgender.cache import extract_to_cache
+from featgender.extraction import extract_to_cache
 open(sys.argv[2] + ".pid" + os.environ["RANK"], "w").write(str(os.getpid()))
 result = extract_to_cache(sys.argv[1], out=sys.argv[2], backbone="mobilenet_v3_small", weights="none",
-                          precision="float32", workers=0, batch_size=1, chunk_rows=2, progress=False)
+                          precision="float32", workers=2, batch_size=1, chunk_rows=2, progress=False)
 open(sys.argv[2] + ".status" + os.environ["RANK"], "w").write(f"{result.status} {result.resumed_from}")
 """
 
@@ -76,10 +77,11 @@ def test_two_gloo_ranks_give_the_single_process_cache(csv_dataset, tmp_path):
     np.testing.assert_array_equal(read_cache(joined).features, alone.features)
 
 
-def test_a_rank_killed_mid_shard_is_resumed_by_the_rerun(csv_dataset, tmp_path):
-    """kill -9 one rank once its shard has some chunks: torchrun stops the job, nothing is
-    joined; the same job again resumes that shard where it stopped and ends bit for bit
-    equal to one process."""
+@pytest.mark.parametrize("chunks", [1, 4])
+def test_a_rank_killed_mid_shard_is_resumed_by_the_rerun(csv_dataset, tmp_path, chunks):
+    """kill -9 one rank (not its loader workers) once its shard has some chunks: torchrun
+    stops the job, nothing is joined; the same job started at once is not refused, resumes
+    that shard where it stopped and ends bit for bit equal to one process."""
     single, joined = tmp_path / "single.h5", tmp_path / "joined.h5"
     extract_to_cache(csv_dataset, backbone="mobilenet_v3_small", weights="none", precision="float32", workers=0,
                      out=single, progress=False)
@@ -90,7 +92,7 @@ def test_a_rank_killed_mid_shard_is_resumed_by_the_rerun(csv_dataset, tmp_path):
     partial = shard_path(joined, 1, 2).with_name(shard_path(joined, 1, 2).name + ".partial")
     job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        while len(list(partial.glob("rows-*[0-9].npz"))) < 2:
+        while len(list(partial.glob("rows-*[0-9].npz"))) < chunks:
             assert job.poll() is None, job.communicate()[1][-3000:]
             time.sleep(0.002)
         os.kill(int((tmp_path / "joined.h5.pid1").read_text()), signal.SIGKILL)
@@ -103,7 +105,7 @@ def test_a_rank_killed_mid_shard_is_resumed_by_the_rerun(csv_dataset, tmp_path):
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     resumed, resumed_from = (tmp_path / "joined.h5.status1").read_text().split()
-    assert resumed == "resumed" and 4 <= int(resumed_from) < 20  # only the missing rows were embedded
+    assert resumed == "resumed" and 2 * chunks <= int(resumed_from) < 20  # only the missing rows were embedded
     np.testing.assert_array_equal(read_cache(joined).features, read_cache(single).features)
 
 
@@ -111,7 +113,8 @@ def test_shards_of_other_rows_are_refused_at_the_join(csv_dataset, tmp_path):
     """Each rank lists the dataset itself: if the listing changed between them, the shards hold
     other images than the joined rows would say, and the join refuses rather than mislabel."""
     from featgender.backbones import build_backbone
-    from featgender.cache import build_cache, cache_metadata
+    from featgender.cache import cache_metadata
+    from featgender.extraction import build_cache
     from featgender.data import load_dataset
     from featgender.distributed import join_shards
 

@@ -8,7 +8,8 @@ from sklearn import metrics as skm
 
 import featgender
 from featgender.backbones import build_backbone
-from featgender.cache import CacheData, build_cache, read_caches
+from featgender.cache import CacheData, read_caches
+from featgender.extraction import build_cache
 from featgender.data import load_dataset
 from featgender.errors import FeatgenderError
 from featgender.evaluate import (

@@ -11,10 +11,12 @@ import pytest
 import torch
 
 from featgender.backbones import build_backbone
-from featgender.cache import build_cache, cache_summary, read_cache
+from featgender.cache import cache_summary, read_cache
+from featgender.extraction import build_cache
 from featgender.data import load_dataset
 from featgender.errors import FeatgenderError
-from featgender.extract import extract_features, load_image
+from featgender.extract import extract_features
+from featgender.images import load_image
 
 BACKBONE = "mobilenet_v3_small"
 
@@ -125,10 +127,10 @@ def test_decompression_bombs_are_refused_and_recorded(csv_dataset, small_backbon
 KILL_SCRIPT = """
 import sys
 from featgender.backbones import build_backbone
-from featgender.cache import build_cache
+from featgender.extraction import build_cache
 from featgender.data import load_dataset
 build_cache(load_dataset(sys.argv[1]), build_backbone("%s", weights="none"), sys.argv[2],
-            batch_size=2, chunk_rows=4, workers=0, progress=False)
+            batch_size=2, chunk_rows=4, workers=int(sys.argv[3]) if len(sys.argv) > 3 else 0, progress=False)
 """ % BACKBONE
 
 
@@ -249,3 +251,95 @@ def test_a_second_extraction_of_the_same_cache_is_refused_while_the_first_runs(c
     np.testing.assert_array_equal(read_cache(out, include_failed=True).features,
                                   read_cache(reference, include_failed=True).features)
     assert not (tmp_path / "busy.h5.lock").exists()
+
+
+def _children(pid: int) -> list[int]:
+    """Live processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{entry}/stat").read()
+        except OSError:
+            continue
+        state, parent = stat.rsplit(")", 1)[1].split()[:2]
+        if int(parent) == pid and state != "Z":
+            found.append(int(entry))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds loader workers through /proc")
+def test_kill_9_of_the_parent_alone_never_blocks_the_rerun_started_at_once(csv_dataset, tmp_path):
+    """An OOM killer or a crashed shell kills the extracting process but not its loader
+    workers. At several moments while they are busy: the rerun, started at once, is not
+    refused (the workers inherited nothing that holds the cache) and goes on from where the
+    killed one stopped; the workers die with their parent; the last cache is bit-identical."""
+    reference, out = tmp_path / "ref.h5", tmp_path / "killed.h5"
+    dataset = load_dataset(csv_dataset)
+    options = dict(batch_size=2, chunk_rows=4, workers=0, progress=False)
+    build_cache(dataset, build_backbone(BACKBONE, weights="none"), reference, **options)
+    partial = out.with_name(out.name + ".partial")
+    for chunks in (1, 3, 5, 7):
+        process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(csv_dataset), str(out), "2"],
+                                   stderr=subprocess.PIPE, text=True)
+        try:
+            while len(list(partial.glob("rows-*[0-9].npz"))) < chunks:
+                assert process.poll() is None, f"the rerun after a kill stopped: {process.communicate()[1][-2000:]}"
+                time.sleep(0.002)
+            workers = _children(process.pid)
+            assert len(workers) == 2, workers
+            os.kill(process.pid, signal.SIGKILL)  # the parent only
+            process.wait()
+        finally:
+            process.kill()
+        deadline = time.monotonic() + 1.0
+        while any(map(_alive, workers)) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert not any(map(_alive, workers)), "loader workers outlived their killed parent by a second"
+    result = build_cache(dataset, build_backbone(BACKBONE, weights="none"), out, **options)
+    assert result.status == "resumed" and result.resumed_from >= 28
+    np.testing.assert_array_equal(read_cache(out, include_failed=True).features,
+                                  read_cache(reference, include_failed=True).features)
+
+
+LOCK_THEN_FORK_SCRIPT = """
+import os, sys, time
+from featgender.files import exclusive
+with exclusive(sys.argv[1]):
+    child = os.fork()
+    if child == 0:  # a forked helper that outlives its parent, holding every inherited descriptor
+        time.sleep(60)
+        os._exit(0)
+    print(child, flush=True)
+    time.sleep(60)
+"""
+
+
+def test_the_writer_lock_belongs_to_its_process_not_to_the_children_it_forks(tmp_path):
+    """The lock holder is killed while a child it forked lives on: the cache is free at once."""
+    from featgender.files import exclusive
+
+    target = tmp_path / "c.h5"
+    holder = subprocess.Popen([sys.executable, "-c", LOCK_THEN_FORK_SCRIPT, str(target)], stdout=subprocess.PIPE,
+                              text=True)
+    child = int(holder.stdout.readline())
+    try:
+        with pytest.raises(FeatgenderError, match=rf"c.h5: \S+ pid {holder.pid} is writing it"):
+            with exclusive(target):
+                pass
+        holder.kill()
+        holder.wait()
+        assert _alive(child)
+        with exclusive(target):  # not refused
+            with pytest.raises(FeatgenderError, match=rf"pid {os.getpid()} is writing it"):  # a second thread's try
+                with exclusive(target):
+                    pass
+    finally:
+        holder.kill()
+        os.kill(child, signal.SIGKILL)

@@ -13,7 +13,8 @@ pytest.importorskip("dlib")
 from featgender.backbones import build_backbone, weights_available, get_config  # noqa: E402
 from featgender.data import load_dataset  # noqa: E402
 from featgender.errors import FeatgenderError  # noqa: E402
-from featgender.extract import extract_features, load_image  # noqa: E402
+from featgender.extract import extract_features  # noqa: E402
+from featgender.images import load_image  # noqa: E402
 from featgender.faces import FaceAligner, calibrate_face_box, dlib_model_file  # noqa: E402
 
 
@@ -80,7 +81,8 @@ def test_aligned_crops_get_a_fixed_face_box_and_skip_detection(shared_faces, tmp
 
 
 def test_face_features_beat_imagenet_features_with_the_same_head(shared_faces, tmp_path):
-    from featgender.cache import build_cache, read_cache
+    from featgender.cache import read_cache
+    from featgender.extraction import build_cache
     from featgender.heads import make_head
 
     dataset = load_dataset(shared_faces / "utkface", limit=1000)
@@ -97,7 +99,8 @@ def test_face_features_beat_imagenet_features_with_the_same_head(shared_faces, t
 
 @pytest.fixture(scope="module")
 def dlib_model(shared_faces, tmp_path_factory):
-    from featgender.cache import extract_to_cache, read_metadata
+    from featgender.cache import read_metadata
+    from featgender.extraction import extract_to_cache
     from featgender.evaluate import train_head
 
     folder = tmp_path_factory.mktemp("dlib_model")
@@ -148,7 +151,8 @@ def test_photo_datasets_go_through_the_face_step(shared_faces, tmp_path):
 
     from PIL import Image
 
-    from featgender.cache import extract_to_cache, read_cache, read_metadata
+    from featgender.cache import read_cache, read_metadata
+    from featgender.extraction import extract_to_cache
 
     utk = load_dataset(shared_faces / "utkface", limit=100)
     rows = []

@@ -10,9 +10,10 @@ from typer.testing import CliRunner
 
 from featgender.backbones import build_backbone
 from featgender.cli import app
-from featgender.cache import build_cache, cache_summary, iter_cache_chunks, open_rows, read_cache
+from featgender.cache import cache_summary, iter_cache_chunks, open_rows, read_cache, shard_path
 from featgender.data import load_dataset
-from featgender.distributed import shard_path, shard_rows
+from featgender.distributed import shard_rows
+from featgender.extraction import build_cache
 from featgender.errors import FeatgenderError
 from featgender.evaluate import train_head
 
@@ -88,17 +89,16 @@ def test_readers_follow_a_running_extraction(csv_dataset, small_backbone, tmp_pa
     out = tmp_path / "c.h5"
     script = f"""
 import sys, time
-from featgender import cache
 from featgender.backbones import build_backbone
-from featgender.cli import app
+from featgender.cache_writer import CacheWriter
 from featgender.data import load_dataset
-write_chunk = cache._PartialCache.write_chunk
+from featgender.extraction import build_cache
+write_chunk = CacheWriter._write_chunk
 def slow_write_chunk(self, *args):
     write_chunk(self, *args)
     time.sleep(0.15)
-cache._PartialCache.write_chunk = slow_write_chunk
-cache.build_cache(load_dataset(sys.argv[1]), build_backbone("{BACKBONE}", weights="none"), sys.argv[2],
-                  **{OPTIONS!r})
+CacheWriter._write_chunk = slow_write_chunk
+build_cache(load_dataset(sys.argv[1]), build_backbone("{BACKBONE}", weights="none"), sys.argv[2], **{OPTIONS!r})
 """
     process = subprocess.Popen([sys.executable, "-c", script, str(csv_dataset), str(out)])
     snapshots = []
@@ -144,13 +144,13 @@ def test_a_reader_listing_chunks_while_the_writer_cleans_up_does_not_go_back(csv
     taking them for the rows done (seen once under load: a snapshot of 12 rows after one of 16)."""
     import shutil
 
-    from featgender.cache import _PartialCache
+    from featgender.cache import PartialFolder
 
     dataset = load_dataset(csv_dataset)
     out, finished = tmp_path / "c.h5", tmp_path / "finished.h5"
     build_cache(dataset, small_backbone, finished, **OPTIONS)
     stop_at_row(dataset, small_backbone, out, row=21)  # five chunks done
-    list_chunks = _PartialCache.chunk_starts
+    list_chunks = PartialFolder.chunk_starts
 
     def writer_finishes_meanwhile(partial):
         if not out.exists():
@@ -159,5 +159,5 @@ def test_a_reader_listing_chunks_while_the_writer_cleans_up_does_not_go_back(csv
                 partial.chunk_path(start).unlink()  # and its cleanup, part-way
         return list_chunks(partial)
 
-    monkeypatch.setattr(_PartialCache, "chunk_starts", writer_finishes_meanwhile)
+    monkeypatch.setattr(PartialFolder, "chunk_starts", writer_finishes_meanwhile)
     assert read_cache(out, in_progress=True).ids == read_cache(finished).ids
