@@ -12,6 +12,7 @@ with torchvision's own weights and preprocessing and its penultimate layer.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass, field, replace
@@ -72,8 +73,10 @@ class BackboneConfig:
     alignment: str = ""
     face_box: tuple[float, float, float, float] | None = None
     face_step: str = ""
-    # Backbones that are not a torch graph (dlib) build themselves: (config, weights) -> Backbone.
-    assemble: Callable[["BackboneConfig", str], "Backbone"] | None = field(default=None, repr=False, compare=False)
+    # Weights files of a foreign format (dlib's .dat) -> state_dict, for files with this suffix.
+    convert_weights: tuple[str, Callable[[Path], dict]] | None = field(default=None, repr=False, compare=False)
+    # The transform, when it is not Preprocess (face chips cut on the loader workers).
+    make_transform: Callable[["BackboneConfig"], nn.Module] | None = field(default=None, repr=False, compare=False)
 
     def preprocessing(self) -> dict:
         """The preprocessing as plain values, for cache and model metadata."""
@@ -91,6 +94,18 @@ class BackboneConfig:
         if self.face_step:
             values["face_step"] = self.face_step
         return values
+
+
+# How the face was found (a dataset's calibrated box, detection, the photo face step) ends in
+# the same face crop or aligned chip: features that differ only in these fit the same heads.
+FACE_FINDING_KEYS = ("face_box", "face_step")
+
+
+def feature_preprocessing(preprocessing: str | dict) -> dict:
+    """The part of a cache's ``preprocessing`` (JSON or dict) that decides what its features
+    mean: all but how the face was found (:data:`FACE_FINDING_KEYS`)."""
+    values = json.loads(preprocessing or "{}") if isinstance(preprocessing, str) else dict(preprocessing)
+    return {key: value for key, value in values.items() if key not in FACE_FINDING_KEYS}
 
 
 class WeightsInfo(NamedTuple):
@@ -197,10 +212,7 @@ def build_backbone(
         if len(box) != 4 or not 0 <= box[0] < box[2] <= 1 or not 0 <= box[1] < box[3] <= 1:
             raise FeatgenderError(f"--face-box {face_box}: want left,top,right,bottom fractions in [0, 1]")
         config = replace(config, face_box=box)
-    if config.assemble is not None:
-        if layer not in (None, config.layer):
-            raise FeatgenderError(f"--layer: {name} has a single embedding and no selectable layers")
-        return config.assemble(config, weights)
+    transform = Preprocess(config) if config.make_transform is None else config.make_transform(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # 'none' gives the same random network every time
         network = config.build()
@@ -217,7 +229,7 @@ def build_backbone(
         with torch.inference_mode():
             dim = model(torch.zeros(1, 3, config.input_size, config.input_size)).shape[1]
         config = replace(config, feature_dim=int(dim))
-    return Backbone(model, Preprocess(config), config, info)
+    return Backbone(model, transform, config, info)
 
 
 class EmbeddingModel(nn.Module):
@@ -314,12 +326,20 @@ def _load_state_dict(network: nn.Module, state_dict: dict, config: BackboneConfi
 def _load_weights_file(network: nn.Module, path: Path, config: BackboneConfig) -> WeightsInfo:
     if not path.is_file():
         raise FeatgenderError(f"--weights {path}: no such file (use default, none, or a state_dict file)")
+    _load_state_dict(network, _read_weights(path, config), config, path)
+    return WeightsInfo(f"file:{path.name}", file_sha256(path), str(path.resolve()))
+
+
+def _read_weights(path: Path, config: BackboneConfig) -> dict:
+    """The state_dict in ``path``: a torch file (``weights_only=True``) or, for backbones that
+    read a foreign format, a file of that format."""
+    if config.convert_weights is not None and path.suffix == config.convert_weights[0]:
+        return config.convert_weights[1](path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for foreign or corrupt files
         raise FeatgenderError(f"--weights {path}: cannot be read as a torch state_dict ({error})") from None
-    _load_state_dict(network, _state_dict_from(obj, path), config, path)
-    return WeightsInfo(f"file:{path.name}", file_sha256(path), str(path.resolve()))
+    return _state_dict_from(obj, path)
 
 
 def _load_default_weights(network: nn.Module, config: BackboneConfig) -> WeightsInfo:
@@ -330,7 +350,7 @@ def _load_default_weights(network: nn.Module, config: BackboneConfig) -> Weights
         config.download()
     if not path.is_file():
         raise FeatgenderError(f"{config.name}: default weights file {path} is missing after download")
-    _load_state_dict(network, _state_dict_from(torch.load(path, map_location="cpu", weights_only=True), path), config, path)
+    _load_state_dict(network, _read_weights(path, config), config, path)
     return WeightsInfo(config.weights, file_sha256(path), str(path))
 
 
@@ -516,21 +536,41 @@ def _dlib_file(kind: str) -> Path:
     return dlib_model_file(kind)
 
 
-def _assemble_dlib(config: BackboneConfig, weights: str) -> Backbone:
-    from featgender.faces import FaceAligner, FaceDescriptor, LoaderEmbeddings, _dlib
+def _convert_dlib_file(path: Path) -> dict:
+    from featgender.face_resnet import converted_state_dict
 
-    _dlib()
-    if weights == "none":
-        raise FeatgenderError(f"--weights none: {config.name} has no random init; use default or a .dat file")
-    path = config.default_weights_file() if weights == "default" else Path(weights).expanduser()
-    if not path.is_file():
-        raise FeatgenderError(f"--weights {path}: no such file (dlib's dlib_face_recognition_resnet_model_v1.dat)")
-    name = config.weights if weights == "default" else f"file:{path.name}"
+    return converted_state_dict(path, Path(torch.hub.get_dir()) / "checkpoints")
+
+
+def _face_resnet() -> nn.Module:
+    from featgender.face_resnet import FaceResNet
+
+    return FaceResNet()
+
+
+def _face_chips(config: BackboneConfig) -> nn.Module:
+    """dlib_resnet's transform: each image's aligned chip is cut on the loader workers."""
+    from featgender.faces import FaceAligner, _dlib
+
+    _dlib()  # the alignment needs it: say so now, not on the loader workers
     # Datasets are face crops: where no detector finds the face, its central box is used.
     aligner = FaceAligner(str(_dlib_file("landmarks")), str(_dlib_file("cnn_detector")), face_crop=True,
                           box=config.face_box)
-    return Backbone(nn.Identity(), LoaderEmbeddings(FaceDescriptor(aligner, str(path))), config,
-                    WeightsInfo(name, file_sha256(path), str(path)))
+    return FaceChips(aligner)
+
+
+class FaceChips(nn.Module):
+    """Transform of face-aligning backbones: ``loader_step`` cuts each image's aligned uint8
+    chip on the loader workers; here the chips are stacked and cast, as the network
+    normalises its input itself (dlib's input layer)."""
+
+    def __init__(self, loader_step: Callable[[torch.Tensor], torch.Tensor]):
+        super().__init__()
+        self.loader_step = loader_step
+
+    def forward(self, chips: torch.Tensor | list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        chips = torch.stack(list(chips)) if isinstance(chips, (list, tuple)) else chips
+        return chips.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
 @register_backbone("dlib_resnet")
@@ -539,13 +579,15 @@ def _dlib_resnet() -> BackboneConfig:
         name="dlib_resnet",
         input_size=150,
         resize_size=400,  # JPEG photos decode at >= 400 px: enough for the detectors
-        mean=(0.0, 0.0, 0.0),
+        mean=(0.0, 0.0, 0.0),  # the network subtracts dlib's channel means itself
         std=(1.0, 1.0, 1.0),
         layer="descriptor",
         feature_dim=128,
-        weights="package:face_recognition_models (dlib ResNet v1)",
+        weights="package:face_recognition_models (dlib ResNet v1, run in torch)",
         alignment="dlib HOG/CNN detection, 5-point landmarks, 150px chip, padding 0.25",
         input_kind="photo",  # it finds and aligns the face itself
+        build=_face_resnet,
         default_weights_file=partial(_dlib_file, "recognition"),
-        assemble=_assemble_dlib,
+        convert_weights=(".dat", _convert_dlib_file),
+        make_transform=_face_chips,
     )

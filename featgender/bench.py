@@ -22,7 +22,7 @@ import torch
 
 from featgender.backbones import build_backbone
 from featgender.cache import library_versions, read_caches
-from featgender.extraction import build_cache
+from featgender.extraction import build_cache, resolve_face_box
 from featgender.data import load_dataset
 from featgender.evaluate import classification_metrics
 from featgender.extract import default_batch_size, resolve_device, resolve_precision
@@ -72,7 +72,7 @@ def _per_second(timing: dict, count: int) -> dict:
 
 def bench_backbone(dataset, name: str, *, weights: str, device: str, repeats: int, sample: int, cache: Path) -> dict:
     """Stage timings of one backbone on ``sample`` images, then the whole dataset into ``cache``."""
-    backbone = build_backbone(name, weights=weights)
+    backbone = build_backbone(name, weights=weights, face_box=resolve_face_box("auto", name, dataset))
     device = resolve_device(device)
     paths = dataset.paths[:sample]
     images = [load_image(path, backbone.config.resize_size) for path in paths]
@@ -81,23 +81,26 @@ def bench_backbone(dataset, name: str, *, weights: str, device: str, repeats: in
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
     stages = {"decode": _per_second(timed(lambda: [load_image(p, backbone.config.resize_size) for p in paths],
                                           repeats), len(paths))}
-    if backbone.transform.loader_step is None:
-        def preprocess():
-            return [transform([image.to(device) for image in images[i:i + batch]]) for i in range(0, len(images), batch)]
+    step = transform.loader_step
+    if step is not None:  # per image on the loader workers (face alignment)
+        stages["align"] = _per_second(timed(lambda: [step(image) for image in images], repeats), len(paths))
+        images = [step(image) for image in images]
 
-        prepared = preprocess()
+    def preprocess():
+        return [transform([image.to(device) for image in images[i:i + batch]]) for i in range(0, len(images), batch)]
 
-        autocast = resolve_precision("auto", device) == "bfloat16"  # as extraction runs it
+    prepared = preprocess()
+    autocast = resolve_precision("auto", device) == "bfloat16"  # as extraction runs it
 
-        def forward():
-            with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
-                outputs = [model(pixels) for pixels in prepared]
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            return outputs
+    def forward():
+        with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+            outputs = [model(pixels) for pixels in prepared]
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return outputs
 
-        stages["preprocess"] = _per_second(timed(preprocess, repeats), len(paths))
-        stages["forward"] = _per_second(timed(forward, repeats), len(paths))
+    stages["preprocess"] = _per_second(timed(preprocess, repeats), len(paths))
+    stages["forward"] = _per_second(timed(forward, repeats), len(paths))
     started = time.perf_counter()
     build_cache(dataset, backbone, cache, device=str(device), overwrite=True, progress=False)
     stages["extract_to_cache"] = {"images_per_s": round(len(dataset) / (time.perf_counter() - started), 1),

@@ -44,11 +44,12 @@ def _given(**options) -> dict:
     return {key: value for key, value in options.items() if value is not None}
 
 
+FaceBoxOption = typer.Option(None, "--face-box", help="dlib_resnet only: auto (default: where faces sit still in the dataset's aligned crops, skip detection), detect (in every image), or L,T,R,B fractions.")
 DataOption = typer.Option(..., "--data", help="Dataset: CelebA folder (official or Kaggle layout), class folders, or a CSV file/folder.")
 FormatOption = typer.Option(None, "--format", help="auto (default), celeba, celeba-kaggle, folder or csv.")
 LimitOption = typer.Option(None, "--limit", help="Use a seeded subset of N images, stratified by split and label.")
 BackboneOption = typer.Option(None, "--backbone", "-b", help="Backbone name (see `featgender backbones`); default efficientnet_lite0.")
-WeightsOption = typer.Option(None, "--weights", help="default (pretrained), none (random init) or PATH to a state_dict file.")
+WeightsOption = typer.Option(None, "--weights", help="default (pretrained), none (random init) or PATH to a state_dict file (dlib_resnet: or dlib's .dat).")
 BatchOption = typer.Option(None, "--batch-size", help="Images per forward pass (default 8 on CPU, 128 on GPU).")
 DeviceOption = typer.Option(None, "--device", help="auto (GPU if there is one), cpu, or cuda[:N].")
 WorkersOption = typer.Option(None, "--workers", help="Image decoding processes (default: 1 on CPU, up to 8 on GPU).")
@@ -76,7 +77,7 @@ def extract(
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache (or unfinished one) of different identity."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of recording and skipping it."),
     faces: Optional[str] = typer.Option(None, "--faces", help="crop (default): images are face crops; photo: find the largest face in each photo first (dlib, extra 'faces'); photos without a face are recorded as failed."),
-    face_box: Optional[str] = typer.Option(None, "--face-box", help="dlib_resnet only: auto (default: where faces sit still in the dataset's aligned crops, skip detection), detect (in every image), or L,T,R,B fractions."),
+    face_box: Optional[str] = FaceBoxOption,
 ) -> None:
     """Embed every image of a dataset once into an HDF5 feature cache (resumable: rerun after a crash)."""
     from featgender.extraction import extract_to_cache
@@ -288,13 +289,14 @@ def finetune(
     limit: Optional[int] = LimitOption,
     device: Optional[str] = DeviceOption,
     workers: Optional[int] = WorkersOption,
+    face_box: Optional[str] = FaceBoxOption,
 ) -> None:
     """Fine-tune a backbone end to end (the baseline for frozen features + head); resumable."""
     from featgender.finetune import finetune as run_finetune
 
     result = run_finetune(data, **_given(backbone=backbone, weights=weights, epochs=epochs, unfreeze_last=unfreeze_last,
                                          batch_size=batch_size, lr=lr, patience=patience, out=out, limit=limit,
-                                         device=device, workers=workers))
+                                         device=device, workers=workers, face_box=face_box))
     for row in result.history:
         typer.echo(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, valid loss {row['valid_loss']:.4f}, "
                    f"valid accuracy {row['valid_accuracy']:.4f}")

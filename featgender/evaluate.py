@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
+from featgender.backbones import feature_preprocessing
 from featgender.cache import CacheData, iter_cache_chunks, library_versions, open_rows, read_caches
 from featgender.errors import FeatgenderError
 from featgender.heads import HeadModel, fit_head, fit_head_streaming, load_model
@@ -210,9 +211,14 @@ def evaluate_model(model: str | Path | HeadModel, caches: list[str | Path] | str
 
 
 def _check_caches_fit_model(model: HeadModel, data: CacheData) -> None:
+    """Refuse caches whose features mean something else than the model's: another network,
+    layer, weights, preprocessing or flip. How faces were found (a calibrated box or
+    detection) may differ: it ends in the same crop or chip."""
     for expected, found in zip(model.backbones, data.metadata["sources"]):
-        for key in ("backbone", "layer", "weights_sha256", "preprocessing"):
-            if str(expected.get(key)) != str(found.get(key)):
+        for key in ("backbone", "layer", "weights_sha256", "flip", "preprocessing"):
+            same = (feature_preprocessing(expected.get(key)) == feature_preprocessing(found.get(key))
+                    if key == "preprocessing" else str(expected.get(key)) == str(found.get(key)))
+            if not same:
                 raise FeatgenderError(
                     f"cache of {found.get('backbone')} does not match the model's features ({key} differs)"
                 )

@@ -50,11 +50,18 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
 def default_workers(device: torch.device, loader_bound: bool = False) -> int:
     """Loader workers: on GPU up to 8; on CPU one, as the cores run the forward pass, or one
-    per core where the loader does the heavy work (``loader_bound``: dlib descriptors)."""
+    per core where the loader does the heavy work (``loader_bound``: face detection)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cuda":
         return min(8, max(1, cores - 1))
     return cores if loader_bound else 1
+
+
+def detects_on_loader(backbone: Backbone) -> bool:
+    """Whether the loader workers detect faces for ``backbone`` (tens of ms per image, more than
+    a forward pass): photos through the face step, or face alignment without a fixed box."""
+    config = backbone.config
+    return bool(config.face_step) or (bool(config.alignment) and config.face_box is None)
 
 
 def default_batch_size(device: torch.device) -> int:
@@ -185,10 +192,8 @@ def iter_features(
     if batch_size < 1:
         raise FeatgenderError(f"--batch-size {batch_size}: must be at least 1")
     if workers is None:
-        workers = default_workers(device, loader_bound=backbone.transform.loader_step is not None)
+        workers = default_workers(device, loader_bound=detects_on_loader(backbone))
     autocast = resolve_precision(precision, device) == "bfloat16"
-    if flip and backbone.transform.loader_step is not None:
-        raise FeatgenderError(f"--flip: not available for {backbone.config.name} with a face step on the loader workers")
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
     transform = backbone.transform.to(device)
     on_cuda = device.type == "cuda"

@@ -136,7 +136,7 @@ def extract_to_cache(
         built = build_backbone(backbone, weights=weights, layer=layer, find_faces=True)
     else:
         built = build_backbone(backbone, weights=weights, layer=layer,
-                               face_box=_resolve_face_box(face_box, backbone, dataset))
+                               face_box=resolve_face_box(face_box, backbone, dataset))
     if out is None:
         out = default_cache_path(dataset, backbone, limit, cache_dir, options.get("flip", False))
     rank = current_rank()
@@ -145,9 +145,10 @@ def extract_to_cache(
     return build_cache(dataset, built, Path(out), limit=limit, seed=seed, **options)
 
 
-def _resolve_face_box(face_box: str | tuple, backbone: str, dataset: FaceDataset) -> tuple | None:
-    """The ``face_box`` for :func:`build_backbone`: None for detection (or a backbone that does
-    not align faces), the given box, or the dataset's calibrated one."""
+def resolve_face_box(face_box: str | tuple, backbone: str, dataset: FaceDataset) -> tuple | None:
+    """The ``face_box`` for :func:`build_backbone` from ``--face-box`` ('auto', 'detect' or
+    'L,T,R,B'): None for detection (or a backbone that does not align faces), the given box,
+    or where faces sit in ``dataset`` (:func:`featgender.faces.calibrate_face_box`)."""
     if face_box == "detect":
         return None
     if isinstance(face_box, str) and face_box != "auto":
@@ -204,4 +205,4 @@ def _extract_sharded(dataset: FaceDataset, backbone: Backbone, out: Path, rank: 
                        result.resumed_from)
 
 
-__all__ = ["CacheResult", "build_cache", "extract_to_cache"]
+__all__ = ["CacheResult", "build_cache", "extract_to_cache", "resolve_face_box"]

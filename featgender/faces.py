@@ -1,12 +1,14 @@
-"""Faces: detection in photos, and dlib's face-recognition ResNet (128-d) with 5-point alignment.
+"""Faces, with dlib: detection in photos, and the 5-point alignment of dlib's face network.
 
 ImageNet features are the weak link for faces; a network trained to recognise faces embeds
-them far better. dlib's model comes from the ``face_recognition_models`` package and runs
+them far better. dlib's models come from the ``face_recognition_models`` package and run
 with ``dlib-bin`` (prebuilt wheels): ``pip install 'featgender[faces]'``; no network needed.
+The face-recognition ResNet itself runs in torch (:mod:`featgender.face_resnet`).
 
-Per image, all on the loader workers (dlib computes on one core per call): find the face
-(HOG detector; on misses, dlib's CNN detector; on crops where neither finds one, a central
-box), locate 5 landmarks, cut the aligned 150 x 150 chip, compute the descriptor.
+Per image, on the loader workers (:class:`FaceAligner`): find the face (HOG detector; on
+misses, dlib's CNN detector; on crops where neither finds one, a central box; or a fixed
+box calibrated for a dataset of aligned crops), locate 5 landmarks, cut the aligned
+150 x 150 chip that the network embeds.
 
 Photos, for any backbone (``featgender predict --faces photo``): :class:`FaceDetector` finds
 the faces and :func:`crop_face` cuts each one the way dataset face crops are framed.
@@ -19,7 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from featgender.errors import FeatgenderError
 
@@ -213,37 +214,3 @@ class FaceAligner:
         shape = self._landmarks(pixels, dlib.rectangle(*boxes[0]))
         chip = dlib.get_face_chip(pixels, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
         return torch.from_numpy(np.ascontiguousarray(chip)).permute(2, 0, 1)
-
-
-class FaceDescriptor:
-    """uint8 (3, H, W) image → dlib's 128-d descriptor of its face (float32 tensor).
-
-    Runs whole on a loader worker: dlib computes on one core per call, so descriptors of
-    different images in different workers use every core.
-    """
-
-    def __init__(self, aligner: FaceAligner, recognition_file: str):
-        self.aligner = aligner
-        self.recognition_file = recognition_file
-        self._network = None
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_network": None}
-
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
-        if self._network is None:
-            self._network = _dlib().face_recognition_model_v1(self.recognition_file)
-        chip = np.ascontiguousarray(self.aligner(image).permute(1, 2, 0).numpy())
-        return torch.tensor(np.asarray(self._network.compute_face_descriptor(chip), dtype=np.float32))
-
-
-class LoaderEmbeddings(nn.Module):
-    """Transform of backbones whose embedding is computed by ``loader_step`` on the loader
-    workers: on the device side the rows are only stacked (the model is the identity)."""
-
-    def __init__(self, loader_step):
-        super().__init__()
-        self.loader_step = loader_step
-
-    def forward(self, rows, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return torch.stack(list(rows)) if isinstance(rows, (list, tuple)) else rows

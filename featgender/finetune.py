@@ -24,7 +24,8 @@ from featgender.backbones import Backbone, build_backbone
 from featgender.data import FaceDataset, load_dataset
 from featgender.errors import FeatgenderError
 from featgender.files import atomic_write
-from featgender.extract import default_workers, resolve_device, resolve_precision, worker_init
+from featgender.extract import default_workers, detects_on_loader, resolve_device, resolve_precision, worker_init
+from featgender.extraction import resolve_face_box
 from featgender.images import load_image
 
 logger = logging.getLogger(__name__)
@@ -85,14 +86,20 @@ def freeze_all_but_last(net: GenderNet, unfreeze_last: int | str) -> list[str]:
 
 
 class TrainingImages(Dataset):
-    """uint8 images with labels; training images get flip, shear and zoom augmentations."""
+    """uint8 images with labels; training images get flip, shear and zoom augmentations.
 
-    def __init__(self, dataset: FaceDataset, indices: np.ndarray, size: int, resize: int, augment: bool):
+    ``backbone``'s loader step, if any (face alignment), runs first: its chips are the
+    network's input size already, and are augmented as they are."""
+
+    def __init__(self, dataset: FaceDataset, indices: np.ndarray, backbone: Backbone, augment: bool):
         from torchvision.transforms import v2
 
         self.paths = [dataset.paths[i] for i in indices]
         self.labels = dataset.labels[indices].astype(np.float32)
-        self.min_side = resize
+        self.min_side = backbone.config.resize_size
+        self.loader_step = backbone.transform.loader_step
+        size = backbone.config.input_size
+        resize = size if self.loader_step is not None else backbone.config.resize_size
         if augment:
             self.transform = v2.Compose([
                 v2.RandomResizedCrop(size, scale=(0.7, 1.0), antialias=True),
@@ -106,7 +113,10 @@ class TrainingImages(Dataset):
         return len(self.paths)
 
     def __getitem__(self, index: int):
-        return self.transform(load_image(self.paths[index], self.min_side)), self.labels[index]
+        image = load_image(self.paths[index], self.min_side)
+        if self.loader_step is not None:
+            image = self.loader_step(image)
+        return self.transform(image), self.labels[index]
 
 
 @dataclass
@@ -166,10 +176,13 @@ def finetune(
     limit: int | None = None,
     seed: int = 0,
     format: str = "auto",
+    face_box: str | tuple = "auto",
     progress: bool = True,
 ) -> FinetuneResult:
     """Fine-tune ``backbone`` end to end on ``data`` and report test metrics: ``featgender finetune``.
 
+    ``face_box``: for a face-aligning backbone (dlib_resnet), where to find the face, as
+    ``featgender extract --face-box`` (:func:`featgender.extraction.resolve_face_box`).
     Writes ``out`` (default ``models/<backbone>-ft.pt``: the best epoch) and
     ``<out>.last.pt`` (the latest epoch): rerunning the same command resumes from it, and
     rerunning with more ``epochs`` trains on.
@@ -182,9 +195,8 @@ def finetune(
     splits = {name: np.flatnonzero(dataset.splits == code) for code, name in enumerate(("train", "valid", "test"))}
     if not len(splits["train"]) or not len(splits["valid"]):
         raise FeatgenderError(f"--data {data}: fine-tuning needs train and valid images")
-    built = build_backbone(backbone, weights=weights)
-    if built.transform.loader_step is not None:
-        raise FeatgenderError(f"--backbone {backbone}: not a torch network; it cannot be fine-tuned")
+    face_box = resolve_face_box(face_box, backbone, dataset)
+    built = build_backbone(backbone, weights=weights, face_box=face_box)
     torch.manual_seed(seed)
     net = GenderNet(built, dropout)
     trainable = freeze_all_but_last(net, unfreeze_last)
@@ -196,6 +208,7 @@ def finetune(
     out = Path(out) if out is not None else Path("models") / f"{backbone}-ft.pt"
     last = out.with_name(out.name + ".last.pt")
     config = {"backbone": backbone, "weights": built.weights.name, "weights_sha256": built.weights.sha256 or "",
+              "face_box": list(face_box) if face_box else None,
               "unfreeze_last": str(unfreeze_last), "lr": lr, "batch_size": batch_size, "dropout": dropout,
               "dataset_fingerprint": dataset.fingerprint(), "seed": seed}
     history, best = [], {"loss": float("inf"), "epoch": 0, "state": None}
@@ -209,12 +222,11 @@ def finetune(
         history, best = saved["history"], {**saved["best"], "state": saved["best_state"]}
         start_epoch = len(history)
         logger.info("%s: resuming after epoch %d", last, start_epoch)
-    input_size, resize = built.config.input_size, built.config.resize_size
-    workers = default_workers(device) if workers is None else workers
+    workers = default_workers(device, loader_bound=detects_on_loader(built)) if workers is None else workers
     pin = device.type == "cuda"
-    train_loader = _loader(TrainingImages(dataset, splits["train"], input_size, resize, True), batch_size, True,
+    train_loader = _loader(TrainingImages(dataset, splits["train"], built, True), batch_size, True,
                            workers, seed, pin)
-    valid_loader = _loader(TrainingImages(dataset, splits["valid"], input_size, resize, False), batch_size, False,
+    valid_loader = _loader(TrainingImages(dataset, splits["valid"], built, False), batch_size, False,
                            workers, seed, pin)
     stale = len(history) - best["epoch"]
     for epoch in tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, unit="epoch",
@@ -236,7 +248,7 @@ def finetune(
     net.load_state_dict(best["state"])
     test = {}
     if len(splits["test"]):
-        test_loader = _loader(TrainingImages(dataset, splits["test"], input_size, resize, False), batch_size, False,
+        test_loader = _loader(TrainingImages(dataset, splits["test"], built, False), batch_size, False,
                               workers, seed, pin)
         _, _, test_scores = _run_epoch(net, test_loader, device, normalise, autocast)
         test = evaluate_scores(dataset.subset(splits["test"]), test_scores)
@@ -268,7 +280,8 @@ def load_finetuned(path: str | Path, *, device: str = "auto") -> tuple[GenderNet
         raise FeatgenderError(f"--model {path}: not a featgender fine-tuned checkpoint ({type(error).__name__})") from None
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
         raise FeatgenderError(f"--model {path}: not a featgender fine-tuned checkpoint")
-    built = build_backbone(saved["backbone"], weights="none")  # every weight is in the checkpoint
+    # every weight is in the checkpoint; a face-aligning backbone aligns as in training
+    built = build_backbone(saved["backbone"], weights="none", face_box=saved["config"].get("face_box"))
     net = GenderNet(built)
     net.load_state_dict(saved["state_dict"])
     return net.to(resolve_device(device)).eval(), built, saved

@@ -27,8 +27,9 @@ def test_registry_entry_and_offline_weights():
     config = get_config("dlib_resnet")
     assert config.feature_dim == 128 and config.input_kind == "photo"
     assert weights_available(config)
-    with pytest.raises(FeatgenderError, match="--weights none: dlib_resnet has no random init"):
-        build_backbone("dlib_resnet", weights="none")
+    random_net = build_backbone("dlib_resnet", weights="none")  # seeded, as every backbone's
+    assert random_net.weights.sha256 is None and random_net.model.layer == "descriptor"
+    assert torch.equal(random_net.model.body.conv1.weight, build_backbone("dlib_resnet", weights="none").model.body.conv1.weight)
 
 
 def test_descriptors_equal_dlibs_own_pipeline_and_are_deterministic(dlib_backbone, shared_faces):
