@@ -19,6 +19,7 @@ from sklearn import metrics as skm
 
 from featgender.backbones import feature_preprocessing
 from featgender.cache import CacheData, iter_cache_chunks, library_versions, open_rows, read_caches
+from featgender.data import LABEL_NAMES
 from featgender.errors import FeatgenderError
 from featgender.heads import HeadModel, fit_head, fit_head_streaming, load_model
 
@@ -168,8 +169,26 @@ def evaluate_scores(data, scores: np.ndarray, *, groups: list[str] | None = None
     result = classification_metrics(data.labels, predicted, scores)
     result["ci95"] = bootstrap_ci(data.labels, predicted, scores if "roc_auc" in result else None, n_boot=n_boot)
     result["subgroups"] = subgroup_metrics(data, predicted, groups)
+    result["worst_mistakes"] = worst_mistakes(_image_paths(data), data.labels, scores)
     result["_curves"] = {"labels": data.labels, "scores": scores}
     return result
+
+
+def _image_paths(data) -> list[str]:
+    """Where the rows' images are: a dataset's paths, or a cache's ids below its dataset root."""
+    if hasattr(data, "paths"):
+        return [str(path) for path in data.paths]
+    root = Path(data.metadata.get("dataset_root", "."))
+    return [str(root / image_id) for image_id in data.ids]
+
+
+def worst_mistakes(images: list[str], labels: np.ndarray, scores: np.ndarray, count: int = 24) -> list[dict]:
+    """The ``count`` wrong answers the model was surest of, surest first: image, true label,
+    P(male). People look at errors; this is what a contact sheet shows them."""
+    wrong = np.flatnonzero((scores >= 0.5).astype(int) != labels)
+    surest = wrong[np.argsort(-np.abs(scores[wrong] - 0.5), kind="stable")][:count]
+    return [{"image": images[row], "label": LABEL_NAMES[int(labels[row])], "p_male": round(float(scores[row]), 4)}
+            for row in surest]
 
 
 def public_result(result: dict) -> dict:
@@ -306,13 +325,16 @@ def train_head(
 
 
 def write_report(result: dict, folder: str | Path, *, title: str = "featgender evaluation") -> list[Path]:
-    """metrics.json, report.md and (with matplotlib) roc.png, confusion.png, subgroups.png."""
+    """metrics.json, report.md, mistakes.png (a contact sheet of the worst mistakes) and
+    (with matplotlib) roc.png, confusion.png, subgroups.png."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     plain = public_result(result)
     written = [folder / "metrics.json", folder / "report.md"]
     written[0].write_text(json.dumps(plain, indent=2))
     written[1].write_text(markdown_summary(plain, title))
+    if plain.get("worst_mistakes"):
+        written.append(contact_sheet(plain["worst_mistakes"], folder / "mistakes.png"))
     try:
         import matplotlib
 
@@ -341,7 +363,36 @@ def markdown_summary(result: dict, title: str) -> str:
         for group, row in slices["groups"].items():
             rates = [f"{row[k]:.4f}" if row[k] is not None else "–" for k in ("female_error", "male_error")]
             lines.append(f"| {group} | {row['n']} | {row['accuracy']:.4f} | {rates[0]} | {rates[1]} |")
+    if result.get("worst_mistakes"):
+        lines += ["", "## Worst mistakes (the surest wrong answers; mistakes.png shows them)", "",
+                  "| image | true | P(male) |", "|---|---|---|"]
+        lines += [f"| {Path(m['image']).name} | {m['label']} | {m['p_male']:.4f} |" for m in result["worst_mistakes"]]
     return "\n".join(lines) + "\n"
+
+
+def contact_sheet(mistakes: list[dict], out: Path, *, columns: int = 6, side: int = 128) -> Path:
+    """A PNG grid of the mistakes' images, each captioned with its true label and P(male)
+    (an image that cannot be read gets a grey tile)."""
+    from PIL import Image, ImageDraw
+
+    from featgender.images import load_image
+
+    caption = 30
+    rows = -(-len(mistakes) // columns)
+    sheet = Image.new("RGB", (columns * side, rows * (side + caption)), "white")
+    draw = ImageDraw.Draw(sheet)
+    for index, mistake in enumerate(mistakes):
+        left, top = index % columns * side, index // columns * (side + caption)
+        try:
+            tile = Image.fromarray(load_image(mistake["image"]).permute(1, 2, 0).numpy())
+            tile.thumbnail((side, side))
+        except Exception:  # moved or unreadable: the caption still says what was wrong
+            tile = Image.new("RGB", (side, side), (160, 160, 160))
+        sheet.paste(tile, (left + (side - tile.width) // 2, top + (side - tile.height) // 2))
+        draw.text((left + 4, top + side + 2), f"true {mistake['label']}", fill="black")
+        draw.text((left + 4, top + side + 15), f"P(male) {mistake['p_male']:.3f}", fill="firebrick")
+    sheet.save(out)
+    return out
 
 
 def _plots(result: dict, folder: Path) -> list[Path]:

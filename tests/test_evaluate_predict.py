@@ -77,6 +77,26 @@ def test_subgroup_slices_and_gap():
         subgroup_metrics(data, predicted, ["Bald"])
 
 
+def test_the_worst_mistakes_are_the_surest_wrong_answers_on_a_contact_sheet(tmp_path):
+    from conftest import write_images
+
+    from featgender.evaluate import contact_sheet, worst_mistakes
+
+    write_images(tmp_path, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], [1, 0, 1, 0])  # men reddish, women bluish
+    images = [str(tmp_path / name) for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg")]
+    scores = np.array([0.9, 0.7, 0.05, 0.4])  # right, wrong, wrong and surest, right
+    mistakes = worst_mistakes(images, np.array([1, 0, 1, 0]), scores)
+    assert mistakes == [{"image": images[2], "label": "male", "p_male": 0.05},
+                        {"image": images[1], "label": "female", "p_male": 0.7}]
+    moved = {"image": str(tmp_path / "gone.jpg"), "label": "female", "p_male": 0.8}
+    sheet = np.asarray(Image.open(contact_sheet(mistakes + [moved], tmp_path / "m.png", columns=2, side=64)))
+    assert sheet.shape == (2 * (64 + 30), 128, 3)
+    first, second, gone = sheet[20:44, 20:44], sheet[20:44, 84:108], sheet[94 + 20:94 + 44, 20:44]
+    assert first[..., 0].mean() > first[..., 2].mean() + 50  # image c, a man's
+    assert second[..., 2].mean() > second[..., 0].mean() + 50  # image b, a woman's
+    assert np.all(gone == 160)  # unreadable: a grey tile
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Two small real caches of one generated dataset (two backbones), and a head fitted on one."""
