@@ -3,8 +3,9 @@
 Each head is fitted with its defaults on the train split of ``--cache`` (and logreg once
 more out of core, as ``fit --out-of-core`` does) and scored on its test split and, with
 ``--unseen``, on every image of a second cache (faces of another dataset the heads never
-saw, e.g. CelebA images for heads trained on UTKFace). Prints a markdown table with
-bootstrap 95% CIs.
+saw, e.g. CelebA images for heads trained on UTKFace). ``a.h5+b.h5`` joins two backbones'
+caches of the same images, as ``fit --cache a.h5 --cache b.h5`` does. Prints a markdown
+table with bootstrap 95% CIs.
 
     featgender extract --data ../shared/faces/utkface
     featgender extract --data ../shared/faces/celeba_mini
@@ -35,20 +36,22 @@ def scored(pipeline, data) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--cache", type=Path, required=True)
-    parser.add_argument("--unseen", type=Path, help="a cache of another dataset, scored whole")
+    parser.add_argument("--cache", type=Path, required=True, help="a cache, or a.h5+b.h5 joined")
+    parser.add_argument("--unseen", type=Path, help="a cache of another dataset (or a.h5+b.h5), scored whole")
     parser.add_argument("--heads", default=",".join(list_heads()))
     args = parser.parse_args()
-    train, test = read_caches(args.cache, "train"), read_caches(args.cache, "test")
-    unseen = read_caches(args.unseen) if args.unseen else None
+    caches = str(args.cache).split("+")
+    train, test = read_caches(caches, "train"), read_caches(caches, "test")
+    unseen = read_caches(str(args.unseen).split("+")) if args.unseen else None
     print(f"train {len(train.labels)} / test {len(test.labels)} images of {args.cache.name}"
           + (f"; unseen: {len(unseen.labels)} images of {args.unseen.name}" if unseen else ""))
     print("| head | fit s | test accuracy (95% CI) |" + (" unseen accuracy (95% CI) |" if unseen else ""))
     print("|---|---|---|" + ("---|" if unseen else ""))
     order = np.random.default_rng(0)
     fits = {head: lambda head=head: fit_head(train.features, train.labels, head)[0] for head in args.heads.split(",")}
-    fits["logreg, out of core"] = lambda: fit_head_streaming(
-        lambda: iter_cache_chunks(args.cache, "train", shuffle=order), "logreg", overwrite_chunks=True)
+    if len(caches) == 1:  # streaming reads one cache
+        fits["logreg, out of core"] = lambda: fit_head_streaming(
+            lambda: iter_cache_chunks(args.cache, "train", shuffle=order), "logreg", overwrite_chunks=True)
     for name, fit in fits.items():
         started = time.perf_counter()
         pipeline = fit()

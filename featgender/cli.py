@@ -355,6 +355,31 @@ def demo(
     _print_metrics(result["test"])
 
 
+@_command
+def serve(
+    model: Path = typer.Option(..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only). Another needs --auth."),
+    port: int = typer.Option(7860, "--port", help="Port to listen on."),
+    share: bool = typer.Option(False, "--share", help="Also open a public Gradio share link (needs --auth; faces are personal data)."),
+    auth: Optional[str] = typer.Option(None, "--auth", help="USER:PASSWORD asked of every visitor (required with --share or a non-local --host)."),
+    device: Optional[str] = DeviceOption,
+    trusted: bool = TrustedOption,
+) -> None:
+    """Serve a web page over a saved model (Gradio, extra 'app'): drop a photo, see every face
+    boxed with its label and P(male); batch CSV; the model card. Uploads are not kept."""
+    from featgender.app import serve as run_server
+
+    _announce(model)
+    credentials = None
+    if auth is not None:
+        user, _, password = auth.partition(":")
+        if not user or not password:
+            raise FeatgenderError("--auth: want USER:PASSWORD")
+        credentials = (user, password)
+    run_server(model, host=host, port=port, share=share, auth=credentials, trusted=trusted,
+               **_given(device=device))
+
+
 def main() -> None:
     """Console-script entry point."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -254,7 +254,7 @@ def _read_celeba(root: Path) -> FaceDataset:
     values = _attribute_values([row[1:] for row in rows], attr_file, 3)
     partition_file = root / "list_eval_partition.txt"
     partitions = _read_partitions(partition_file, _whitespace_rows(partition_file)) if partition_file.is_file() else {}
-    return _celeba_dataset(root, "celeba", root / "img_align_celeba", image_ids, names, values, partitions,
+    return _celeba_dataset(root, "celeba", image_folder(root, "celeba"), image_ids, names, values, partitions,
                            attr_file, 3)
 
 
@@ -273,10 +273,20 @@ def _read_celeba_kaggle(root: Path) -> FaceDataset:
         with open(partition_file, newline="") as handle:
             partition_rows = list(csv.reader(handle))[1:]
         partitions = _read_partitions(partition_file, partition_rows)
-    image_dir = root / "img_align_celeba" / "img_align_celeba"
-    if not image_dir.is_dir():
-        image_dir = root / "img_align_celeba"
-    return _celeba_dataset(root, "celeba-kaggle", image_dir, image_ids, names, values, partitions, attr_file, 2)
+    return _celeba_dataset(root, "celeba-kaggle", image_folder(root, "celeba-kaggle"), image_ids, names, values,
+                           partitions, attr_file, 2)
+
+
+def image_folder(root: str | Path, format: str) -> Path:
+    """The folder that a dataset's image ids are relative to: CelebA's image folder, else its
+    root. With a cache's ``dataset_root`` and ``dataset_format``, this finds its images."""
+    root = Path(root)
+    if format == "celeba":
+        return root / "img_align_celeba"
+    if format == "celeba-kaggle":
+        nested = root / "img_align_celeba" / "img_align_celeba"
+        return nested if nested.is_dir() else root / "img_align_celeba"
+    return root
 
 
 def _refuse_duplicates(image_ids: list[str], source: Path, first_line: int) -> None:

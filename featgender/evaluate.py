@@ -19,7 +19,7 @@ from sklearn import metrics as skm
 
 from featgender.backbones import feature_preprocessing
 from featgender.cache import CacheData, iter_cache_chunks, library_versions, open_rows, read_caches
-from featgender.data import LABEL_NAMES
+from featgender.data import LABEL_NAMES, image_folder
 from featgender.errors import FeatgenderError
 from featgender.heads import HeadModel, fit_head, fit_head_streaming, load_model
 
@@ -169,26 +169,26 @@ def evaluate_scores(data, scores: np.ndarray, *, groups: list[str] | None = None
     result = classification_metrics(data.labels, predicted, scores)
     result["ci95"] = bootstrap_ci(data.labels, predicted, scores if "roc_auc" in result else None, n_boot=n_boot)
     result["subgroups"] = subgroup_metrics(data, predicted, groups)
-    result["worst_mistakes"] = worst_mistakes(_image_paths(data), data.labels, scores)
+    result["worst_mistakes"] = worst_mistakes(data, scores)
     result["_curves"] = {"labels": data.labels, "scores": scores}
     return result
 
 
-def _image_paths(data) -> list[str]:
-    """Where the rows' images are: a dataset's paths, or a cache's ids below its dataset root."""
-    if hasattr(data, "paths"):
-        return [str(path) for path in data.paths]
-    root = Path(data.metadata.get("dataset_root", "."))
-    return [str(root / image_id) for image_id in data.ids]
-
-
-def worst_mistakes(images: list[str], labels: np.ndarray, scores: np.ndarray, count: int = 24) -> list[dict]:
-    """The ``count`` wrong answers the model was surest of, surest first: image, true label,
-    P(male). People look at errors; this is what a contact sheet shows them."""
-    wrong = np.flatnonzero((scores >= 0.5).astype(int) != labels)
+def worst_mistakes(data, scores: np.ndarray, count: int = 24) -> list[dict]:
+    """The ``count`` wrong answers the model was surest of, surest first: image path, true
+    label, P(male). People look at errors; this is what a contact sheet shows them."""
+    wrong = np.flatnonzero((scores >= 0.5).astype(int) != data.labels)
     surest = wrong[np.argsort(-np.abs(scores[wrong] - 0.5), kind="stable")][:count]
-    return [{"image": images[row], "label": LABEL_NAMES[int(labels[row])], "p_male": round(float(scores[row]), 4)}
-            for row in surest]
+    return [{"image": _image_path(data, row), "label": LABEL_NAMES[int(data.labels[row])],
+             "p_male": round(float(scores[row]), 4)} for row in surest]
+
+
+def _image_path(data, row: int) -> str:
+    """Where a row's image is: a dataset's path, or a cache's id in its dataset's image folder."""
+    if hasattr(data, "paths"):
+        return str(data.paths[row])
+    folder = image_folder(data.metadata.get("dataset_root", "."), data.metadata.get("dataset_format", ""))
+    return str(folder / data.ids[row])
 
 
 def public_result(result: dict) -> dict:

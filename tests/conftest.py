@@ -116,3 +116,33 @@ def shared_faces() -> Path:
     if not (SHARED_FACES / "utkface" / "labels.csv").is_file():
         pytest.skip("../shared/faces is not beside this checkout")
     return SHARED_FACES
+
+
+@pytest.fixture(scope="session")
+def dlib_model(shared_faces, tmp_path_factory):
+    """A logreg head on dlib_resnet features of 300 UTKFace faces: (model file, the test
+    split's image paths, their labels)."""
+    pytest.importorskip("dlib")
+    from featgender.data import load_dataset
+    from featgender.evaluate import train_head
+    from featgender.extraction import extract_to_cache
+
+    folder = tmp_path_factory.mktemp("dlib_model")
+    dataset = load_dataset(shared_faces / "utkface", limit=300)
+    extract_to_cache(shared_faces / "utkface", backbone="dlib_resnet", limit=300, out=folder / "utk.h5", progress=False)
+    train_head(folder / "utk.h5", "logreg", eval_split=None, out=folder / "logreg.joblib")
+    test = dataset.subset(np.flatnonzero(dataset.splits == 2))
+    return folder / "logreg.joblib", [Path(path) for path in test.paths], test.labels
+
+
+@pytest.fixture(scope="session")
+def group_photo(dlib_model, tmp_path_factory) -> Path:
+    """A 720 x 400 photo of two test faces side by side: a man on the left, a woman on the right."""
+    _, paths, labels = dlib_model
+    man, woman = paths[list(labels).index(1)], paths[list(labels).index(0)]
+    photo = Image.new("RGB", (720, 400), (90, 120, 90))
+    photo.paste(Image.open(man).convert("RGB").resize((200, 200)), (60, 100))
+    photo.paste(Image.open(woman).convert("RGB").resize((200, 200)), (440, 100))
+    path = tmp_path_factory.mktemp("photos") / "group.jpg"
+    photo.save(path, quality=95)
+    return path

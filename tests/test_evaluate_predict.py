@@ -82,10 +82,13 @@ def test_the_worst_mistakes_are_the_surest_wrong_answers_on_a_contact_sheet(tmp_
 
     from featgender.evaluate import contact_sheet, worst_mistakes
 
-    write_images(tmp_path, ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], [1, 0, 1, 0])  # men reddish, women bluish
-    images = [str(tmp_path / name) for name in ("a.jpg", "b.jpg", "c.jpg", "d.jpg")]
+    write_images(tmp_path / "img_align_celeba", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], [1, 0, 1, 0])  # men reddish
+    ids = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
+    images = [str(tmp_path / "img_align_celeba" / name) for name in ids]
     scores = np.array([0.9, 0.7, 0.05, 0.4])  # right, wrong, wrong and surest, right
-    mistakes = worst_mistakes(images, np.array([1, 0, 1, 0]), scores)
+    rows = CacheData(np.zeros((4, 2), np.float32), np.array([1, 0, 1, 0]), ids, np.zeros(4, np.int8), None, [], {},
+                     {"dataset_root": str(tmp_path), "dataset_format": "celeba"})  # a CelebA cache's rows
+    mistakes = worst_mistakes(rows, scores)
     assert mistakes == [{"image": images[2], "label": "male", "p_male": 0.05},
                         {"image": images[1], "label": "female", "p_male": 0.7}]
     moved = {"image": str(tmp_path / "gone.jpg"), "label": "female", "p_male": 0.8}

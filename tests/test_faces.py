@@ -1,7 +1,6 @@
 """dlib's face-recognition backbone on real faces from ../shared (skips without dlib or ../shared)."""
 
 import json
-from pathlib import Path
 
 import h5py
 import numpy as np
@@ -98,24 +97,15 @@ def test_face_features_beat_imagenet_features_with_the_same_head(shared_faces, t
     assert accuracy["dlib_resnet"] > 0.93
 
 
-@pytest.fixture(scope="module")
-def dlib_model(shared_faces, tmp_path_factory):
-    from featgender.cache import read_metadata
-    from featgender.extraction import extract_to_cache
-    from featgender.evaluate import train_head
+def test_a_model_records_the_calibrated_face_box_of_its_dataset(dlib_model, shared_faces):
+    from featgender.heads import load_model
 
-    folder = tmp_path_factory.mktemp("dlib_model")
-    dataset = load_dataset(shared_faces / "utkface", limit=300)
-    result = extract_to_cache(shared_faces / "utkface", backbone="dlib_resnet", limit=300, out=folder / "utk.h5",
-                              progress=False)
-    preprocessing = json.loads(read_metadata(result.path)["preprocessing"])
-    assert preprocessing["face_box"] == list(calibrate_face_box(dataset.paths))
-    train_head(folder / "utk.h5", "logreg", eval_split=None, out=folder / "logreg.joblib")
-    test = dataset.subset(np.flatnonzero(dataset.splits == 2))
-    return folder / "logreg.joblib", [Path(path) for path in test.paths], test.labels
+    preprocessing = json.loads(load_model(dlib_model[0]).backbones[0]["preprocessing"])
+    paths = load_dataset(shared_faces / "utkface", limit=300).paths
+    assert preprocessing["face_box"] == list(calibrate_face_box(paths))
 
 
-def test_a_group_photo_gives_one_prediction_per_face_with_its_box(dlib_model, tmp_path):
+def test_a_group_photo_gives_one_prediction_per_face_with_its_box(dlib_model, group_photo, tmp_path):
     from PIL import Image
 
     import featgender
@@ -124,14 +114,10 @@ def test_a_group_photo_gives_one_prediction_per_face_with_its_box(dlib_model, tm
 
     model_path, paths, labels = dlib_model
     man, woman = paths[list(labels).index(1)], paths[list(labels).index(0)]
-    photo = Image.new("RGB", (720, 400), (90, 120, 90))
-    photo.paste(Image.open(man).convert("RGB").resize((200, 200)), (60, 100))
-    photo.paste(Image.open(woman).convert("RGB").resize((200, 200)), (440, 100))
-    photo.save(tmp_path / "group.jpg", quality=95)
     Image.new("RGB", (400, 300), (200, 200, 200)).save(tmp_path / "wall.jpg")
     predictor = featgender.load(model_path)
     alone = {p.image: p for p in predictor.predict([man, woman], faces="crop")}
-    faces = predictor.predict([tmp_path / "group.jpg", tmp_path / "wall.jpg"], all_faces=True)
+    faces = predictor.predict([group_photo, tmp_path / "wall.jpg"], all_faces=True)
     found = sorted((p for p in faces if p.box), key=lambda p: p.box[0])
     assert len(found) == 2 and len(faces) == 3
     assert found[0].box[2] < 360 < found[1].box[0]  # one face in each half
@@ -139,9 +125,9 @@ def test_a_group_photo_gives_one_prediction_per_face_with_its_box(dlib_model, tm
     wall = next(p for p in faces if p.image.endswith("wall.jpg"))
     assert wall.error == "no face found" and wall.label is None and wall.probability is None
     # dlib_resnet finds faces itself: 'auto' is photo mode, the largest face only
-    assert len(predictor.predict([tmp_path / "group.jpg"])) == 1
+    assert len(predictor.predict([group_photo])) == 1
     result = CliRunner().invoke(app, ["predict", "--model", str(model_path), "--all-faces",
-                                      str(tmp_path / "group.jpg"), str(tmp_path / "wall.jpg")])
+                                      str(group_photo), str(tmp_path / "wall.jpg")])
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if "box=" in line]
     assert len(lines) == 2 and "1 of 2 images: no face found" in result.stderr
