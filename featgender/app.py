@@ -21,7 +21,9 @@ import logging
 import os
 import shutil
 import tempfile
+import threading
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 
 from featgender.data import IMAGE_SUFFIXES
@@ -34,6 +36,8 @@ logger = logging.getLogger(__name__)
 UNCERTAIN_BAND = 0.1
 MAX_UPLOAD = "25mb"
 MAX_ZIP_IMAGES = 2000
+QUEUE_SIZE = 16
+RECENT_UPLOADS = QUEUE_SIZE  # bytes kept in memory for requests still queued with the same photo
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 RESPONSIBLE_USE = (
     "**Responsible use.** The labels this model learned are the binary *perceived gender* "
@@ -92,6 +96,10 @@ class FacePage:
     def __init__(self, predictor, work_dir: str | Path):
         self.predictor = predictor
         self.work_dir = Path(work_dir)
+        # Gradio files uploads by content: two requests with the same photo share one file,
+        # and the first deletes it. The bytes of the last few stay in memory for the second.
+        self._recent: OrderedDict[str, bytes] = OrderedDict()
+        self._lock = threading.Lock()
 
     def analyse(self, upload: dict | str | None, threshold: float = 0.5) -> tuple[dict, str, list[list], str]:
         """Every face of an uploaded photo: what to keep for redrawing ({'image': data URL,
@@ -101,17 +109,14 @@ class FacePage:
         return (shown, *render(shown, threshold), message)
 
     def _read_faces(self, upload: dict | str | None) -> tuple[dict, str]:
-        path = _upload_path(upload)
-        if path is None:
+        taken = self._take(upload)
+        if taken is None:
             return {}, "Upload, paste or take a photo first."
-        name = Path(upload.get("orig_name") or path.name).name if isinstance(upload, dict) else path.name
+        name, content = taken
         try:
-            pixels = load_image(path)
+            pixels = load_image(io.BytesIO(content))
         except Exception as error:  # PIL's many reasons, decompression bombs included
-            why = str(error).replace(str(path), name)  # no server paths in the page
-            return {}, f"{name}: cannot be read as an image ({type(error).__name__}: {why})"
-        finally:
-            self._forget(path)
+            return {}, f"{name}: cannot be read as an image ({type(error).__name__}: {error})"
         from PIL import Image
 
         picture = Image.fromarray(pixels.permute(1, 2, 0).numpy())
@@ -126,43 +131,58 @@ class FacePage:
         """The ``predict --csv`` file of many images and zips (largest face of each photo)."""
         folder = Path(tempfile.mkdtemp(prefix="batch-", dir=self.work_dir))
         try:
-            paths, skipped = [], []
-            for upload in uploads or []:
-                path = _upload_path(upload)
-                if path is None:
-                    continue
-                if zipfile.is_zipfile(path):
-                    paths += _unzip_images(path, folder / f"zip{len(paths)}")
+            paths = []
+            for index, taken in enumerate(filter(None, map(self._take, uploads or []))):
+                name, content = taken
+                if zipfile.is_zipfile(io.BytesIO(content)):
+                    paths += _unzip_images(io.BytesIO(content), folder / f"zip{index}")
                 else:
-                    paths.append(path)
+                    (folder / str(index)).mkdir()
+                    paths.append(folder / str(index) / name)
+                    paths[-1].write_bytes(content)
             if not paths:
                 return None, "No images given."
             predictions: list[Prediction] = []
             for start in range(0, len(paths), 16):
                 predictions += self.predictor.predict(paths[start:start + 16], faces="auto")
                 if progress is not None:
-                    progress((start + 16) / len(paths), desc="classifying")
-            out = folder / "predictions.csv"
-            rows = write_predictions_csv(predictions, out)
+                    progress(min(1.0, (start + 16) / len(paths)), desc="classifying")
+            rows = write_predictions_csv(predictions, folder / "predictions.csv")
             skipped = [p for p in predictions if p.error]
             message = f"{rows} of {len(paths)} images classified" + (
-                f"; {len(skipped)} not ({skipped[0].error}, ...)" if skipped else ".")
-            return str(out), message
+                f"; {len(skipped)} not ({skipped[0].error.replace(str(folder), '')}, ...)" if skipped else ".")
+            return str(folder / "predictions.csv"), message
         finally:
-            for upload in uploads or []:
-                path = _upload_path(upload)
-                if path is not None:
-                    self._forget(path)
+            for path in folder.glob("*/**/*"):  # the images; the CSV stays for the browser to fetch
+                if path.is_file():
+                    path.unlink()
 
-    def _forget(self, path: Path) -> None:
-        """Delete an upload (and its folder, if Gradio made one for it) below our work folder."""
-        try:
-            path.relative_to(self.work_dir)
-        except ValueError:
-            return  # not ours to delete (a caller's own file)
-        path.unlink(missing_ok=True)
-        if path.parent != self.work_dir and not any(path.parent.iterdir()):
-            path.parent.rmdir()
+    def _take(self, upload) -> tuple[str, bytes] | None:
+        """(name, bytes) of an upload, deleting its file below our work folder at once."""
+        path = _upload_path(upload)
+        if path is None:
+            return None
+        name = Path(upload.get("orig_name") or path.name).name if isinstance(upload, dict) else path.name
+        with self._lock:
+            if str(path) in self._recent and not path.is_file():
+                return name, self._recent[str(path)]
+            content = path.read_bytes()
+            if _is_below(path, self.work_dir):
+                self._recent[str(path)] = content
+                while len(self._recent) > RECENT_UPLOADS:
+                    self._recent.popitem(last=False)
+                path.unlink(missing_ok=True)
+                if path.parent != self.work_dir and not any(path.parent.iterdir()):
+                    path.parent.rmdir()
+        return name, content
+
+
+def _is_below(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder.resolve())
+        return True
+    except ValueError:
+        return False
 
 
 def render(shown: dict, threshold: float) -> tuple[str, list[list]]:
@@ -203,7 +223,7 @@ def _data_url(picture) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
-def _unzip_images(archive: Path, folder: Path) -> list[Path]:
+def _unzip_images(archive, folder: Path) -> list[Path]:
     """The images of a zip, written under ``folder`` with safe names (no path from the archive
     is trusted), at most :data:`MAX_ZIP_IMAGES`."""
     folder.mkdir(parents=True)
@@ -263,7 +283,7 @@ def build(model: str | Path, *, trusted: bool = False, device: str = "auto", wor
         with gr.Tab("Model card"):
             gr.Markdown(model_card(predictor), elem_id="fg-model-card")
             gr.Markdown(RESPONSIBLE_USE)
-    blocks.queue(default_concurrency_limit=concurrency, max_size=16)
+    blocks.queue(default_concurrency_limit=concurrency, max_size=QUEUE_SIZE)
     return blocks
 
 

@@ -104,6 +104,21 @@ def test_bad_uploads_get_a_message_and_the_queue_goes_on(server, group_photo, tm
     assert client.predict(handle_file(str(group_photo)), 0.5, api_name="/analyse")[2] == "group.jpg: 2 faces found."
 
 
+def test_clients_sending_the_same_photo_at_once_all_get_answers(server, group_photo):
+    """Gradio files uploads by content, so identical photos share one file; the first request
+    deletes it, and the others, queued meanwhile, must still get their answer."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from gradio_client import Client, handle_file
+
+    def ask(_):
+        return Client(server[0], verbose=False).predict(handle_file(str(group_photo)), 0.5, api_name="/analyse")[2]
+
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(ask, range(4))) == ["group.jpg: 2 faces found."] * 4
+    assert not [path for path in server[1].rglob("*.jpg")]
+
+
 def test_the_model_card_says_what_the_artifact_records(dlib_model):
     import featgender
     from featgender.app import model_card
