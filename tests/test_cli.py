@@ -140,3 +140,11 @@ def test_finetune_and_bench_commands(csv_dataset, tmp_path):
     assert bench.exit_code == 0, bench.output
     assert "mobilenet_v3_small + logreg: accuracy" in bench.output
     assert (tmp_path / "bench" / "results.md").is_file()
+
+
+def test_serve_refuses_to_expose_the_page_without_a_password(tmp_path):
+    exposed = invoke("serve", "--model", tmp_path / "m.joblib", "--host", "0.0.0.0")
+    assert exposed.exit_code == 1 and "give --auth USER:PASSWORD" in exposed.output
+    malformed = invoke("serve", "--model", tmp_path / "m.joblib", "--auth", "nopassword")
+    assert malformed.exit_code == 1 and "Error: --auth: want USER:PASSWORD" in malformed.output
+    assert not list(tmp_path.iterdir())
