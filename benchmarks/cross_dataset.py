@@ -4,7 +4,8 @@ Each ``--data NAME=CACHE[+CACHE]`` is one dataset's cache (or caches of several 
 joined by image id as ``fit --cache a --cache b`` does). Each head is fitted with its
 defaults on every dataset's train split and scored on every dataset's test split. Each
 ``--finetuned NAME=CHECKPOINT`` (``featgender finetune`` on dataset NAME) is scored on every
-dataset's test images too. Domain shift is what users meet first when they deploy.
+dataset's test images too, aligned with the face box of the dataset it was trained on (the
+box its checkpoint keeps). Domain shift is what users meet first when they deploy.
 
     python benchmarks/cross_dataset.py --heads logreg,svm \\
         --data celeba_10k=cache/celeba_10k-dlib_resnet.h5 --data utkface=cache/utkface-dlib_resnet.h5
@@ -19,6 +20,7 @@ import numpy as np
 
 import featgender
 from featgender.cache import read_caches
+from featgender.data import image_folder
 from featgender.evaluate import bootstrap_ci, classification_metrics
 from featgender.heads import fit_head
 
@@ -52,8 +54,8 @@ def main() -> None:
         predictor = featgender.load(checkpoint)
         cells = []
         for data in tests.values():
-            root = Path(data.metadata["dataset_root"])
-            predictions = predictor.predict([root / image_id for image_id in data.ids], faces="crop")
+            folder = image_folder(data.metadata["dataset_root"], data.metadata["dataset_format"])
+            predictions = predictor.predict([folder / image_id for image_id in data.ids], faces="crop")
             cells.append(accuracy_with_ci(data.labels, np.array([p.probability for p in predictions])))
         print(f"| {trained_on} | {Path(checkpoint).name} (fine-tuned) | " + " | ".join(cells) + " |", flush=True)
 
