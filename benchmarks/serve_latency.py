@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import socket
 import statistics
 import time
@@ -55,7 +56,7 @@ def main() -> None:
 
     from featgender.app import serve
 
-    blocks, url, _ = serve(args.model, port=_free_port(), block=False)
+    blocks, url, work_dir = serve(args.model, port=_free_port(), block=False)
     try:
         timed_requests(url, args.photo, 3, time.perf_counter() + 60)  # warm-up
         one = summary(timed_requests(url, args.photo, args.requests, time.perf_counter() + args.seconds))
@@ -70,6 +71,7 @@ def main() -> None:
                           "requests_per_s": round(len(every) / elapsed, 2)}), flush=True)
     finally:
         blocks.close()
+        shutil.rmtree(work_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

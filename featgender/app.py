@@ -14,12 +14,14 @@ into the page (no files), and Gradio's own temporary files live in a folder of o
 
 from __future__ import annotations
 
+import atexit
 import base64
 import html
 import io
 import logging
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import zipfile
@@ -294,8 +296,6 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 7860, share
     or a public ``share`` link needs ``auth`` (user, password), and warns. Uploads land in a
     folder of ours, removed when this returns. With ``block=False`` returns (blocks, url,
     folder) and the caller closes the blocks and removes the folder."""
-    import gradio as gr
-
     exposed = share or host not in LOOPBACK
     if exposed and auth is None:
         raise FeatgenderError(f"--host {host}{' --share' if share else ''}: the page would be reachable by others; "
@@ -304,8 +304,13 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 7860, share
         logger.warning("featgender serve: reachable beyond this machine (%s); faces are personal data",
                        "public share link" if share else host)
     work_dir = tempfile.mkdtemp(prefix="featgender-serve-")
-    os.environ["GRADIO_TEMP_DIR"] = work_dir
+    atexit.register(shutil.rmtree, work_dir, True)  # also when the caller of block=False forgets
+    os.environ["GRADIO_TEMP_DIR"] = work_dir  # before gradio's import: some of its modules read it then
     os.environ["GRADIO_ANALYTICS_ENABLED"] = "False"
+    import gradio as gr
+
+    if block and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)  # a service manager's stop: clean up as Ctrl-C does
     try:
         blocks = build(model, trusted=trusted, device=device, work_dir=work_dir)
         _, url, _ = blocks.launch(server_name=host, server_port=port, share=share, auth=auth,
@@ -317,8 +322,12 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 7860, share
         raise
     if not block:
         return blocks, url, work_dir
-    shutil.rmtree(work_dir, ignore_errors=True)
+    shutil.rmtree(work_dir, ignore_errors=True)  # launch returns once the server is stopped
     return None
+
+
+def _stop(signum, frame) -> None:
+    raise KeyboardInterrupt
 
 
 __all__ = ["FacePage", "RESPONSIBLE_USE", "UNCERTAIN_BAND", "build", "call", "model_card", "render", "serve"]

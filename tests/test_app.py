@@ -128,6 +128,30 @@ def test_the_model_card_says_what_the_artifact_records(dlib_model):
     assert "scikit-learn" in card and "torch" in card
 
 
+def test_a_stopped_server_removes_its_upload_folder(dlib_model, tmp_path):
+    """SIGTERM (a service manager's stop) ends `featgender serve` like Ctrl-C: its folder goes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    pytest.importorskip("gradio")
+    server = subprocess.Popen([sys.executable, "-m", "featgender", "serve", "--model", str(dlib_model[0]),
+                               "--port", str(_free_port())], env={**os.environ, "TMPDIR": str(tmp_path)},
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while "Running on local URL" not in server.stdout.readline():
+            assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+        assert [path.name[:17] for path in tmp_path.iterdir()] == ["featgender-serve-"]
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)
+    finally:
+        server.kill()
+    assert not list(tmp_path.iterdir())
+
+
 def _browser():
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     driver = shutil.which("chromedriver")
