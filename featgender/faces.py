@@ -23,8 +23,8 @@ import numpy as np
 import torch
 
 from featgender.errors import FeatgenderError
+from featgender.face_resnet import CHIP_SIZE  # the chip the network takes
 
-CHIP_SIZE = 150
 CHIP_PADDING = 0.25
 CROP_FALLBACK_BOX = (0.1, 0.1, 0.9, 0.9)  # fractions of width/height: a face crop's central box
 FACE_CROP_SCALE = 1.8  # side of a face crop cut from a photo, in detector boxes
