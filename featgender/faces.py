@@ -17,6 +17,7 @@ the faces and :func:`crop_face` cuts each one the way dataset face crops are fra
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,10 @@ MODEL_FILES = {
 
 
 def _dlib():
+    # dlib's CNN runs its layers on a thread pool made at first use; a loader worker forked
+    # after that inherits the pool without its threads and waits forever on its first CNN
+    # detection. No pool (its tasks run in the calling thread): every process stays forkable.
+    os.environ.setdefault("DLIB_NUM_THREADS", "0")
     try:
         import dlib
     except ImportError:

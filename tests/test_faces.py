@@ -166,3 +166,27 @@ def test_photo_datasets_go_through_the_face_step(shared_faces, tmp_path):
     found = read_cache(result.path, include_failed=True).features[:6]
     cosine = (found * crops).sum(1) / np.linalg.norm(found, axis=1) / np.linalg.norm(crops, axis=1)
     assert cosine.min() > 0.95
+
+
+def test_loader_workers_detect_faces_after_this_process_ran_dlibs_cnn(tmp_path):
+    """dlib's CNN detector, run here first (a photo in predict or the web app), must not hang
+    the loader workers forked afterwards that detect with it (its thread pool did)."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "from PIL import Image\n"
+        "from featgender.backbones import build_backbone\n"
+        "from featgender.extract import extract_features\n"
+        "from featgender.faces import default_detector, find_faces\n"
+        "blank = Image.new('RGB', (300, 300), (100, 100, 100))\n"
+        "assert find_faces(blank, default_detector()) == []  # HOG missed: the CNN ran in this process\n"
+        "features, errors = extract_features(build_backbone('dlib_resnet'), [blank] * 4, workers=2, progress=False)\n"
+        "print(len(errors), sum(map(bool, errors)))\n"
+    )
+    environment = {key: value for key, value in os.environ.items() if key != "DLIB_NUM_THREADS"}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+                            env=environment, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["4", "0"]  # central-box chips of the face crops
