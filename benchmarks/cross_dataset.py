@@ -4,8 +4,9 @@ Each ``--data NAME=CACHE[+CACHE]`` is one dataset's cache (or caches of several 
 joined by image id as ``fit --cache a --cache b`` does). Each head is fitted with its
 defaults on every dataset's train split and scored on every dataset's test split. Each
 ``--finetuned NAME=CHECKPOINT`` (``featgender finetune`` on dataset NAME) is scored on every
-dataset's test images too, aligned with the face box of the dataset it was trained on (the
-box its checkpoint keeps). Domain shift is what users meet first when they deploy.
+dataset's test images too, each dataset's faces aligned where they sit in its images
+(``predict --face-box auto``, as extract aligns a dataset's cache). Domain shift is what
+users meet first when they deploy.
 
     python benchmarks/cross_dataset.py --heads logreg,svm \\
         --data celeba_10k=cache/celeba_10k-dlib_resnet.h5 --data utkface=cache/utkface-dlib_resnet.h5

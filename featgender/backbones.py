@@ -203,15 +203,8 @@ def build_backbone(
         backbone = build_backbone(name, weights=weights, layer=layer, face_box=face_box)
         backbone.transform.loader_step = PhotoFaceStep(default_detector(), backbone.transform.loader_step)
         return backbone._replace(config=replace(backbone.config, face_step="largest face, dlib HOG/CNN, crop 1.8x box"))
-    config = get_config(name)
+    config = _with_face_box(get_config(name), face_box)
     weights = str(weights)
-    if face_box is not None:
-        if not config.alignment:
-            raise FeatgenderError(f"--face-box: {name} does not align faces (only dlib_resnet does)")
-        box = tuple(float(value) for value in face_box)
-        if len(box) != 4 or not 0 <= box[0] < box[2] <= 1 or not 0 <= box[1] < box[3] <= 1:
-            raise FeatgenderError(f"--face-box {face_box}: want left,top,right,bottom fractions in [0, 1]")
-        config = replace(config, face_box=box)
     transform = Preprocess(config) if config.make_transform is None else config.make_transform(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # 'none' gives the same random network every time
@@ -230,6 +223,26 @@ def build_backbone(
             dim = model(torch.zeros(1, 3, config.input_size, config.input_size)).shape[1]
         config = replace(config, feature_dim=int(dim))
     return Backbone(model, transform, config, info)
+
+
+def _with_face_box(config: BackboneConfig, face_box: tuple[float, float, float, float] | None) -> BackboneConfig:
+    """``config`` finding the face in ``face_box`` (checked), or detecting it (None)."""
+    if face_box is None:
+        return replace(config, face_box=None)
+    if not config.alignment:
+        raise FeatgenderError(f"--face-box: {config.name} does not align faces (only dlib_resnet does)")
+    box = tuple(float(value) for value in face_box)
+    if len(box) != 4 or not 0 <= box[0] < box[2] <= 1 or not 0 <= box[1] < box[3] <= 1:
+        raise FeatgenderError(f"--face-box {face_box}: want left,top,right,bottom fractions in [0, 1]")
+    return replace(config, face_box=box)
+
+
+def with_face_box(backbone: Backbone, face_box: tuple[float, float, float, float] | None) -> Backbone:
+    """A face-aligning ``backbone`` finding the face in ``face_box`` of every image, or
+    detecting it (None): the same network, for images framed unlike the dataset it was built
+    for (the box is where landmarks are sought; a wrong one gives a wrong chip)."""
+    config = _with_face_box(backbone.config, face_box)
+    return backbone._replace(config=config, transform=config.make_transform(config))
 
 
 class EmbeddingModel(nn.Module):

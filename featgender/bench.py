@@ -72,7 +72,7 @@ def _per_second(timing: dict, count: int) -> dict:
 
 def bench_backbone(dataset, name: str, *, weights: str, device: str, repeats: int, sample: int, cache: Path) -> dict:
     """Stage timings of one backbone on ``sample`` images, then the whole dataset into ``cache``."""
-    backbone = build_backbone(name, weights=weights, face_box=resolve_face_box("auto", name, dataset))
+    backbone = build_backbone(name, weights=weights, face_box=resolve_face_box("auto", name, dataset.paths, dataset.name))
     device = resolve_device(device)
     paths = dataset.paths[:sample]
     images = [load_image(path, backbone.config.resize_size) for path in paths]

@@ -247,6 +247,7 @@ def predict(
     faces: str = typer.Option("auto", "--faces", help="crop: each image is a face crop, classified whole; photo: find faces first (dlib, extra 'faces') and print each with its box; auto: photo for --all-faces or face-finding backbones (dlib_resnet), else crop."),
     all_faces: bool = typer.Option(False, "--all-faces", help="In photos, classify every face found, not only the largest."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write id,label rows (Kaggle submission style; a box column for photos)."),
+    face_box: Optional[str] = typer.Option(None, "--face-box", help="dlib_resnet, face crops: auto (default: where faces sit in the images given, as extract finds it for a dataset; the training data's box would misalign crops framed otherwise), detect (in every image), or L,T,R,B fractions."),
     device: Optional[str] = DeviceOption,
     batch_size: Optional[int] = BatchOption,
     trusted: bool = TrustedOption,
@@ -257,7 +258,7 @@ def predict(
 
     files = expand_inputs(images)
     _announce(model)
-    predictor = load(model, trusted=trusted, **_given(device=device, batch_size=batch_size))
+    predictor = load(model, trusted=trusted, **_given(device=device, batch_size=batch_size, face_box=face_box))
     predictions = predictor.predict(files, faces=faces, all_faces=all_faces, progress=len(files) > 100)
     for prediction in predictions:
         if prediction.error:

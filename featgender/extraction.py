@@ -136,7 +136,7 @@ def extract_to_cache(
         built = build_backbone(backbone, weights=weights, layer=layer, find_faces=True)
     else:
         built = build_backbone(backbone, weights=weights, layer=layer,
-                               face_box=resolve_face_box(face_box, backbone, dataset))
+                               face_box=resolve_face_box(face_box, backbone, dataset.paths, dataset.name))
     if out is None:
         out = default_cache_path(dataset, backbone, limit, cache_dir, options.get("flip", False))
     rank = current_rank()
@@ -145,25 +145,32 @@ def extract_to_cache(
     return build_cache(dataset, built, Path(out), limit=limit, seed=seed, **options)
 
 
-def resolve_face_box(face_box: str | tuple, backbone: str, dataset: FaceDataset) -> tuple | None:
-    """The ``face_box`` for :func:`build_backbone` from ``--face-box`` ('auto', 'detect' or
-    'L,T,R,B'): None for detection (or a backbone that does not align faces), the given box,
-    or where faces sit in ``dataset`` (:func:`featgender.faces.calibrate_face_box`)."""
-    if face_box == "detect":
-        return None
-    if isinstance(face_box, str) and face_box != "auto":
+def parse_face_box(face_box: str | tuple) -> str | tuple | None:
+    """``--face-box`` as a value: 'auto', None ('detect') or a (left, top, right, bottom) tuple."""
+    if face_box in ("auto", "detect"):
+        return None if face_box == "detect" else face_box
+    if isinstance(face_box, str):
         try:
             face_box = tuple(float(value) for value in face_box.split(","))
         except ValueError:
             raise FeatgenderError(f"--face-box {face_box!r}: want auto, detect or left,top,right,bottom") from None
+    return face_box
+
+
+def resolve_face_box(face_box: str | tuple, backbone: str, sources: Sequence, where: str = "the images") -> tuple | None:
+    """The ``face_box`` for :func:`build_backbone` from ``--face-box`` ('auto', 'detect' or
+    'L,T,R,B'): None for detection (or a backbone that does not align faces), the given box,
+    or where faces sit in ``sources``, image paths or PIL images
+    (:func:`featgender.faces.calibrate_face_box`)."""
+    face_box = parse_face_box(face_box)
     if face_box != "auto":
         return face_box
     if not get_config(backbone).alignment:
         return None
     from featgender.faces import calibrate_face_box  # dlib, an optional extra
 
-    box = calibrate_face_box(dataset.paths)
-    logger.info("%s: %s", backbone, f"faces sit at {box} in {dataset.name}: no detection" if box else "faces move: detecting")
+    box = calibrate_face_box(sources)
+    logger.info("%s: %s", backbone, f"faces sit at {box} in {where}: no detection" if box else "faces move: detecting")
     return box
 
 
@@ -205,4 +212,4 @@ def _extract_sharded(dataset: FaceDataset, backbone: Backbone, out: Path, rank: 
                        result.resumed_from)
 
 
-__all__ = ["CacheResult", "build_cache", "extract_to_cache", "resolve_face_box"]
+__all__ = ["CacheResult", "build_cache", "extract_to_cache", "parse_face_box", "resolve_face_box"]

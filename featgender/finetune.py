@@ -195,7 +195,7 @@ def finetune(
     splits = {name: np.flatnonzero(dataset.splits == code) for code, name in enumerate(("train", "valid", "test"))}
     if not len(splits["train"]) or not len(splits["valid"]):
         raise FeatgenderError(f"--data {data}: fine-tuning needs train and valid images")
-    face_box = resolve_face_box(face_box, backbone, dataset)
+    face_box = resolve_face_box(face_box, backbone, dataset.paths, dataset.name)
     built = build_backbone(backbone, weights=weights, face_box=face_box)
     torch.manual_seed(seed)
     net = GenderNet(built, dropout)

@@ -17,10 +17,12 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from featgender.backbones import Backbone, build_backbone
+from featgender.backbones import Backbone, build_backbone, with_face_box
 from featgender.data import IMAGE_SUFFIXES, LABEL_NAMES
 from featgender.errors import FeatgenderError
 from featgender.extract import extract_features
+from featgender.extraction import parse_face_box, resolve_face_box
+from featgender.faces import BOX_IN_FACE_CROP
 from featgender.images import load_image
 from featgender.heads import HeadModel, load_model
 
@@ -70,8 +72,6 @@ def rebuild_backbone(entry: dict, *, face_crops: bool = False) -> Backbone:
     preprocessing = json.loads(entry.get("preprocessing") or "{}")
     face_box = preprocessing.get("face_box")  # a photo cache's is already where the face step puts faces
     if face_crops and preprocessing.get("alignment"):
-        from featgender.faces import BOX_IN_FACE_CROP
-
         face_box = BOX_IN_FACE_CROP
     backbone = build_backbone(entry["backbone"], weights=_weights_option(entry), layer=entry["layer"],
                               face_box=face_box, find_faces=bool(preprocessing.get("face_step")) and not face_crops)
@@ -84,9 +84,26 @@ def rebuild_backbone(entry: dict, *, face_crops: bool = False) -> Backbone:
 
 
 class ImagePredictor:
-    """What every predictor does with raw images; subclasses give ``probabilities``."""
+    """What every predictor does with raw images; subclasses give ``probabilities``.
+
+    ``face_box``: where a face-aligning backbone (dlib_resnet) finds the face in face crops,
+    as ``featgender extract --face-box``: 'auto' (where faces sit in the images given, as
+    extract finds it for a dataset; detection where they move), 'detect', or a relative
+    (left, top, right, bottom) box. Never the training dataset's box by default: crops framed
+    otherwise would be aligned in the wrong place.
+    """
 
     input_kind = "face crop"
+    face_box: str | tuple = "auto"
+
+    def aligned_for(self, backbone: Backbone, images: list, face_crops: bool = False) -> Backbone:
+        """``backbone`` finding the faces of ``images`` (face crops) per ``face_box``; in
+        crops the face step cut (``face_crops``), where it put them."""
+        if not backbone.config.alignment or backbone.config.face_step:
+            return backbone
+        if face_crops:
+            return with_face_box(backbone, BOX_IN_FACE_CROP)
+        return with_face_box(backbone, resolve_face_box(self.face_box, backbone.config.name, images))
 
     def probabilities(self, images: list, progress: bool, face_crops: bool = False) -> tuple[np.ndarray, list[str]]:
         """P(male) per image (NaN where it failed) and the errors ('' where it worked);
@@ -141,8 +158,10 @@ class Predictor(ImagePredictor):
     """A head artifact with its backbone(s) rebuilt, ready for raw images."""
 
     def __init__(self, model: HeadModel, *, device: str = "auto", batch_size: int | None = None,
-                 workers: int | None = None):
+                 workers: int | None = None, face_box: str | tuple = "auto"):
         self.model = model
+        self.face_box = face_box
+        parse_face_box(face_box)  # a bad value fails now, not at the first images
         self.backbones = {False: [rebuild_backbone(entry) for entry in model.backbones]}
         self.options = {"device": device, "batch_size": batch_size, "workers": workers, "dtype": "float32"}
         kinds = {backbone.config.input_kind for backbone in self.backbones[False]}
@@ -152,7 +171,8 @@ class Predictor(ImagePredictor):
         if face_crops not in self.backbones:
             self.backbones[face_crops] = [rebuild_backbone(entry, face_crops=True) for entry in self.model.backbones]
         blocks, errors = [], [""] * len(images)
-        for backbone, entry in zip(self.backbones[face_crops], self.model.backbones):
+        backbones = self.backbones[True] if face_crops else [self.aligned_for(b, images) for b in self.backbones[False]]
+        for backbone, entry in zip(backbones, self.model.backbones):
             features, block_errors = extract_features(backbone, images, progress=progress,
                                                       flip=bool(entry.get("flip")), **self.options)
             blocks.append(features)
@@ -168,7 +188,7 @@ class FinetunedPredictor(ImagePredictor):
     """A fine-tuned network (``featgender finetune``), with the same ``predict`` as :class:`Predictor`."""
 
     def __init__(self, path: str | Path, *, device: str = "auto", batch_size: int | None = None,
-                 workers: int | None = None):
+                 workers: int | None = None, face_box: str | tuple = "auto"):
         from dataclasses import replace
 
         from torch import nn
@@ -178,10 +198,13 @@ class FinetunedPredictor(ImagePredictor):
         net, backbone, self.checkpoint = load_finetuned(path, device=device)
         probability = nn.Sequential(net, nn.Sigmoid(), nn.Unflatten(0, (-1, 1)))
         self.backbone = backbone._replace(model=probability, config=replace(backbone.config, feature_dim=1))
+        self.face_box = face_box
+        parse_face_box(face_box)  # a bad value fails now, not at the first images
         self.options = {"device": device, "batch_size": batch_size, "workers": workers, "dtype": "float32"}
 
     def probabilities(self, images: list, progress: bool, face_crops: bool = False) -> tuple[np.ndarray, list[str]]:
-        probabilities, errors = extract_features(self.backbone, images, progress=progress, **self.options)
+        backbone = self.aligned_for(self.backbone, images, face_crops)
+        probabilities, errors = extract_features(backbone, images, progress=progress, **self.options)
         return probabilities[:, 0], errors
 
 

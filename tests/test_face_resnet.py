@@ -2,9 +2,12 @@
 own descriptors on real faces, and what the torch backbone gets (flip, batches, heads that
 travel between datasets, fine-tuning)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from featgender.errors import FeatgenderError
 from featgender.face_resnet import FaceResNet, add_zero_filled, converted_state_dict, read_dlib_model
@@ -151,3 +154,11 @@ def test_the_face_network_fine_tunes_end_to_end_and_predicts(shared_faces, tmp_p
     predictions = featgender.load(out).predict(test_paths)
     assert len(predictions) == len(test_paths) == result.test["n"]
     assert all(p.label in ("male", "female") for p in predictions)
+    reframed = []  # the same faces framed otherwise: aligned where they are, not in the training box
+    for path in test_paths:
+        canvas = Image.new("RGB", (420, 320), (120, 110, 100))
+        canvas.paste(Image.open(path).convert("RGB").resize((150, 150)), (250, 160))
+        reframed.append(tmp_path / Path(path).name)
+        canvas.save(reframed[-1], quality=95)
+    gaps = [abs(a.probability - b.probability) for a, b in zip(predictions, featgender.load(out).predict(reframed))]
+    assert np.median(gaps) < 0.02

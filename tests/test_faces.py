@@ -168,6 +168,37 @@ def test_photo_datasets_go_through_the_face_step(shared_faces, tmp_path):
     assert cosine.min() > 0.95
 
 
+def test_crops_framed_unlike_the_training_data_are_aligned_where_their_faces_are(dlib_model, tmp_path):
+    """A model trained on one dataset's crops, given crops framed otherwise (as another
+    dataset frames them): predict finds where those faces sit, as extract does for a dataset."""
+    from PIL import Image
+
+    import featgender
+    from featgender.heads import load_model
+
+    model_path, paths, labels = dlib_model
+    reframed = []
+    for path in paths:  # the same faces, smaller and off-centre on a wider canvas
+        canvas = Image.new("RGB", (420, 320), (120, 110, 100))
+        canvas.paste(Image.open(path).convert("RGB").resize((150, 150)), (250, 160))
+        reframed.append(tmp_path / path.name)
+        canvas.save(reframed[-1], quality=95)
+    original = [p.probability for p in featgender.load(model_path).predict(paths, faces="crop")]
+    found = [p.probability for p in featgender.load(model_path).predict(reframed, faces="crop")]
+    training_box = ",".join(map(str, json.loads(load_model(model_path).backbones[0]["preprocessing"])["face_box"]))
+    stale = [p.probability for p in featgender.load(model_path, face_box=training_box).predict(reframed, faces="crop")]
+    detected = [p.probability for p in featgender.load(model_path, face_box="detect").predict(reframed, faces="crop")]
+    gap = {name: np.abs(np.subtract(original, values)) for name, values in
+           (("found", found), ("stale", stale), ("detected", detected))}
+    assert np.median(gap["found"]) < 0.02 and np.median(gap["detected"]) < 0.02
+    assert np.median(gap["stale"]) > 10 * np.median(gap["found"])  # what predict did before
+    accuracy = {name: float(np.mean((np.array(values) >= 0.5) == labels)) for name, values in
+                (("original", original), ("found", found), ("stale", stale))}
+    assert accuracy["found"] >= accuracy["original"] - 0.05 > accuracy["stale"] + 0.1
+    with pytest.raises(FeatgenderError, match="--face-box 'middle'"):
+        featgender.load(model_path, face_box="middle")
+
+
 def test_loader_workers_detect_faces_after_this_process_ran_dlibs_cnn(tmp_path):
     """dlib's CNN detector, run here first (a photo in predict or the web app), must not hang
     the loader workers forked afterwards that detect with it (its thread pool did)."""
