@@ -198,6 +198,7 @@ class FinetunedPredictor(ImagePredictor):
         net, backbone, self.checkpoint = load_finetuned(path, device=device)
         probability = nn.Sequential(net, nn.Sigmoid(), nn.Unflatten(0, (-1, 1)))
         self.backbone = backbone._replace(model=probability, config=replace(backbone.config, feature_dim=1))
+        self.input_kind = backbone.config.input_kind  # a fine-tuned face network finds faces in photos too
         self.face_box = face_box
         parse_face_box(face_box)  # a bad value fails now, not at the first images
         self.options = {"device": device, "batch_size": batch_size, "workers": workers, "dtype": "float32"}

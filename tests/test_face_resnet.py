@@ -151,7 +151,7 @@ def test_the_face_network_fine_tunes_end_to_end_and_predicts(shared_faces, tmp_p
                            build_backbone("dlib_resnet").model.body.descriptor.weight)
     test = load_dataset(shared_faces / "utkface", limit=60)
     test_paths = [path for path, split in zip(test.paths, test.splits) if split == 2]
-    predictions = featgender.load(out).predict(test_paths)
+    predictions = featgender.load(out).predict(test_paths, faces="crop")
     assert len(predictions) == len(test_paths) == result.test["n"]
     assert all(p.label in ("male", "female") for p in predictions)
     reframed = []  # the same faces framed otherwise: aligned where they are, not in the training box
@@ -160,5 +160,9 @@ def test_the_face_network_fine_tunes_end_to_end_and_predicts(shared_faces, tmp_p
         canvas.paste(Image.open(path).convert("RGB").resize((150, 150)), (250, 160))
         reframed.append(tmp_path / Path(path).name)
         canvas.save(reframed[-1], quality=95)
-    gaps = [abs(a.probability - b.probability) for a, b in zip(predictions, featgender.load(out).predict(reframed))]
+    gaps = [abs(a.probability - b.probability) for a, b in zip(predictions, featgender.load(out).predict(reframed, faces="crop"))]
     assert np.median(gaps) < 0.02
+    # a face network finds faces in photos itself ('auto' is photo mode): each face with its box
+    in_photos = featgender.load(out).predict(reframed[:3])
+    assert all(p.box is not None and p.box[0] >= 240 for p in in_photos)  # found where it was pasted
+    assert np.allclose([p.probability for p in in_photos], [p.probability for p in predictions[:3]], atol=0.1)
