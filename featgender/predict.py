@@ -94,7 +94,6 @@ class ImagePredictor:
     """
 
     input_kind = "face crop"
-    face_box: str | tuple = "auto"
 
     def aligned_for(self, backbone: Backbone, images: list, face_crops: bool = False) -> Backbone:
         """``backbone`` finding the faces of ``images`` (face crops) per ``face_box``; in
