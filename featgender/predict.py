@@ -66,15 +66,12 @@ def _weights_option(entry: dict) -> str:
 def rebuild_backbone(entry: dict, *, face_crops: bool = False) -> Backbone:
     """Build the backbone described by one of a model's ``backbones`` entries; check its weights.
 
-    ``face_crops``: the images will be faces cut from photos by :func:`featgender.faces.crop_face`,
-    so a face-aligning backbone finds the face where the crop put it instead of detecting again.
+    ``face_crops``: the images will be faces cut from photos by the face step, which a model
+    trained on a photo cache must not run again (where to align them: :meth:`ImagePredictor.aligned_for`).
     """
     preprocessing = json.loads(entry.get("preprocessing") or "{}")
-    face_box = preprocessing.get("face_box")  # a photo cache's is already where the face step puts faces
-    if face_crops and preprocessing.get("alignment"):
-        face_box = BOX_IN_FACE_CROP
     backbone = build_backbone(entry["backbone"], weights=_weights_option(entry), layer=entry["layer"],
-                              face_box=face_box, find_faces=bool(preprocessing.get("face_step")) and not face_crops)
+                              face_box=preprocessing.get("face_box"), find_faces=bool(preprocessing.get("face_step")) and not face_crops)
     if (backbone.weights.sha256 or "") != (entry.get("weights_sha256") or ""):
         raise FeatgenderError(
             f"{entry['backbone']}: weights here ({backbone.weights.name}, sha256 {str(backbone.weights.sha256)[:12]}) "
@@ -94,6 +91,12 @@ class ImagePredictor:
     """
 
     input_kind = "face crop"
+
+    def __init__(self, *, device: str = "auto", batch_size: int | None = None, workers: int | None = None,
+                 face_box: str | tuple = "auto"):
+        parse_face_box(face_box)  # a bad value fails now, not at the first images
+        self.face_box = face_box
+        self.options = {"device": device, "batch_size": batch_size, "workers": workers, "dtype": "float32"}
 
     def aligned_for(self, backbone: Backbone, images: list, face_crops: bool = False) -> Backbone:
         """``backbone`` finding the faces of ``images`` (face crops) per ``face_box``; in
@@ -158,11 +161,9 @@ class Predictor(ImagePredictor):
 
     def __init__(self, model: HeadModel, *, device: str = "auto", batch_size: int | None = None,
                  workers: int | None = None, face_box: str | tuple = "auto"):
+        super().__init__(device=device, batch_size=batch_size, workers=workers, face_box=face_box)
         self.model = model
-        self.face_box = face_box
-        parse_face_box(face_box)  # a bad value fails now, not at the first images
         self.backbones = {False: [rebuild_backbone(entry) for entry in model.backbones]}
-        self.options = {"device": device, "batch_size": batch_size, "workers": workers, "dtype": "float32"}
         kinds = {backbone.config.input_kind for backbone in self.backbones[False]}
         self.input_kind = "photo" if kinds == {"photo"} else "face crop"
 
@@ -170,7 +171,7 @@ class Predictor(ImagePredictor):
         if face_crops not in self.backbones:
             self.backbones[face_crops] = [rebuild_backbone(entry, face_crops=True) for entry in self.model.backbones]
         blocks, errors = [], [""] * len(images)
-        backbones = self.backbones[True] if face_crops else [self.aligned_for(b, images) for b in self.backbones[False]]
+        backbones = [self.aligned_for(backbone, images, face_crops) for backbone in self.backbones[face_crops]]
         for backbone, entry in zip(backbones, self.model.backbones):
             features, block_errors = extract_features(backbone, images, progress=progress,
                                                       flip=bool(entry.get("flip")), **self.options)
@@ -194,13 +195,11 @@ class FinetunedPredictor(ImagePredictor):
 
         from featgender.finetune import load_finetuned
 
+        super().__init__(device=device, batch_size=batch_size, workers=workers, face_box=face_box)
         net, backbone, self.checkpoint = load_finetuned(path, device=device)
         probability = nn.Sequential(net, nn.Sigmoid(), nn.Unflatten(0, (-1, 1)))
         self.backbone = backbone._replace(model=probability, config=replace(backbone.config, feature_dim=1))
         self.input_kind = backbone.config.input_kind  # a fine-tuned face network finds faces in photos too
-        self.face_box = face_box
-        parse_face_box(face_box)  # a bad value fails now, not at the first images
-        self.options = {"device": device, "batch_size": batch_size, "workers": workers, "dtype": "float32"}
 
     def probabilities(self, images: list, progress: bool, face_crops: bool = False) -> tuple[np.ndarray, list[str]]:
         backbone = self.aligned_for(self.backbone, images, face_crops)
