@@ -169,6 +169,10 @@ def _print_metrics(evaluation: dict) -> None:
         worst = min(slices["groups"].items(), key=lambda item: item[1]["accuracy"])
         typer.echo(f"  {attribute}: largest accuracy gap {slices['accuracy_gap']:.4f} "
                    f"(lowest: {worst[0]} {worst[1]['accuracy']:.4f}, n={worst[1]['n']})")
+    if "label_audit" in evaluation:
+        from featgender.evaluate import audit_sentence
+
+        typer.echo(f"  labels checked by identity: {audit_sentence(evaluation['label_audit'])}")
 
 InProgressOption = typer.Option(False, "--in-progress", help="The cache is still being extracted: use the images finished so far.")
 

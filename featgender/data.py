@@ -277,6 +277,26 @@ def _read_celeba_kaggle(root: Path) -> FaceDataset:
                            partitions, attr_file, 2)
 
 
+def read_identities(root: str | Path, format: str) -> dict[str, str] | None:
+    """Each image's person, from CelebA's ``identity_CelebA.txt`` (``<image> <identity>``
+    lines) in the dataset folder; None for other layouts or where the file is absent.
+
+    All images of one person should carry the same gender label: this is how label errors
+    are told from model errors (:func:`featgender.evaluate.label_audit`)."""
+    path = Path(root) / "identity_CelebA.txt"
+    if format not in ("celeba", "celeba-kaggle") or not path.is_file():
+        return None
+    identities = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 2:
+            raise FeatgenderError(f"{path}:{number}: expected '<image> <identity>', got {line.strip()!r}")
+        identities[fields[0]] = fields[1]
+    return identities
+
+
 def image_folder(root: str | Path, format: str) -> Path:
     """The folder that a dataset's image ids are relative to: CelebA's image folder, else its
     root. With a cache's ``dataset_root`` and ``dataset_format``, this finds its images."""

@@ -19,7 +19,7 @@ from sklearn import metrics as skm
 
 from featgender.backbones import feature_preprocessing
 from featgender.cache import CacheData, iter_cache_chunks, library_versions, open_rows, read_caches
-from featgender.data import LABEL_NAMES, image_folder
+from featgender.data import LABEL_NAMES, image_folder, read_identities
 from featgender.errors import FeatgenderError
 from featgender.heads import HeadModel, fit_head, fit_head_streaming, load_model
 
@@ -170,6 +170,9 @@ def evaluate_scores(data, scores: np.ndarray, *, groups: list[str] | None = None
     result["ci95"] = bootstrap_ci(data.labels, predicted, scores if "roc_auc" in result else None, n_boot=n_boot)
     result["subgroups"] = subgroup_metrics(data, predicted, groups)
     result["worst_mistakes"] = worst_mistakes(data, scores)
+    audit = label_audit(data, predicted, n_boot=n_boot)
+    if audit is not None:
+        result["label_audit"] = audit
     result["_curves"] = {"labels": data.labels, "scores": scores}
     return result
 
@@ -183,12 +186,60 @@ def worst_mistakes(data, scores: np.ndarray, count: int = 24) -> list[dict]:
              "p_male": round(float(scores[row]), 4)} for row in surest]
 
 
+def label_audit(data, predicted: np.ndarray, *, n_boot: int = 1000) -> dict | None:
+    """Labels that contradict each other, where the dataset knows each image's person
+    (CelebA's ``identity_CelebA.txt``): the people whose images among ``data``'s rows are
+    labelled both female and male (one of their labels at least is wrong), their images, and
+    the accuracy on the other rows, so that label errors are not read as model errors.
+    None where the dataset has no identities."""
+    root, format, image_ids = _rows_source(data)
+    identities = read_identities(root, format)
+    if identities is None:
+        return None
+    people = np.array([identities.get(image_id, f"unknown:{image_id}") for image_id in image_ids])
+    names, codes = np.unique(people, return_inverse=True)
+    males = np.bincount(codes, weights=data.labels, minlength=len(names))
+    conflicting = (males > 0) & (males < np.bincount(codes, minlength=len(names)))
+    in_conflict = conflicting[codes]
+    truth, guess = data.labels[~in_conflict], predicted[~in_conflict]
+    return {
+        "identities": int(len(names)),
+        "conflicting_identities": int(conflicting.sum()),
+        "conflicting_images": [image_ids[row] for row in np.flatnonzero(in_conflict)],
+        "n_consistent": int(len(truth)),
+        "accuracy_consistent": float((truth == guess).mean()) if len(truth) else None,
+        "ci95_consistent": bootstrap_ci(truth, guess, n_boot=n_boot)["accuracy"] if len(truth) else None,
+    }
+
+
+def audit_sentence(audit: dict, shown: int = 12) -> str:
+    """:func:`label_audit`'s finding in one sentence (the first ``shown`` images named), for
+    reports and the command line."""
+    images = audit["conflicting_images"]
+    listed = ", ".join(images[:shown]) + (f" and {len(images) - shown} more" if len(images) > shown else "")
+    sentence = (f"{audit['conflicting_identities']} of {audit['identities']} people have images labelled both "
+                f"female and male ({len(images)} images{': ' + listed if images else ''}); "
+                "one label at least of each is wrong.")
+    if audit["accuracy_consistent"] is None:
+        return sentence
+    low, high = audit["ci95_consistent"]
+    return (sentence + f" Accuracy on the other {audit['n_consistent']} images: "
+            f"{audit['accuracy_consistent']:.4f} (95% CI {low:.4f} - {high:.4f}).")
+
+
+def _rows_source(data) -> tuple[Path, str, list[str]]:
+    """A dataset's or a cache's rows: dataset folder, layout and image ids."""
+    if hasattr(data, "image_ids"):
+        return data.root, data.format, data.image_ids
+    return Path(data.metadata.get("dataset_root", ".")), data.metadata.get("dataset_format", ""), data.ids
+
+
 def _image_path(data, row: int) -> str:
     """Where a row's image is: a dataset's path, or a cache's id in its dataset's image folder."""
     if hasattr(data, "paths"):
         return str(data.paths[row])
-    folder = image_folder(data.metadata.get("dataset_root", "."), data.metadata.get("dataset_format", ""))
-    return str(folder / data.ids[row])
+    root, format, image_ids = _rows_source(data)
+    return str(image_folder(root, format) / image_ids[row])
 
 
 def public_result(result: dict) -> dict:
@@ -363,6 +414,9 @@ def markdown_summary(result: dict, title: str) -> str:
         for group, row in slices["groups"].items():
             rates = [f"{row[k]:.4f}" if row[k] is not None else "–" for k in ("female_error", "male_error")]
             lines.append(f"| {group} | {row['n']} | {row['accuracy']:.4f} | {rates[0]} | {rates[1]} |")
+    audit = result.get("label_audit")
+    if audit is not None:
+        lines += ["", "## Labels checked by identity", "", audit_sentence(audit)]
     if result.get("worst_mistakes"):
         lines += ["", "## Worst mistakes (the surest wrong answers; mistakes.png shows them)", "",
                   "| image | true | P(male) |", "|---|---|---|"]

@@ -136,6 +136,18 @@ def test_real_celeba_mini(shared_faces):
     assert all(path.is_file() for path in dataset.paths)
 
 
+def test_real_celeba_10k_identities_show_contradicting_labels(shared_faces):
+    from featgender.data import read_identities
+    from featgender.evaluate import label_audit
+
+    dataset = load_dataset(shared_faces / "celeba_10k")
+    identities = read_identities(dataset.root, dataset.format)
+    assert len(identities) == 10000 and len(set(identities.values())) == 5429
+    audit = label_audit(dataset, dataset.labels, n_boot=10)
+    assert (audit["conflicting_identities"], len(audit["conflicting_images"])) == (48, 142)
+    assert audit["accuracy_consistent"] == 1.0  # the labels themselves, scored on the consistent rows
+
+
 def test_real_utkface_csv(shared_faces):
     dataset = load_dataset(shared_faces / "utkface")
     assert len(dataset) == 8000 and int(dataset.labels.sum()) == 4000

@@ -100,6 +100,30 @@ def test_the_worst_mistakes_are_the_surest_wrong_answers_on_a_contact_sheet(tmp_
     assert np.all(gone == 160)  # unreadable: a grey tile
 
 
+def test_labels_that_contradict_each_other_by_identity_are_kept_apart(tmp_path):
+    from featgender.evaluate import label_audit, markdown_summary
+
+    (tmp_path / "identity_CelebA.txt").write_text("a.jpg 7\nb.jpg 7\nc.jpg 9\nd.jpg 9\ne.jpg 4\n\n")
+    ids = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"]  # f.jpg: no identity listed
+    labels, predicted = np.array([1, 1, 1, 0, 0, 1]), np.array([1, 0, 0, 0, 0, 1])
+    rows = CacheData(np.zeros((6, 2), np.float32), labels, ids, np.zeros(6, np.int8), None, [], {},
+                     {"dataset_root": str(tmp_path), "dataset_format": "celeba"})
+    audit = label_audit(rows, predicted, n_boot=50)
+    assert audit["identities"] == 4 and audit["conflicting_identities"] == 1  # person 9: male and female
+    assert audit["conflicting_images"] == ["c.jpg", "d.jpg"]
+    assert audit["n_consistent"] == 4 and audit["accuracy_consistent"] == 0.75  # b.jpg is the model's error
+    low, high = audit["ci95_consistent"]
+    assert 0 <= low <= 0.75 <= high <= 1
+    result = {"split": "test", "n": 6, "confusion_matrix": [[2, 0], [2, 2]], "ci95": {}, "label_audit": audit}
+    assert "1 of 4 people have images labelled both female and male (2 images: c.jpg, d.jpg)" in markdown_summary(
+        result, "t")
+    assert label_audit(CacheData(rows.features, labels, ids, rows.splits, None, [], {},
+                                 {"dataset_root": str(tmp_path), "dataset_format": "csv"}), predicted) is None
+    (tmp_path / "identity_CelebA.txt").write_text("a.jpg 7\nb.jpg\n")
+    with pytest.raises(FeatgenderError, match=r"identity_CelebA.txt:2: expected"):
+        label_audit(rows, predicted)
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """Two small real caches of one generated dataset (two backbones), and a head fitted on one."""
