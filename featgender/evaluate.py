@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -169,21 +170,25 @@ def evaluate_scores(data, scores: np.ndarray, *, groups: list[str] | None = None
     result = classification_metrics(data.labels, predicted, scores)
     result["ci95"] = bootstrap_ci(data.labels, predicted, scores if "roc_auc" in result else None, n_boot=n_boot)
     result["subgroups"] = subgroup_metrics(data, predicted, groups)
-    result["worst_mistakes"] = worst_mistakes(data, scores)
     audit = label_audit(data, predicted, n_boot=n_boot)
     if audit is not None:
         result["label_audit"] = audit
+    result["worst_mistakes"] = worst_mistakes(data, scores, contradicted=audit["conflicting_images"] if audit else ())
     result["_curves"] = {"labels": data.labels, "scores": scores}
     return result
 
 
-def worst_mistakes(data, scores: np.ndarray, count: int = 24) -> list[dict]:
+def worst_mistakes(data, scores: np.ndarray, count: int = 24, contradicted: Sequence[str] = ()) -> list[dict]:
     """The ``count`` wrong answers the model was surest of, surest first: image path, true
-    label, P(male). People look at errors; this is what a contact sheet shows them."""
+    label, P(male), and whether another image of the same person contradicts the label
+    (image ids in ``contradicted``, see :func:`label_audit`). People look at errors; this is
+    what a contact sheet shows them."""
     wrong = np.flatnonzero((scores >= 0.5).astype(int) != data.labels)
     surest = wrong[np.argsort(-np.abs(scores[wrong] - 0.5), kind="stable")][:count]
+    image_ids, contradicted = _rows_source(data)[2], set(contradicted)
     return [{"image": _image_path(data, row), "label": LABEL_NAMES[int(data.labels[row])],
-             "p_male": round(float(scores[row]), 4)} for row in surest]
+             "p_male": round(float(scores[row]), 4), "label_contradicted": image_ids[row] in contradicted}
+            for row in surest]
 
 
 def label_audit(data, predicted: np.ndarray, *, n_boot: int = 1000) -> dict | None:
@@ -419,8 +424,9 @@ def markdown_summary(result: dict, title: str) -> str:
         lines += ["", "## Labels checked by identity", "", audit_sentence(audit)]
     if result.get("worst_mistakes"):
         lines += ["", "## Worst mistakes (the surest wrong answers; mistakes.png shows them)", "",
-                  "| image | true | P(male) |", "|---|---|---|"]
-        lines += [f"| {Path(m['image']).name} | {m['label']} | {m['p_male']:.4f} |" for m in result["worst_mistakes"]]
+                  "| image | true | P(male) | label contradicted by the same person's images |", "|---|---|---|---|"]
+        lines += [f"| {Path(m['image']).name} | {m['label']} | {m['p_male']:.4f} | "
+                  f"{'yes' if m.get('label_contradicted') else ''} |" for m in result["worst_mistakes"]]
     return "\n".join(lines) + "\n"
 
 
@@ -443,7 +449,8 @@ def contact_sheet(mistakes: list[dict], out: Path, *, columns: int = 6, side: in
         except Exception:  # moved or unreadable: the caption still says what was wrong
             tile = Image.new("RGB", (side, side), (160, 160, 160))
         sheet.paste(tile, (left + (side - tile.width) // 2, top + (side - tile.height) // 2))
-        draw.text((left + 4, top + side + 2), f"true {mistake['label']}", fill="black")
+        doubt = " (label?)" if mistake.get("label_contradicted") else ""
+        draw.text((left + 4, top + side + 2), f"true {mistake['label']}{doubt}", fill="black")
         draw.text((left + 4, top + side + 15), f"P(male) {mistake['p_male']:.3f}", fill="firebrick")
     sheet.save(out)
     return out

@@ -89,8 +89,9 @@ def test_the_worst_mistakes_are_the_surest_wrong_answers_on_a_contact_sheet(tmp_
     rows = CacheData(np.zeros((4, 2), np.float32), np.array([1, 0, 1, 0]), ids, np.zeros(4, np.int8), None, [], {},
                      {"dataset_root": str(tmp_path), "dataset_format": "celeba"})  # a CelebA cache's rows
     mistakes = worst_mistakes(rows, scores)
-    assert mistakes == [{"image": images[2], "label": "male", "p_male": 0.05},
-                        {"image": images[1], "label": "female", "p_male": 0.7}]
+    assert mistakes == [{"image": images[2], "label": "male", "p_male": 0.05, "label_contradicted": False},
+                        {"image": images[1], "label": "female", "p_male": 0.7, "label_contradicted": False}]
+    assert [m["label_contradicted"] for m in worst_mistakes(rows, scores, contradicted=["b.jpg"])] == [False, True]
     moved = {"image": str(tmp_path / "gone.jpg"), "label": "female", "p_male": 0.8}
     sheet = np.asarray(Image.open(contact_sheet(mistakes + [moved], tmp_path / "m.png", columns=2, side=64)))
     assert sheet.shape == (2 * (64 + 30), 128, 3)
