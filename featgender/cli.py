@@ -220,8 +220,9 @@ def fit(
 
 @_command
 def evaluate(
-    model: Path = typer.Option(..., "--model", "-m", help="Model file written by `featgender fit`."),
-    cache: list[Path] = CacheOption,
+    model: Path = typer.Option(..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."),
+    cache: Optional[list[Path]] = typer.Option(None, "--cache", "-c", help="A head's feature cache(s) (repeat to join backbones, as in fit)."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Or a dataset, scored from its images (no cache): any model, fine-tuned networks included; any dataset, for domain shift."),
     split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (default test)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write metrics.json, report.md and PNG plots here."),
     groups: Optional[str] = GroupsOption,
@@ -229,13 +230,28 @@ def evaluate(
     count_failed: bool = typer.Option(False, "--count-failed", help="Count images that failed at extraction (unreadable, no face found) as wrong answers instead of leaving them out."),
     in_progress: bool = InProgressOption,
     trusted: bool = TrustedOption,
+    format: Optional[str] = FormatOption,
+    face_box: Optional[str] = typer.Option(None, "--face-box", help="With --data, dlib_resnet: auto (default: where faces sit in the dataset's images), detect, or L,T,R,B fractions."),
+    device: Optional[str] = DeviceOption,
 ) -> None:
-    """Score a saved head on a cache split: metrics with bootstrap 95% CIs and subgroup gaps."""
+    """Score a saved model on a split, of its cache(s) or of a dataset's images: metrics with
+    bootstrap 95% CIs, subgroup gaps, labels checked by identity (CelebA)."""
     from featgender.evaluate import evaluate_model, public_result
+    from featgender.predict import evaluate_images
 
+    if bool(cache) == (data is not None):
+        raise FeatgenderError("evaluate: give --cache (a head on its cached features) or --data (a dataset's images)")
+    misplaced = {"--in-progress": in_progress} if data else {"--format": format, "--face-box": face_box, "--device": device}
+    if any(misplaced.values()):
+        given = ", ".join(name for name, value in misplaced.items() if value)
+        raise FeatgenderError(f"{given}: only with {'--cache' if data else '--data'}")
     _announce(model)
-    evaluation = evaluate_model(model, cache, report=report, groups=_split_groups(groups), trusted=trusted,
-                                count_failed=count_failed, in_progress=in_progress, **_given(split=split))
+    options = dict(report=report, groups=_split_groups(groups), trusted=trusted, count_failed=count_failed,
+                   **_given(split=split))
+    if data is not None:
+        evaluation = evaluate_images(model, data, **options, **_given(format=format, face_box=face_box, device=device))
+    else:
+        evaluation = evaluate_model(model, cache, in_progress=in_progress, **options)
     if as_json:
         typer.echo(json.dumps(public_result(evaluation), indent=2))
         return

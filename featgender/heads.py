@@ -393,6 +393,7 @@ def _never_modifies_input(pipeline: Pipeline) -> Pipeline:
 
 # --- the model artifact ----------------------------------------------------------------------
 
+FINETUNED_SUFFIXES = (".pt", ".pth")  # `featgender finetune` checkpoints: networks, not head artifacts
 ARTIFACT_FORMAT = "featgender-head"
 ARTIFACT_VERSION = 1
 
@@ -455,6 +456,9 @@ def load_model(path: str | os.PathLike, *, trusted: bool = False) -> HeadModel:
     path = Path(path)
     if not path.is_file():
         raise FeatgenderError(f"--model {path}: no such file")
+    if path.suffix in FINETUNED_SUFFIXES:
+        raise FeatgenderError(f"--model {path}: a fine-tuned network, not a head: it scores images "
+                              "(predict, serve, evaluate --data), not cached features")
     digest = file_sha256(path)
     if not trusted and not trust.is_trusted(digest):
         raise FeatgenderError(f"--model {path}: sha256 {digest} was not written by featgender here; loading it "

@@ -135,6 +135,13 @@ def test_finetune_and_bench_commands(csv_dataset, tmp_path):
     assert "epoch 1: train loss" in result.output and f"saved {out}" in result.output and out.is_file()
     predicted = invoke("predict", "--model", out, csv_dataset / "images" / "000.jpg")
     assert predicted.exit_code == 0 and predicted.output.split("\t")[1] in ("male", "female")
+    evaluated = invoke("evaluate", "--model", out, "--data", csv_dataset, "--report", tmp_path / "report")
+    assert evaluated.exit_code == 0, evaluated.output
+    assert "test (4 images)" in evaluated.output and (tmp_path / "report" / "metrics.json").is_file()
+    on_cache = invoke("evaluate", "--model", out, "--cache", tmp_path / "c.h5")
+    assert on_cache.exit_code == 1 and "a fine-tuned network, not a head" in on_cache.output
+    both = invoke("evaluate", "--model", out, "--cache", tmp_path / "c.h5", "--data", csv_dataset)
+    assert both.exit_code == 1 and "give --cache" in both.output
     bench = invoke("bench", "--data", csv_dataset, "--backbones", "mobilenet_v3_small", "--heads", "logreg",
                    "--weights", "none", "--repeats", "1", "--out", tmp_path / "bench")
     assert bench.exit_code == 0, bench.output

@@ -167,6 +167,28 @@ def test_evaluate_writes_a_report(trained, tmp_path):
         evaluate_model(model_path, caches[1])
 
 
+def test_a_head_scores_a_datasets_images_as_their_cache_and_leaves_out_or_counts_failures(csv_dataset, tmp_path):
+    from featgender.predict import evaluate_images
+
+    cache, model_path = tmp_path / "c.h5", tmp_path / "m.joblib"
+    dataset = load_dataset(csv_dataset)
+    build_cache(dataset, build_backbone("mobilenet_v3_small", weights="none"), cache, dtype="float32", progress=False)
+    train_head(cache, "logreg", eval_split=None, out=model_path)
+    on_cache = evaluate_model(model_path, cache, split="test")
+    on_images = evaluate_images(model_path, csv_dataset, split="test", progress=False, report=tmp_path / "report")
+    for name in ("n", "accuracy", "confusion_matrix", "subgroups"):
+        assert on_images[name] == on_cache[name], name
+    assert on_images["roc_auc"] == pytest.approx(on_cache["roc_auc"]) and on_images["failed"] == 0
+    assert json.loads((tmp_path / "report" / "metrics.json").read_text())["data"] == str(csv_dataset)
+    with pytest.raises(FeatgenderError, match="--split 'tset'"):
+        evaluate_images(model_path, csv_dataset, split="tset")
+    dataset.paths[int(np.flatnonzero(dataset.splits == 2)[0])].write_text("no image")
+    left_out = evaluate_images(model_path, csv_dataset, progress=False)
+    assert (left_out["n"], left_out["failed"]) == (3, 1)
+    counted = evaluate_images(model_path, csv_dataset, count_failed=True, progress=False)
+    assert (counted["n"], counted["failed"], counted["accuracy"]) == (4, 1, (left_out["accuracy"] * 3) / 4)
+
+
 def test_caches_of_two_backbones_join_by_id(trained, tmp_path):
     root, caches, _, _, _ = trained
     joined = read_caches(caches, "train")
