@@ -4,8 +4,8 @@ Each ``--data NAME=CACHE[+CACHE]`` is one dataset's cache (or caches of several 
 joined by image id as ``fit --cache a --cache b`` does). Each head is fitted with its
 defaults on every dataset's train split and scored on every dataset's test split. Each
 ``--finetuned NAME=CHECKPOINT`` (``featgender finetune`` on dataset NAME) is scored on every
-dataset's test images too, each dataset's faces aligned where they sit in its images
-(``predict --face-box auto``, as extract aligns a dataset's cache). Domain shift is what
+dataset's test images too (``featgender evaluate --data``), each dataset's faces aligned
+where they sit in its images, as extract aligns a dataset's cache. Domain shift is what
 users meet first when they deploy.
 
     python benchmarks/cross_dataset.py --heads logreg,svm \\
@@ -19,11 +19,10 @@ from pathlib import Path
 
 import numpy as np
 
-import featgender
 from featgender.cache import read_caches
-from featgender.data import image_folder
 from featgender.evaluate import bootstrap_ci, classification_metrics
 from featgender.heads import fit_head
+from featgender.predict import evaluate_images
 
 
 def accuracy_with_ci(labels: np.ndarray, scores: np.ndarray) -> str:
@@ -52,12 +51,12 @@ def main() -> None:
                   + " | ".join(cells) + " |", flush=True)
     for entry in args.finetuned:
         trained_on, checkpoint = entry.split("=", 1)
-        predictor = featgender.load(checkpoint)
         cells = []
         for data in tests.values():
-            folder = image_folder(data.metadata["dataset_root"], data.metadata["dataset_format"])
-            predictions = predictor.predict([folder / image_id for image_id in data.ids], faces="crop")
-            cells.append(accuracy_with_ci(data.labels, np.array([p.probability for p in predictions])))
+            result = evaluate_images(checkpoint, data.metadata["dataset_root"], format=data.metadata["dataset_format"],
+                                     progress=False)
+            low, high = result["ci95"]["accuracy"]
+            cells.append(f"{result['accuracy']:.4f} ({low:.4f}–{high:.4f})")
         print(f"| {trained_on} | {Path(checkpoint).name} (fine-tuned) | " + " | ".join(cells) + " |", flush=True)
 
 
