@@ -99,6 +99,14 @@ def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
     assert accuracy > 0.85
 
 
+def test_help_and_import_do_not_load_torch_until_a_name_is_used():
+    script = ("import sys, featgender, featgender.cli; assert 'torch' not in sys.modules and 'sklearn' not in sys.modules; "
+              "from featgender.data import load_dataset; assert featgender.load_dataset is load_dataset; "
+              "assert 'make_head' in dir(featgender) and featgender.make_head('logreg') is not None")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
 def test_fit_evaluate_predict(csv_dataset, tmp_path):
     cache, model = tmp_path / "c.h5", tmp_path / "m.joblib"
     assert invoke("extract", "--data", csv_dataset, "--backbone", "mobilenet_v3_small", "--weights", "none",
