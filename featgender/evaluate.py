@@ -273,16 +273,22 @@ def evaluate_model(model: str | Path | HeadModel, caches: list[str | Path] | str
     data = read_caches(caches, split, include_failed=count_failed, in_progress=in_progress)
     _check_caches_fit_model(model, data)
     failed = ~np.isfinite(data.features).all(axis=1)
-    scores = 1.0 - data.labels.astype(float)  # a failed image: the wrong answer, surely
+    scores = np.full(len(data.labels), np.nan)
     if (~failed).any():
         scores[~failed] = model.predict_proba(data.features[~failed] if failed.any() else data.features)
-    result = evaluate_scores(data, scores, groups=groups)
+    result = evaluate_scores(data, wrong_where_failed(data.labels, scores), groups=groups)
     result["failed_counted_as_errors"] = int(failed.sum())
     result["split"] = split
     result["caches"] = [str(path) for path in caches]
     if report is not None:
         write_report(result, report, title=f"{model.head} on {' + '.join(b['backbone'] for b in model.backbones)}")
     return result
+
+
+def wrong_where_failed(labels: np.ndarray, scores: np.ndarray) -> np.ndarray:
+    """P(male) ``scores`` with each failed image's NaN made the surest wrong answer
+    (``--count-failed``)."""
+    return np.where(np.isnan(scores), 1.0 - labels, scores)
 
 
 def _check_caches_fit_model(model: HeadModel, data: CacheData) -> None:

@@ -21,7 +21,7 @@ from PIL import Image
 from featgender.backbones import Backbone, build_backbone, with_face_box
 from featgender.data import IMAGE_SUFFIXES, LABEL_NAMES, SPLITS, load_dataset
 from featgender.errors import FeatgenderError
-from featgender.evaluate import evaluate_scores, write_report
+from featgender.evaluate import evaluate_scores, write_report, wrong_where_failed
 from featgender.extract import extract_features
 from featgender.extraction import parse_face_box, resolve_face_box
 from featgender.faces import BOX_IN_FACE_CROP
@@ -245,7 +245,7 @@ def evaluate_images(model: str | Path, data: str | Path, *, split: str = "test",
     scores, _ = predictor.probabilities(rows.paths, progress)
     failed = np.isnan(scores)
     if count_failed:
-        scores = np.where(failed, 1.0 - rows.labels, scores)  # a failed image: the wrong answer, surely
+        scores = wrong_where_failed(rows.labels, scores)
     else:
         rows, scores = rows.subset(np.flatnonzero(~failed)), scores[~failed]
     result = evaluate_scores(rows, scores, groups=groups)
