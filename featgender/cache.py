@@ -46,7 +46,7 @@ import h5py
 import numpy as np
 
 from featgender.backbones import Backbone
-from featgender.data import SPLITS, FaceDataset
+from featgender.data import SPLITS, FaceDataset, split_code
 from featgender.errors import FeatgenderError
 from featgender.version import __version__
 
@@ -401,12 +401,11 @@ def read_cache(path: str | Path, split: str | None = None, *, dtype: type = np.f
     Rows whose image failed to decode are left out unless ``include_failed``.
     ``in_progress``: read the finished rows of a cache still being extracted (:func:`open_rows`).
     """
-    if split is not None and split not in SPLITS:
-        raise FeatgenderError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    code = None if split is None else split_code(split)
     rows = open_rows(path, in_progress=in_progress)
     wanted = rows.finished if include_failed else rows.valid
-    if split is not None:
-        wanted = wanted & (rows.splits == SPLITS.index(split))
+    if code is not None:
+        wanted = wanted & (rows.splits == code)
     index = np.flatnonzero(wanted)
     return CacheData(
         features=rows.read("features", index).astype(dtype, copy=False),
@@ -472,7 +471,7 @@ def iter_cache_chunks(cache: str | Path | CacheRows, split: str | None = None, r
     ``rows`` x D x 4 bytes, plus 12 bytes per image for the row flags and block order.
     """
     cache = cache if isinstance(cache, CacheRows) else open_rows(cache)
-    wanted = cache.valid if split is None else cache.valid & (cache.splits == SPLITS.index(split))
+    wanted = cache.valid if split is None else cache.valid & (cache.splits == split_code(split))
     block = rows if shuffle is None else min(rows, SHUFFLE_BLOCK_ROWS)
     starts = np.arange(0, len(wanted), block)
     if shuffle is not None:

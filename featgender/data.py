@@ -112,6 +112,13 @@ class FaceDataset:
         return digest.hexdigest()
 
 
+def split_code(split: str) -> int:
+    """The code of a split's name in :data:`SPLITS` (how splits are stored), or a clear error."""
+    if split not in SPLITS:
+        raise FeatgenderError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    return SPLITS.index(split)
+
+
 def parse_label(value: str, where: str) -> int:
     """Map male/female, m/f, man/woman, 1/0 and 1/-1 to 1 (male) or 0 (female)."""
     label = _LABEL_WORDS.get(str(value).strip().lower())

@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image
 
 from featgender.backbones import Backbone, build_backbone, with_face_box
-from featgender.data import IMAGE_SUFFIXES, LABEL_NAMES, SPLITS, load_dataset
+from featgender.data import IMAGE_SUFFIXES, LABEL_NAMES, load_dataset, split_code
 from featgender.errors import FeatgenderError
 from featgender.evaluate import evaluate_scores, write_report, wrong_where_failed
 from featgender.extract import extract_features
@@ -234,10 +234,9 @@ def evaluate_images(model: str | Path, data: str | Path, *, split: str = "test",
     fine-tuned networks too. Failed images (unreadable, no face) are left out, or with
     ``count_failed`` counted as wrong answers; ``failed`` says how many there were.
     """
-    if split not in SPLITS:
-        raise FeatgenderError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+    code = split_code(split)
     dataset = load_dataset(data, format=format)
-    rows = dataset.subset(np.flatnonzero(dataset.splits == SPLITS.index(split)))
+    rows = dataset.subset(np.flatnonzero(dataset.splits == code))
     if not len(rows):
         raise FeatgenderError(f"--data {data}: no {split} images")
     predictor = load(model, trusted=trusted, device=device, batch_size=batch_size, workers=workers,
