@@ -173,9 +173,10 @@ class FacePage:
                 self._recent[str(path)] = content
                 while len(self._recent) > RECENT_UPLOADS:
                     self._recent.popitem(last=False)
+                # the photo goes; its folder (named by the content's hash) stays, as a client
+                # uploading the same photo now may be creating it (gradio's delete_cache and
+                # serve's exit remove it)
                 path.unlink(missing_ok=True)
-                if path.parent != self.work_dir and not any(path.parent.iterdir()):
-                    path.parent.rmdir()
         return name, content
 
 
