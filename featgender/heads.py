@@ -9,10 +9,14 @@ split (162,770 × 2048 on 2 cores; see benchmarks/README.md):
 ``svm``       linear SVM with calibrated (sigmoid) probabilities: LinearSVC up to 50,000 samples,
               SGD with hinge loss above (LinearSVC's primal solver takes minutes there).
 ``svm-rbf``   RBF SVM: exact SVC up to 20,000 samples; above, PCA(256) + Nystroem(1,000) + linear
-              SVM, since exact SVC on 160k samples takes hours.
+              SVM (:class:`NystroemSVM`), since exact SVC on 160k samples takes hours.
 ``gbm``       HistGradientBoostingClassifier behind PCA(64), with early stopping.
 ``mlp``       MLPClassifier with one hidden layer of 256, early stopping.
 ============  ===================================================================================
+
+Every size-dependent choice (a PCA's width, Nystroem's landmarks, the switch to a solver that
+scales, set by ``max_small_samples``) is bounded by the data's own rows and width, so that a
+head never breaks where an invisible switch sits.
 
 :func:`make_head` builds one by name; :func:`fit_head` trains it, optionally tuning its key
 hyper-parameter by cross-validation (:func:`search_grid`).
@@ -21,8 +25,9 @@ hyper-parameter by cross-validation (:func:`search_grid`).
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import joblib
 import numpy as np
@@ -151,6 +156,40 @@ class StandardizedPCA(TransformerMixin, BaseEstimator):
         return projected
 
 
+class NystroemSVM(ClassifierMixin, BaseEstimator):
+    """An RBF SVM approximated for large training sets: PCA to ``n_pca`` dimensions, an RBF
+    kernel map on ``n_landmarks`` Nystroem landmarks, then a linear SVM.
+
+    Exact SVC on 160k samples takes hours; this takes seconds. Both widths are bounded by the
+    data's own shape (features, rows), and the kernel's gamma is 1 / the PCA width, so the same
+    defaults fit 64-d and 2048-d embeddings alike.
+    """
+
+    def __init__(self, *, C: float = 0.03, n_pca: int = 256, n_landmarks: int = 1000, random_state: int = 0):
+        self.C = C
+        self.n_pca = n_pca
+        self.n_landmarks = n_landmarks
+        self.random_state = random_state
+
+    def fit(self, X, y):
+        X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
+        self.pipeline_ = Pipeline([
+            ("pca", StandardizedPCA(self.n_pca, random_state=self.random_state)),
+            ("kernel", Nystroem(n_components=min(self.n_landmarks, len(X)), random_state=self.random_state)),
+            ("svm", LinearSVC(C=self.C, dual=False, max_iter=200, random_state=self.random_state)),
+        ]).fit(X, y)
+        self.classes_ = self.pipeline_.classes_
+        return self
+
+    def decision_function(self, X):
+        check_is_fitted(self)
+        return self.pipeline_.decision_function(validate_data(self, X, dtype=[np.float32, np.float64], reset=False))
+
+    def predict(self, X):
+        check_is_fitted(self)
+        return self.pipeline_.predict(validate_data(self, X, dtype=[np.float32, np.float64], reset=False))
+
+
 class SizeAdaptiveClassifier(ClassifierMixin, BaseEstimator):
     """Fits ``small`` when the training set has at most ``max_small_samples`` rows, else ``large``.
 
@@ -254,30 +293,25 @@ def _logreg(random_state: int, C: float = 0.005):
 
 
 @register_head("svm", grid={"C": [0.0003, 0.001, 0.003, 0.01, 0.03]})
-def _svm(random_state: int, C: float = 0.001):
+def _svm(random_state: int, C: float = 0.001, max_small_samples: int = 50_000):
     large = SGDClassifier(loss="hinge", alpha=1.0 / (C * 50_000), average=True, max_iter=5, tol=None,
                           random_state=random_state)
     return SizeAdaptiveClassifier(
         small=CalibratedClassifierCV(LinearSVC(C=C, dual="auto", max_iter=5000, random_state=random_state),
                                      method="sigmoid", cv=3),
         large=CalibratedClassifierCV(large, method="sigmoid", cv=2),
-        max_small_samples=50_000,
+        max_small_samples=max_small_samples,
     ), None
 
 
 @register_head("svm-rbf", grid={"C": [0.3, 1.0, 3.0, 10.0]})
-def _svm_rbf(random_state: int, C: float = 3.0):
-    approximate = Pipeline([
-        ("pca", PCA(256, svd_solver="randomized", random_state=random_state)),
-        ("kernel", Nystroem(gamma=1.0 / 256, n_components=1000, random_state=random_state)),
-        ("svm", LinearSVC(C=C / 100, dual=False, max_iter=200, random_state=random_state)),
-    ])
+def _svm_rbf(random_state: int, C: float = 3.0, max_small_samples: int = 20_000):
     return SizeAdaptiveClassifier(
         # Platt scaling by 3-fold CV costs about 3x one SVC fit; SVC(probability=True) costs 6x.
         small=CalibratedClassifierCV(SVC(C=C, kernel="rbf", gamma="scale", random_state=random_state),
                                      method="sigmoid", cv=3, ensemble=False),
-        large=CalibratedClassifierCV(approximate, method="sigmoid", cv=2),
-        max_small_samples=20_000,
+        large=CalibratedClassifierCV(NystroemSVM(C=C / 100, random_state=random_state), method="sigmoid", cv=2),
+        max_small_samples=max_small_samples,
     ), None
 
 
@@ -324,9 +358,11 @@ def fit_head(
     pipeline : the fitted pipeline (refitted on all features with the best value).
     search_result : {} or {'best_params', 'cv_accuracy', 'grid'}.
     """
+    shape = np.shape(features)
     if not search:
         pipeline = make_head(head, random_state=random_state, copy=not overwrite_features, **head_params)
-        pipeline.fit(features, labels)
+        with _fit_errors(head, shape):
+            pipeline.fit(features, labels)
         return _never_modifies_input(pipeline), {}
     pipeline = make_head(head, random_state=random_state, **head_params)
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
@@ -334,12 +370,24 @@ def fit_head(
     grid = search_grid(head)
     searcher = GridSearchCV(pipeline, grid, scoring="accuracy", n_jobs=n_jobs, refit=True,
                             cv=StratifiedKFold(cv, shuffle=True, random_state=random_state))
-    searcher.fit(features, labels)
+    with _fit_errors(head, shape):
+        searcher.fit(features, labels)
     return searcher.best_estimator_, {
         "best_params": {key.split("__", 1)[1]: value for key, value in searcher.best_params_.items()},
         "cv_accuracy": float(searcher.best_score_),
         "grid": {key.split("__", 1)[1]: values for key, values in grid.items()},
     }
+
+
+@contextmanager
+def _fit_errors(head: str, shape: tuple) -> Iterator[None]:
+    """scikit-learn's refusals (too few rows of a label, a bad parameter) as one line naming the head."""
+    try:
+        yield
+    except ValueError as error:
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise FeatgenderError(f"--head {head}: scikit-learn could not fit it on {' x '.join(map(str, shape))} "
+                              f"features: {reason} (choose another --head or give it more rows of each label)") from None
 
 
 STREAMING_LOSSES = {"logreg": "log_loss", "svm": "modified_huber"}

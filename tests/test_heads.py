@@ -10,6 +10,7 @@ from sklearn.utils.estimator_checks import check_estimator
 from featgender.errors import FeatgenderError
 from featgender.heads import (
     FeatureNormalizer,
+    NystroemSVM,
     SampledScaler,
     SizeAdaptiveClassifier,
     StandardizedPCA,
@@ -104,9 +105,49 @@ def test_size_adaptive_classifier_picks_by_training_size():
 @pytest.mark.parametrize("estimator", [FeatureNormalizer("l2"), FeatureNormalizer("power"),
                                        SampledScaler(max_samples=20),
                                        StandardizedPCA(2, max_samples=20),
+                                       NystroemSVM(n_pca=4, n_landmarks=20),
                                        SizeAdaptiveClassifier(small=LogisticRegression(), large=LogisticRegression())])
 def test_our_estimators_pass_sklearn_checks(estimator):
     check_estimator(estimator)
+
+
+SIZE_SWITCHES = {"svm": 50_000, "svm-rbf": 20_000}  # the heads that change solver above a row count
+
+
+@pytest.mark.parametrize("width", [64, 128, 512, 1280, 2048])  # what the registry's backbones produce
+@pytest.mark.parametrize("head", ["logreg", "svm", "svm-rbf", "gbm", "mlp"])
+def test_every_head_fits_every_width_on_both_sides_of_its_size_switch(head, width):
+    """A head's size switch is invisible to its user, so it must never be where it breaks:
+    just below and just above it, at every embedding width, each head fits and predicts.
+    The switch is lowered to 300 rows here to stay fast; the next test runs at the real one."""
+    params = {"max_small_samples": 300} if head in SIZE_SWITCHES else {}
+    for rows in (300, 301):
+        features, labels = separable(n=rows, d=width, seed=rows)
+        pipeline, _ = fit_head(features, labels, head, **params)
+        probabilities = pipeline.predict_proba(features)
+        assert probabilities.shape == (rows, 2) and np.isfinite(probabilities).all()
+        assert (pipeline.predict(features) == labels).mean() > 0.75
+        if head in SIZE_SWITCHES:
+            switch = pipeline.named_steps["classifier"]
+            expected = switch.large if rows > 300 else switch.small
+            assert type(switch.estimator_.estimator) is type(expected.estimator)  # both calibrated
+
+
+def test_svm_rbf_fits_a_face_network_sized_cache_above_its_real_switch():
+    """The reported case: 128-d face-network features, more rows than exact SVC takes (its
+    approximation asked PCA for 256 components of 128 columns)."""
+    features, labels = separable(n=SIZE_SWITCHES["svm-rbf"] + 1, d=128)
+    pipeline, _ = fit_head(features, labels, "svm-rbf")
+    approximation = pipeline.named_steps["classifier"].estimator_.calibrated_classifiers_[0].estimator
+    assert approximation.pipeline_.named_steps["pca"].pca_.n_components_ == 128
+    assert (pipeline.predict(features) == labels).mean() > 0.9
+
+
+def test_a_fit_scikit_learn_refuses_is_one_line_naming_the_head():
+    features, labels = separable(n=4)
+    with pytest.raises(FeatgenderError, match=r"^--head svm: scikit-learn could not fit it on 4 x 40 features: .*"
+                                              r"3-fold.*\(choose another --head or give it more rows"):
+        fit_head(features, np.array([0, 1, 1, 1]), "svm")
 
 
 def test_search_tunes_the_key_parameter_on_train_only():
