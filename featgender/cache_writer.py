@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
@@ -116,9 +116,12 @@ class CacheWriter:
 
     def write(self, batches: Iterable[tuple[np.ndarray, np.ndarray, list[str]]]) -> None:
         """Save the rows from ``start`` on, given in order as (indices, features, errors)
-        batches, in chunks of ``chunk_rows``, each on a writer thread while the next computes."""
+        batches, in chunks of ``chunk_rows``, each on a writer thread while the next computes.
+
+        At most one chunk is in flight: a slow disk holds the extraction back rather than piling
+        chunks up in memory, and a write error (e.g. disk full) stops it at the next chunk."""
         features, errors, rows, chunk_start, total = [], [], 0, self.start, len(self.dataset)
-        pending = []
+        in_flight: Future | None = None
         with ThreadPoolExecutor(max_workers=1) as thread:
             for _, batch_features, batch_errors in batches:
                 features.append(batch_features)
@@ -127,14 +130,13 @@ class CacheWriter:
                 while rows >= self.chunk_rows or (rows and chunk_start + rows == total):
                     block = np.concatenate(features) if len(features) > 1 else features[0]
                     take = min(self.chunk_rows, rows)
-                    pending.append(thread.submit(self._write_chunk, chunk_start, block[:take], errors[:take]))
+                    if in_flight is not None:
+                        in_flight.result()
+                    in_flight = thread.submit(self._write_chunk, chunk_start, block[:take], errors[:take])
                     features = [block[take:]] if rows > take else []
                     errors, rows, chunk_start = errors[take:], rows - take, chunk_start + take
-                for future in [f for f in pending if f.done()]:
-                    future.result()  # re-raise a write error (e.g. disk full) without waiting for the end
-                    pending.remove(future)
-            for future in pending:
-                future.result()
+            if in_flight is not None:
+                in_flight.result()
 
     def _write_chunk(self, start: int, features: np.ndarray, errors: list[str]) -> None:
         with atomic_write(self.partial.chunk_path(start)) as tmp, open(tmp, "wb") as handle:

@@ -141,7 +141,7 @@ def test_a_stopped_server_removes_its_upload_folder(dlib_model, tmp_path):
                                "--port", str(_free_port())], env={**os.environ, "TMPDIR": str(tmp_path)},
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 600  # a bound for a server that never starts
         while "Running on local URL" not in server.stdout.readline():
             assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
         assert [path.name[:17] for path in tmp_path.iterdir()] == ["featgender-serve-"]
@@ -180,7 +180,7 @@ def test_the_page_in_a_real_browser(server, dlib_model, group_photo, tmp_path):
     browser = _browser()
     try:
         browser.get(url)
-        wait = WebDriverWait(browser, 60)
+        wait = WebDriverWait(browser, 300)  # bounds for a page that never answers
         wait.until(ready.presence_of_element_located((By.ID, "fg-analyse")))
         assert "perceived gender" in browser.find_element(By.ID, "fg-responsible-use").text
 

@@ -5,7 +5,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import textwrap
 
 import h5py
 import numpy as np
@@ -15,6 +15,7 @@ from featgender.cache import cache_summary, read_cache, read_metadata, shard_pat
 from featgender.extraction import extract_to_cache
 from featgender.distributed import shard_rows
 from featgender.errors import FeatgenderError
+from holding import holding_code, wait_until_held
 
 EXTRACT = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--precision", "float32", "--workers", "0"]
 
@@ -79,22 +80,23 @@ def test_two_gloo_ranks_give_the_single_process_cache(csv_dataset, tmp_path):
 
 @pytest.mark.parametrize("chunks", [1, 4])
 def test_a_rank_killed_mid_shard_is_resumed_by_the_rerun(csv_dataset, tmp_path, chunks):
-    """kill -9 one rank (not its loader workers) once its shard has some chunks: torchrun
+    """kill -9 one rank (not its loader workers), held once its shard has some chunks: torchrun
     stops the job, nothing is joined; the same job started at once is not refused, resumes
     that shard where it stopped and ends bit for bit equal to one process."""
     single, joined = tmp_path / "single.h5", tmp_path / "joined.h5"
     extract_to_cache(csv_dataset, backbone="mobilenet_v3_small", weights="none", precision="float32", workers=0,
                      out=single, progress=False)
+    hold = tmp_path / "hold"
+    hold.mkdir()
     script = tmp_path / "api.py"
-    script.write_text(API_SCRIPT)
+    script.write_text("import os\nif os.environ['RANK'] == '1':\n" + textwrap.indent(holding_code(hold, chunks), "    ")
+                      + API_SCRIPT)
     command = [*TORCHRUN, "--nproc-per-node=2", str(script), str(csv_dataset), str(joined)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     partial = shard_path(joined, 1, 2).with_name(shard_path(joined, 1, 2).name + ".partial")
-    job = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    job = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
-        while len(list(partial.glob("rows-*[0-9].npz"))) < chunks:
-            assert job.poll() is None, job.communicate()[1][-3000:]
-            time.sleep(0.002)
+        wait_until_held(job, hold, chunks)  # rank 1, with ``chunks`` chunks of its shard on disk
         os.kill(int((tmp_path / "joined.h5.pid1").read_text()), signal.SIGKILL)
         job.communicate(timeout=300)
     finally:
@@ -102,6 +104,7 @@ def test_a_rank_killed_mid_shard_is_resumed_by_the_rerun(csv_dataset, tmp_path, 
     assert job.returncode != 0 and not joined.exists()
     assert not shard_path(joined, 1, 2).exists() and partial.is_dir()  # killed mid-shard, resumable
 
+    script.write_text(API_SCRIPT)  # the rerun runs through
     rerun = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     resumed, resumed_from = (tmp_path / "joined.h5.status1").read_text().split()

@@ -1,9 +1,12 @@
+import contextlib
+import ctypes
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -17,6 +20,7 @@ from featgender.data import load_dataset
 from featgender.errors import FeatgenderError
 from featgender.extract import extract_features
 from featgender.images import load_image
+from holding import HOLD_TIMEOUT_S, holding_code, wait_until_held
 
 BACKBONE = "mobilenet_v3_small"
 
@@ -124,7 +128,7 @@ def test_decompression_bombs_are_refused_and_recorded(csv_dataset, small_backbon
     assert all("DecompressionBomb" in error for error in errors) and np.isnan(features).all()
 
 
-KILL_SCRIPT = """
+EXTRACT_SCRIPT = """
 import sys
 from featgender.backbones import build_backbone
 from featgender.extraction import build_cache
@@ -134,21 +138,23 @@ build_cache(load_dataset(sys.argv[1]), build_backbone("%s", weights="none"), sys
 """ % BACKBONE
 
 
-def _run_and_kill(data, out, chunks_before_kill: int) -> bool:
-    """Start an extraction, SIGKILL it once ``chunks_before_kill`` chunks exist; True if killed mid-way."""
-    partial = out.with_name(out.name + ".partial")
-    process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(data), str(out)])
+def _start_held(data, out, hold: Path, after_chunks: int, workers: int = 0) -> subprocess.Popen:
+    """An extraction of ``data`` into ``out`` in another process, held once ``after_chunks``
+    chunks are on disk (:mod:`holding`); ``hold`` is a new folder for its signals."""
+    hold.mkdir()
+    return subprocess.Popen([sys.executable, "-c", holding_code(hold, after_chunks) + EXTRACT_SCRIPT, str(data),
+                             str(out), str(workers)], stderr=subprocess.PIPE, text=True)
+
+
+def _run_and_kill(data, out, hold: Path, chunks_before_kill: int) -> None:
+    """Run an extraction until ``chunks_before_kill`` chunks are on disk, then SIGKILL it."""
+    process = _start_held(data, out, hold, chunks_before_kill)
     try:
-        while process.poll() is None:
-            if len(list(partial.glob("rows-*[0-9].npz"))) >= chunks_before_kill:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait()
-                return not out.exists()
-            time.sleep(0.002)
+        wait_until_held(process, hold, chunks_before_kill)
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
     finally:
-        if process.poll() is None:
-            process.kill()
-    return False
+        process.kill()
 
 
 def test_kill_9_then_resume_gives_the_identical_cache(csv_dataset, tmp_path):
@@ -156,8 +162,9 @@ def test_kill_9_then_resume_gives_the_identical_cache(csv_dataset, tmp_path):
     dataset = load_dataset(csv_dataset)
     options = dict(batch_size=2, chunk_rows=4, workers=0, progress=False)
     build_cache(dataset, build_backbone(BACKBONE, weights="none"), reference, **options)
-    killed = [_run_and_kill(csv_dataset, resumed, chunks) for chunks in (2, 5)]
-    assert any(killed), "the extraction finished before it could be killed"
+    for chunks in (2, 5):  # the second run resumes at chunk 2
+        _run_and_kill(csv_dataset, resumed, tmp_path / f"hold-{chunks}", chunks)
+        assert not resumed.exists()
     result = build_cache(dataset, build_backbone(BACKBONE, weights="none"), resumed, **options)
     assert result.status == "resumed" and result.resumed_from >= 8
     with h5py.File(reference, "r") as ref, h5py.File(resumed, "r") as res:
@@ -203,8 +210,8 @@ def test_kill_9_at_random_moments_never_leaves_a_wrong_cache(csv_dataset, tmp_pa
     build_cache(dataset, build_backbone(BACKBONE, weights="none"), reference, **options)
     expected = read_cache(reference, include_failed=True).features
     for _ in range(3):
-        process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(csv_dataset), str(out)])
-        time.sleep(rng.uniform(0.5, 6.0))
+        process = subprocess.Popen([sys.executable, "-c", EXTRACT_SCRIPT, str(csv_dataset), str(out)])
+        time.sleep(rng.uniform(0.5, 6.0))  # any moment will do: every outcome is checked below
         process.kill()
         process.wait()
         if out.exists():
@@ -227,18 +234,16 @@ def test_a_caller_between_batches_is_not_left_in_autocast(csv_dataset, small_bac
 
 def test_a_second_extraction_of_the_same_cache_is_refused_while_the_first_runs(csv_dataset, tmp_path):
     """Two writers would write the same temporary files over each other: the second is refused
-    (naming the first), the first's kill frees the cache, and the rerun resumes it intact."""
-    reference, out = tmp_path / "ref.h5", tmp_path / "busy.h5"
+    (naming the first) while the first is held after its first chunk, the first's kill frees
+    the cache, and the rerun resumes it intact."""
+    reference, out, hold = tmp_path / "ref.h5", tmp_path / "busy.h5", tmp_path / "hold"
     dataset = load_dataset(csv_dataset)
     options = dict(batch_size=2, chunk_rows=4, workers=0, progress=False)
     second = build_backbone(BACKBONE, weights="none")
     build_cache(dataset, second, reference, **options)
-    partial = out.with_name(out.name + ".partial")
-    first = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(csv_dataset), str(out)])
+    first = _start_held(csv_dataset, out, hold, after_chunks=1)
     try:
-        while not list(partial.glob("rows-*[0-9].npz")):
-            assert first.poll() is None, "the first extraction ended before the second could start"
-            time.sleep(0.002)
+        wait_until_held(first, hold, 1)
         with pytest.raises(FeatgenderError, match=rf"busy.h5: \S+ pid {first.pid} is writing it"):
             build_cache(dataset, second, out, **options)
         first.kill()
@@ -274,34 +279,57 @@ def _alive(pid: int) -> bool:
         return False
 
 
-@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="finds loader workers through /proc")
+PR_SET_CHILD_SUBREAPER = 36  # linux/prctl.h
+
+
+@contextlib.contextmanager
+def _adopting_orphans():
+    """Make this process the subreaper of its descendants: orphans (the workers of a killed
+    child) become its children, so that it can read how they ended (os.waitpid)."""
+    prctl = ctypes.CDLL(None, use_errno=True).prctl
+    assert prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0, os.strerror(ctypes.get_errno())
+    try:
+        yield
+    finally:
+        prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def _how_it_ended(pid: int) -> int:
+    """The signal that ended the adopted process ``pid`` (0: it exited by itself)."""
+    deadline = time.monotonic() + HOLD_TIMEOUT_S
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
+        assert time.monotonic() < deadline, f"loader worker {pid} still alive {HOLD_TIMEOUT_S} s after its parent"
+        time.sleep(0.005)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds loader workers through /proc, adopts them by prctl")
 def test_kill_9_of_the_parent_alone_never_blocks_the_rerun_started_at_once(csv_dataset, tmp_path):
     """An OOM killer or a crashed shell kills the extracting process but not its loader
-    workers. At several moments while they are busy: the rerun, started at once, is not
-    refused (the workers inherited nothing that holds the cache) and goes on from where the
-    killed one stopped; the workers die with their parent; the last cache is bit-identical."""
+    workers. At several moments, each held while both workers are alive (:mod:`holding`):
+    the rerun, started at once, is not refused (the workers inherited nothing that holds the
+    cache) and goes on from where the killed one stopped; the workers are killed with their
+    parent (SIGKILL from the kernel, not their own exit seconds later, which this test tells
+    apart by adopting them); the last cache is bit-identical."""
     reference, out = tmp_path / "ref.h5", tmp_path / "killed.h5"
     dataset = load_dataset(csv_dataset)
     options = dict(batch_size=2, chunk_rows=4, workers=0, progress=False)
     build_cache(dataset, build_backbone(BACKBONE, weights="none"), reference, **options)
-    partial = out.with_name(out.name + ".partial")
-    for chunks in (1, 3, 5, 7):
-        process = subprocess.Popen([sys.executable, "-c", KILL_SCRIPT, str(csv_dataset), str(out), "2"],
-                                   stderr=subprocess.PIPE, text=True)
-        try:
-            while len(list(partial.glob("rows-*[0-9].npz"))) < chunks:
-                assert process.poll() is None, f"the rerun after a kill stopped: {process.communicate()[1][-2000:]}"
-                time.sleep(0.002)
-            workers = _children(process.pid)
-            assert len(workers) == 2, workers
-            os.kill(process.pid, signal.SIGKILL)  # the parent only
-            process.wait()
-        finally:
-            process.kill()
-        deadline = time.monotonic() + 1.0
-        while any(map(_alive, workers)) and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert not any(map(_alive, workers)), "loader workers outlived their killed parent by a second"
+    with _adopting_orphans():
+        for chunks in (1, 3, 5, 7):
+            hold = tmp_path / f"hold-{chunks}"
+            process = _start_held(csv_dataset, out, hold, after_chunks=chunks, workers=2)
+            try:
+                wait_until_held(process, hold, chunks)
+                workers = _children(process.pid)
+                assert len(workers) == 2, workers
+                os.kill(process.pid, signal.SIGKILL)  # the parent only
+                process.wait()
+            finally:
+                process.kill()
+            assert [_how_it_ended(worker) for worker in workers] == [signal.SIGKILL] * 2
     result = build_cache(dataset, build_backbone(BACKBONE, weights="none"), out, **options)
     assert result.status == "resumed" and result.resumed_from >= 28
     np.testing.assert_array_equal(read_cache(out, include_failed=True).features,

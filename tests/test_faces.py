@@ -217,7 +217,7 @@ def test_loader_workers_detect_faces_after_this_process_ran_dlibs_cnn(tmp_path):
         "print(len(errors), sum(map(bool, errors)))\n"
     )
     environment = {key: value for key, value in os.environ.items() if key != "DLIB_NUM_THREADS"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=180,
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
                             env=environment, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["4", "0"]  # central-box chips of the face crops

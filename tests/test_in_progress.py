@@ -2,7 +2,6 @@
 
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -16,6 +15,7 @@ from featgender.distributed import shard_rows
 from featgender.extraction import build_cache
 from featgender.errors import FeatgenderError
 from featgender.evaluate import train_head
+from holding import HOLD_TIMEOUT_S, holding_code, release, wait_until_held
 
 BACKBONE = "mobilenet_v3_small"
 OPTIONS = dict(batch_size=2, chunk_rows=4, workers=0, progress=False)
@@ -85,37 +85,32 @@ def test_an_interrupted_extraction_shows_its_finished_rows(csv_dataset, small_ba
 
 
 def test_readers_follow_a_running_extraction(csv_dataset, small_backbone, tmp_path):
-    """A second process extracts (one chunk every 0.15 s at least) while this one reads."""
-    out = tmp_path / "c.h5"
-    script = f"""
-import sys, time
+    """A second process extracts, held after each chunk (:mod:`holding`) while this one reads:
+    each snapshot holds exactly the chunks written so far."""
+    out, hold = tmp_path / "c.h5", tmp_path / "hold"
+    hold.mkdir()
+    script = holding_code(hold) + f"""
+import sys
 from featgender.backbones import build_backbone
-from featgender.cache_writer import CacheWriter
 from featgender.data import load_dataset
 from featgender.extraction import build_cache
-write_chunk = CacheWriter._write_chunk
-def slow_write_chunk(self, *args):
-    write_chunk(self, *args)
-    time.sleep(0.15)
-CacheWriter._write_chunk = slow_write_chunk
 build_cache(load_dataset(sys.argv[1]), build_backbone("{BACKBONE}", weights="none"), sys.argv[2], **{OPTIONS!r})
 """
-    process = subprocess.Popen([sys.executable, "-c", script, str(csv_dataset), str(out)])
+    with pytest.raises(FeatgenderError, match="no extraction is writing it"):
+        read_cache(out, in_progress=True)
+    process = subprocess.Popen([sys.executable, "-c", script, str(csv_dataset), str(out)], stderr=subprocess.PIPE,
+                               text=True)
     snapshots = []
     try:
-        while process.poll() is None:
-            try:
-                snapshots.append(read_cache(out, in_progress=True))
-            except FeatgenderError as error:
-                assert "no extraction is writing it" in str(error)  # not started yet
-            time.sleep(0.02)
+        for chunks in range(1, 11):
+            wait_until_held(process, hold, chunks)
+            snapshots.append(read_cache(out, in_progress=True))
+            release(hold, chunks)
+        assert process.wait(timeout=HOLD_TIMEOUT_S) == 0, process.stderr.read()
     finally:
-        process.kill() if process.poll() is None else None
-    assert process.wait() == 0
+        process.kill()
     whole = read_cache(out)
-    seen = [len(snapshot.ids) for snapshot in snapshots]
-    assert len({count for count in seen if 0 < count < 40}) >= 3, seen  # it was read while being written
-    assert seen == sorted(seen) and all(count % 4 == 0 for count in seen), seen
+    assert [len(snapshot.ids) for snapshot in snapshots] == list(range(4, 41, 4))
     for snapshot in snapshots:
         assert_rows_of(snapshot, whole)
 
