@@ -73,22 +73,40 @@ def model_card(predictor) -> str:
                               f"{', flip' if entry.get('flip') else ''})" for entry in model.backbones)
         training = model.training
         caches = ", ".join(Path(str(cache)).name for cache in training.get("caches", []))
+        datasets = training.get("datasets", [])
+        source = (" + ".join(f"{entry['name']} ({entry['images']})" for entry in datasets) if len(datasets) > 1
+                  else caches or "its caches")
+        balance = ", ".join(training.get("balance") or []) or "none"
         lines = [f"**Head** `{model.head}` on {backbones}.",
                  f"**Trained on** {training.get('images', '?')} images ({training.get('split', 'train')} split of "
-                 f"{caches or 'its caches'})."]
+                 f"{source}); balanced by: {balance}."]
         metrics, versions = model.metrics, model.versions
     if metrics:
-        ci = metrics.get("ci95", {})
-        rows = [f"| {name} | {metrics[name]:.4f} | {ci[name][0]:.4f} – {ci[name][1]:.4f} |"
-                for name in ("accuracy", "balanced_accuracy", "f1", "roc_auc") if name in metrics and name in ci]
-        lines += [f"**Evaluated on** the {metrics.get('split', '?')} split, {metrics.get('n', '?')} images:", "",
-                  "| metric | value | 95% CI |", "|---|---|---|", *rows, ""]
-        for attribute, slices in metrics.get("subgroups", {}).items():
-            groups = ", ".join(f"{group} {row['accuracy']:.3f} (n={row['n']})" for group, row in slices["groups"].items())
-            lines.append(f"- {attribute}: largest accuracy gap {slices['accuracy_gap']:.3f} ({groups})")
+        lines += _metrics_card(metrics)
+        for name, own in metrics.get("datasets", {}).items():
+            lines += [f"**{name}**:", *_metrics_card(own)]
     if versions:
         lines += ["", "Versions: " + ", ".join(f"{name} {version}" for name, version in sorted(versions.items()))]
     return "\n".join(lines)
+
+
+def _metrics_card(metrics: dict) -> list[str]:
+    """Markdown lines of one evaluation: metrics with CIs, accuracy gaps, errors per group x gender."""
+    from featgender.evaluate import group_gender_headline
+
+    ci = metrics.get("ci95", {})
+    rows = [f"| {name} | {metrics[name]:.4f} | {ci[name][0]:.4f} – {ci[name][1]:.4f} |"
+            for name in ("accuracy", "balanced_accuracy", "f1", "roc_auc") if name in metrics and name in ci]
+    lines = [f"**Evaluated on** the {metrics.get('split', '?')} split, {metrics.get('n', '?')} images:", "",
+             "| metric | value | 95% CI |", "|---|---|---|", *rows, ""]
+    for attribute, slices in metrics.get("subgroups", {}).items():
+        groups = ", ".join(f"{group} {row['accuracy']:.3f} (n={row['n']})" for group, row in slices["groups"].items())
+        lines.append(f"- {attribute}: largest accuracy gap {slices['accuracy_gap']:.3f} ({groups})")
+    for attribute, table in metrics.get("group_gender", {}).items():
+        cells = ", ".join(f"{cell['group']} {cell['gender']} {cell['error_rate']:.1%} (n={cell['n']})"
+                          for cell in table["cells"])
+        lines.append(f"- errors per {attribute} x gender ({group_gender_headline(table)}): {cells}")
+    return lines + [""]
 
 
 class FacePage:

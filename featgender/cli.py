@@ -159,9 +159,10 @@ TrustedOption = typer.Option(False, "--trusted", help="Open a model file not wri
 GroupsOption = typer.Option(None, "--groups", help="Comma-separated attributes to slice by (default: CelebA's eight, or age and race).")
 
 
-def _print_metrics(evaluation: dict) -> None:
+def _print_metrics(evaluation: dict, dataset: str = "") -> None:
     ci = evaluation["ci95"]
-    typer.echo(f"{evaluation['split']} ({evaluation['n']} images):")
+    typer.echo(f"{dataset + ', ' if dataset else ''}{evaluation['split']} ({evaluation['n']} images"
+               f"{' of ' + str(len(evaluation['datasets'])) + ' datasets, pooled' if 'datasets' in evaluation else ''}):")
     for name in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc"):
         if name in evaluation:
             typer.echo(f"  {name:<18} {evaluation[name]:.4f}  (95% CI {ci[name][0]:.4f} - {ci[name][1]:.4f})")
@@ -169,10 +170,18 @@ def _print_metrics(evaluation: dict) -> None:
         worst = min(slices["groups"].items(), key=lambda item: item[1]["accuracy"])
         typer.echo(f"  {attribute}: largest accuracy gap {slices['accuracy_gap']:.4f} "
                    f"(lowest: {worst[0]} {worst[1]['accuracy']:.4f}, n={worst[1]['n']})")
+    from featgender.evaluate import group_gender_headline, group_gender_lines
+
+    for attribute, table in evaluation.get("group_gender", {}).items():
+        typer.echo(f"  errors per {attribute} x gender ({group_gender_headline(table)}):")
+        for line in group_gender_lines(table):
+            typer.echo(f"    {line}")
     if "label_audit" in evaluation:
         from featgender.evaluate import audit_sentence
 
         typer.echo(f"  labels checked by identity: {audit_sentence(evaluation['label_audit'])}")
+    for name, own in evaluation.get("datasets", {}).items():
+        _print_metrics(own, name)
 
 InProgressOption = typer.Option(False, "--in-progress", help="The cache is still being extracted: use the images finished so far.")
 
@@ -195,17 +204,20 @@ def fit(
     in_progress: bool = InProgressOption,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Model file (default models/<head>.joblib)."),
     groups: Optional[str] = GroupsOption,
+    stack: Optional[list[str]] = typer.Option(None, "--stack", "-s", help="Another dataset's cache, whose rows train the head too (repeat for more; A.h5,B.h5 for a dataset's caches joined as --cache joins them). Each dataset is evaluated on its own."),
+    balance: Optional[str] = typer.Option(None, "--balance", help="Sample weights that even out: none (default), or a comma-separated choice of dataset, gender, group (UTKFace's race)."),
     as_json: bool = typer.Option(False, "--json", help="Print the evaluation as JSON."),
 ) -> None:
-    """Train a scikit-learn head on a cache's train split, print eval metrics, save the model."""
+    """Train a scikit-learn head on the train split of a cache, or of several datasets' caches
+    (--stack), print eval metrics per dataset and per group x gender, save the model."""
     from featgender.evaluate import train_head
 
     head_name = head or "logreg"
     out = out or Path("models") / f"{head_name}.joblib"
     model, evaluation = train_head(
         cache, head_name, search=search, out_of_core=out_of_core, in_progress=in_progress, out=out,
-        groups=_split_groups(groups),
-        **_given(train_split=train_split, eval_split=eval_split, pca=pca, normalize=normalize, C=c),
+        groups=_split_groups(groups), stack=[item.split(",") for item in stack or []],
+        **_given(train_split=train_split, eval_split=eval_split, pca=pca, normalize=normalize, C=c, balance=balance),
     )
     if as_json:
         typer.echo(json.dumps({"model": str(out), "training": model.training, "params": model.params,
@@ -356,24 +368,31 @@ def bench(
 
 @_command
 def demo(
-    data: Path = DataOption,
+    data: list[Path] = typer.Option(..., "--data", help="Dataset (repeat: one head trained on all of them, each evaluated on its own test split)."),
     backbone: Optional[str] = BackboneOption,
     head: Optional[str] = typer.Option(None, "--head", help="Head to fit (default logreg)."),
+    balance: Optional[str] = typer.Option(None, "--balance", help="With several --data: what the sample weights even out (default dataset,gender; see fit --balance)."),
     limit: Optional[int] = LimitOption,
     format: Optional[str] = FormatOption,
     device: Optional[str] = DeviceOption,
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Model file (default models/demo-<backbone>-<head>.joblib)."),
 ) -> None:
-    """Run the whole path offline: extract a cache, fit a head on train, print test metrics.
+    """Run the whole path offline: extract each dataset's cache, fit one head on their train
+    splits, print each dataset's test metrics and errors per group x gender, save the model.
 
     The backbone defaults to the most accurate one installed: dlib_resnet (extra 'faces'),
     else efficientnet_lite0 (extra 'offline')."""
     from featgender.demo import run_demo
 
-    result = run_demo(data, **_given(backbone=backbone, head=head, limit=limit, format=format, device=device))
-    cache, model = result["cache"], result["model"]
-    typer.echo(f"cache: {cache.path} ({cache.status}, {cache.num_images} images, backbone {model.backbones[0]['backbone']})")
-    typer.echo(f"head: {model.head}, trained on {model.training['images']} images in {model.training['fit_seconds']:.2f} s")
+    result = run_demo(data, **_given(backbone=backbone, head=head, balance=balance, limit=limit, format=format,
+                                     device=device, out=out))
+    model = result["model"]
+    for cache in result["caches"]:
+        typer.echo(f"cache: {cache.path} ({cache.status}, {cache.num_images} images, backbone {model.backbones[0]['backbone']})")
+    typer.echo(f"head: {model.head}, trained on {model.training['images']} images in {model.training['fit_seconds']:.2f} s"
+               f"{'; balanced by ' + ', '.join(model.training['balance']) if model.training['balance'] else ''}")
     _print_metrics(result["test"])
+    typer.echo(f"model: {result['model_path']}")
 
 
 @_command

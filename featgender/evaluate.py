@@ -23,6 +23,7 @@ from featgender.cache import CacheData, iter_cache_chunks, library_versions, ope
 from featgender.data import LABEL_NAMES, image_folder, read_identities
 from featgender.errors import FeatgenderError
 from featgender.heads import HeadModel, fit_head, fit_head_streaming, load_model
+from featgender.mixing import balance_weights, parse_balance, read_datasets, stack_rows
 
 logger = logging.getLogger(__name__)
 
@@ -135,11 +136,7 @@ def subgroup_metrics(data, predicted: np.ndarray, groups: list[str] | None = Non
     groups = default_groups(data) if groups is None else groups
     result = {}
     for name in groups:
-        found = _group_values(data, name)
-        if found is None:
-            raise FeatgenderError(f"--groups {name!r}: not a usable attribute of this cache "
-                                  f"(attributes: {', '.join(data.attribute_names) or 'none'})")
-        codes, group_names = found
+        codes, group_names = _usable_groups(data, name)
         rows = {}
         for code, group in enumerate(group_names):
             members = codes == code
@@ -158,8 +155,71 @@ def subgroup_metrics(data, predicted: np.ndarray, groups: list[str] | None = Non
     return result
 
 
-def evaluate_scores(data, scores: np.ndarray, *, groups: list[str] | None = None, n_boot: int = 1000) -> dict:
-    """Metrics, bootstrap 95% CIs and subgroup slices of P(male) ``scores`` for ``data``'s rows.
+def wilson_interval(errors: int, n: int, z: float = 1.959964) -> list[float]:
+    """The 95% Wilson score interval of a rate of ``errors`` in ``n``: right at 0 errors and in
+    cells of a few dozen faces, where the normal approximation and the bootstrap say [0, 0]."""
+    if n == 0:
+        return [float("nan"), float("nan")]
+    rate, spread = errors / n, z * z / n
+    centre = (rate + spread / 2) / (1 + spread)
+    half = z * np.sqrt(rate * (1 - rate) / n + spread / (4 * n)) / (1 + spread)
+    return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
+
+
+def group_gender_errors(data, predicted: np.ndarray, groups: list[str] | None = None, *,
+                        failed: np.ndarray | None = None, min_size: int = 10) -> dict:
+    """Errors per group x true gender for each attribute, as Gender Shades measured them.
+
+    Each cell (a group of the attribute, women or men) gives n, the errors (women called men,
+    or men called women: the equalized-odds view), the error rate with its 95% Wilson
+    interval, and how many of its faces failed (no face found, unreadable: ``failed``, counted
+    as errors when they are in ``predicted``). Per attribute: the worst cell and the largest
+    gap between cells' error rates, and the equalized-odds gap (the largest spread across
+    groups of women's or of men's error rate); cells under ``min_size`` faces are listed but
+    left out of both.
+    """
+    groups = default_groups(data) if groups is None else groups
+    failed = np.zeros(len(data.labels), dtype=bool) if failed is None else np.asarray(failed, dtype=bool)
+    result = {}
+    for name in groups:
+        codes, group_names = _usable_groups(data, name)
+        cells = []
+        for code, group in enumerate(group_names):
+            for gender, gender_name in ((0, "women"), (1, "men")):
+                members = (codes == code) & (data.labels == gender)
+                n, errors = int(members.sum()), int((predicted[members] != gender).sum())
+                if n:
+                    cells.append({"group": group, "gender": gender_name, "n": n, "errors": errors,
+                                  "error_rate": errors / n, "ci95": wilson_interval(errors, n),
+                                  "failed": int(failed[members].sum())})
+        sized = [cell for cell in cells if cell["n"] >= min_size]
+        worst = max(sized, key=lambda cell: cell["error_rate"], default=None)
+        spreads = [max(rates) - min(rates) for rates in
+                   ([cell["error_rate"] for cell in sized if cell["gender"] == gender] for gender in ("women", "men"))
+                   if len(rates) > 1]
+        result[name] = {
+            "cells": cells,
+            "worst": None if worst is None else {key: worst[key] for key in ("group", "gender", "n", "error_rate")},
+            "error_gap": float(worst["error_rate"] - min(cell["error_rate"] for cell in sized)) if worst else 0.0,
+            "equalized_odds_gap": float(max(spreads, default=0.0)),
+        }
+    return result
+
+
+def _usable_groups(data, name: str) -> tuple[np.ndarray, list[str]]:
+    """:func:`_group_values`, or the one-line error naming the attributes there are."""
+    found = _group_values(data, name)
+    if found is None:
+        raise FeatgenderError(f"--groups {name!r}: not a usable attribute of this cache "
+                              f"(attributes: {', '.join(data.attribute_names) or 'none'})")
+    return found
+
+
+def evaluate_scores(data, scores: np.ndarray, *, groups: list[str] | None = None, n_boot: int = 1000,
+                    failed: np.ndarray | None = None) -> dict:
+    """Metrics, bootstrap 95% CIs, subgroup slices and errors per group x gender of P(male)
+    ``scores`` for ``data``'s rows; ``failed`` marks rows whose face was not found (already
+    made wrong answers by :func:`wrong_where_failed`), shown per cell.
 
     ``data`` is anything with ``labels`` and attributes (a :class:`CacheData` or a
     :class:`~featgender.data.FaceDataset`), so heads and fine-tuned networks share one evaluation.
@@ -170,6 +230,7 @@ def evaluate_scores(data, scores: np.ndarray, *, groups: list[str] | None = None
     result = classification_metrics(data.labels, predicted, scores)
     result["ci95"] = bootstrap_ci(data.labels, predicted, scores if "roc_auc" in result else None, n_boot=n_boot)
     result["subgroups"] = subgroup_metrics(data, predicted, groups)
+    result["group_gender"] = group_gender_errors(data, predicted, groups, failed=failed)
     audit = label_audit(data, predicted, n_boot=n_boot)
     if audit is not None:
         result["label_audit"] = audit
@@ -276,7 +337,7 @@ def evaluate_model(model: str | Path | HeadModel, caches: list[str | Path] | str
     scores = np.full(len(data.labels), np.nan)
     if (~failed).any():
         scores[~failed] = model.predict_proba(data.features[~failed] if failed.any() else data.features)
-    result = evaluate_scores(data, wrong_where_failed(data.labels, scores), groups=groups)
+    result = evaluate_scores(data, wrong_where_failed(data.labels, scores), groups=groups, failed=failed)
     result["failed_counted_as_errors"] = int(failed.sum())
     result["split"] = split
     result["caches"] = [str(path) for path in caches]
@@ -315,6 +376,8 @@ def train_head(
     caches: list[str | Path] | str | Path,
     head: str = "logreg",
     *,
+    stack: Sequence[Sequence[str | Path] | str | Path] = (),
+    balance: str | Sequence[str] | None = None,
     train_split: str = "train",
     eval_split: str | None = "valid",
     search: bool = False,
@@ -326,6 +389,11 @@ def train_head(
 ) -> tuple[HeadModel, dict]:
     """Fit ``head`` on ``train_split`` of the cache(s), evaluate on ``eval_split``, save to ``out``.
 
+    ``caches``: one dataset's caches, joined side by side by image id (e.g. two backbones).
+    ``stack``: more datasets, each a cache or a list of caches like ``caches``, whose rows
+    train the head too (:mod:`featgender.mixing`); each dataset is then evaluated on its own.
+    ``balance``: what the sample weights even out: none (default), or some of dataset,
+    gender, group (see :func:`featgender.mixing.balance_weights`).
     ``head_params`` (pca, normalize, C, ...) go to :func:`featgender.heads.make_head`.
     ``out_of_core`` streams the features from HDF5 (one cache, linear heads only).
     ``in_progress``: train and evaluate on the images finished so far of caches still being
@@ -333,29 +401,25 @@ def train_head(
 
     Returns the model and the evaluation (also stored in ``model.metrics``).
     """
-    caches = [caches] if isinstance(caches, (str, Path)) else list(caches)
+    datasets = [_cache_list(caches)] + [_cache_list(more) for more in stack]
     started = time.perf_counter()
     if out_of_core:
-        if len(caches) != 1:
-            raise FeatgenderError("--out-of-core: fits on one cache at a time")
-        unsupported = [f"--{key}" for key in ("pca", "C") if head_params.get(key) is not None] + ["--search"] * search
-        if unsupported:
-            raise FeatgenderError(f"--out-of-core: {', '.join(unsupported)} not supported by the streaming SGD fit "
-                                  "(its options: --normalize)")
-        options = {key: head_params[key] for key in ("normalize", "epochs", "alpha") if head_params.get(key) is not None}
-        rows = open_rows(caches[0], in_progress=in_progress)
-        order = np.random.default_rng(0)  # another block order each epoch, the same each run
-        pipeline = fit_head_streaming(lambda: iter_cache_chunks(rows, train_split, shuffle=order), head,
-                                      overwrite_chunks=True, **options)
-        n_train = int(pipeline.named_steps["scale"].n_samples_seen_)
-        sources, search_result = [rows.metadata], {}
+        pipeline, sources, n_train, search_result = _fit_out_of_core(datasets, head, balance, search,
+                                                                     train_split, in_progress, head_params)
+        trained_on = [{"name": Path(str(sources[0].get("dataset_root", ""))).name, "images": n_train}]
     else:
-        train = read_caches(caches, train_split, in_progress=in_progress)
-        if len(train.labels) == 0:
-            raise FeatgenderError(f"--train-split {train_split}: no images in {caches[0]}")
-        pipeline, search_result = fit_head(train.features, train.labels, head, search=search,
-                                            overwrite_features=True, **head_params)
-        sources, n_train = train.metadata["sources"], len(train.labels)
+        parts = read_datasets(datasets, train_split, in_progress=in_progress)
+        for part in parts:
+            if len(part.rows.labels) == 0:
+                raise FeatgenderError(f"--train-split {train_split}: no images in {part.caches[0]}")
+        features, labels = stack_rows(parts)
+        pipeline, search_result = fit_head(features, labels, head, search=search, overwrite_features=True,
+                                           sample_weight=balance_weights(parts, balance), **head_params)
+        sources, n_train = parts[0].rows.metadata["sources"], len(labels)
+        trained_on = [{"name": part.name, "caches": [str(path.resolve()) for path in part.caches],
+                       "images": len(part.rows.labels),
+                       "dataset_fingerprints": [source.get("dataset_fingerprint")
+                                                for source in part.rows.metadata["sources"]]} for part in parts]
     fit_seconds = time.perf_counter() - started
     model = HeadModel(
         pipeline,
@@ -363,8 +427,10 @@ def train_head(
         params={**{k: v for k, v in head_params.items() if v is not None}, **search_result.get("best_params", {})},
         backbones=[{key: source.get(key) for key in BACKBONE_KEYS} for source in sources],
         training={
-            "caches": [str(Path(path).resolve()) for path in caches],
+            "caches": [str(Path(path).resolve()) for path in datasets[0]],
             "dataset_fingerprints": [source.get("dataset_fingerprint") for source in sources],
+            "datasets": trained_on,
+            "balance": parse_balance(balance),
             "split": train_split,
             "images": n_train,
             "fit_seconds": round(fit_seconds, 3),
@@ -375,12 +441,59 @@ def train_head(
     )
     evaluation = {}
     if eval_split is not None:
-        evaluation = evaluate_features(model, read_caches(caches, eval_split, in_progress=in_progress), groups=groups)
-        evaluation["split"] = eval_split
+        evaluation = evaluate_datasets(model, datasets, eval_split, groups=groups, in_progress=in_progress)
         model.metrics = public_result(evaluation)
     if out is not None:
         model.save(out)
     return model, evaluation
+
+
+def _cache_list(caches: Sequence[str | Path] | str | Path) -> list[Path]:
+    return [Path(caches)] if isinstance(caches, (str, Path)) else [Path(path) for path in caches]
+
+
+def _fit_out_of_core(datasets: list[list[Path]], head: str, balance, search: bool, train_split: str,
+                     in_progress: bool, head_params: dict):
+    """The streaming SGD fit of one cache: (pipeline, sources, rows seen, search result)."""
+    if len(datasets) != 1 or len(datasets[0]) != 1:
+        raise FeatgenderError("--out-of-core: fits on one cache at a time (no --stack, no joined caches)")
+    unsupported = [f"--{key}" for key in ("pca", "C") if head_params.get(key) is not None] + ["--search"] * search
+    unsupported += ["--balance"] * bool(parse_balance(balance))
+    if unsupported:
+        raise FeatgenderError(f"--out-of-core: {', '.join(unsupported)} not supported by the streaming SGD fit "
+                              "(its options: --normalize)")
+    options = {key: head_params[key] for key in ("normalize", "epochs", "alpha") if head_params.get(key) is not None}
+    rows = open_rows(datasets[0][0], in_progress=in_progress)
+    order = np.random.default_rng(0)  # another block order each epoch, the same each run
+    pipeline = fit_head_streaming(lambda: iter_cache_chunks(rows, train_split, shuffle=order), head,
+                                  overwrite_chunks=True, **options)
+    return pipeline, [rows.metadata], int(pipeline.named_steps["scale"].n_samples_seen_), {}
+
+
+def evaluate_datasets(model: HeadModel, datasets: Sequence[Sequence[str | Path] | str | Path], split: str, *,
+                      groups: list[str] | None = None, in_progress: bool = False) -> dict:
+    """A head on ``split`` of one dataset (its caches), or of several, each evaluated on its own.
+
+    With several, the result holds the pooled metrics of all their rows (with CIs) and, under
+    ``datasets``, each dataset's own evaluation: its slices and errors per group x gender
+    (``groups`` where the dataset has them)."""
+    parts = read_datasets([_cache_list(caches) for caches in datasets], split, in_progress=in_progress)
+    evaluations = {}
+    for part in parts:
+        _check_caches_fit_model(model, part.rows)
+        wanted = None if groups is None else [name for name in groups if name in part.rows.attribute_names]
+        evaluations[part.name] = evaluate_features(model, part.rows, groups=groups if len(parts) == 1 else wanted)
+        evaluations[part.name]["split"] = split
+    if len(parts) == 1:
+        return evaluations[parts[0].name]
+    labels = np.concatenate([part.rows.labels for part in parts])
+    scores = np.concatenate([evaluation["_curves"]["scores"] for evaluation in evaluations.values()])
+    predicted = (scores >= 0.5).astype(int)
+    pooled = classification_metrics(labels, predicted, scores)
+    pooled.update(ci95=bootstrap_ci(labels, predicted, scores), subgroups={}, split=split,
+                  datasets={name: public_result(evaluation) for name, evaluation in evaluations.items()},
+                  _curves={"labels": labels, "scores": scores})
+    return pooled
 
 
 # --- reports ---------------------------------------------------------------------------------
@@ -425,6 +538,11 @@ def markdown_summary(result: dict, title: str) -> str:
         for group, row in slices["groups"].items():
             rates = [f"{row[k]:.4f}" if row[k] is not None else "–" for k in ("female_error", "male_error")]
             lines.append(f"| {group} | {row['n']} | {row['accuracy']:.4f} | {rates[0]} | {rates[1]} |")
+    for name, table in result.get("group_gender", {}).items():
+        lines += ["", f"## Errors per {name} x gender ({group_gender_headline(table)})", "",
+                  "| group | gender | n | errors | error rate | 95% CI | faces not found |", "|---|---|---|---|---|---|---|"]
+        lines += [f"| {cell['group']} | {cell['gender']} | {cell['n']} | {cell['errors']} | {cell['error_rate']:.2%} | "
+                  f"{cell['ci95'][0]:.2%} – {cell['ci95'][1]:.2%} | {cell['failed']} |" for cell in table["cells"]]
     audit = result.get("label_audit")
     if audit is not None:
         lines += ["", "## Labels checked by identity", "", audit_sentence(audit)]
@@ -434,6 +552,29 @@ def markdown_summary(result: dict, title: str) -> str:
         lines += [f"| {Path(m['image']).name} | {m['label']} | {m['p_male']:.4f} | "
                   f"{'yes' if m.get('label_contradicted') else ''} |" for m in result["worst_mistakes"]]
     return "\n".join(lines) + "\n"
+
+
+def group_gender_headline(table: dict) -> str:
+    """One attribute's table of :func:`group_gender_errors` in a phrase: its worst cell and gaps."""
+    worst = table["worst"]
+    if worst is None:
+        return "no cell of 10 faces or more"
+    return (f"worst: {worst['group']} {worst['gender']} {worst['error_rate']:.1%} wrong of {worst['n']}; "
+            f"largest gap {table['error_gap']:.1%}, equalized-odds gap {table['equalized_odds_gap']:.1%}")
+
+
+def group_gender_lines(table: dict) -> list[str]:
+    """One attribute's table of :func:`group_gender_errors` as aligned text, a line per group:
+    each gender's error rate, its 95% CI and n (for the command line)."""
+    width = max(len(cell["group"]) for cell in table["cells"]) if table["cells"] else 0
+    by_group: dict[str, dict[str, str]] = {}
+    for cell in table["cells"]:
+        low, high = cell["ci95"]
+        failed = f", {cell['failed']} not found" if cell["failed"] else ""
+        by_group.setdefault(cell["group"], {})[cell["gender"]] = \
+            f"{cell['error_rate']:6.1%} ({low:.1%}-{high:.1%}, n={cell['n']}{failed})"
+    return [f"{group:<{width}}  women {parts.get('women', '-'):<30} men {parts.get('men', '-')}"
+            for group, parts in by_group.items()]
 
 
 def contact_sheet(mistakes: list[dict], out: Path, *, columns: int = 6, side: int = 128) -> Path:
@@ -493,7 +634,30 @@ def _plots(result: dict, folder: Path) -> list[Path]:
         axes.set(xlabel="accuracy", xlim=(max(0.0, min(accuracies) - 0.05), 1.0), title="Accuracy per group")
         axes.invert_yaxis()
         written.append(_save(figure, folder / "subgroups.png"))
+    if result.get("group_gender"):
+        written.append(_group_gender_plot(result["group_gender"], folder / "group_gender.png"))
     return written
+
+
+def _group_gender_plot(tables: dict, path: Path) -> Path:
+    """Error rate per group x gender with 95% CIs, one panel per attribute (Gender Shades' view)."""
+    import matplotlib.pyplot as plt
+
+    heights = [len(table["cells"]) for table in tables.values()]
+    figure, panels = plt.subplots(len(tables), 1, figsize=(7, 0.28 * sum(heights) + 1.2 * len(tables)),
+                                  gridspec_kw={"height_ratios": [max(h, 1) for h in heights]}, squeeze=False)
+    for axes, (name, table) in zip(panels[:, 0], tables.items()):
+        cells = table["cells"]
+        rates = np.array([cell["error_rate"] for cell in cells]) * 100
+        spans = np.array([[cell["error_rate"] - cell["ci95"][0], cell["ci95"][1] - cell["error_rate"]]
+                          for cell in cells]).T * 100
+        axes.barh([f"{cell['group']} {cell['gender']} (n={cell['n']})" for cell in cells], rates,
+                  xerr=spans if len(cells) else None, capsize=2,
+                  color=["firebrick" if cell["gender"] == "women" else "steelblue" for cell in cells])
+        axes.set(xlabel="error rate (%)", title=f"{name} x gender: {group_gender_headline(table)}")
+        axes.title.set_fontsize(8)
+        axes.invert_yaxis()
+    return _save(figure, path)
 
 
 def _save(figure, path: Path) -> Path:

@@ -171,13 +171,13 @@ class NystroemSVM(ClassifierMixin, BaseEstimator):
         self.n_landmarks = n_landmarks
         self.random_state = random_state
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         self.pipeline_ = Pipeline([
             ("pca", StandardizedPCA(self.n_pca, random_state=self.random_state)),
             ("kernel", Nystroem(n_components=min(self.n_landmarks, len(X)), random_state=self.random_state)),
             ("svm", LinearSVC(C=self.C, dual=False, max_iter=200, random_state=self.random_state)),
-        ]).fit(X, y)
+        ]).fit(X, y, svm__sample_weight=sample_weight)
         self.classes_ = self.pipeline_.classes_
         return self
 
@@ -202,10 +202,11 @@ class SizeAdaptiveClassifier(ClassifierMixin, BaseEstimator):
         self.large = large
         self.max_small_samples = max_small_samples
 
-    def fit(self, X, y):
+    def fit(self, X, y, sample_weight=None):
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
         chosen = self.small if len(X) <= self.max_small_samples else self.large
-        self.estimator_ = clone(chosen).fit(X, y)
+        weights = {} if sample_weight is None else {"sample_weight": sample_weight}
+        self.estimator_ = clone(chosen).fit(X, y, **weights)
         self.classes_ = self.estimator_.classes_
         return self
 
@@ -342,10 +343,14 @@ def fit_head(
     cv: int = 3,
     n_jobs: int | None = None,
     overwrite_features: bool = False,
+    sample_weight: np.ndarray | None = None,
     random_state: int = 0,
     **head_params,
 ) -> tuple[Pipeline, dict]:
     """Fit head ``head`` on in-memory features; with ``search``, tune its key hyper-parameter.
+
+    ``sample_weight`` (one per row, e.g. :func:`featgender.mixing.balance_weights`) weighs the
+    classifier's loss; the normalisation and PCA steps are fitted unweighted.
 
     The search is a stratified ``cv``-fold grid search over :func:`search_grid` on these
     features only (the training split), parallel over ``n_jobs`` joblib workers.
@@ -359,10 +364,11 @@ def fit_head(
     search_result : {} or {'best_params', 'cv_accuracy', 'grid'}.
     """
     shape = np.shape(features)
+    weights = {} if sample_weight is None else {"classifier__sample_weight": np.asarray(sample_weight)}
     if not search:
         pipeline = make_head(head, random_state=random_state, copy=not overwrite_features, **head_params)
         with _fit_errors(head, shape):
-            pipeline.fit(features, labels)
+            pipeline.fit(features, labels, **weights)
         return _never_modifies_input(pipeline), {}
     pipeline = make_head(head, random_state=random_state, **head_params)
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
@@ -371,7 +377,7 @@ def fit_head(
     searcher = GridSearchCV(pipeline, grid, scoring="accuracy", n_jobs=n_jobs, refit=True,
                             cv=StratifiedKFold(cv, shuffle=True, random_state=random_state))
     with _fit_errors(head, shape):
-        searcher.fit(features, labels)
+        searcher.fit(features, labels, **weights)
     return searcher.best_estimator_, {
         "best_params": {key.split("__", 1)[1]: value for key, value in searcher.best_params_.items()},
         "cv_accuracy": float(searcher.best_score_),

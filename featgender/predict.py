@@ -245,9 +245,9 @@ def evaluate_images(model: str | Path, data: str | Path, *, split: str = "test",
     failed = np.isnan(scores)
     if count_failed:
         scores = wrong_where_failed(rows.labels, scores)
+        result = evaluate_scores(rows, scores, groups=groups, failed=failed)
     else:
-        rows, scores = rows.subset(np.flatnonzero(~failed)), scores[~failed]
-    result = evaluate_scores(rows, scores, groups=groups)
+        result = evaluate_scores(rows.subset(np.flatnonzero(~failed)), scores[~failed], groups=groups)
     result.update(failed=int(failed.sum()), split=split, data=str(data))
     if report is not None:
         write_report(result, report, title=f"{Path(model).name} on {dataset.name}")

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -91,12 +92,22 @@ def test_download_without_network_says_which_files_to_place(tmp_path, monkeypatc
 
 
 def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
+    """Two datasets, one head: each dataset's test results with its race x gender table, and the
+    saved model's path, ready for predict."""
     monkeypatch.chdir(tmp_path)
-    result = invoke("demo", "--data", shared_faces / "utkface", "--limit", "300")
+    result = invoke("demo", "--data", shared_faces / "utkface", "--data", shared_faces / "utkface_more",
+                    "--limit", "300")
     assert result.exit_code == 0, result.output
-    assert "trained on 240 images" in result.output and "backbone dlib_resnet" in result.output
-    accuracy = float(result.output.split("accuracy")[1].split()[0])
-    assert accuracy > 0.85
+    assert "trained on 480 images" in result.output and "balanced by dataset, gender" in result.output
+    assert "backbone dlib_resnet" in result.output
+    for name in ("utkface", "utkface_more"):
+        own = result.output.split(f"\n{name}, test (")[1]
+        assert float(own.split("accuracy")[1].split()[0]) > 0.85
+        assert "errors per race x gender (" in own and re.search(r"\n    black +women ", own)
+    assert result.output.rstrip().endswith("model: models/demo-dlib_resnet-logreg.joblib")
+    predicted = invoke("predict", "--model", "models/demo-dlib_resnet-logreg.joblib",
+                       sorted((shared_faces / "utkface" / "images").iterdir())[0])
+    assert predicted.exit_code == 0 and predicted.output.split("\t")[1] in ("male", "female"), predicted.output
 
 
 def test_help_and_import_do_not_load_torch_until_a_name_is_used():

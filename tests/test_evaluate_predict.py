@@ -232,7 +232,8 @@ def test_predict_images_with_broken_files_and_odd_modes(trained, tmp_path):
     assert by_name["broken.jpg"].label is None and "broken.jpg" in by_name["broken.jpg"].image
     assert "UnidentifiedImageError" in by_name["broken.jpg"].error
     assert by_name["man.jpg"].probability == pytest.approx(originals[0].probability, abs=0.05)
-    assert by_name["link.jpg"].probability == originals[1].probability  # the symlink's target, unchanged
+    # the symlink's target, unchanged up to float rounding: another batch sums in another order
+    assert by_name["link.jpg"].probability == pytest.approx(originals[1].probability, abs=1e-6)
     assert by_name["woman_cmyk.jpg"].probability == pytest.approx(originals[2].probability, abs=0.1)
     assert by_name["woman_gray_alpha.png"].label in ("male", "female")
     assert write_predictions_csv(predictions, tmp_path / "out.csv") == 4

@@ -1,0 +1,73 @@
+"""Which training mix errs as rarely for darker-skinned women as for anyone: one run, every mix.
+
+Each ``--mix LABEL=NAME[+NAME...][:BALANCE][@HEAD]`` trains one head (default logreg) on the
+train splits of the named datasets' caches (``fit --cache A --stack B``), weighted by BALANCE
+(``fit --balance``; default none), and scores it on the test split of every ``--data``
+dataset. Printed per mix: each dataset's test accuracy (95% CI), and on the UTKFace test
+splits pooled, the error per race x gender with its worst cell and the black women's error
+(95% Wilson interval): our proxy for the held-out portrait benchmark (skin type x gender).
+
+    python benchmarks/fairness_mix.py --data utkface=cache/utkface-dlib_resnet.h5 \\
+        --data celeba_10k=cache/celeba_10k-dlib_resnet.h5 \\
+        --mix celeba=celeba_10k --mix both=celeba_10k+utkface:dataset,gender
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from featgender.evaluate import evaluate_datasets, train_head, wilson_interval
+
+
+def pooled_cells(evaluations: list[dict], attribute: str = "race") -> dict[tuple[str, str], list[int]]:
+    """(group, gender) -> [errors, n] summed over the evaluations that have ``attribute``."""
+    cells: dict[tuple[str, str], list[int]] = {}
+    for evaluation in evaluations:
+        for cell in evaluation.get("group_gender", {}).get(attribute, {}).get("cells", []):
+            total = cells.setdefault((cell["group"], cell["gender"]), [0, 0])
+            total[0] += cell["errors"]
+            total[1] += cell["n"]
+    return cells
+
+
+def rate(errors: int, n: int) -> str:
+    low, high = wilson_interval(errors, n)
+    return f"{errors / n:.1%} ({low:.1%}–{high:.1%})"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", action="append", required=True, help="NAME=CACHE")
+    parser.add_argument("--mix", action="append", required=True, help="LABEL=NAME[+NAME...][:BALANCE][@HEAD]")
+    parser.add_argument("--utk", default="utkface,utkface_more", help="datasets whose race x gender cells are pooled")
+    args = parser.parse_args()
+    caches = dict(entry.split("=", 1) for entry in args.data)
+    utk = [name for name in args.utk.split(",") if name in caches]
+    header = ["mix", "balance", "head", "fit s"] + [f"{name} acc" for name in caches] + \
+        ["UTK worst cell", "UTK black women", "UTK black men", "UTK white women"]
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for entry in args.mix:
+        label, spec = entry.split("=", 1)
+        spec, _, head = spec.partition("@")
+        names, _, balance = spec.partition(":")
+        names = names.split("+")
+        started = time.perf_counter()
+        model, _ = train_head(caches[names[0]], head or "logreg", stack=[caches[name] for name in names[1:]],
+                              balance=balance or None, eval_split=None)
+        seconds = time.perf_counter() - started
+        results = {name: evaluate_datasets(model, [path], "test") for name, path in caches.items()}
+        accuracies = [f"{results[name]['accuracy']:.4f} ({results[name]['ci95']['accuracy'][0]:.4f}–"
+                      f"{results[name]['ci95']['accuracy'][1]:.4f})" for name in caches]
+        cells = pooled_cells([results[name] for name in utk])
+        sized = {key: value for key, value in cells.items() if value[1] >= 20}
+        worst = max(sized, key=lambda key: sized[key][0] / sized[key][1]) if sized else None
+        fairness = [f"{worst[0]} {worst[1]} {rate(*sized[worst])}" if worst else "–"] + \
+            [rate(*cells[key]) if key in cells else "–" for key in (("black", "women"), ("black", "men"),
+                                                                   ("white", "women"))]
+        print("| " + " | ".join([label, balance or "none", head or "logreg", f"{seconds:.1f}", *accuracies,
+                                 *fairness]) + " |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
