@@ -24,7 +24,7 @@ from featgender.backbones import build_backbone
 from featgender.cache import library_versions, read_caches
 from featgender.extraction import build_cache, resolve_face_box
 from featgender.data import load_dataset
-from featgender.evaluate import classification_metrics
+from featgender.evaluate import classification_metrics, group_gender_errors
 from featgender.extract import default_batch_size, resolve_device, resolve_precision
 from featgender.images import load_image
 from featgender.heads import fit_head
@@ -119,7 +119,9 @@ def bench_head(cache: Path, head: str, repeats: int) -> dict:
     fit_timing = timed(fit, repeats)
     predict_timing = timed(lambda: fitted["pipeline"].predict_proba(test.features), repeats)
     scores = fitted["pipeline"].predict_proba(test.features)[:, 1]
-    metrics = classification_metrics(test.labels, (scores >= 0.5).astype(int), scores)
+    predicted = (scores >= 0.5).astype(int)
+    metrics = classification_metrics(test.labels, predicted, scores)
+    worst = {attribute: table["worst"] for attribute, table in group_gender_errors(test, predicted).items()}
     return {
         "head": head,
         "fit_s": round(fit_timing["median_s"], 3),
@@ -127,6 +129,7 @@ def bench_head(cache: Path, head: str, repeats: int) -> dict:
         "predict_ms_per_image": round(predict_timing["median_s"] / max(len(test.labels), 1) * 1000, 4),
         "test_accuracy": metrics["accuracy"],
         "test_images": metrics["n"],
+        "worst_group_gender": worst,
         **peak_memory_mb(),
     }
 
@@ -183,15 +186,17 @@ def write_bench_report(results: dict, folder: str | Path) -> list[Path]:
     lines = [f"# featgender bench: {results['data']} ({results['images']} images)", "",
              f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} threads, "
              f"GPU {results['machine']['gpu'] or 'none'}, torch {results['machine']['torch']}.", "",
-             "| backbone | head | test accuracy | fit (s) | predict (ms/image) | extraction (images/s) |",
-             "|---|---|---|---|---|---|"]
+             "| backbone | head | test accuracy | worst group x gender (error) | fit (s) | predict (ms/image) | "
+             "extraction (images/s) |", "|---|---|---|---|---|---|---|"]
     for row in results["heads"]:
-        lines.append(f"| {row['backbone']} | {row['head']} | {row['test_accuracy']:.4f} | {row['fit_s']:.3f} | "
+        worst = "; ".join(f"{attribute}: {cell['group']} {cell['gender']} {cell['error_rate']:.1%} (n={cell['n']})"
+                          for attribute, cell in row.get("worst_group_gender", {}).items() if cell) or "–"
+        lines.append(f"| {row['backbone']} | {row['head']} | {row['test_accuracy']:.4f} | {worst} | {row['fit_s']:.3f} | "
                      f"{row['predict_ms_per_image']:.4f} | {speed[row['backbone']]} |")
     if "finetune" in results:
         ft = results["finetune"]
         accuracy = f"{ft['test_accuracy']:.4f}" if ft["test_accuracy"] is not None else "–"
-        lines.append(f"| {ft['backbone']} | fine-tuned end to end | {accuracy} | {ft['s_per_epoch']} per epoch | – | – |")
+        lines.append(f"| {ft['backbone']} | fine-tuned end to end | {accuracy} | – | {ft['s_per_epoch']} per epoch | – | – |")
     lines += ["", "Stages (images/s, median of repeats after a warm-up):", "", "| backbone | stage | images/s |",
               "|---|---|---|"]
     for row in results["backbones"]:

@@ -22,6 +22,7 @@ def test_bench_json_has_every_stage(csv_dataset, tmp_path):
     head = written["heads"][0]
     assert head["head"] == "logreg" and head["fit_s"] > 0 and head["predict_ms_per_image"] > 0
     assert 0 <= head["test_accuracy"] <= 1 and head["cpu_peak_mb"] > 0
+    assert set(head["worst_group_gender"]) == {"age", "race"}  # the worst cell of each (none of 10 faces here)
     assert written["finetune"]["s_per_epoch"] > 0 and written["finetune"]["epochs"] == 1
     assert written["machine"]["cores"] >= 1 and "torch" in written["machine"]
     assert "| mobilenet_v3_small | logreg |" in (tmp_path / "bench" / "results.md").read_text()
