@@ -29,10 +29,6 @@ from featgender.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
 @dataclass(frozen=True)
 class BackboneConfig:
     """What a backbone expects and gives: preprocessing, embedding layer, weights source.

@@ -44,10 +44,9 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featgender import trust
-from featgender.files import file_sha256
 from featgender.data import LABEL_NAMES
 from featgender.errors import FeatgenderError
-from featgender.files import atomic_write
+from featgender.files import atomic_write, file_sha256
 
 NORMALIZATIONS = ("none", "l2", "power")
 

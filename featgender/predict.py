@@ -25,6 +25,7 @@ from featgender.evaluate import evaluate_scores, write_report, wrong_where_faile
 from featgender.extract import extract_features
 from featgender.extraction import parse_face_box, resolve_face_box
 from featgender.faces import BOX_IN_FACE_CROP
+from featgender.files import atomic_write
 from featgender.images import load_image
 from featgender.heads import FINETUNED_SUFFIXES, HeadModel, load_model
 
@@ -275,13 +276,11 @@ def write_predictions_csv(predictions: list[Prediction], path: str | Path) -> in
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
     with_boxes = any(p.box is not None for p in predictions)
-    with open(tmp, "w", newline="") as handle:
+    rows = [(Path(p.image).name, p.label) + ((" ".join(map(str, p.box or ())),) if with_boxes else ())
+            for p in predictions if p.label is not None]
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "label", "box"] if with_boxes else ["id", "label"])
-        rows = [(Path(p.image).name, p.label) + ((" ".join(map(str, p.box or ())),) if with_boxes else ())
-                for p in predictions if p.label is not None]
         writer.writerows(rows)
-    os.replace(tmp, path)
     return len(rows)
