@@ -161,7 +161,8 @@ class NystroemSVM(ClassifierMixin, BaseEstimator):
 
     Exact SVC on 160k samples takes hours; this takes seconds. Both widths are bounded by the
     data's own shape (features, rows), and the kernel's gamma is 1 / the PCA width, so the same
-    defaults fit 64-d and 2048-d embeddings alike.
+    defaults fit 64-d and 2048-d embeddings alike. ``sample_weight`` weighs the SVM's loss; the
+    PCA and the landmarks are fitted unweighted.
     """
 
     def __init__(self, *, C: float = 0.03, n_pca: int = 256, n_landmarks: int = 1000, random_state: int = 0):

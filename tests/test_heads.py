@@ -108,7 +108,10 @@ def test_size_adaptive_classifier_picks_by_training_size():
                                        NystroemSVM(n_pca=4, n_landmarks=20),
                                        SizeAdaptiveClassifier(small=LogisticRegression(), large=LogisticRegression())])
 def test_our_estimators_pass_sklearn_checks(estimator):
-    check_estimator(estimator)
+    # Its PCA and landmarks are fitted unweighted (weights are for the SVM's loss), so weighted
+    # rows are not the same as repeated ones there.
+    unweighted_steps = {"check_sample_weight_equivalence_on_dense_data": "PCA and Nystroem fitted unweighted"}
+    check_estimator(estimator, expected_failed_checks=unweighted_steps if isinstance(estimator, NystroemSVM) else None)
 
 
 SIZE_SWITCHES = {"svm": 50_000, "svm-rbf": 20_000}  # the heads that change solver above a row count
