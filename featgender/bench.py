@@ -16,16 +16,17 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from featgender.backbones import build_backbone
+from featgender.defaults import DEFAULT_BACKBONE
 from featgender.cache import library_versions, read_caches
 from featgender.extraction import build_cache, resolve_face_box
 from featgender.data import load_dataset
 from featgender.evaluate import classification_metrics, group_gender_errors
-from featgender.extract import default_batch_size, resolve_device, resolve_precision
+from featgender.extract import default_batch_size, resolve_device, uses_bfloat16
 from featgender.images import load_image
 from featgender.heads import fit_head
 
@@ -90,7 +91,7 @@ def bench_backbone(dataset, name: str, *, weights: str, device: str, repeats: in
         return [transform([image.to(device) for image in images[i:i + batch]]) for i in range(0, len(images), batch)]
 
     prepared = preprocess()
-    autocast = resolve_precision("auto", device) == "bfloat16"  # as extraction runs it
+    autocast = uses_bfloat16("auto", device)  # as extraction runs it
 
     def forward():
         with torch.inference_mode(), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
@@ -150,7 +151,7 @@ def bench_finetune(data, backbone: str, *, weights: str, device: str, limit: int
 def run_bench(
     data: str | Path,
     *,
-    backbones: list[str] = ("efficientnet_lite0",),
+    backbones: Sequence[str] = (DEFAULT_BACKBONE,),
     heads: list[str] = ("logreg", "svm"),
     finetune: bool = False,
     weights: str = "default",

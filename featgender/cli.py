@@ -310,7 +310,7 @@ def predict(
 
 @_command
 def finetune(
-    data: Path = DataOption,
+    data: list[Path] = typer.Option(..., "--data", help="Dataset (repeat: one network trained on all of them, each evaluated on its own test split)."),
     backbone: Optional[str] = BackboneOption,
     weights: Optional[str] = WeightsOption,
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Most epochs to train (default 10)."),
@@ -318,17 +318,21 @@ def finetune(
     batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (default 32)."),
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-3)."),
     patience: Optional[int] = typer.Option(None, "--patience", help="Stop after this many epochs without a better valid loss (default 2)."),
+    balance: Optional[str] = typer.Option(None, "--balance", help="Draw training images so that these weigh the same: none (default), or a comma-separated choice of dataset, gender, group (UTKFace's race)."),
+    samples_per_epoch: Optional[int] = typer.Option(None, "--samples-per-epoch", help="Training images drawn per epoch, with replacement (default: each training image once, shuffled)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Best checkpoint (default models/<backbone>-ft.pt)."),
     limit: Optional[int] = LimitOption,
     device: Optional[str] = DeviceOption,
     workers: Optional[int] = WorkersOption,
     face_box: Optional[str] = FaceBoxOption,
 ) -> None:
-    """Fine-tune a backbone end to end (the baseline for frozen features + head); resumable."""
+    """Fine-tune a backbone end to end on one dataset or several (the baseline for frozen
+    features + head); resumable."""
     from featgender.finetune import finetune as run_finetune
 
     result = run_finetune(data, **_given(backbone=backbone, weights=weights, epochs=epochs, unfreeze_last=unfreeze_last,
-                                         batch_size=batch_size, lr=lr, patience=patience, out=out, limit=limit,
+                                         batch_size=batch_size, lr=lr, patience=patience, balance=balance,
+                                         samples_per_epoch=samples_per_epoch, out=out, limit=limit,
                                          device=device, workers=workers, face_box=face_box))
     for row in result.history:
         typer.echo(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, valid loss {row['valid_loss']:.4f}, "

@@ -486,7 +486,13 @@ def evaluate_datasets(model: HeadModel, datasets: Sequence[Sequence[str | Path] 
         evaluations[part.name]["split"] = split
     if len(parts) == 1:
         return evaluations[parts[0].name]
-    labels = np.concatenate([part.rows.labels for part in parts])
+    return pool_evaluations(evaluations, split)
+
+
+def pool_evaluations(evaluations: dict[str, dict], split: str) -> dict:
+    """Several datasets' evaluations as one: the metrics of all their rows pooled (with CIs),
+    and each dataset's own evaluation under ``datasets``."""
+    labels = np.concatenate([evaluation["_curves"]["labels"] for evaluation in evaluations.values()])
     scores = np.concatenate([evaluation["_curves"]["scores"] for evaluation in evaluations.values()])
     predicted = (scores >= 0.5).astype(int)
     pooled = classification_metrics(labels, predicted, scores)

@@ -25,6 +25,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch.utils.data import DataLoader, Dataset
 
 from featgender.backbones import Backbone
+from featgender.defaults import DEFAULT_BACKBONE
 from featgender.errors import FeatgenderError
 from featgender.images import load_image
 
@@ -80,6 +81,12 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
         torch.cpu, "_is_amx_tile_supported", lambda: False)()
     return "bfloat16" if native_bf16 else "float32"
+
+
+def uses_bfloat16(precision: str, device: torch.device) -> bool:
+    """Whether ``precision`` ('auto' resolved for ``device``) computes under bfloat16 autocast:
+    the one decision extraction, fine-tuning and the benchmarks share."""
+    return resolve_precision(precision, device) == "bfloat16"
 
 
 def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
@@ -193,7 +200,7 @@ def iter_features(
         raise FeatgenderError(f"--batch-size {batch_size}: must be at least 1")
     if workers is None:
         workers = default_workers(device, loader_bound=detects_on_loader(backbone))
-    autocast = resolve_precision(precision, device) == "bfloat16"
+    autocast = uses_bfloat16(precision, device)
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
     transform = backbone.transform.to(device)
     on_cuda = device.type == "cuda"
@@ -256,7 +263,7 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
     be decoded is an error naming it.
     """
 
-    def __init__(self, backbone: str = "efficientnet_lite0", *, weights: str = "default", layer: str | None = None,
+    def __init__(self, backbone: str = DEFAULT_BACKBONE, *, weights: str = "default", layer: str | None = None,
                  batch_size: int | None = None, device: str = "auto", progress: bool = False):
         self.backbone = backbone
         self.weights = weights

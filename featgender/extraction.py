@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from featgender.backbones import Backbone, build_backbone, get_config
+from featgender.defaults import DEFAULT_BACKBONE
 from featgender.cache import DEFAULT_CACHE_DIR, cache_metadata, default_cache_path, identity_mismatch, read_metadata, \
     shard_path
 from featgender.cache_writer import CacheWriter
@@ -98,7 +99,7 @@ def _stop_at_first_error(batches: Iterable, paths: Sequence[Path]) -> Iterable:
 def extract_to_cache(
     data: str | Path,
     *,
-    backbone: str = "efficientnet_lite0",
+    backbone: str = DEFAULT_BACKBONE,
     weights: str = "default",
     layer: str | None = None,
     out: str | Path | None = None,

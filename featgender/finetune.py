@@ -12,21 +12,26 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 
-from featgender.backbones import Backbone, build_backbone
-from featgender.data import FaceDataset, load_dataset
+from featgender.backbones import Backbone, build_backbone, with_face_box
+from featgender.cache import library_versions
+from featgender.data import SPLITS, FaceDataset, load_dataset
+from featgender.defaults import DEFAULT_BACKBONE, MODELS_FOLDER
 from featgender.errors import FeatgenderError
-from featgender.files import atomic_write
-from featgender.extract import default_workers, detects_on_loader, resolve_device, resolve_precision, worker_init
+from featgender.evaluate import evaluate_scores, pool_evaluations, public_result
+from featgender.extract import default_workers, detects_on_loader, resolve_device, uses_bfloat16, worker_init
 from featgender.extraction import resolve_face_box
+from featgender.files import atomic_write
 from featgender.images import load_image
+from featgender.mixing import balance_weights, parse_balance
 
 logger = logging.getLogger(__name__)
 
@@ -91,11 +96,11 @@ class TrainingImages(Dataset):
     ``backbone``'s loader step, if any (face alignment), runs first: its chips are the
     network's input size already, and are augmented as they are."""
 
-    def __init__(self, dataset: FaceDataset, indices: np.ndarray, backbone: Backbone, augment: bool):
+    def __init__(self, rows: FaceDataset, backbone: Backbone, augment: bool):
         from torchvision.transforms import v2
 
-        self.paths = [dataset.paths[i] for i in indices]
-        self.labels = dataset.labels[indices].astype(np.float32)
+        self.paths = rows.paths
+        self.labels = rows.labels.astype(np.float32)
         self.min_side = backbone.config.resize_size
         self.loader_step = backbone.transform.loader_step
         size = backbone.config.input_size
@@ -120,6 +125,21 @@ class TrainingImages(Dataset):
 
 
 @dataclass
+class TrainingData:
+    """One dataset's splits, with the backbone finding faces where they sit in its images."""
+
+    dataset: FaceDataset
+    backbone: Backbone
+    face_box: tuple | None
+
+    def split(self, name: str) -> FaceDataset:
+        return self.dataset.subset(np.flatnonzero(self.dataset.splits == SPLITS.index(name)))
+
+    def images(self, name: str, augment: bool = False) -> TrainingImages:
+        return TrainingImages(self.split(name), self.backbone, augment)
+
+
+@dataclass
 class FinetuneResult:
     """What :func:`finetune` did: best epoch, per-epoch history, test evaluation, files."""
 
@@ -130,10 +150,35 @@ class FinetuneResult:
     resumed_from: int = 0
 
 
-def _loader(images: TrainingImages, batch_size: int, shuffle: bool, workers: int, seed: int, pin: bool):
+def load_training_data(data: Sequence[str | Path], built: Backbone, *, face_box: str | tuple, format: str,
+                       limit: int | None, seed: int) -> list[TrainingData]:
+    """Each of ``data``'s datasets, checked to have train and valid images and to differ, each with
+    ``built`` finding the face per ``face_box`` in its own images (a face-aligning backbone)."""
+    read: list[TrainingData] = []
+    for path in data:
+        dataset = load_dataset(path, format=format, limit=limit, seed=seed)
+        if not all(np.any(dataset.splits == SPLITS.index(name)) for name in ("train", "valid")):
+            raise FeatgenderError(f"--data {path}: fine-tuning needs train and valid images")
+        if any(done.dataset.fingerprint() == dataset.fingerprint() for done in read):
+            raise FeatgenderError(f"--data {path}: the same dataset is given twice")
+        box = resolve_face_box(face_box, built.config.name, dataset.paths, dataset.name)
+        read.append(TrainingData(dataset, with_face_box(built, box) if built.config.alignment else built, box))
+    return read
+
+
+def _loader(images: Dataset, batch_size: int, workers: int, seed: int, pin: bool, *, shuffle: bool = False,
+            weights: np.ndarray | None = None, samples: int | None = None) -> DataLoader:
+    """Batches of ``images``: in order, shuffled, or ``samples`` drawn per epoch with ``weights``
+    (with replacement); every draw comes from the loader's seeded generator."""
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(images, batch_size=batch_size, shuffle=shuffle, num_workers=workers, pin_memory=pin,
-                      generator=generator, drop_last=False, worker_init_fn=worker_init() if workers else None)
+    sampler = None
+    if weights is not None or samples is not None:
+        weights = np.ones(len(images)) if weights is None else weights
+        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), samples or len(images),
+                                        replacement=True, generator=generator)
+    return DataLoader(images, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+                      num_workers=workers, pin_memory=pin, generator=generator, drop_last=False,
+                      worker_init_fn=worker_init() if workers else None)
 
 
 def _run_epoch(net, loader, device, normalise, autocast, optimizer=None) -> tuple[float, np.ndarray, np.ndarray]:
@@ -159,9 +204,9 @@ def _run_epoch(net, loader, device, normalise, autocast, optimizer=None) -> tupl
 
 
 def finetune(
-    data: str | Path,
+    data: str | Path | Sequence[str | Path],
     *,
-    backbone: str = "efficientnet_lite0",
+    backbone: str = DEFAULT_BACKBONE,
     weights: str = "default",
     epochs: int = 10,
     unfreeze_last: int | str = 0,
@@ -170,6 +215,8 @@ def finetune(
     weight_decay: float = 1e-4,
     patience: int = 2,
     dropout: float = 0.2,
+    balance: str | Sequence[str] | None = None,
+    samples_per_epoch: int | None = None,
     out: str | Path | None = None,
     device: str = "auto",
     workers: int | None = None,
@@ -181,59 +228,53 @@ def finetune(
 ) -> FinetuneResult:
     """Fine-tune ``backbone`` end to end on ``data`` and report test metrics: ``featgender finetune``.
 
-    ``face_box``: for a face-aligning backbone (dlib_resnet), where to find the face, as
-    ``featgender extract --face-box`` (:func:`featgender.extraction.resolve_face_box`).
+    ``data``: one dataset, or several trained on together (each evaluated on its own test
+    split too). ``balance`` (none, or any of dataset, gender, group) draws training images with
+    the weights :func:`featgender.mixing.balance_weights` gives, ``samples_per_epoch`` of them per
+    epoch (default: as many as there are training images). ``face_box``: for a face-aligning
+    backbone (dlib_resnet), where to find the face in each dataset's images, as ``featgender
+    extract --face-box`` (:func:`featgender.extraction.resolve_face_box`).
     Writes ``out`` (default ``models/<backbone>-ft.pt``: the best epoch) and
     ``<out>.last.pt`` (the latest epoch): rerunning the same command resumes from it, and
     rerunning with more ``epochs`` trains on.
     """
     from tqdm.auto import tqdm
 
-    from featgender.evaluate import evaluate_scores, public_result
-
-    dataset = load_dataset(data, format=format, limit=limit, seed=seed)
-    splits = {name: np.flatnonzero(dataset.splits == code) for code, name in enumerate(("train", "valid", "test"))}
-    if not len(splits["train"]) or not len(splits["valid"]):
-        raise FeatgenderError(f"--data {data}: fine-tuning needs train and valid images")
-    face_box = resolve_face_box(face_box, backbone, dataset.paths, dataset.name)
-    built = build_backbone(backbone, weights=weights, face_box=face_box)
+    if samples_per_epoch is not None and samples_per_epoch < 1:
+        raise FeatgenderError(f"--samples-per-epoch {samples_per_epoch}: want a positive number of images")
+    built = build_backbone(backbone, weights=weights, face_box=None)
+    parts = load_training_data([data] if isinstance(data, (str, Path)) else data, built, face_box=face_box,
+                               format=format, limit=limit, seed=seed)
     torch.manual_seed(seed)
     net = GenderNet(built, dropout)
     trainable = freeze_all_but_last(net, unfreeze_last)
     device = resolve_device(device)
-    autocast = resolve_precision("auto", device) == "bfloat16"
+    autocast = uses_bfloat16("auto", device)
     net = net.to(device).to(memory_format=torch.channels_last)
     normalise = built.transform.to(device)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
-    out = Path(out) if out is not None else Path("models") / f"{backbone}-ft.pt"
+    out = Path(out) if out is not None else Path(MODELS_FOLDER) / f"{backbone}-ft.pt"
     last = out.with_name(out.name + ".last.pt")
-    config = {"backbone": backbone, "weights": built.weights.name, "weights_sha256": built.weights.sha256 or "",
-              "face_box": list(face_box) if face_box else None,
-              "unfreeze_last": str(unfreeze_last), "lr": lr, "batch_size": batch_size, "dropout": dropout,
-              "dataset_fingerprint": dataset.fingerprint(), "seed": seed}
+    config = _run_config(parts, built, unfreeze_last=unfreeze_last, lr=lr, batch_size=batch_size, dropout=dropout,
+                         seed=seed, balance=parse_balance(balance), samples_per_epoch=samples_per_epoch)
     history, best = [], {"loss": float("inf"), "epoch": 0, "state": None}
-    start_epoch = 0
     if last.is_file():
-        saved = torch.load(last, map_location="cpu", weights_only=True)
-        if saved.get("config") != config:
-            raise FeatgenderError(f"{last}: a checkpoint of a different fine-tune run; delete it or change --out")
-        net.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        history, best = saved["history"], {**saved["best"], "state": saved["best_state"]}
-        start_epoch = len(history)
-        logger.info("%s: resuming after epoch %d", last, start_epoch)
-    workers = default_workers(device, loader_bound=detects_on_loader(built)) if workers is None else workers
+        history, best = _resume(last, config, net, optimizer)
+    start_epoch = len(history)
+    if workers is None:
+        workers = default_workers(device, loader_bound=any(detects_on_loader(part.backbone) for part in parts))
     pin = device.type == "cuda"
-    train_loader = _loader(TrainingImages(dataset, splits["train"], built, True), batch_size, True,
-                           workers, seed, pin)
-    valid_loader = _loader(TrainingImages(dataset, splits["valid"], built, False), batch_size, False,
-                           workers, seed, pin)
+    train = [part.split("train") for part in parts]
+    train_loader = _loader(ConcatDataset([part.images("train", augment=True) for part in parts]), batch_size,
+                           workers, seed, pin, shuffle=True, weights=balance_weights(train, balance),
+                           samples=samples_per_epoch)
+    valid_loader = _loader(ConcatDataset([part.images("valid") for part in parts]), batch_size, workers, seed, pin)
     stale = len(history) - best["epoch"]
     for epoch in tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, unit="epoch",
                       disable=not progress, desc=f"fine-tune {backbone}"):
         if stale >= patience:
             break
-        torch.manual_seed(seed + epoch)  # same shuffle and augmentations whether or not the run was resumed
+        torch.manual_seed(seed + epoch)  # same draws and augmentations whether or not the run was resumed
         train_loader.generator.manual_seed(seed + epoch)
         train_loss, _, _ = _run_epoch(net, train_loader, device, normalise, autocast, optimizer)
         valid_loss, valid_labels, valid_scores = _run_epoch(net, valid_loader, device, normalise, autocast)
@@ -246,15 +287,8 @@ def finetune(
                      "history": history, "best": {"loss": best["loss"], "epoch": best["epoch"]},
                      "best_state": best["state"]})
     net.load_state_dict(best["state"])
-    test = {}
-    if len(splits["test"]):
-        test_loader = _loader(TrainingImages(dataset, splits["test"], built, False), batch_size, False,
-                              workers, seed, pin)
-        _, _, test_scores = _run_epoch(net, test_loader, device, normalise, autocast)
-        test = evaluate_scores(dataset.subset(splits["test"]), test_scores)
-        test["split"] = "test"
-    from featgender.cache import library_versions
-
+    test = _test(net, parts, lambda images: _loader(images, batch_size, workers, seed, pin), device, normalise,
+                 autocast)
     _save(out, {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "config": config,
                 "backbone": backbone, "layer": built.config.layer, "feature_dim": built.config.feature_dim,
                 "weights_path": built.weights.path or "", "trainable_blocks": trainable,
@@ -262,6 +296,47 @@ def finetune(
                 "best_epoch": best["epoch"],
                 "metrics": public_result(test), "versions": library_versions()})
     return FinetuneResult(out, best["epoch"], history, test, start_epoch)
+
+
+def _run_config(parts: list[TrainingData], built: Backbone, **settings) -> dict:
+    """What a checkpoint must match to be resumed: backbone, weights, data, face boxes, settings.
+
+    One dataset keeps its face box under ``face_box`` (the loaded network aligns faces there
+    unless told otherwise); several keep theirs under ``face_boxes``, and a loaded network
+    detects faces."""
+    boxes = [list(part.face_box) if part.face_box else None for part in parts]
+    fingerprints = [part.dataset.fingerprint() for part in parts]
+    config = {"backbone": built.config.name, "weights": built.weights.name, "weights_sha256": built.weights.sha256 or "",
+              "face_box": boxes[0] if len(parts) == 1 else None, **settings,
+              "dataset_fingerprint": fingerprints[0] if len(parts) == 1 else fingerprints}
+    if len(parts) > 1:
+        config.update(datasets=[part.dataset.name for part in parts], face_boxes=boxes)
+    return config
+
+
+def _resume(last: Path, config: dict, net: GenderNet, optimizer) -> tuple[list[dict], dict]:
+    """The history and best epoch of the run checkpointed in ``last``, its state loaded."""
+    saved = torch.load(last, map_location="cpu", weights_only=True)
+    if saved.get("config") != config:
+        raise FeatgenderError(f"{last}: a checkpoint of a different fine-tune run; delete it or change --out")
+    net.load_state_dict(saved["model"])
+    optimizer.load_state_dict(saved["optimizer"])
+    logger.info("%s: resuming after epoch %d", last, len(saved["history"]))
+    return saved["history"], {**saved["best"], "state": saved["best_state"]}
+
+
+def _test(net: GenderNet, parts: list[TrainingData], loader, device, normalise, autocast) -> dict:
+    """Each dataset's test split evaluated (pooled too, with several); {} without test images."""
+    evaluations = {}
+    for part in parts:
+        rows = part.split("test")
+        if len(rows):
+            _, _, scores = _run_epoch(net, loader(TrainingImages(rows, part.backbone, False)), device, normalise,
+                                      autocast)
+            evaluations[part.dataset.name] = {**evaluate_scores(rows, scores), "split": "test"}
+    if len(evaluations) <= 1:
+        return next(iter(evaluations.values()), {})
+    return pool_evaluations(evaluations, "test")
 
 
 def _save(path: Path, content: dict) -> None:

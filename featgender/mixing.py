@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -23,6 +24,14 @@ BALANCE_KEYS = ("dataset", "gender", "group")
 # The attribute that "group" balances, where a dataset has it; datasets without it are one group.
 BALANCE_GROUP = "race"
 FEATURE_KEYS = ("backbone", "layer", "weights_sha256", "flip")
+
+
+class LabelledRows(Protocol):
+    """Rows with labels (1 = male) and optional attributes: cached rows or a dataset's split."""
+
+    labels: np.ndarray
+    attributes: np.ndarray | None
+    attribute_names: list[str]
 
 
 @dataclass
@@ -82,20 +91,23 @@ def parse_balance(balance: str | Sequence[str] | None) -> list[str]:
     return [key for key in BALANCE_KEYS if key in keys]
 
 
-def balance_weights(datasets: Sequence[DatasetRows], balance: str | Sequence[str] | None) -> np.ndarray | None:
+def balance_weights(datasets: Sequence[DatasetRows | LabelledRows], balance: str | Sequence[str] | None
+                    ) -> np.ndarray | None:
     """Sample weights giving every cell the same total weight, cells being the rows that share
     what ``balance`` names: their dataset, gender, and group (the dataset's ``race`` where it has
     one). The weights average 1 over all rows; None when nothing is balanced.
 
     For example ``dataset,gender``: CelebA's women, CelebA's men, UTKFace's women and UTKFace's
-    men weigh a quarter each, however many rows each has.
+    men weigh a quarter each, however many rows each has. Each dataset is given as its cached
+    rows (:class:`DatasetRows`) or as any rows with labels and attributes (a
+    :class:`~featgender.data.FaceDataset`'s split, for fine-tuning).
     """
     keys = parse_balance(balance)
     if not keys:
         return None
     columns = []
     for index, dataset in enumerate(datasets):
-        rows = dataset.rows
+        rows = dataset.rows if isinstance(dataset, DatasetRows) else dataset
         group = np.zeros(len(rows.labels), dtype=np.int64)
         if rows.attributes is not None and BALANCE_GROUP in rows.attribute_names:
             group = rows.attributes[:, rows.attribute_names.index(BALANCE_GROUP)].astype(np.int64)
@@ -125,4 +137,4 @@ def _describe(dataset: DatasetRows) -> str:
                       for source in dataset.rows.metadata["sources"])
 
 
-__all__ = ["BALANCE_KEYS", "DatasetRows", "balance_weights", "parse_balance", "read_datasets", "stack_rows"]
+__all__ = ["BALANCE_KEYS", "DatasetRows", "LabelledRows", "balance_weights", "parse_balance", "read_datasets", "stack_rows"]

@@ -57,7 +57,7 @@ def test_cells_count_each_gender_called_the_other_per_group():
 def test_balance_weights_give_every_cell_the_same_total():
     first, _ = rows([0] * 6 + [1] * 2, [0] * 8, [0] * 8)
     second, _ = rows([0] * 1 + [1] * 3, [0, 1, 0, 1], [0] * 4)
-    datasets = [type("D", (), {"rows": data}) for data in (first, second)]
+    datasets = [first, second]  # rows with labels and attributes, as a dataset's split or a cache's
     assert balance_weights(datasets, "none") is None and parse_balance("gender,dataset") == ["dataset", "gender"]
     for balance, cells in (("dataset", 2), ("dataset,gender", 4), ("gender", 2), ("dataset,gender,group", 5)):
         weights = balance_weights(datasets, balance)

@@ -1,6 +1,9 @@
+import numpy as np
+import pytest
 import torch
 
 import featgender
+from featgender.errors import FeatgenderError
 from featgender.finetune import GenderNet, finetune, freeze_all_but_last, parameter_blocks
 from featgender.backbones import build_backbone
 
@@ -47,3 +50,45 @@ def test_resume_continues_where_it_stopped(csv_dataset, tmp_path):
     best_a = torch.load(tmp_path / "a.pt", weights_only=True)["state_dict"]
     best_b = torch.load(tmp_path / "b.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(best_a[key], best_b[key]) for key in best_a)
+
+
+def test_several_datasets_train_one_network_drawn_balanced_and_each_is_tested(csv_dataset, celeba_official, tmp_path):
+    out = tmp_path / "mix.pt"
+    result = finetune([csv_dataset, celeba_official], epochs=1, balance="dataset,gender", samples_per_epoch=24,
+                      out=out, **OPTIONS)
+    assert set(result.test["datasets"]) == {"csvset", "celeba"}
+    assert result.test["n"] == sum(own["n"] for own in result.test["datasets"].values())
+    assert "race" in result.test["datasets"]["csvset"]["group_gender"]
+    config = torch.load(out, weights_only=True)["config"]
+    assert config["datasets"] == ["csvset", "celeba"] and config["balance"] == ["dataset", "gender"]
+    assert config["samples_per_epoch"] == 24 and len(config["dataset_fingerprint"]) == 2
+    assert featgender.load(out).predict(sorted((csv_dataset / "images").glob("*.jpg"))[:2])[0].label
+
+
+def test_balanced_draws_give_each_dataset_and_gender_the_same_share(csv_dataset, celeba_official):
+    from featgender.backbones import build_backbone
+    from featgender.finetune import _loader, load_training_data
+    from featgender.mixing import balance_weights
+
+    built = build_backbone("mobilenet_v3_small", weights="none")
+    parts = load_training_data([csv_dataset, celeba_official], built, face_box="auto", format="auto", limit=None,
+                               seed=0)
+    train = [part.split("train") for part in parts]
+    sizes = [len(rows.labels) for rows in train]
+    assert sizes[0] != sizes[1]  # 24 and 18 training images
+    images = torch.utils.data.ConcatDataset([part.images("train") for part in parts])
+    loader = _loader(images, 8, 0, 0, False, weights=balance_weights(train, "dataset,gender"), samples=8000)
+    drawn = np.array(list(loader.sampler))
+    assert len(drawn) == 8000
+    dataset = (drawn >= sizes[0]).astype(int)
+    labels = np.concatenate([rows.labels for rows in train])[drawn]
+    for cell in [(d, g) for d in (0, 1) for g in (0, 1)]:
+        share = np.mean((dataset == cell[0]) & (labels == cell[1]))
+        assert abs(share - 0.25) < 0.03, (cell, share)
+
+
+def test_the_same_dataset_twice_is_refused(csv_dataset, tmp_path):
+    with pytest.raises(FeatgenderError, match="the same dataset is given twice"):
+        finetune([csv_dataset, csv_dataset], epochs=1, out=tmp_path / "ft.pt", **OPTIONS)
+    with pytest.raises(FeatgenderError, match="--samples-per-epoch 0"):
+        finetune(csv_dataset, epochs=1, samples_per_epoch=0, out=tmp_path / "ft.pt", **OPTIONS)
