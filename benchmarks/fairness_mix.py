@@ -7,6 +7,9 @@ dataset. Printed per mix: each dataset's test accuracy (95% CI), and on the UTKF
 splits pooled, the error per race x gender with its worst cell and the black women's error
 (95% Wilson interval): our proxy for the held-out portrait benchmark (skin type x gender).
 
+``--finetuned LABEL=MODEL.pt`` adds the row of a network fine-tuned on several datasets
+(``featgender finetune --data A --data B ...``), from the test metrics its checkpoint holds.
+
     python benchmarks/fairness_mix.py --data utkface=cache/utkface-dlib_resnet.h5 \\
         --data celeba_10k=cache/celeba_10k-dlib_resnet.h5 \\
         --mix celeba=celeba_10k --mix both=celeba_10k+utkface:dataset,gender
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import argparse
 import time
+
+import torch
 
 from featgender.evaluate import evaluate_datasets, train_head, wilson_interval
 
@@ -39,7 +44,8 @@ def rate(errors: int, n: int) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", action="append", required=True, help="NAME=CACHE")
-    parser.add_argument("--mix", action="append", required=True, help="LABEL=NAME[+NAME...][:BALANCE][@HEAD]")
+    parser.add_argument("--mix", action="append", default=[], help="LABEL=NAME[+NAME...][:BALANCE][@HEAD]")
+    parser.add_argument("--finetuned", action="append", help="LABEL=MODEL.pt, fine-tuned on several datasets")
     parser.add_argument("--utk", default="utkface,utkface_more", help="datasets whose race x gender cells are pooled")
     args = parser.parse_args()
     caches = dict(entry.split("=", 1) for entry in args.data)
@@ -57,16 +63,29 @@ def main() -> None:
                               balance=balance or None, eval_split=None)
         seconds = time.perf_counter() - started
         results = {name: evaluate_datasets(model, [path], "test") for name, path in caches.items()}
-        accuracies = [f"{results[name]['accuracy']:.4f} ({results[name]['ci95']['accuracy'][0]:.4f}–"
-                      f"{results[name]['ci95']['accuracy'][1]:.4f})" for name in caches]
-        cells = pooled_cells([results[name] for name in utk])
-        sized = {key: value for key, value in cells.items() if value[1] >= 20}
-        worst = max(sized, key=lambda key: sized[key][0] / sized[key][1]) if sized else None
-        fairness = [f"{worst[0]} {worst[1]} {rate(*sized[worst])}" if worst else "–"] + \
-            [rate(*cells[key]) if key in cells else "–" for key in (("black", "women"), ("black", "men"),
-                                                                   ("white", "women"))]
-        print("| " + " | ".join([label, balance or "none", head or "logreg", f"{seconds:.1f}", *accuracies,
-                                 *fairness]) + " |", flush=True)
+        print(row([label, balance or "none", head or "logreg", f"{seconds:.1f}"], results, list(caches), utk),
+              flush=True)
+    for entry in args.finetuned or []:
+        label, path = entry.split("=", 1)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        results = checkpoint["metrics"].get("datasets") or {checkpoint["metrics"].get("data", label): checkpoint["metrics"]}
+        settings = checkpoint["config"]
+        print(row([label, ",".join(settings.get("balance") or []) or "none",
+                   f"fine-tuned (last {settings['unfreeze_last']} blocks, best epoch {checkpoint['best_epoch']})", "–"],
+                  results, list(caches), utk), flush=True)
+
+
+def row(first: list[str], results: dict[str, dict], names: list[str], utk: list[str]) -> str:
+    """One table row: ``first`` cells, each dataset's test accuracy (95% CI), the UTK cells."""
+    accuracies = [f"{results[name]['accuracy']:.4f} ({results[name]['ci95']['accuracy'][0]:.4f}–"
+                  f"{results[name]['ci95']['accuracy'][1]:.4f})" if name in results else "–" for name in names]
+    cells = pooled_cells([results[name] for name in utk if name in results])
+    sized = {key: value for key, value in cells.items() if value[1] >= 20}
+    worst = max(sized, key=lambda key: sized[key][0] / sized[key][1]) if sized else None
+    fairness = [f"{worst[0]} {worst[1]} {rate(*sized[worst])}" if worst else "–"] + \
+        [rate(*cells[key]) if key in cells else "–" for key in (("black", "women"), ("black", "men"),
+                                                               ("white", "women"))]
+    return "| " + " | ".join([*first, *accuracies, *fairness]) + " |"
 
 
 if __name__ == "__main__":

@@ -18,17 +18,19 @@ import time
 from pathlib import Path
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 
 from featgender.backbones import build_backbone
 from featgender.defaults import DEFAULT_BACKBONE
-from featgender.cache import library_versions, read_caches
-from featgender.extraction import build_cache, resolve_face_box
-from featgender.data import load_dataset
+from featgender.cache import library_versions
+from featgender.extraction import build_cache, finding_faces_in
+from featgender.data import FaceDataset, load_dataset
 from featgender.evaluate import classification_metrics, group_gender_errors
 from featgender.extract import default_batch_size, resolve_device, uses_bfloat16
 from featgender.images import load_image
 from featgender.heads import fit_head
+from featgender.mixing import balance_weights, read_datasets, stack_rows
 
 
 def machine_info() -> dict:
@@ -71,11 +73,13 @@ def _per_second(timing: dict, count: int) -> dict:
             "spread_images_per_s": [round(count / timing["max_s"], 1), round(count / timing["min_s"], 1)]}
 
 
-def bench_backbone(dataset, name: str, *, weights: str, device: str, repeats: int, sample: int, cache: Path) -> dict:
-    """Stage timings of one backbone on ``sample`` images, then the whole dataset into ``cache``."""
-    backbone = build_backbone(name, weights=weights, face_box=resolve_face_box("auto", name, dataset.paths, dataset.name))
+def bench_backbone(datasets: Sequence[FaceDataset], name: str, *, weights: str, device: str, repeats: int,
+                   sample: int, caches: Sequence[Path]) -> dict:
+    """Stage timings of one backbone on ``sample`` images of the first dataset, then each whole
+    dataset into its cache (each with faces found where they sit in its images)."""
+    backbone, _ = finding_faces_in(datasets[0], build_backbone(name, weights=weights))
     device = resolve_device(device)
-    paths = dataset.paths[:sample]
+    paths = datasets[0].paths[:sample]
     images = [load_image(path, backbone.config.resize_size) for path in paths]
     batch = default_batch_size(device)
     transform = backbone.transform.to(device)
@@ -103,57 +107,74 @@ def bench_backbone(dataset, name: str, *, weights: str, device: str, repeats: in
     stages["preprocess"] = _per_second(timed(preprocess, repeats), len(paths))
     stages["forward"] = _per_second(timed(forward, repeats), len(paths))
     started = time.perf_counter()
-    build_cache(dataset, backbone, cache, device=str(device), overwrite=True, progress=False)
-    stages["extract_to_cache"] = {"images_per_s": round(len(dataset) / (time.perf_counter() - started), 1),
-                                  "images": len(dataset)}
+    for dataset, cache in zip(datasets, caches, strict=True):
+        own = backbone if dataset is datasets[0] else finding_faces_in(dataset, backbone)[0]
+        build_cache(dataset, own, cache, device=str(device), overwrite=True, progress=False)
+    images_total = sum(len(dataset) for dataset in datasets)
+    stages["extract_to_cache"] = {"images_per_s": round(images_total / (time.perf_counter() - started), 1),
+                                  "images": images_total}
     return {"backbone": name, "weights": backbone.weights.name, "stages": stages, **peak_memory_mb()}
 
 
-def bench_head(cache: Path, head: str, repeats: int) -> dict:
-    """Fit time, prediction time and test accuracy of one head on a cache."""
-    train, test = read_caches(cache, "train"), read_caches(cache, "test")
+def bench_head(caches: Sequence[Path], head: str, repeats: int, balance: str | None = None) -> dict:
+    """Fit time, prediction time and test accuracy of one head trained on the train splits of
+    ``caches`` (one per dataset, stacked, weighted per ``balance``); with several datasets, each
+    one's test accuracy too. The worst group x gender cell of each attribute, per dataset."""
+    train = read_datasets([[cache] for cache in caches], "train")
+    test = read_datasets([[cache] for cache in caches], "test")
+    features, labels = stack_rows(train)
+    weights = balance_weights(train, balance)
+    test_features, test_labels = stack_rows(test)
     fitted = {}
 
     def fit():
-        fitted["pipeline"] = fit_head(train.features, train.labels, head)[0]
+        fitted["pipeline"] = fit_head(features, labels, head, sample_weight=weights)[0]
 
     fit_timing = timed(fit, repeats)
-    predict_timing = timed(lambda: fitted["pipeline"].predict_proba(test.features), repeats)
-    scores = fitted["pipeline"].predict_proba(test.features)[:, 1]
+    predict_timing = timed(lambda: fitted["pipeline"].predict_proba(test_features), repeats)
+    scores = fitted["pipeline"].predict_proba(test_features)[:, 1]
     predicted = (scores >= 0.5).astype(int)
-    metrics = classification_metrics(test.labels, predicted, scores)
-    worst = {attribute: table["worst"] for attribute, table in group_gender_errors(test, predicted).items()}
-    return {
+    metrics = classification_metrics(test_labels, predicted, scores)
+    bounds = np.cumsum([0] + [len(part.rows.labels) for part in test])
+    own = {part.name: predicted[start:stop] for part, start, stop in zip(test, bounds[:-1], bounds[1:], strict=True)}
+    worst = {part.name: {attribute: table["worst"] for attribute, table in
+                         group_gender_errors(part.rows, own[part.name]).items()} for part in test}
+    row = {
         "head": head,
         "fit_s": round(fit_timing["median_s"], 3),
         "fit_spread_s": [round(fit_timing["min_s"], 3), round(fit_timing["max_s"], 3)],
-        "predict_ms_per_image": round(predict_timing["median_s"] / max(len(test.labels), 1) * 1000, 4),
+        "predict_ms_per_image": round(predict_timing["median_s"] / max(len(test_labels), 1) * 1000, 4),
         "test_accuracy": metrics["accuracy"],
         "test_images": metrics["n"],
-        "worst_group_gender": worst,
+        "worst_group_gender": worst[test[0].name] if len(test) == 1 else worst,
         **peak_memory_mb(),
     }
+    if len(test) > 1:
+        row["datasets_test_accuracy"] = {part.name: float((own[part.name] == part.rows.labels).mean()) for part in test}
+    return row
 
 
-def bench_finetune(data, backbone: str, *, weights: str, device: str, limit: int | None, epochs: int = 1) -> dict:
-    """Seconds per epoch and test accuracy of the fine-tune path."""
+def bench_finetune(data: Sequence[str | Path], backbone: str, *, weights: str, device: str, limit: int | None,
+                   balance: str | None = None, epochs: int = 1) -> dict:
+    """Seconds per epoch and test accuracy of the fine-tune path (on every dataset of ``data``)."""
     from featgender.finetune import finetune
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
         result = finetune(data, backbone=backbone, weights=weights, epochs=epochs, device=device, limit=limit,
-                          out=Path(tmp) / "ft.pt", progress=False)
+                          balance=balance, out=Path(tmp) / "ft.pt", progress=False)
         seconds = time.perf_counter() - started
     return {"backbone": backbone, "epochs": len(result.history), "s_per_epoch": round(seconds / len(result.history), 2),
             "test_accuracy": result.test.get("accuracy"), **peak_memory_mb()}
 
 
 def run_bench(
-    data: str | Path,
+    data: str | Path | Sequence[str | Path],
     *,
     backbones: Sequence[str] = (DEFAULT_BACKBONE,),
-    heads: list[str] = ("logreg", "svm"),
+    heads: Sequence[str] = ("logreg", "svm"),
     finetune: bool = False,
+    balance: str | None = None,
     weights: str = "default",
     device: str = "auto",
     limit: int | None = None,
@@ -161,18 +182,24 @@ def run_bench(
     sample: int = 64,
     out: str | Path | None = None,
 ) -> dict:
-    """Benchmark backbones × heads (and optionally fine-tuning) on ``data``; write a report to ``out``."""
-    dataset = load_dataset(data, limit=limit)
-    results = {"machine": machine_info(), "data": str(data), "images": len(dataset), "backbones": [], "heads": []}
+    """Benchmark backbones × heads (and optionally fine-tuning) on ``data``, one dataset or
+    several (heads and the fine-tuned network trained on all of them, weighted per ``balance``
+    as ``fit --balance``); write a report to ``out``."""
+    paths = [data] if isinstance(data, (str, Path)) else list(data)
+    datasets = [load_dataset(path, limit=limit) for path in paths]
+    results = {"machine": machine_info(), "data": ", ".join(map(str, paths)),
+               "images": sum(len(dataset) for dataset in datasets), "balance": balance or "none",
+               "backbones": [], "heads": []}
     with tempfile.TemporaryDirectory() as tmp:
         for name in backbones:
-            cache = Path(tmp) / f"{name}.h5"
-            results["backbones"].append(bench_backbone(dataset, name, weights=weights, device=device,
-                                                       repeats=repeats, sample=min(sample, len(dataset)), cache=cache))
+            caches = [Path(tmp) / f"{index}-{dataset.name}-{name}.h5" for index, dataset in enumerate(datasets)]
+            results["backbones"].append(bench_backbone(datasets, name, weights=weights, device=device, repeats=repeats,
+                                                       sample=min(sample, len(datasets[0])), caches=caches))
             for head in heads:
-                results["heads"].append({"backbone": name, **bench_head(cache, head, repeats)})
+                results["heads"].append({"backbone": name, **bench_head(caches, head, repeats, balance)})
     if finetune:
-        results["finetune"] = bench_finetune(data, backbones[0], weights=weights, device=device, limit=limit)
+        results["finetune"] = bench_finetune(paths, backbones[0], weights=weights, device=device, limit=limit,
+                                             balance=balance)
     if out is not None:
         write_bench_report(results, out)
     return results
@@ -184,15 +211,16 @@ def write_bench_report(results: dict, folder: str | Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results, indent=2))
     speed = {row["backbone"]: row["stages"]["extract_to_cache"]["images_per_s"] for row in results["backbones"]}
-    lines = [f"# featgender bench: {results['data']} ({results['images']} images)", "",
+    lines = [f"# featgender bench: {results['data']} ({results['images']} images; balance: "
+             f"{results.get('balance', 'none')})", "",
              f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} threads, "
              f"GPU {results['machine']['gpu'] or 'none'}, torch {results['machine']['torch']}.", "",
              "| backbone | head | test accuracy | worst group x gender (error) | fit (s) | predict (ms/image) | "
              "extraction (images/s) |", "|---|---|---|---|---|---|---|"]
     for row in results["heads"]:
-        worst = "; ".join(f"{attribute}: {cell['group']} {cell['gender']} {cell['error_rate']:.1%} (n={cell['n']})"
-                          for attribute, cell in row.get("worst_group_gender", {}).items() if cell) or "–"
-        lines.append(f"| {row['backbone']} | {row['head']} | {row['test_accuracy']:.4f} | {worst} | {row['fit_s']:.3f} | "
+        accuracy = f"{row['test_accuracy']:.4f}" + "".join(
+            f"; {name} {value:.4f}" for name, value in row.get("datasets_test_accuracy", {}).items())
+        lines.append(f"| {row['backbone']} | {row['head']} | {accuracy} | {_worst_cells(row)} | {row['fit_s']:.3f} | "
                      f"{row['predict_ms_per_image']:.4f} | {speed[row['backbone']]} |")
     if "finetune" in results:
         ft = results["finetune"]
@@ -226,3 +254,12 @@ def write_bench_report(results: dict, folder: str | Path) -> list[Path]:
     figure.savefig(folder / "accuracy_vs_cost.png", dpi=120)
     plt.close(figure)
     return written + [folder / "accuracy_vs_cost.png"]
+
+
+def _worst_cells(row: dict) -> str:
+    """A head's worst group x gender cells (per dataset, with several) as one table cell."""
+    worst = row.get("worst_group_gender", {})
+    tables = worst.items() if "datasets_test_accuracy" in row else [("", worst)]
+    return "; ".join(f"{dataset + ' ' if dataset else ''}{attribute}: {cell['group']} {cell['gender']} "
+                     f"{cell['error_rate']:.1%} (n={cell['n']})"
+                     for dataset, table in tables for attribute, cell in table.items() if cell) or "–"

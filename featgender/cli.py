@@ -325,6 +325,7 @@ def finetune(
     device: Optional[str] = DeviceOption,
     workers: Optional[int] = WorkersOption,
     face_box: Optional[str] = FaceBoxOption,
+    precision: Optional[str] = PrecisionOption,
 ) -> None:
     """Fine-tune a backbone end to end on one dataset or several (the baseline for frozen
     features + head); resumable."""
@@ -333,7 +334,7 @@ def finetune(
     result = run_finetune(data, **_given(backbone=backbone, weights=weights, epochs=epochs, unfreeze_last=unfreeze_last,
                                          batch_size=batch_size, lr=lr, patience=patience, balance=balance,
                                          samples_per_epoch=samples_per_epoch, out=out, limit=limit,
-                                         device=device, workers=workers, face_box=face_box))
+                                         device=device, workers=workers, face_box=face_box, precision=precision))
     for row in result.history:
         typer.echo(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, valid loss {row['valid_loss']:.4f}, "
                    f"valid accuracy {row['valid_accuracy']:.4f}")
@@ -344,10 +345,11 @@ def finetune(
 
 @_command
 def bench(
-    data: Path = DataOption,
+    data: list[Path] = typer.Option(..., "--data", help="Dataset (repeat: heads and the fine-tuned network train on all of them; accuracy pooled and per dataset)."),
     backbones: Optional[str] = typer.Option(None, "--backbones", help="Comma-separated backbones (default efficientnet_lite0)."),
     heads: Optional[str] = typer.Option(None, "--heads", help="Comma-separated heads (default logreg,svm)."),
     finetune: bool = typer.Option(False, "--finetune", help="Also time one fine-tune epoch of the first backbone."),
+    balance: Optional[str] = typer.Option(None, "--balance", help="With several --data: weigh training rows as fit --balance does (none, or dataset, gender, group)."),
     weights: Optional[str] = WeightsOption,
     limit: Optional[int] = LimitOption,
     repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed repeats after one warm-up (default 3)."),
@@ -359,7 +361,7 @@ def bench(
 
     lists = {key: value.split(",") for key, value in (("backbones", backbones), ("heads", heads)) if value}
     results = run_bench(data, finetune=finetune, out=out,
-                        **lists, **_given(weights=weights, limit=limit, repeats=repeats, device=device))
+                        **lists, **_given(balance=balance, weights=weights, limit=limit, repeats=repeats, device=device))
     for row in results["heads"]:
         typer.echo(f"{row['backbone']} + {row['head']}: accuracy {row['test_accuracy']:.4f}, fit {row['fit_s']:.3f} s")
     for row in results["backbones"]:

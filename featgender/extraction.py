@@ -16,7 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from featgender.backbones import Backbone, build_backbone, get_config
+from featgender.backbones import Backbone, build_backbone, get_config, with_face_box
 from featgender.defaults import DEFAULT_BACKBONE
 from featgender.cache import DEFAULT_CACHE_DIR, cache_metadata, default_cache_path, identity_mismatch, read_metadata, \
     shard_path
@@ -173,6 +173,14 @@ def resolve_face_box(face_box: str | tuple, backbone: str, sources: Sequence, wh
     box = calibrate_face_box(sources)
     logger.info("%s: %s", backbone, f"faces sit at {box} in {where}: no detection" if box else "faces move: detecting")
     return box
+
+
+def finding_faces_in(dataset: FaceDataset, backbone: Backbone, face_box: str | tuple = "auto"
+                     ) -> tuple[Backbone, tuple | None]:
+    """``backbone`` finding faces in ``dataset``'s images per ``face_box`` (:func:`resolve_face_box`),
+    and the box: one network, each dataset of several aligned where its faces sit."""
+    box = resolve_face_box(face_box, backbone.config.name, dataset.paths, dataset.name)
+    return (with_face_box(backbone, box) if backbone.config.alignment else backbone), box
 
 
 def _extract_sharded(dataset: FaceDataset, backbone: Backbone, out: Path, rank: Rank, *, device: str = "auto",

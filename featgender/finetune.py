@@ -21,14 +21,14 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 
-from featgender.backbones import Backbone, build_backbone, with_face_box
+from featgender.backbones import Backbone, build_backbone
 from featgender.cache import library_versions
 from featgender.data import SPLITS, FaceDataset, load_dataset
 from featgender.defaults import DEFAULT_BACKBONE, MODELS_FOLDER
 from featgender.errors import FeatgenderError
 from featgender.evaluate import evaluate_scores, pool_evaluations, public_result
 from featgender.extract import default_workers, detects_on_loader, resolve_device, uses_bfloat16, worker_init
-from featgender.extraction import resolve_face_box
+from featgender.extraction import finding_faces_in
 from featgender.files import atomic_write
 from featgender.images import load_image
 from featgender.mixing import balance_weights, parse_balance
@@ -161,8 +161,7 @@ def load_training_data(data: Sequence[str | Path], built: Backbone, *, face_box:
             raise FeatgenderError(f"--data {path}: fine-tuning needs train and valid images")
         if any(done.dataset.fingerprint() == dataset.fingerprint() for done in read):
             raise FeatgenderError(f"--data {path}: the same dataset is given twice")
-        box = resolve_face_box(face_box, built.config.name, dataset.paths, dataset.name)
-        read.append(TrainingData(dataset, with_face_box(built, box) if built.config.alignment else built, box))
+        read.append(TrainingData(dataset, *finding_faces_in(dataset, built, face_box)))
     return read
 
 
@@ -186,11 +185,14 @@ def _run_epoch(net, loader, device, normalise, autocast, optimizer=None) -> tupl
     loss_function = nn.BCEWithLogitsLoss(reduction="sum")
     net.train(optimizer is not None)
     total, labels, scores = 0.0, [], []
-    with torch.set_grad_enabled(optimizer is not None), torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+    with torch.set_grad_enabled(optimizer is not None):
         for images, targets in loader:
             images = normalise(images.to(device, non_blocking=True), torch.float32)
             targets = targets.to(device, non_blocking=True)
-            logits = net(images).float()
+            # autocast per batch: it caches its bfloat16 copies of the weights until it exits, so one
+            # context around the epoch would run every step on the first step's weights
+            with torch.autocast(device.type, torch.bfloat16, enabled=autocast):
+                logits = net(images).float()
             loss = loss_function(logits, targets)
             if optimizer is not None:
                 optimizer.zero_grad(set_to_none=True)
@@ -219,6 +221,7 @@ def finetune(
     samples_per_epoch: int | None = None,
     out: str | Path | None = None,
     device: str = "auto",
+    precision: str = "auto",
     workers: int | None = None,
     limit: int | None = None,
     seed: int = 0,
@@ -249,7 +252,7 @@ def finetune(
     net = GenderNet(built, dropout)
     trainable = freeze_all_but_last(net, unfreeze_last)
     device = resolve_device(device)
-    autocast = uses_bfloat16("auto", device)
+    autocast = uses_bfloat16(precision, device)
     net = net.to(device).to(memory_format=torch.channels_last)
     normalise = built.transform.to(device)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)

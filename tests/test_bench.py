@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from PIL import Image
 
 from featgender.bench import run_bench, timed
@@ -28,3 +29,15 @@ def test_bench_json_has_every_stage(csv_dataset, tmp_path):
     assert "| mobilenet_v3_small | logreg |" in (tmp_path / "bench" / "results.md").read_text()
     assert Image.open(tmp_path / "bench" / "accuracy_vs_cost.png").size[0] > 100
     assert results["images"] == 40
+
+
+def test_bench_trains_heads_on_several_datasets_and_reports_each(csv_dataset, celeba_official):
+    results = run_bench([csv_dataset, celeba_official], backbones=["mobilenet_v3_small"], heads=["logreg"],
+                        balance="dataset,gender", weights="none", repeats=1, sample=8)
+    assert results["images"] == 70 and results["backbones"][0]["stages"]["extract_to_cache"]["images"] == 70
+    head = results["heads"][0]
+    assert head["test_images"] == 4 + 6  # both test splits, pooled
+    assert set(head["datasets_test_accuracy"]) == {"csvset", "celeba"}
+    pooled = (head["datasets_test_accuracy"]["csvset"] * 4 + head["datasets_test_accuracy"]["celeba"] * 6) / 10
+    assert head["test_accuracy"] == pytest.approx(pooled)
+    assert set(head["worst_group_gender"]["csvset"]) == {"age", "race"}

@@ -146,7 +146,7 @@ def test_fit_names_a_missing_cache(tmp_path):
     assert result.exit_code == 1 and "missing.h5: no such cache file" in result.output
 
 
-def test_finetune_and_bench_commands(csv_dataset, tmp_path):
+def test_finetune_command_and_its_network_predicts_and_evaluates(csv_dataset, tmp_path):
     out = tmp_path / "ft.pt"
     result = invoke("finetune", "--data", csv_dataset, "--backbone", "mobilenet_v3_small", "--weights", "none",
                     "--epochs", "1", "--batch-size", "8", "--workers", "0", "--out", out)
@@ -161,11 +161,16 @@ def test_finetune_and_bench_commands(csv_dataset, tmp_path):
     assert on_cache.exit_code == 1 and "a fine-tuned network, not a head" in on_cache.output
     both = invoke("evaluate", "--model", out, "--cache", tmp_path / "c.h5", "--data", csv_dataset)
     assert both.exit_code == 1 and "give --cache" in both.output
-    bench = invoke("bench", "--data", csv_dataset, "--backbones", "mobilenet_v3_small", "--heads", "logreg",
-                   "--weights", "none", "--repeats", "1", "--out", tmp_path / "bench")
+
+
+def test_bench_command_on_two_datasets(csv_dataset, celeba_official, tmp_path):
+    bench = invoke("bench", "--data", csv_dataset, "--data", celeba_official, "--balance", "dataset,gender",
+                   "--backbones", "mobilenet_v3_small", "--heads", "logreg", "--weights", "none", "--repeats", "1",
+                   "--out", tmp_path / "bench")
     assert bench.exit_code == 0, bench.output
     assert "mobilenet_v3_small + logreg: accuracy" in bench.output
-    assert (tmp_path / "bench" / "results.md").is_file()
+    report = (tmp_path / "bench" / "results.md").read_text()
+    assert "balance: dataset,gender" in report and "; csvset " in report and "; celeba " in report
 
 
 def test_serve_refuses_to_expose_the_page_without_a_password(tmp_path):

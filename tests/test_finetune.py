@@ -92,3 +92,21 @@ def test_the_same_dataset_twice_is_refused(csv_dataset, tmp_path):
         finetune([csv_dataset, csv_dataset], epochs=1, out=tmp_path / "ft.pt", **OPTIONS)
     with pytest.raises(FeatgenderError, match="--samples-per-epoch 0"):
         finetune(csv_dataset, epochs=1, samples_per_epoch=0, out=tmp_path / "ft.pt", **OPTIONS)
+
+
+def test_bfloat16_training_steps_run_on_the_weights_they_updated():
+    """Under autocast, each step must see the previous step's update (autocast caches its
+    bfloat16 weight copies until its context exits: a context around the whole epoch froze the
+    forward pass at the first step's weights while AdamW moved the real ones)."""
+    from featgender.finetune import _run_epoch
+
+    torch.manual_seed(0)
+    net = GenderNet(build_backbone("mobilenet_v3_small", weights="none"), dropout=0.0)
+    freeze_all_but_last(net, 0)  # the backbone frozen in eval mode: only the logit trains
+    batch = [(torch.rand(8, 3, 64, 64), torch.ones(8))]  # all male: the logit's bias alone learns it
+    device, same = torch.device("cpu"), lambda images, dtype: images
+    before, _, _ = _run_epoch(net, batch, device, same, autocast=True)
+    optimizer = torch.optim.AdamW(net.logit.parameters(), lr=0.05)
+    during, _, _ = _run_epoch(net, batch * 8, device, same, autocast=True, optimizer=optimizer)
+    after, _, _ = _run_epoch(net, batch, device, same, autocast=True)
+    assert during < before - 0.05 and after < during
