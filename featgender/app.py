@@ -288,7 +288,7 @@ def build(model: str | Path, *, trusted: bool = False, device: str = "auto", wor
                                  label="Faces", interactive=False)
             analyse.click(page.analyse, inputs=[photo, threshold], outputs=[shown, drawn, table, message],
                           preprocess=False, api_name="analyse", concurrency_limit=concurrency)
-            threshold.change(render, inputs=[shown, threshold], outputs=[drawn, table], api_name=False,
+            threshold.change(render, inputs=[shown, threshold], outputs=[drawn, table], api_visibility="private",
                              concurrency_limit=concurrency)
         with gr.Tab("Batch"):
             files = gr.File(label="Images or a zip", file_count="multiple", type="filepath")

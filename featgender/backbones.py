@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -62,8 +63,9 @@ class BackboneConfig:
     weights: str
     input_kind: str = "face crop"
     interpolation: str = "bilinear"
-    build: Callable[[], nn.Module] = field(default=None, repr=False, compare=False)
-    default_weights_file: Callable[[], Path] = field(default=None, repr=False, compare=False)
+    # every registered config sets build and default_weights_file; None only as dataclass defaults
+    build: Callable[[], nn.Module] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
+    default_weights_file: Callable[[], Path] = field(default=None, repr=False, compare=False)  # type: ignore[assignment]
     download: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     ignored_keys: tuple[str, ...] = ()
     alignment: str = ""
@@ -72,7 +74,7 @@ class BackboneConfig:
     # Weights files of a foreign format (dlib's .dat) -> state_dict, for files with this suffix.
     convert_weights: tuple[str, Callable[[Path], dict]] | None = field(default=None, repr=False, compare=False)
     # The transform, when it is not Preprocess (face chips cut on the loader workers).
-    make_transform: Callable[["BackboneConfig"], nn.Module] | None = field(default=None, repr=False, compare=False)
+    make_transform: Callable[[BackboneConfig], Transform] | None = field(default=None, repr=False, compare=False)
 
     def preprocessing(self) -> dict:
         """The preprocessing as plain values, for cache and model metadata."""
@@ -116,9 +118,14 @@ class Backbone(NamedTuple):
     """A built backbone: ``model(transform(uint8_batch))`` gives an (N, D) float tensor."""
 
     model: nn.Module
-    transform: "Preprocess"
+    transform: Transform
     config: BackboneConfig
     weights: WeightsInfo
+
+    @property
+    def feature_dim(self) -> int:
+        """The embedding's width (a built backbone always knows it)."""
+        return int(self.config.feature_dim)  # type: ignore[arg-type]
 
 
 _REGISTRY: dict[str, Callable[[], BackboneConfig]] = {}
@@ -238,7 +245,8 @@ def with_face_box(backbone: Backbone, face_box: tuple[float, float, float, float
     detecting it (None): the same network, for images framed unlike the dataset it was built
     for (the box is where landmarks are sought; a wrong one gives a wrong chip)."""
     config = _with_face_box(backbone.config, face_box)
-    return backbone._replace(config=config, transform=config.make_transform(config))
+    transform = Preprocess(config) if config.make_transform is None else config.make_transform(config)
+    return backbone._replace(config=config, transform=transform)
 
 
 class EmbeddingModel(nn.Module):
@@ -263,7 +271,7 @@ class EmbeddingModel(nn.Module):
         for parameter in self.body.parameters():
             parameter.requires_grad_(False)
 
-    def train(self, mode: bool = True) -> "EmbeddingModel":
+    def train(self, mode: bool = True) -> EmbeddingModel:
         return super().train(False)  # frozen: batch-norm statistics and dropout stay in eval mode
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -273,15 +281,27 @@ class EmbeddingModel(nn.Module):
         return embedding.flatten(1)
 
 
-class Preprocess(nn.Module):
+class Transform(nn.Module):
+    """What a backbone's network is fed: uint8 images (a batch, or a list of them) to the
+    network's input batch, on the images' device. ``loader_step``, when set, runs first on each
+    image on the loader workers (face alignment)."""
+
+    loader_step: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def forward(self, images: torch.Tensor | list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Preprocess(Transform):
     """uint8 RGB images (N, 3, H, W), or a list of differently sized ones, to a normalised batch.
 
     Runs on whatever device the images are on: resize (shorter side, antialiased), centre
-    crop, scale to [0, 1], normalise, channels_last. (``loader_step``, a per-image step for
-    the loader workers, is None here; face backbones use it for alignment.)
+    crop, scale to [0, 1], normalise, channels_last. (No ``loader_step``: face backbones use
+    it for alignment.)
     """
 
-    loader_step = None
+    mean: torch.Tensor
+    std: torch.Tensor
 
     def __init__(self, config: BackboneConfig):
         super().__init__()
@@ -325,7 +345,7 @@ def _state_dict_from(obj: object, path: Path) -> dict:
 
 
 def _load_state_dict(network: nn.Module, state_dict: dict, config: BackboneConfig, path: Path) -> None:
-    result = network.load_state_dict(state_dict, strict=False)
+    result = network.load_state_dict(state_dict, strict=True)
     unexpected = [key for key in result.unexpected_keys if not key.startswith(config.ignored_keys)]
     if result.missing_keys or unexpected:
         detail = f"missing {result.missing_keys[:3]}" if result.missing_keys else f"unexpected {unexpected[:3]}"
@@ -557,7 +577,7 @@ def _face_resnet() -> nn.Module:
     return FaceResNet()
 
 
-def _face_chips(config: BackboneConfig) -> nn.Module:
+def _face_chips(config: BackboneConfig) -> FaceChips:
     """dlib_resnet's transform: each image's aligned chip is cut on the loader workers."""
     from featgender.faces import FaceAligner, _dlib
 
@@ -568,7 +588,7 @@ def _face_chips(config: BackboneConfig) -> nn.Module:
     return FaceChips(aligner)
 
 
-class FaceChips(nn.Module):
+class FaceChips(Transform):
     """Transform of face-aligning backbones: ``loader_step`` cuts each image's aligned uint8
     chip on the loader workers; here the chips are stacked and cast, as the network
     normalises its input itself (dlib's input layer)."""
@@ -577,8 +597,8 @@ class FaceChips(nn.Module):
         super().__init__()
         self.loader_step = loader_step
 
-    def forward(self, chips: torch.Tensor | list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        chips = torch.stack(list(chips)) if isinstance(chips, (list, tuple)) else chips
+    def forward(self, images: torch.Tensor | list[torch.Tensor], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        chips = torch.stack(list(images)) if isinstance(images, (list, tuple)) else images
         return chips.to(dtype).contiguous(memory_format=torch.channels_last)
 
 

@@ -15,21 +15,21 @@ import resource
 import statistics
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
 from featgender.backbones import build_backbone
-from featgender.defaults import DEFAULT_BACKBONE
 from featgender.cache import library_versions
-from featgender.extraction import build_cache, finding_faces_in
 from featgender.data import FaceDataset, load_dataset
+from featgender.defaults import DEFAULT_BACKBONE
 from featgender.evaluate import classification_metrics, group_gender_errors
 from featgender.extract import default_batch_size, resolve_device, uses_bfloat16
-from featgender.images import load_image
+from featgender.extraction import build_cache, finding_faces_in
 from featgender.heads import fit_head
+from featgender.images import load_image
 from featgender.mixing import balance_weights, read_datasets, stack_rows
 
 
@@ -73,7 +73,8 @@ def _per_second(timing: dict, count: int) -> dict:
             "spread_images_per_s": [round(count / timing["max_s"], 1), round(count / timing["min_s"], 1)]}
 
 
-def bench_backbone(datasets: Sequence[FaceDataset], name: str, *, weights: str, device: str, repeats: int,
+def bench_backbone(datasets: Sequence[FaceDataset], name: str, *, weights: str, device: str | torch.device,
+                   repeats: int,
                    sample: int, caches: Sequence[Path]) -> dict:
     """Stage timings of one backbone on ``sample`` images of the first dataset, then each whole
     dataset into its cache (each with faces found where they sit in its images)."""
@@ -187,7 +188,7 @@ def run_bench(
     as ``fit --balance``); write a report to ``out``."""
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     datasets = [load_dataset(path, limit=limit) for path in paths]
-    results = {"machine": machine_info(), "data": ", ".join(map(str, paths)),
+    results: dict = {"machine": machine_info(), "data": ", ".join(map(str, paths)),
                "images": sum(len(dataset) for dataset in datasets), "balance": balance or "none",
                "backbones": [], "heads": []}
     with tempfile.TemporaryDirectory() as tmp:

@@ -38,9 +38,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import h5py
 import numpy as np
@@ -89,7 +89,7 @@ def cache_metadata(dataset: FaceDataset, backbone: Backbone, precision: str, dty
         "format_version": FORMAT_VERSION,
         "backbone": config.name,
         "layer": config.layer,
-        "feature_dim": int(config.feature_dim),
+        "feature_dim": backbone.feature_dim,
         "input_kind": config.input_kind,
         "weights": backbone.weights.name,
         "weights_sha256": backbone.weights.sha256 or "",
@@ -228,6 +228,12 @@ class CacheRows:
         """Rows ``index`` (sorted, finished) of 'features', 'ids' or 'attributes' (None if absent)."""
         raise NotImplementedError
 
+    def read_held(self, column: str, index: np.ndarray) -> np.ndarray:
+        """Rows ``index`` of 'features' or 'ids', which every cache holds."""
+        values = self.read(column, index)
+        assert values is not None, f"a cache without {column}"  # the schema requires both
+        return values
+
     def _set_attribute_info(self, h5: h5py.File) -> None:
         self.attribute_names, self.attribute_categories = [], {}
         if "attributes" in h5:
@@ -273,6 +279,8 @@ class _PartialRows(CacheRows):
     def __init__(self, partial: PartialFolder):
         self.partial = partial
         meta = partial.read_meta()
+        if meta is None:  # finished meanwhile: callers read the finished file instead
+            raise FileNotFoundError(partial.meta_path)
         with h5py.File(partial.rows_path, "r") as h5:
             self.labels, self.splits = h5["labels"][:], h5["split"][:]
             self._set_attribute_info(h5)
@@ -318,8 +326,9 @@ class _JoinedRows(CacheRows):
 
     def read(self, column: str, index: np.ndarray) -> np.ndarray | None:
         pieces = [part.read(column, index[(index >= low) & (index < high)] - low)
-                  for part, low, high in zip(self.parts, self.offsets[:-1], self.offsets[1:])]
-        return None if pieces[0] is None else np.concatenate(pieces)
+                  for part, low, high in zip(self.parts, self.offsets[:-1], self.offsets[1:], strict=True)]
+        held = [piece for piece in pieces if piece is not None]
+        return np.concatenate(held) if len(held) == len(pieces) else None
 
 
 def _written_rows(path: Path) -> CacheRows | None:
@@ -385,7 +394,7 @@ class CacheData:
         return CacheData(
             features=self.features[keep],
             labels=self.labels[keep],
-            ids=[image_id for image_id, kept in zip(self.ids, keep) if kept],
+            ids=[image_id for image_id, kept in zip(self.ids, keep, strict=True) if kept],
             splits=self.splits[keep],
             attributes=None if self.attributes is None else self.attributes[keep],
             attribute_names=self.attribute_names,
@@ -408,9 +417,9 @@ def read_cache(path: str | Path, split: str | None = None, *, dtype: type = np.f
         wanted = wanted & (rows.splits == code)
     index = np.flatnonzero(wanted)
     return CacheData(
-        features=rows.read("features", index).astype(dtype, copy=False),
+        features=rows.read_held("features", index).astype(dtype, copy=False),
         labels=rows.labels[index],
-        ids=rows.read("ids", index).tolist(),
+        ids=rows.read_held("ids", index).tolist(),
         splits=rows.splits[index],
         attributes=rows.read("attributes", index),
         attribute_names=rows.attribute_names,
@@ -419,7 +428,7 @@ def read_cache(path: str | Path, split: str | None = None, *, dtype: type = np.f
     )
 
 
-def read_caches(paths: list[str | Path] | str | Path, split: str | None = None, *,
+def read_caches(paths: Sequence[str | Path] | str | Path, split: str | None = None, *,
                 dtype: type = np.float32, include_failed: bool = False, in_progress: bool = False) -> CacheData:
     """Read one cache, or several caches of the same images side by side.
 
@@ -438,7 +447,7 @@ def read_caches(paths: list[str | Path] | str | Path, split: str | None = None, 
         common = set.intersection(*(set(part.ids) for part in parts))
         parts = [part.take(np.array([image_id in common for image_id in part.ids], dtype=bool)) for part in parts]
     first = parts[0]
-    for path, part in zip(paths[1:], parts[1:]):
+    for path, part in zip(paths[1:], parts[1:], strict=True):
         if part.ids != first.ids:
             if sorted(part.ids) != sorted(first.ids):
                 raise FeatgenderError(f"{path}: holds other images than {paths[0]}; caches are joined by image id")
@@ -487,11 +496,11 @@ def iter_cache_chunks(cache: str | Path | CacheRows, split: str | None = None, r
 def _read_blocks(cache: CacheRows, index: list[np.ndarray], dtype: type) -> np.ndarray:
     """The features of rows ``index`` (sorted blocks, in this order) as one ``dtype`` array."""
     if len(index) == 1:
-        return cache.read("features", index[0]).astype(dtype, copy=False)
-    features = np.empty((sum(map(len, index)), int(cache.metadata["feature_dim"])), dtype)
+        return cache.read_held("features", index[0]).astype(dtype, copy=False)
+    features: np.ndarray = np.empty((sum(map(len, index)), int(cache.metadata["feature_dim"])), dtype)
     filled = 0
     for part in index:  # filled in place: one chunk in memory, not two
-        features[filled:filled + len(part)] = cache.read("features", part)
+        features[filled:filled + len(part)] = cache.read_held("features", part)
         filled += len(part)
     return features
 

@@ -15,11 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import h5py
 import numpy as np
@@ -152,7 +152,7 @@ class CacheWriter:
         return failed
 
 
-def write_cache(out: str | Path, dataset: FaceDataset, chunks: Iterable[tuple[np.ndarray, Sequence[str]]],
+def write_cache(out: str | Path, dataset: FaceDataset, chunks: Iterable[tuple[np.ndarray, Sequence[str] | np.ndarray]],
                 metadata: dict) -> int:
     """Write a complete cache file from consecutive (features, errors) row blocks, atomically.
 
@@ -162,7 +162,7 @@ def write_cache(out: str | Path, dataset: FaceDataset, chunks: Iterable[tuple[np
     """
     out = Path(out)
     total = len(dataset)
-    errors = []
+    errors: list[str] = []
     size = total * metadata["feature_dim"] * np.dtype(metadata["dtype"]).itemsize + row_table_bytes(dataset)
     with atomic_write(out, size=size) as tmp, h5py.File(tmp, "w") as h5:
         features = h5.create_dataset(
@@ -183,7 +183,7 @@ def write_rows(h5: h5py.File, dataset: FaceDataset, errors: Sequence[str], metad
     (``errors``, one per row, '' where the image was embedded), and the root attributes.
     Marks the file complete; returns the number of failed rows."""
     valid = np.array([not error for error in errors], dtype=bool)
-    failed = np.flatnonzero(~valid)
+    failed = [int(row) for row in np.flatnonzero(~valid)]
     write_row_table(h5, dataset)
     h5.create_dataset("valid", data=valid)
     if len(failed):

@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -60,24 +59,24 @@ PrecisionOption = typer.Option(None, "--precision", help="Compute type: auto (bf
 @_command
 def extract(
     data: Path = DataOption,
-    backbone: Optional[str] = BackboneOption,
-    weights: Optional[str] = WeightsOption,
-    layer: Optional[str] = typer.Option(None, "--layer", help="Graph node to embed from (default: pooled penultimate layer)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Cache file (default cache/<dataset>-<backbone>.h5)."),
-    format: Optional[str] = FormatOption,
-    limit: Optional[int] = LimitOption,
-    batch_size: Optional[int] = BatchOption,
-    device: Optional[str] = DeviceOption,
-    workers: Optional[int] = WorkersOption,
-    dtype: Optional[str] = DtypeOption,
-    precision: Optional[str] = PrecisionOption,
+    backbone: str | None = BackboneOption,
+    weights: str | None = WeightsOption,
+    layer: str | None = typer.Option(None, "--layer", help="Graph node to embed from (default: pooled penultimate layer)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Cache file (default cache/<dataset>-<backbone>.h5)."),
+    format: str | None = FormatOption,
+    limit: int | None = LimitOption,
+    batch_size: int | None = BatchOption,
+    device: str | None = DeviceOption,
+    workers: int | None = WorkersOption,
+    dtype: str | None = DtypeOption,
+    precision: str | None = PrecisionOption,
     flip: bool = typer.Option(False, "--flip", help="Average each embedding with the mirrored image's (2x the compute)."),
-    image_column: Optional[str] = typer.Option(None, "--image-column", help="CSV column of image paths."),
-    label_column: Optional[str] = typer.Option(None, "--label-column", help="CSV column of gender labels."),
+    image_column: str | None = typer.Option(None, "--image-column", help="CSV column of image paths."),
+    label_column: str | None = typer.Option(None, "--label-column", help="CSV column of gender labels."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache (or unfinished one) of different identity."),
     strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of recording and skipping it."),
-    faces: Optional[str] = typer.Option(None, "--faces", help="crop (default): images are face crops; photo: find the largest face in each photo first (dlib, extra 'faces'); photos without a face are recorded as failed."),
-    face_box: Optional[str] = FaceBoxOption,
+    faces: str | None = typer.Option(None, "--faces", help="crop (default): images are face crops; photo: find the largest face in each photo first (dlib, extra 'faces'); photos without a face are recorded as failed."),
+    face_box: str | None = FaceBoxOption,
 ) -> None:
     """Embed every image of a dataset once into an HDF5 feature cache (resumable: rerun after a crash)."""
     from featgender.extraction import extract_to_cache
@@ -186,26 +185,26 @@ def _print_metrics(evaluation: dict, dataset: str = "") -> None:
 InProgressOption = typer.Option(False, "--in-progress", help="The cache is still being extracted: use the images finished so far.")
 
 
-def _split_groups(groups: Optional[str]) -> Optional[list[str]]:
+def _split_groups(groups: str | None) -> list[str] | None:
     return None if groups is None else [name.strip() for name in groups.split(",") if name.strip()]
 
 
 @_command
 def fit(
     cache: list[Path] = CacheOption,
-    head: Optional[str] = typer.Option(None, "--head", help="logreg (default), svm, svm-rbf, gbm or mlp."),
-    train_split: Optional[str] = typer.Option(None, "--train-split", help="Split to train on (default train)."),
-    eval_split: Optional[str] = typer.Option(None, "--eval-split", help="Split to report metrics on (default valid)."),
-    pca: Optional[int] = typer.Option(None, "--pca", help="PCA components before the classifier (0: none)."),
-    normalize: Optional[str] = typer.Option(None, "--normalize", help="Row normalisation: power (default: signed square root, then unit length), l2, none."),
-    c: Optional[float] = typer.Option(None, "-C", "--C", help="Regularisation C (logreg, svm, svm-rbf)."),
+    head: str | None = typer.Option(None, "--head", help="logreg (default), svm, svm-rbf, gbm or mlp."),
+    train_split: str | None = typer.Option(None, "--train-split", help="Split to train on (default train)."),
+    eval_split: str | None = typer.Option(None, "--eval-split", help="Split to report metrics on (default valid)."),
+    pca: int | None = typer.Option(None, "--pca", help="PCA components before the classifier (0: none)."),
+    normalize: str | None = typer.Option(None, "--normalize", help="Row normalisation: power (default: signed square root, then unit length), l2, none."),
+    c: float | None = typer.Option(None, "-C", "--C", help="Regularisation C (logreg, svm, svm-rbf)."),
     search: bool = typer.Option(False, "--search", help="Tune the key hyper-parameter by cross-validation on the train split."),
     out_of_core: bool = typer.Option(False, "--out-of-core", help="Stream features from HDF5 (logreg/svm via SGD) for caches larger than memory."),
     in_progress: bool = InProgressOption,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Model file (default models/<head>.joblib)."),
-    groups: Optional[str] = GroupsOption,
-    stack: Optional[list[str]] = typer.Option(None, "--stack", "-s", help="Another dataset's cache, whose rows train the head too (repeat for more; A.h5,B.h5 for a dataset's caches joined as --cache joins them). Each dataset is evaluated on its own."),
-    balance: Optional[str] = typer.Option(None, "--balance", help="Sample weights that even out: none (default), or a comma-separated choice of dataset, gender, group (UTKFace's race)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Model file (default models/<head>.joblib)."),
+    groups: str | None = GroupsOption,
+    stack: list[str] | None = typer.Option(None, "--stack", "-s", help="Another dataset's cache, whose rows train the head too (repeat for more; A.h5,B.h5 for a dataset's caches joined as --cache joins them). Each dataset is evaluated on its own."),
+    balance: str | None = typer.Option(None, "--balance", help="Sample weights that even out: none (default), or a comma-separated choice of dataset, gender, group (UTKFace's race)."),
     as_json: bool = typer.Option(False, "--json", help="Print the evaluation as JSON."),
 ) -> None:
     """Train a scikit-learn head on the train split of a cache, or of several datasets' caches
@@ -233,18 +232,18 @@ def fit(
 @_command
 def evaluate(
     model: Path = typer.Option(..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."),
-    cache: Optional[list[Path]] = typer.Option(None, "--cache", "-c", help="A head's feature cache(s) (repeat to join backbones, as in fit)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Or a dataset, scored from its images (no cache): any model, fine-tuned networks included; any dataset, for domain shift."),
-    split: Optional[str] = typer.Option(None, "--split", help="Split to evaluate (default test)."),
-    report: Optional[Path] = typer.Option(None, "--report", help="Write metrics.json, report.md and PNG plots here."),
-    groups: Optional[str] = GroupsOption,
+    cache: list[Path] | None = typer.Option(None, "--cache", "-c", help="A head's feature cache(s) (repeat to join backbones, as in fit)."),
+    data: Path | None = typer.Option(None, "--data", help="Or a dataset, scored from its images (no cache): any model, fine-tuned networks included; any dataset, for domain shift."),
+    split: str | None = typer.Option(None, "--split", help="Split to evaluate (default test)."),
+    report: Path | None = typer.Option(None, "--report", help="Write metrics.json, report.md and PNG plots here."),
+    groups: str | None = GroupsOption,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     count_failed: bool = typer.Option(False, "--count-failed", help="Count images that failed at extraction (unreadable, no face found) as wrong answers instead of leaving them out."),
     in_progress: bool = InProgressOption,
     trusted: bool = TrustedOption,
-    format: Optional[str] = FormatOption,
-    face_box: Optional[str] = typer.Option(None, "--face-box", help="With --data, dlib_resnet: auto (default: where faces sit in the dataset's images), detect, or L,T,R,B fractions."),
-    device: Optional[str] = DeviceOption,
+    format: str | None = FormatOption,
+    face_box: str | None = typer.Option(None, "--face-box", help="With --data, dlib_resnet: auto (default: where faces sit in the dataset's images), detect, or L,T,R,B fractions."),
+    device: str | None = DeviceOption,
 ) -> None:
     """Score a saved model on a split, of its cache(s) or of a dataset's images: metrics with
     bootstrap 95% CIs, subgroup gaps, labels checked by identity (CelebA)."""
@@ -263,7 +262,7 @@ def evaluate(
     if data is not None:
         evaluation = evaluate_images(model, data, **options, **_given(format=format, face_box=face_box, device=device))
     else:
-        evaluation = evaluate_model(model, cache, in_progress=in_progress, **options)
+        evaluation = evaluate_model(model, cache or [], in_progress=in_progress, **options)
     if as_json:
         typer.echo(json.dumps(public_result(evaluation), indent=2))
         return
@@ -278,10 +277,10 @@ def predict(
     model: Path = typer.Option(..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."),
     faces: str = typer.Option("auto", "--faces", help="crop: each image is a face crop, classified whole; photo: find faces first (dlib, extra 'faces') and print each with its box; auto: photo for --all-faces or face-finding backbones (dlib_resnet), else crop."),
     all_faces: bool = typer.Option(False, "--all-faces", help="In photos, classify every face found, not only the largest."),
-    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write id,label rows (Kaggle submission style; a box column for photos)."),
-    face_box: Optional[str] = typer.Option(None, "--face-box", help="dlib_resnet, face crops: auto (default: where faces sit in the images given, as extract finds it for a dataset; the training data's box would misalign crops framed otherwise), detect (in every image), or L,T,R,B fractions."),
-    device: Optional[str] = DeviceOption,
-    batch_size: Optional[int] = BatchOption,
+    csv: Path | None = typer.Option(None, "--csv", help="Also write id,label rows (Kaggle submission style; a box column for photos)."),
+    face_box: str | None = typer.Option(None, "--face-box", help="dlib_resnet, face crops: auto (default: where faces sit in the images given, as extract finds it for a dataset; the training data's box would misalign crops framed otherwise), detect (in every image), or L,T,R,B fractions."),
+    device: str | None = DeviceOption,
+    batch_size: int | None = BatchOption,
     trusted: bool = TrustedOption,
 ) -> None:
     """Classify raw images with a saved head: one line per image, or per face in photos
@@ -311,21 +310,21 @@ def predict(
 @_command
 def finetune(
     data: list[Path] = typer.Option(..., "--data", help="Dataset (repeat: one network trained on all of them, each evaluated on its own test split)."),
-    backbone: Optional[str] = BackboneOption,
-    weights: Optional[str] = WeightsOption,
-    epochs: Optional[int] = typer.Option(None, "--epochs", help="Most epochs to train (default 10)."),
-    unfreeze_last: Optional[str] = typer.Option(None, "--unfreeze-last", help="Blocks of the backbone to train: 0 (head only, default), N, or all."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Images per step (default 32)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-3)."),
-    patience: Optional[int] = typer.Option(None, "--patience", help="Stop after this many epochs without a better valid loss (default 2)."),
-    balance: Optional[str] = typer.Option(None, "--balance", help="Draw training images so that these weigh the same: none (default), or a comma-separated choice of dataset, gender, group (UTKFace's race)."),
-    samples_per_epoch: Optional[int] = typer.Option(None, "--samples-per-epoch", help="Training images drawn per epoch, with replacement (default: each training image once, shuffled)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Best checkpoint (default models/<backbone>-ft.pt)."),
-    limit: Optional[int] = LimitOption,
-    device: Optional[str] = DeviceOption,
-    workers: Optional[int] = WorkersOption,
-    face_box: Optional[str] = FaceBoxOption,
-    precision: Optional[str] = PrecisionOption,
+    backbone: str | None = BackboneOption,
+    weights: str | None = WeightsOption,
+    epochs: int | None = typer.Option(None, "--epochs", help="Most epochs to train (default 10)."),
+    unfreeze_last: str | None = typer.Option(None, "--unfreeze-last", help="Blocks of the backbone to train: 0 (head only, default), N, or all."),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (default 32)."),
+    lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-3)."),
+    patience: int | None = typer.Option(None, "--patience", help="Stop after this many epochs without a better valid loss (default 2)."),
+    balance: str | None = typer.Option(None, "--balance", help="Draw training images so that these weigh the same: none (default), or a comma-separated choice of dataset, gender, group (UTKFace's race)."),
+    samples_per_epoch: int | None = typer.Option(None, "--samples-per-epoch", help="Training images drawn per epoch, with replacement (default: each training image once, shuffled)."),
+    out: Path | None = typer.Option(None, "--out", "-o", help="Best checkpoint (default models/<backbone>-ft.pt)."),
+    limit: int | None = LimitOption,
+    device: str | None = DeviceOption,
+    workers: int | None = WorkersOption,
+    face_box: str | None = FaceBoxOption,
+    precision: str | None = PrecisionOption,
 ) -> None:
     """Fine-tune a backbone end to end on one dataset or several (the baseline for frozen
     features + head); resumable."""
@@ -346,22 +345,22 @@ def finetune(
 @_command
 def bench(
     data: list[Path] = typer.Option(..., "--data", help="Dataset (repeat: heads and the fine-tuned network train on all of them; accuracy pooled and per dataset)."),
-    backbones: Optional[str] = typer.Option(None, "--backbones", help="Comma-separated backbones (default efficientnet_lite0)."),
-    heads: Optional[str] = typer.Option(None, "--heads", help="Comma-separated heads (default logreg,svm)."),
+    backbones: str | None = typer.Option(None, "--backbones", help="Comma-separated backbones (default efficientnet_lite0)."),
+    heads: str | None = typer.Option(None, "--heads", help="Comma-separated heads (default logreg,svm)."),
     finetune: bool = typer.Option(False, "--finetune", help="Also time one fine-tune epoch of the first backbone."),
-    balance: Optional[str] = typer.Option(None, "--balance", help="With several --data: weigh training rows as fit --balance does (none, or dataset, gender, group)."),
-    weights: Optional[str] = WeightsOption,
-    limit: Optional[int] = LimitOption,
-    repeats: Optional[int] = typer.Option(None, "--repeats", help="Timed repeats after one warm-up (default 3)."),
-    device: Optional[str] = DeviceOption,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write results.json, results.md and accuracy_vs_cost.png here."),
+    balance: str | None = typer.Option(None, "--balance", help="With several --data: weigh training rows as fit --balance does (none, or dataset, gender, group)."),
+    weights: str | None = WeightsOption,
+    limit: int | None = LimitOption,
+    repeats: int | None = typer.Option(None, "--repeats", help="Timed repeats after one warm-up (default 3)."),
+    device: str | None = DeviceOption,
+    out: Path | None = typer.Option(None, "--out", "-o", help="Write results.json, results.md and accuracy_vs_cost.png here."),
 ) -> None:
     """Time every stage (decode, preprocess, forward, cache write, head fit/predict, fine-tune) on your hardware."""
     from featgender.bench import run_bench
 
-    lists = {key: value.split(",") for key, value in (("backbones", backbones), ("heads", heads)) if value}
     results = run_bench(data, finetune=finetune, out=out,
-                        **lists, **_given(balance=balance, weights=weights, limit=limit, repeats=repeats, device=device))
+                        **_given(backbones=backbones.split(",") if backbones else None, heads=heads.split(",") if heads else None,
+                                 balance=balance, weights=weights, limit=limit, repeats=repeats, device=device))
     for row in results["heads"]:
         typer.echo(f"{row['backbone']} + {row['head']}: accuracy {row['test_accuracy']:.4f}, fit {row['fit_s']:.3f} s")
     for row in results["backbones"]:
@@ -375,13 +374,13 @@ def bench(
 @_command
 def demo(
     data: list[Path] = typer.Option(..., "--data", help="Dataset (repeat: one head trained on all of them, each evaluated on its own test split)."),
-    backbone: Optional[str] = BackboneOption,
-    head: Optional[str] = typer.Option(None, "--head", help="Head to fit (default logreg)."),
-    balance: Optional[str] = typer.Option(None, "--balance", help="With several --data: what the sample weights even out (default dataset,gender; see fit --balance)."),
-    limit: Optional[int] = LimitOption,
-    format: Optional[str] = FormatOption,
-    device: Optional[str] = DeviceOption,
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Model file (default models/demo-<backbone>-<head>.joblib)."),
+    backbone: str | None = BackboneOption,
+    head: str | None = typer.Option(None, "--head", help="Head to fit (default logreg)."),
+    balance: str | None = typer.Option(None, "--balance", help="With several --data: what the sample weights even out (default dataset,gender; see fit --balance)."),
+    limit: int | None = LimitOption,
+    format: str | None = FormatOption,
+    device: str | None = DeviceOption,
+    out: Path | None = typer.Option(None, "--out", "-o", help="Model file (default models/demo-<backbone>-<head>.joblib)."),
 ) -> None:
     """Run the whole path offline: extract each dataset's cache, fit one head on their train
     splits, print each dataset's test metrics and errors per group x gender, save the model.
@@ -407,8 +406,8 @@ def serve(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only). Another needs --auth."),
     port: int = typer.Option(7860, "--port", help="Port to listen on."),
     share: bool = typer.Option(False, "--share", help="Also open a public Gradio share link (needs --auth; faces are personal data)."),
-    auth: Optional[str] = typer.Option(None, "--auth", help="USER:PASSWORD asked of every visitor (required with --share or a non-local --host)."),
-    device: Optional[str] = DeviceOption,
+    auth: str | None = typer.Option(None, "--auth", help="USER:PASSWORD asked of every visitor (required with --share or a non-local --host)."),
+    device: str | None = DeviceOption,
     trusted: bool = TrustedOption,
 ) -> None:
     """Serve a web page over a saved model (Gradio, extra 'app'): drop a photo, see every face

@@ -10,9 +10,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import numpy as np
 
@@ -90,7 +91,7 @@ class FaceDataset:
         """A short name for cache files: the dataset folder's name."""
         return self.root.name or "dataset"
 
-    def subset(self, indices: np.ndarray) -> "FaceDataset":
+    def subset(self, indices: np.ndarray) -> FaceDataset:
         """The rows at ``indices``, in that order."""
         indices = np.asarray(indices, dtype=np.int64)
         return replace(
@@ -423,7 +424,7 @@ def _find_csv(path: Path) -> Path:
     return found[0]
 
 
-def _pick_column(header: list[str], given: str | None, candidates: tuple[str, ...], what: str, csv_file: Path) -> str:
+def _pick_column(header: Sequence[str], given: str | None, candidates: tuple[str, ...], what: str, csv_file: Path) -> str:
     if given is not None:
         if given not in header:
             raise FeatgenderError(f"{csv_file}: no column {given!r} (columns: {', '.join(header)})")

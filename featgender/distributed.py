@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import NamedTuple
 
 import h5py
 import numpy as np
@@ -82,7 +83,7 @@ def join_shards(out: str | Path, dataset, shards: list[Path], metadata: dict) ->
     out = Path(out)
     dim = metadata["feature_dim"]
     layout = h5py.VirtualLayout(shape=(len(dataset), dim), dtype=metadata["dtype"])
-    errors = []
+    errors: list[str] = []
     for path in shards:
         with h5py.File(path, "r") as shard:
             ids = shard["ids"].asstr()[:].tolist()
@@ -90,7 +91,7 @@ def join_shards(out: str | Path, dataset, shards: list[Path], metadata: dict) ->
             if ids != dataset.image_ids[first:first + rows]:  # each rank listed the dataset itself
                 raise FeatgenderError(f"{path}: holds other images than rows {first}-{first + rows - 1} of the dataset "
                                       "(did it change while the job ran?); remove the shards and rerun")
-            reasons = dict(zip(shard["failed/ids"].asstr()[:], shard["failed/reasons"].asstr()[:])) \
+            reasons = dict(zip(shard["failed/ids"].asstr()[:], shard["failed/reasons"].asstr()[:], strict=True)) \
                 if "failed" in shard else {}
             errors += [reasons.get(image_id, "") for image_id in ids]
         # relative to the joined file: the pair can be moved together

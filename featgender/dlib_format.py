@@ -79,7 +79,7 @@ class DlibReader:
         version = self.integer()
         if version != 1:
             raise self.error(f"alias tensor version {version}, want 1")
-        return tuple(self.integer() for _ in range(4))
+        return self.integer(), self.integer(), self.integer(), self.integer()
 
     def expect(self, *names: str) -> str:
         """Read a record's name (its version string) and check it is one of ``names``."""

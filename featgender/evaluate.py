@@ -14,6 +14,7 @@ import time
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from sklearn import metrics as skm
@@ -137,7 +138,7 @@ def subgroup_metrics(data, predicted: np.ndarray, groups: list[str] | None = Non
     result = {}
     for name in groups:
         codes, group_names = _usable_groups(data, name)
-        rows = {}
+        rows: dict[str, dict[str, Any]] = {}
         for code, group in enumerate(group_names):
             members = codes == code
             if not members.any():
@@ -183,7 +184,7 @@ def group_gender_errors(data, predicted: np.ndarray, groups: list[str] | None = 
     result = {}
     for name in groups:
         codes, group_names = _usable_groups(data, name)
-        cells = []
+        cells: list[dict[str, Any]] = []
         for code, group in enumerate(group_names):
             for gender, gender_name in ((0, "women"), (1, "men")):
                 members = (codes == code) & (data.labels == gender)
@@ -246,9 +247,9 @@ def worst_mistakes(data, scores: np.ndarray, count: int = 24, contradicted: Sequ
     what a contact sheet shows them."""
     wrong = np.flatnonzero((scores >= 0.5).astype(int) != data.labels)
     surest = wrong[np.argsort(-np.abs(scores[wrong] - 0.5), kind="stable")][:count]
-    image_ids, contradicted = _rows_source(data)[2], set(contradicted)
+    image_ids, doubted = _rows_source(data)[2], set(contradicted)
     return [{"image": _image_path(data, row), "label": LABEL_NAMES[int(data.labels[row])],
-             "p_male": round(float(scores[row]), 4), "label_contradicted": image_ids[row] in contradicted}
+             "p_male": round(float(scores[row]), 4), "label_contradicted": image_ids[row] in doubted}
             for row in surest]
 
 
@@ -319,7 +320,7 @@ def evaluate_features(model: HeadModel, data: CacheData, *, groups: list[str] | 
     return evaluate_scores(data, model.predict_proba(data.features), groups=groups, n_boot=n_boot)
 
 
-def evaluate_model(model: str | Path | HeadModel, caches: list[str | Path] | str | Path, *,
+def evaluate_model(model: str | Path | HeadModel, caches: Sequence[str | Path] | str | Path, *,
                    split: str = "test", groups: list[str] | None = None, report: str | Path | None = None,
                    trusted: bool = False, count_failed: bool = False, in_progress: bool = False) -> dict:
     """Evaluate a head artifact on a split of the cache(s) it was trained for: ``featgender evaluate``.
@@ -356,16 +357,16 @@ def _check_caches_fit_model(model: HeadModel, data: CacheData) -> None:
     """Refuse caches whose features mean something else than the model's: another network,
     layer, weights, preprocessing or flip. How faces were found (a calibrated box or
     detection) may differ: it ends in the same crop or chip."""
-    for expected, found in zip(model.backbones, data.metadata["sources"]):
+    if len(model.backbones) != len(data.metadata["sources"]):
+        raise FeatgenderError(f"the model expects {len(model.backbones)} cache(s), got {len(data.metadata['sources'])}")
+    for expected, found in zip(model.backbones, data.metadata["sources"], strict=True):
         for key in ("backbone", "layer", "weights_sha256", "flip", "preprocessing"):
-            same = (feature_preprocessing(expected.get(key)) == feature_preprocessing(found.get(key))
+            same = (feature_preprocessing(expected.get(key, "")) == feature_preprocessing(found.get(key, ""))
                     if key == "preprocessing" else str(expected.get(key)) == str(found.get(key)))
             if not same:
                 raise FeatgenderError(
                     f"cache of {found.get('backbone')} does not match the model's features ({key} differs)"
                 )
-    if len(model.backbones) != len(data.metadata["sources"]):
-        raise FeatgenderError(f"the model expects {len(model.backbones)} cache(s), got {len(data.metadata['sources'])}")
 
 
 BACKBONE_KEYS = ("backbone", "layer", "feature_dim", "input_kind", "weights", "weights_sha256", "weights_path",
@@ -373,7 +374,7 @@ BACKBONE_KEYS = ("backbone", "layer", "feature_dim", "input_kind", "weights", "w
 
 
 def train_head(
-    caches: list[str | Path] | str | Path,
+    caches: Sequence[str | Path] | str | Path,
     head: str = "logreg",
     *,
     stack: Sequence[Sequence[str | Path] | str | Path] = (),
@@ -652,7 +653,7 @@ def _group_gender_plot(tables: dict, path: Path) -> Path:
     heights = [len(table["cells"]) for table in tables.values()]
     figure, panels = plt.subplots(len(tables), 1, figsize=(7, 0.28 * sum(heights) + 1.2 * len(tables)),
                                   gridspec_kw={"height_ratios": [max(h, 1) for h in heights]}, squeeze=False)
-    for axes, (name, table) in zip(panels[:, 0], tables.items()):
+    for axes, (name, table) in zip(panels[:, 0], tables.items(), strict=True):
         cells = table["cells"]
         rates = np.array([cell["error_rate"] for cell in cells]) * 100
         spans = np.array([[cell["error_rate"] - cell["ci95"][0], cell["ci95"][1] - cell["error_rate"]]

@@ -15,8 +15,8 @@ import functools
 import logging
 import os
 import signal
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -145,7 +145,7 @@ class ImageBatch:
     ok: np.ndarray
     errors: list[str]
 
-    def pin_memory(self) -> "ImageBatch":
+    def pin_memory(self) -> ImageBatch:
         if isinstance(self.images, torch.Tensor):
             self.images = self.images.pin_memory()
         return self
@@ -153,11 +153,10 @@ class ImageBatch:
 
 def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> ImageBatch:
     """Stack same-sized images into one tensor; keep a list when sizes differ."""
-    images = [image for _, image, _ in items if image is not None]
-    if not images:
-        images = None
-    elif all(image.shape == images[0].shape for image in images):
-        images = torch.stack(images)
+    found = [image for _, image, _ in items if image is not None]
+    images: torch.Tensor | list[torch.Tensor] | None = found or None
+    if found and all(image.shape == found[0].shape for image in found):
+        images = torch.stack(found)
     return ImageBatch(
         indices=np.array([index for index, _, _ in items], dtype=np.int64),
         images=images,
@@ -221,7 +220,7 @@ def iter_features(
 
     bar = tqdm(total=len(sources), initial=start, unit="img", disable=not progress, desc=backbone.config.name)
     for batch in loader:
-        features = np.full((len(batch.indices), backbone.config.feature_dim), np.nan, dtype=DTYPES[dtype])
+        features = np.full((len(batch.indices), backbone.feature_dim), np.nan, dtype=DTYPES[dtype])
         if batch.images is not None:
             images = batch.images
             if isinstance(images, torch.Tensor):
@@ -248,7 +247,7 @@ def extract_features(backbone: Backbone, sources: Sequence, **options) -> tuple[
         features.append(batch_features)
         errors.extend(batch_errors)
     if not features:
-        return np.empty((0, backbone.config.feature_dim), dtype=DTYPES[options.get("dtype", "float16")]), []
+        return np.empty((0, backbone.feature_dim), dtype=DTYPES[options.get("dtype", "float16")]), []
     return np.concatenate(features), errors
 
 
@@ -272,11 +271,11 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
         self.device = device
         self.progress = progress
 
-    def fit(self, X=None, y=None) -> "CNNFeatures":
+    def fit(self, X=None, y=None) -> CNNFeatures:
         from featgender.backbones import build_backbone
 
         self.backbone_ = build_backbone(self.backbone, weights=self.weights, layer=self.layer)
-        self.n_features_out_ = int(self.backbone_.config.feature_dim)
+        self.n_features_out_ = self.backbone_.feature_dim
         return self
 
     def transform(self, X) -> np.ndarray:

@@ -10,22 +10,32 @@ and rank 0 joins them (:mod:`featgender.distributed`).
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from featgender.backbones import Backbone, build_backbone, get_config, with_face_box
-from featgender.defaults import DEFAULT_BACKBONE
-from featgender.cache import DEFAULT_CACHE_DIR, cache_metadata, default_cache_path, identity_mismatch, read_metadata, \
-    shard_path
+from featgender.cache import (
+    DEFAULT_CACHE_DIR,
+    cache_metadata,
+    default_cache_path,
+    identity_mismatch,
+    read_metadata,
+    shard_path,
+)
 from featgender.cache_writer import CacheWriter
 from featgender.data import FaceDataset, load_dataset
+from featgender.defaults import DEFAULT_BACKBONE
 from featgender.distributed import Rank, current_rank, join_shards, process_group, shard_rows
 from featgender.errors import FeatgenderError
 from featgender.extract import default_batch_size, iter_features, resolve_device, resolve_precision
 from featgender.files import exclusive
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +57,7 @@ def build_cache(
     out: str | Path,
     *,
     batch_size: int | None = None,
-    device: str = "auto",
+    device: str | torch.device = "auto",
     workers: int | None = None,
     dtype: str = "float16",
     precision: str = "auto",
@@ -90,7 +100,7 @@ def build_cache(
 
 def _stop_at_first_error(batches: Iterable, paths: Sequence[Path]) -> Iterable:
     for indices, features, errors in batches:
-        for index, error in zip(indices, errors):
+        for index, error in zip(indices, errors, strict=True):
             if error:
                 raise FeatgenderError(f"{paths[index]}: {error} (--strict: unreadable images are fatal)")
         yield indices, features, errors
@@ -163,9 +173,9 @@ def resolve_face_box(face_box: str | tuple, backbone: str, sources: Sequence, wh
     'L,T,R,B'): None for detection (or a backbone that does not align faces), the given box,
     or where faces sit in ``sources``, image paths or PIL images
     (:func:`featgender.faces.calibrate_face_box`)."""
-    face_box = parse_face_box(face_box)
-    if face_box != "auto":
-        return face_box
+    parsed = parse_face_box(face_box)
+    if not isinstance(parsed, str):  # None or a box; the one string left is 'auto'
+        return parsed
     if not get_config(backbone).alignment:
         return None
     from featgender.faces import calibrate_face_box  # dlib, an optional extra
@@ -183,7 +193,8 @@ def finding_faces_in(dataset: FaceDataset, backbone: Backbone, face_box: str | t
     return (with_face_box(backbone, box) if backbone.config.alignment else backbone), box
 
 
-def _extract_sharded(dataset: FaceDataset, backbone: Backbone, out: Path, rank: Rank, *, device: str = "auto",
+def _extract_sharded(dataset: FaceDataset, backbone: Backbone, out: Path, rank: Rank, *,
+                     device: str | torch.device = "auto",
                      precision: str = "auto", dtype: str = "float16", flip: bool = False, limit: int | None = None,
                      seed: int = 0, overwrite: bool = False, progress: bool = True, **options) -> CacheResult:
     """This rank's part of a torchrun extraction: its shard, then (rank 0) the joined cache.

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,7 +66,7 @@ def add_zero_filled(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     at the end of each dimension (top-left aligned) to the larger one."""
     if a.shape == b.shape:
         return a + b
-    shape = [max(sizes) for sizes in zip(a.shape, b.shape)]
+    shape = [max(sizes) for sizes in zip(a.shape, b.shape, strict=True)]
 
     def fill(t: torch.Tensor) -> torch.Tensor:  # F.pad counts from the last dimension
         return F.pad(t, (0, shape[3] - t.shape[3], 0, shape[2] - t.shape[2], 0, shape[1] - t.shape[1]))
@@ -82,6 +83,8 @@ class FaceResNet(nn.Module):
     The input layer is the network's, as in dlib: ``input_mean`` (per channel) is subtracted
     and the difference divided by 256.
     """
+
+    input_mean: torch.Tensor
 
     def __init__(self):
         super().__init__()
@@ -200,7 +203,7 @@ def read_dlib_model(path: str | Path) -> dict[str, torch.Tensor]:
     if (reader.integer(), reader.integer()) != (CHIP_SIZE, CHIP_SIZE):
         raise reader.error(f"an input of another size than {CHIP_SIZE}x{CHIP_SIZE}")
     values = []
-    for index, (layer, version) in enumerate(zip(layers, versions)):
+    for index, (layer, version) in enumerate(zip(layers, versions, strict=True)):
         if layer[0] in ("tag", "skip"):
             continue
         values.append((layer, _read_layer(reader, layer)))
@@ -210,12 +213,12 @@ def read_dlib_model(path: str | Path) -> dict[str, torch.Tensor]:
     return _state_dict(values, input_mean)
 
 
-def _state_dict(values: list[tuple[tuple, np.ndarray | None]], input_mean: list[float]) -> dict[str, torch.Tensor]:
+def _state_dict(values: list[tuple[tuple, Any]], input_mean: list[float]) -> dict[str, torch.Tensor]:
     """Fold each affine into the convolution before it and name the tensors as FaceResNet does."""
     names = ["conv1"] + [f"blocks.{i}.conv{j}" for i in range(len(BLOCKS)) for j in (1, 2)]
     convolutions, in_channels = [], 3
     state = {"input_mean": torch.tensor(input_mean, dtype=torch.float32).view(1, 3, 1, 1)}
-    for (layer, params), (next_layer, next_params) in zip(values, values[1:] + [((None,), None)]):
+    for (layer, params), (next_layer, next_params) in zip(values, values[1:] + [((None,), None)], strict=True):
         if layer[0] == "con":
             _, filters, size, _ = layer
             if next_layer[0] != "affine" or next_params.size != 2 * filters:

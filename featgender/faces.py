@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -74,7 +76,7 @@ class FaceDetector:
 
     def __init__(self, cnn_detector_file: str | None = None):
         self.cnn_detector_file = cnn_detector_file
-        self._models = None
+        self._models: tuple[Any, Any] | None = None  # dlib's HOG and CNN detectors, once loaded
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_models": None}  # dlib objects stay in the process that made them
@@ -135,7 +137,7 @@ def cut_faces(picture, detector: FaceDetector, all_faces: bool = False) -> list[
     return [(box, crop_face(picture, box)) for box in boxes]
 
 
-def calibrate_face_box(sources: list, samples: int = 64, max_spread: float = 0.1) -> tuple[float, ...] | None:
+def calibrate_face_box(sources: Sequence, samples: int = 64, max_spread: float = 0.1) -> tuple[float, ...] | None:
     """Where the face sits in a dataset of aligned face crops, as a relative box; else None.
 
     HOG-detects faces in ``samples`` images spread evenly over ``sources`` (deterministic).
@@ -160,9 +162,9 @@ def calibrate_face_box(sources: list, samples: int = 64, max_spread: float = 0.1
             relative.append((left / width, top / height, right / width, bottom / height))
     if len(relative) < 0.5 * len(picks):
         return None
-    relative = np.array(relative)
-    median = np.median(relative, axis=0)
-    if np.median(np.abs(relative - median), axis=0).max() >= max_spread:
+    found = np.array(relative)
+    median = np.median(found, axis=0)
+    if np.median(np.abs(boxes - median), axis=0).max() >= max_spread:
         return None
     return tuple(round(float(value), 3) for value in median)
 
@@ -205,7 +207,7 @@ class FaceAligner:
         self.detector = FaceDetector(cnn_detector_file)
         self.face_crop = face_crop
         self.box = box
-        self._landmarks = None
+        self._landmarks: Any = None  # dlib's shape predictor, once loaded
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_landmarks": None}

@@ -26,9 +26,9 @@ import re
 import shutil
 import socket
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from featgender.errors import FeatgenderError
 
@@ -36,7 +36,7 @@ try:  # POSIX only
     import fcntl
     import resource
 except ImportError:
-    fcntl = resource = None
+    fcntl = resource = None  # type: ignore[assignment]
 
 logger = logging.getLogger(__name__)
 

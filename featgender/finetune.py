@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 
-from featgender.backbones import Backbone, build_backbone
+from featgender.backbones import Backbone, EmbeddingModel, build_backbone
 from featgender.cache import library_versions
 from featgender.data import SPLITS, FaceDataset, load_dataset
 from featgender.defaults import DEFAULT_BACKBONE, MODELS_FOLDER
@@ -44,9 +44,10 @@ class GenderNet(nn.Module):
 
     def __init__(self, backbone: Backbone, dropout: float = 0.2):
         super().__init__()
+        assert isinstance(backbone.model, EmbeddingModel), "a backbone as build_backbone builds it"
         self.embedding = backbone.model.body  # the graph up to the embedding layer
         self.dropout = nn.Dropout(dropout)
-        self.logit = nn.Linear(backbone.config.feature_dim, 1)
+        self.logit = nn.Linear(backbone.feature_dim, 1)
         self.frozen: list[nn.Module] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -55,7 +56,7 @@ class GenderNet(nn.Module):
             embedding = nn.functional.adaptive_avg_pool2d(embedding, 1)
         return self.logit(self.dropout(embedding.flatten(1))).squeeze(1)
 
-    def train(self, mode: bool = True) -> "GenderNet":
+    def train(self, mode: bool = True) -> GenderNet:
         super().train(mode)
         for module in self.frozen:  # frozen blocks keep their batch-norm statistics
             module.eval()
@@ -165,7 +166,7 @@ def load_training_data(data: Sequence[str | Path], built: Backbone, *, face_box:
     return read
 
 
-def _loader(images: Dataset, batch_size: int, workers: int, seed: int, pin: bool, *, shuffle: bool = False,
+def _loader(images: ConcatDataset | TrainingImages, batch_size: int, workers: int, seed: int, pin: bool, *, shuffle: bool = False,
             weights: np.ndarray | None = None, samples: int | None = None) -> DataLoader:
     """Batches of ``images``: in order, shuffled, or ``samples`` drawn per epoch with ``weights``
     (with replacement); every draw comes from the loader's seeded generator."""
@@ -173,7 +174,7 @@ def _loader(images: Dataset, batch_size: int, workers: int, seed: int, pin: bool
     sampler = None
     if weights is not None or samples is not None:
         weights = np.ones(len(images)) if weights is None else weights
-        sampler = WeightedRandomSampler(torch.as_tensor(weights, dtype=torch.double), samples or len(images),
+        sampler = WeightedRandomSampler(weights.tolist(), samples or len(images),
                                         replacement=True, generator=generator)
     return DataLoader(images, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
                       num_workers=workers, pin_memory=pin, generator=generator, drop_last=False,
@@ -184,7 +185,7 @@ def _run_epoch(net, loader, device, normalise, autocast, optimizer=None) -> tupl
     """One pass; trains when ``optimizer`` is given. Returns mean loss, labels, P(male)."""
     loss_function = nn.BCEWithLogitsLoss(reduction="sum")
     net.train(optimizer is not None)
-    total, labels, scores = 0.0, [], []
+    total, label_batches, score_batches = 0.0, [], []
     with torch.set_grad_enabled(optimizer is not None):
         for images, targets in loader:
             images = normalise(images.to(device, non_blocking=True), torch.float32)
@@ -199,9 +200,9 @@ def _run_epoch(net, loader, device, normalise, autocast, optimizer=None) -> tupl
                 (loss / len(targets)).backward()
                 optimizer.step()
             total += float(loss.detach())
-            labels.append(targets.cpu().numpy())
-            scores.append(torch.sigmoid(logits).detach().cpu().numpy())
-    labels, scores = np.concatenate(labels), np.concatenate(scores)
+            label_batches.append(targets.cpu().numpy())
+            score_batches.append(torch.sigmoid(logits).detach().cpu().numpy())
+    labels, scores = np.concatenate(label_batches), np.concatenate(score_batches)
     return total / max(len(labels), 1), labels.astype(int), scores
 
 
@@ -220,7 +221,7 @@ def finetune(
     balance: str | Sequence[str] | None = None,
     samples_per_epoch: int | None = None,
     out: str | Path | None = None,
-    device: str = "auto",
+    device: str | torch.device = "auto",
     precision: str = "auto",
     workers: int | None = None,
     limit: int | None = None,
@@ -241,8 +242,6 @@ def finetune(
     ``<out>.last.pt`` (the latest epoch): rerunning the same command resumes from it, and
     rerunning with more ``epochs`` trains on.
     """
-    from tqdm.auto import tqdm
-
     if samples_per_epoch is not None and samples_per_epoch < 1:
         raise FeatgenderError(f"--samples-per-epoch {samples_per_epoch}: want a positive number of images")
     built = build_backbone(backbone, weights=weights, face_box=None)
@@ -251,54 +250,88 @@ def finetune(
     torch.manual_seed(seed)
     net = GenderNet(built, dropout)
     trainable = freeze_all_but_last(net, unfreeze_last)
-    device = resolve_device(device)
-    autocast = uses_bfloat16(precision, device)
-    net = net.to(device).to(memory_format=torch.channels_last)
-    normalise = built.transform.to(device)
+    run = _Run(device=resolve_device(device), precision=precision, normalise=built.transform, batch_size=batch_size,
+               seed=seed, workers=workers, loader_bound=any(detects_on_loader(part.backbone) for part in parts))
+    net = net.to(run.device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     out = Path(out) if out is not None else Path(MODELS_FOLDER) / f"{backbone}-ft.pt"
     last = out.with_name(out.name + ".last.pt")
     config = _run_config(parts, built, unfreeze_last=unfreeze_last, lr=lr, batch_size=batch_size, dropout=dropout,
                          seed=seed, balance=parse_balance(balance), samples_per_epoch=samples_per_epoch)
-    history, best = [], {"loss": float("inf"), "epoch": 0, "state": None}
-    if last.is_file():
-        history, best = _resume(last, config, net, optimizer)
+    history, best = _resume(last, config, net, optimizer) if last.is_file() else ([], BestEpoch())
     start_epoch = len(history)
-    if workers is None:
-        workers = default_workers(device, loader_bound=any(detects_on_loader(part.backbone) for part in parts))
-    pin = device.type == "cuda"
     train = [part.split("train") for part in parts]
-    train_loader = _loader(ConcatDataset([part.images("train", augment=True) for part in parts]), batch_size,
-                           workers, seed, pin, shuffle=True, weights=balance_weights(train, balance),
-                           samples=samples_per_epoch)
-    valid_loader = _loader(ConcatDataset([part.images("valid") for part in parts]), batch_size, workers, seed, pin)
-    stale = len(history) - best["epoch"]
+    train_loader = run.loader(ConcatDataset([part.images("train", augment=True) for part in parts]), shuffle=True,
+                              weights=balance_weights(train, balance), samples=samples_per_epoch)
+    valid_loader = run.loader(ConcatDataset([part.images("valid") for part in parts]))
+    from tqdm.auto import tqdm
+
     for epoch in tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, unit="epoch",
                       disable=not progress, desc=f"fine-tune {backbone}"):
-        if stale >= patience:
+        if len(history) - best.epoch >= patience:
             break
         torch.manual_seed(seed + epoch)  # same draws and augmentations whether or not the run was resumed
         train_loader.generator.manual_seed(seed + epoch)
-        train_loss, _, _ = _run_epoch(net, train_loader, device, normalise, autocast, optimizer)
-        valid_loss, valid_labels, valid_scores = _run_epoch(net, valid_loader, device, normalise, autocast)
-        history.append({"epoch": epoch + 1, "train_loss": train_loss, "valid_loss": valid_loss,
-                        "valid_accuracy": float(((valid_scores >= 0.5) == valid_labels).mean())})
-        if valid_loss < best["loss"]:
-            best = {"loss": valid_loss, "epoch": epoch + 1, "state": copy.deepcopy(net.state_dict())}
-        stale = epoch + 1 - best["epoch"]
+        history.append(_epoch(net, run, train_loader, valid_loader, optimizer, epoch + 1))
+        if history[-1]["valid_loss"] < best.loss:
+            best = BestEpoch(history[-1]["valid_loss"], epoch + 1, copy.deepcopy(net.state_dict()))
         _save(last, {"config": config, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                     "history": history, "best": {"loss": best["loss"], "epoch": best["epoch"]},
-                     "best_state": best["state"]})
-    net.load_state_dict(best["state"])
-    test = _test(net, parts, lambda images: _loader(images, batch_size, workers, seed, pin), device, normalise,
-                 autocast)
+                     "history": history, "best": {"loss": best.loss, "epoch": best.epoch}, "best_state": best.state})
+    if best.state is None:
+        raise FeatgenderError(f"--epochs {epochs}: no epoch was trained")
+    net.load_state_dict(best.state)
+    test = _test(net, parts, run)
     _save(out, {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "config": config,
-                "backbone": backbone, "layer": built.config.layer, "feature_dim": built.config.feature_dim,
+                "backbone": backbone, "layer": built.config.layer, "feature_dim": built.feature_dim,
                 "weights_path": built.weights.path or "", "trainable_blocks": trainable,
                 "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "history": history,
-                "best_epoch": best["epoch"],
+                "best_epoch": best.epoch,
                 "metrics": public_result(test), "versions": library_versions()})
-    return FinetuneResult(out, best["epoch"], history, test, start_epoch)
+    return FinetuneResult(out, best.epoch, history, test, start_epoch)
+
+
+@dataclass
+class BestEpoch:
+    """The epoch of lowest valid loss so far, with the network's weights after it."""
+
+    loss: float = float("inf")
+    epoch: int = 0
+    state: dict | None = None
+
+
+@dataclass
+class _Run:
+    """Where and how a fine-tune computes: device, precision, input normalisation, loaders."""
+
+    device: torch.device
+    precision: str
+    normalise: nn.Module
+    batch_size: int
+    seed: int
+    workers: int | None
+    loader_bound: bool
+
+    def __post_init__(self):
+        self.autocast = uses_bfloat16(self.precision, self.device)
+        self.normalise = self.normalise.to(self.device)
+        if self.workers is None:
+            self.workers = default_workers(self.device, loader_bound=self.loader_bound)
+
+    def loader(self, images: ConcatDataset | TrainingImages, **sampling) -> DataLoader:
+        return _loader(images, self.batch_size, int(self.workers or 0), self.seed, self.device.type == "cuda",
+                       **sampling)
+
+    def scores(self, net: GenderNet, loader: DataLoader, optimizer=None) -> tuple[float, np.ndarray, np.ndarray]:
+        return _run_epoch(net, loader, self.device, self.normalise, self.autocast, optimizer)
+
+
+def _epoch(net: GenderNet, run: _Run, train_loader: DataLoader, valid_loader: DataLoader, optimizer,
+           number: int) -> dict:
+    """One epoch of training, then validation: its row of the history."""
+    train_loss, _, _ = run.scores(net, train_loader, optimizer)
+    valid_loss, valid_labels, valid_scores = run.scores(net, valid_loader)
+    return {"epoch": number, "train_loss": train_loss, "valid_loss": valid_loss,
+            "valid_accuracy": float(((valid_scores >= 0.5) == valid_labels).mean())}
 
 
 def _run_config(parts: list[TrainingData], built: Backbone, **settings) -> dict:
@@ -317,7 +350,7 @@ def _run_config(parts: list[TrainingData], built: Backbone, **settings) -> dict:
     return config
 
 
-def _resume(last: Path, config: dict, net: GenderNet, optimizer) -> tuple[list[dict], dict]:
+def _resume(last: Path, config: dict, net: GenderNet, optimizer) -> tuple[list[dict], BestEpoch]:
     """The history and best epoch of the run checkpointed in ``last``, its state loaded."""
     saved = torch.load(last, map_location="cpu", weights_only=True)
     if saved.get("config") != config:
@@ -325,17 +358,16 @@ def _resume(last: Path, config: dict, net: GenderNet, optimizer) -> tuple[list[d
     net.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     logger.info("%s: resuming after epoch %d", last, len(saved["history"]))
-    return saved["history"], {**saved["best"], "state": saved["best_state"]}
+    return saved["history"], BestEpoch(saved["best"]["loss"], saved["best"]["epoch"], saved["best_state"])
 
 
-def _test(net: GenderNet, parts: list[TrainingData], loader, device, normalise, autocast) -> dict:
+def _test(net: GenderNet, parts: list[TrainingData], run: _Run) -> dict:
     """Each dataset's test split evaluated (pooled too, with several); {} without test images."""
     evaluations = {}
     for part in parts:
         rows = part.split("test")
         if len(rows):
-            _, _, scores = _run_epoch(net, loader(TrainingImages(rows, part.backbone, False)), device, normalise,
-                                      autocast)
+            _, _, scores = run.scores(net, run.loader(TrainingImages(rows, part.backbone, False)))
             evaluations[part.dataset.name] = {**evaluate_scores(rows, scores), "split": "test"}
     if len(evaluations) <= 1:
         return next(iter(evaluations.values()), {})

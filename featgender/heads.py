@@ -25,9 +25,9 @@ hyper-parameter by cross-validation (:func:`search_grid`).
 from __future__ import annotations
 
 import os
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
 
 import joblib
 import numpy as np
@@ -429,7 +429,7 @@ def fit_head_streaming(
             scaler.partial_fit(normalized[start:start + 1024])
         del features, normalized  # before the next chunk is read: one in memory, not two
     classifier = SGDClassifier(loss=STREAMING_LOSSES[head], alpha=alpha, average=True, random_state=random_state)
-    for epoch in range(epochs):
+    for _ in range(epochs):
         for features, labels in chunks():
             classifier.partial_fit(scaler.transform(normalizer.transform(features)), labels, classes=[0, 1])
             del features, labels
@@ -463,6 +463,7 @@ class HeadModel:
         weights_path, preprocessing, precision, feature_dim), in the order they are joined.
     training : caches, their dataset fingerprints, split and image count it was fitted on.
     metrics : evaluation results recorded at training time.
+    sha256 : of the artifact file it was loaded from ('' when fitted in this process).
     """
 
     def __init__(self, pipeline: Pipeline, *, head: str, params: dict, backbones: list[dict],
@@ -475,6 +476,7 @@ class HeadModel:
         self.metrics = metrics or {}
         self.versions = versions or {}
         self.label_names = LABEL_NAMES
+        self.sha256 = ""  # of the file it was loaded from (load_model), for the model card
 
     @property
     def feature_dim(self) -> int:

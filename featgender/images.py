@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 import torch
 
+if TYPE_CHECKING:
+    import PIL.Image
 
-def load_image(source: str | Path | object, min_side: int | None = None) -> torch.Tensor:
+
+def load_image(source: str | Path | BinaryIO | PIL.Image.Image, min_side: int | None = None) -> torch.Tensor:
     """Decode an image file (or PIL image) to a uint8 (3, H, W) RGB tensor.
 
     Grayscale (8- and 16-bit), palette, CMYK and alpha images are converted to RGB, EXIF

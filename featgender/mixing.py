@@ -51,8 +51,8 @@ def read_datasets(datasets: Sequence[Sequence[str | Path]], split: str | None, *
     same order); a dataset named twice is refused, since its rows would count twice.
     """
     read = []
-    for caches in datasets:
-        caches = [Path(path) for path in caches]
+    for given in datasets:
+        caches = [Path(path) for path in given]
         rows = read_caches(caches, split, in_progress=in_progress)
         read.append(DatasetRows(_dataset_name(rows, caches[0]), caches, rows))
     first = read[0]

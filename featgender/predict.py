@@ -11,9 +11,9 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from PIL import Image
@@ -26,8 +26,8 @@ from featgender.extract import extract_features
 from featgender.extraction import parse_face_box, resolve_face_box
 from featgender.faces import BOX_IN_FACE_CROP
 from featgender.files import atomic_write
-from featgender.images import load_image
 from featgender.heads import FINETUNED_SUFFIXES, HeadModel, load_model
+from featgender.images import load_image
 
 
 @dataclass
@@ -131,14 +131,14 @@ class ImagePredictor:
         if faces == "crop" or (faces == "auto" and not all_faces and self.input_kind != "photo"):
             probabilities, errors = self.probabilities(images, progress)
             return [_prediction(_name(image, i), p, error)
-                    for i, (image, p, error) in enumerate(zip(images, probabilities, errors))]
+                    for i, (image, p, error) in enumerate(zip(images, probabilities, errors, strict=True))]
         return self._predict_faces(images, all_faces, progress)
 
     def _predict_faces(self, images: list, all_faces: bool, progress: bool) -> list[Prediction]:
         from featgender.faces import cut_faces, default_detector
 
         detector = default_detector()
-        found = []  # per image: an error, or [(box, crop), ...]
+        found: list[str | list] = []  # per image: an error, or [(box, crop), ...]
         for image in images:
             try:
                 picture = Image.fromarray(load_image(image).permute(1, 2, 0).numpy())
@@ -147,9 +147,9 @@ class ImagePredictor:
                 continue
             found.append(cut_faces(picture, detector, all_faces) or NO_FACE)
         crops = [crop for faces in found if isinstance(faces, list) for _, crop in faces]
-        probabilities, errors = self.probabilities(crops, progress, face_crops=True) if crops else ([], [])
+        probabilities, errors = self.probabilities(crops, progress, face_crops=True) if crops else (np.empty(0), [])
         results, next_crop = [], 0
-        for index, (image, faces) in enumerate(zip(images, found)):
+        for index, (image, faces) in enumerate(zip(images, found, strict=True)):
             if isinstance(faces, str):
                 results.append(Prediction(_name(image, index), None, None, faces))
                 continue
@@ -175,11 +175,11 @@ class Predictor(ImagePredictor):
             self.backbones[face_crops] = [rebuild_backbone(entry, face_crops=True) for entry in self.model.backbones]
         blocks, errors = [], [""] * len(images)
         backbones = [self.aligned_for(backbone, images, face_crops) for backbone in self.backbones[face_crops]]
-        for backbone, entry in zip(backbones, self.model.backbones):
+        for backbone, entry in zip(backbones, self.model.backbones, strict=True):
             features, block_errors = extract_features(backbone, images, progress=progress,
                                                       flip=bool(entry.get("flip")), **self.options)
             blocks.append(features)
-            errors = [first or second for first, second in zip(errors, block_errors)]
+            errors = [first or second for first, second in zip(errors, block_errors, strict=True)]
         ok = np.array([not error for error in errors], dtype=bool)
         probabilities = np.full(len(images), np.nan)
         if ok.any():

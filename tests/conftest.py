@@ -28,7 +28,7 @@ def face_image(label: int, rng: np.random.Generator, size=(44, 54)) -> Image.Ima
 
 def write_images(folder: Path, names: list[str], labels: list[int], seed: int = 0) -> None:
     rng = np.random.default_rng(seed)
-    for name, label in zip(names, labels):
+    for name, label in zip(names, labels, strict=True):
         path = folder / name
         path.parent.mkdir(parents=True, exist_ok=True)
         face_image(label, rng).save(path, quality=90)
@@ -52,9 +52,9 @@ def celeba_official(tmp_path) -> Path:
     male = values[:, CELEBA_ATTRIBUTES.index("Male")]
     write_images(root / "img_align_celeba", names, list((male > 0).astype(int)))
     lines = [str(len(names)), " ".join(CELEBA_ATTRIBUTES) + " "]
-    lines += [f"{name} " + " ".join(f"{v:2d}" for v in row) for name, row in zip(names, values)]
+    lines += [f"{name} " + " ".join(f"{v:2d}" for v in row) for name, row in zip(names, values, strict=True)]
     (root / "list_attr_celeba.txt").write_bytes("\r\n".join(lines).encode() + b"\r\n")
-    (root / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in zip(names, partitions)))
+    (root / "list_eval_partition.txt").write_text("".join(f"{n} {p}\n" for n, p in zip(names, partitions, strict=True)))
     return root
 
 
@@ -68,11 +68,11 @@ def celeba_kaggle(tmp_path) -> Path:
     with open(root / "list_attr_celeba.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", *CELEBA_ATTRIBUTES])
-        writer.writerows([[name, *row] for name, row in zip(names, values)])
+        writer.writerows([[name, *row] for name, row in zip(names, values, strict=True)])
     with open(root / "list_eval_partition.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image_id", "partition"])
-        writer.writerows(zip(names, partitions))
+        writer.writerows(zip(names, partitions, strict=True))
     return root
 
 
@@ -96,7 +96,7 @@ def csv_dataset(tmp_path) -> Path:
     with open(root / "labels.csv", "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["image", "gender", "age", "race"])
-        for i, (name, label) in enumerate(zip(names, labels)):
+        for i, (name, label) in enumerate(zip(names, labels, strict=True)):
             writer.writerow([name, "male" if label else "female", 20 + i, races[i % 4]])
     return root
 

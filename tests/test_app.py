@@ -52,8 +52,9 @@ def server(dlib_model):
 
 
 def test_the_api_gives_what_featgender_predict_gives(server, dlib_model, group_photo, tmp_path):
-    import featgender
     from gradio_client import Client, handle_file
+
+    import featgender
 
     url, folder = server
     client = Client(url, verbose=False)
@@ -88,7 +89,7 @@ def test_bad_uploads_get_a_message_and_the_queue_goes_on(server, group_photo, tm
     (tmp_path / "truncated.jpg").write_bytes(whole[:len(whole) // 3])
     (tmp_path / "empty.jpg").write_bytes(b"")
     Image.open(group_photo).convert("CMYK").save(tmp_path / "cmyk.jpg")
-    Image.fromarray((np.asarray(Image.open(group_photo).convert("L")).astype(np.uint16) * 257)).save(
+    Image.fromarray(np.asarray(Image.open(group_photo).convert("L")).astype(np.uint16) * 257).save(
         tmp_path / "deep.png")
     Image.new("L", (300, 300)).save(tmp_path / "bomb.png")
     messages = {}
@@ -170,10 +171,11 @@ def _browser():
 def test_the_page_in_a_real_browser(server, dlib_model, group_photo, tmp_path):
     """Load the page, upload the two-face photo, see two boxes labelled as predict labels
     them; upload a non-image and read the message; a screenshot is kept in test-artifacts/."""
-    import featgender
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ready
     from selenium.webdriver.support.ui import WebDriverWait
+
+    import featgender
 
     url, _ = server
     expected = sorted(featgender.load(dlib_model[0]).predict([group_photo], all_faces=True), key=lambda p: p.box[0])

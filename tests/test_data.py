@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
-
 from conftest import CELEBA_ATTRIBUTES, celeba_rows
+
 from featgender.data import SPLITS, FeatgenderError, detect_format, load_dataset, parse_label
 
 

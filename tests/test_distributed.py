@@ -10,12 +10,12 @@ import textwrap
 import h5py
 import numpy as np
 import pytest
+from holding import holding_code, wait_until_held
 
 from featgender.cache import cache_summary, read_cache, read_metadata, shard_path
-from featgender.extraction import extract_to_cache
 from featgender.distributed import shard_rows
 from featgender.errors import FeatgenderError
-from holding import holding_code, wait_until_held
+from featgender.extraction import extract_to_cache
 
 EXTRACT = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--precision", "float32", "--workers", "0"]
 
@@ -117,16 +117,16 @@ def test_shards_of_other_rows_are_refused_at_the_join(csv_dataset, tmp_path):
     other images than the joined rows would say, and the join refuses rather than mislabel."""
     from featgender.backbones import build_backbone
     from featgender.cache import cache_metadata
-    from featgender.extraction import build_cache
     from featgender.data import load_dataset
     from featgender.distributed import join_shards
+    from featgender.extraction import build_cache
 
     dataset, backbone = load_dataset(csv_dataset), build_backbone("mobilenet_v3_small", weights="none")
     out = tmp_path / "joined.h5"
     blocks = [dataset.subset(np.array(shard_rows(40, rank, 2))) for rank in range(2)]
     shards = [shard_path(out, rank, 2) for rank in range(2)]
     shards[0].parent.mkdir()
-    for block, shard in zip(reversed(blocks), shards):  # rank 0 embedded rank 1's rows and the reverse
+    for block, shard in zip(reversed(blocks), shards, strict=True):  # rank 0 embedded rank 1's rows and the reverse
         build_cache(block, backbone, shard, workers=0, progress=False)
     metadata = cache_metadata(dataset, backbone, "float32", "float16", None, 0, False)
     with pytest.raises(FeatgenderError, match=r"rank-00000-of-00002.h5: holds other images than rows 0-19"):

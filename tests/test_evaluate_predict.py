@@ -9,7 +9,6 @@ from sklearn import metrics as skm
 import featgender
 from featgender.backbones import build_backbone
 from featgender.cache import CacheData, read_caches
-from featgender.extraction import build_cache
 from featgender.data import load_dataset
 from featgender.errors import FeatgenderError
 from featgender.evaluate import (
@@ -20,6 +19,7 @@ from featgender.evaluate import (
     subgroup_metrics,
     train_head,
 )
+from featgender.extraction import build_cache
 from featgender.heads import load_model
 from featgender.predict import expand_inputs, write_predictions_csv
 

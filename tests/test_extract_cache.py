@@ -12,15 +12,15 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from holding import HOLD_TIMEOUT_S, holding_code, wait_until_held
 
 from featgender.backbones import build_backbone
 from featgender.cache import cache_summary, read_cache
-from featgender.extraction import build_cache
 from featgender.data import load_dataset
 from featgender.errors import FeatgenderError
 from featgender.extract import extract_features
+from featgender.extraction import build_cache
 from featgender.images import load_image
-from holding import HOLD_TIMEOUT_S, holding_code, wait_until_held
 
 BACKBONE = "mobilenet_v3_small"
 
@@ -65,7 +65,7 @@ def test_cached_features_equal_a_direct_forward_pass(csv_dataset, small_backbone
         expected = small_backbone.model(images).numpy()
     np.testing.assert_allclose(cached.features[:4], expected, rtol=1e-4, atol=1e-5)
     test_rows = read_cache(out, "test")
-    assert set(test_rows.ids) == {i for i, s in zip(dataset.image_ids, dataset.splits) if s == 2}
+    assert set(test_rows.ids) == {i for i, s in zip(dataset.image_ids, dataset.splits, strict=True) if s == 2}
 
 
 def test_rerun_is_a_noop_and_a_different_cache_is_refused(csv_dataset, small_backbone, tmp_path):
@@ -128,14 +128,14 @@ def test_decompression_bombs_are_refused_and_recorded(csv_dataset, small_backbon
     assert all("DecompressionBomb" in error for error in errors) and np.isnan(features).all()
 
 
-EXTRACT_SCRIPT = """
+EXTRACT_SCRIPT = f"""
 import sys
 from featgender.backbones import build_backbone
 from featgender.extraction import build_cache
 from featgender.data import load_dataset
-build_cache(load_dataset(sys.argv[1]), build_backbone("%s", weights="none"), sys.argv[2],
+build_cache(load_dataset(sys.argv[1]), build_backbone("{BACKBONE}", weights="none"), sys.argv[2],
             batch_size=2, chunk_rows=4, workers=int(sys.argv[3]) if len(sys.argv) > 3 else 0, progress=False)
-""" % BACKBONE
+"""
 
 
 def _start_held(data, out, hold: Path, after_chunks: int, workers: int = 0) -> subprocess.Popen:

@@ -150,7 +150,7 @@ def test_the_face_network_fine_tunes_end_to_end_and_predicts(shared_faces, tmp_p
     assert not torch.equal(saved["state_dict"]["embedding.descriptor.weight"],
                            build_backbone("dlib_resnet").model.body.descriptor.weight)
     test = load_dataset(shared_faces / "utkface", limit=60)
-    test_paths = [path for path, split in zip(test.paths, test.splits) if split == 2]
+    test_paths = [path for path, split in zip(test.paths, test.splits, strict=True) if split == 2]
     predictions = featgender.load(out).predict(test_paths, faces="crop")
     assert len(predictions) == len(test_paths) == result.test["n"]
     assert all(p.label in ("male", "female") for p in predictions)
@@ -160,7 +160,7 @@ def test_the_face_network_fine_tunes_end_to_end_and_predicts(shared_faces, tmp_p
         canvas.paste(Image.open(path).convert("RGB").resize((150, 150)), (250, 160))
         reframed.append(tmp_path / Path(path).name)
         canvas.save(reframed[-1], quality=95)
-    gaps = [abs(a.probability - b.probability) for a, b in zip(predictions, featgender.load(out).predict(reframed, faces="crop"))]
+    gaps = [abs(a.probability - b.probability) for a, b in zip(predictions, featgender.load(out).predict(reframed, faces="crop"), strict=True)]
     assert np.median(gaps) < 0.02
     # a face network finds faces in photos itself ('auto' is photo mode): each face with its box
     in_photos = featgender.load(out).predict(reframed[:3])

@@ -4,18 +4,18 @@ import json
 
 import h5py
 import numpy as np
-from PIL import Image
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("dlib")
 
-from featgender.backbones import build_backbone, weights_available, get_config  # noqa: E402
+from featgender.backbones import build_backbone, get_config, weights_available  # noqa: E402
 from featgender.data import load_dataset  # noqa: E402
 from featgender.errors import FeatgenderError  # noqa: E402
 from featgender.extract import extract_features  # noqa: E402
-from featgender.images import load_image  # noqa: E402
 from featgender.faces import FaceAligner, calibrate_face_box, dlib_model_file  # noqa: E402
+from featgender.images import load_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -125,10 +125,10 @@ def test_a_model_records_the_calibrated_face_box_of_its_dataset(dlib_model, shar
 
 def test_a_group_photo_gives_one_prediction_per_face_with_its_box(dlib_model, group_photo, tmp_path):
     from PIL import Image
+    from typer.testing import CliRunner
 
     import featgender
     from featgender.cli import app
-    from typer.testing import CliRunner
 
     model_path, paths, labels = dlib_model
     man, woman = paths[list(labels).index(1)], paths[list(labels).index(0)]
@@ -161,7 +161,7 @@ def test_photo_datasets_go_through_the_face_step(shared_faces, tmp_path):
 
     utk = load_dataset(shared_faces / "utkface", limit=100)
     rows = []
-    for i, (path, label) in enumerate(zip(utk.paths[:6], utk.labels[:6])):
+    for i, (path, label) in enumerate(zip(utk.paths[:6], utk.labels[:6], strict=True)):
         photo = Image.new("RGB", (800, 600), (70 + 20 * i, 110, 90))
         photo.paste(Image.open(path).convert("RGB"), (60 + 90 * i, 40 + 50 * i))
         photo.save(tmp_path / f"photo{i}.jpg", quality=95)

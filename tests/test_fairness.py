@@ -102,7 +102,7 @@ def test_a_head_trained_on_two_datasets_is_evaluated_on_each(two_datasets):
     assert [d["name"] for d in model.training["datasets"]] == ["first", "second"]
     assert model.training["balance"] == ["dataset", "gender"]
     assert set(evaluation["datasets"]) == {"first", "second"}
-    for name, cache in zip(("first", "second"), caches):
+    for name, cache in zip(("first", "second"), caches, strict=True):
         own = evaluate_model(root / "mix.joblib", cache, split="test")  # the same as its own evaluation
         assert evaluation["datasets"][name]["accuracy"] == own["accuracy"]
         assert evaluation["datasets"][name]["group_gender"] == own["group_gender"]

@@ -3,9 +3,9 @@ import pytest
 import torch
 
 import featgender
+from featgender.backbones import build_backbone
 from featgender.errors import FeatgenderError
 from featgender.finetune import GenderNet, finetune, freeze_all_but_last, parameter_blocks
-from featgender.backbones import build_backbone
 
 OPTIONS = dict(backbone="mobilenet_v3_small", weights="none", batch_size=8, workers=0, progress=False)
 
@@ -45,7 +45,7 @@ def test_resume_continues_where_it_stopped(csv_dataset, tmp_path):
     finetune(csv_dataset, epochs=1, patience=5, out=tmp_path / "b.pt", **OPTIONS)
     resumed = finetune(csv_dataset, epochs=2, patience=5, out=tmp_path / "b.pt", **OPTIONS)
     assert resumed.resumed_from == 1 and len(resumed.history) == 2
-    for a, b in zip(straight.history, resumed.history):
+    for a, b in zip(straight.history, resumed.history, strict=True):
         assert a["valid_loss"] == b["valid_loss"] and a["train_loss"] == b["train_loss"]
     best_a = torch.load(tmp_path / "a.pt", weights_only=True)["state_dict"]
     best_b = torch.load(tmp_path / "b.pt", weights_only=True)["state_dict"]

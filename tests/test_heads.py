@@ -3,8 +3,8 @@ import pickle
 import numpy as np
 import pytest
 from sklearn.base import clone
-from sklearn.preprocessing import StandardScaler
 from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import check_estimator
 
 from featgender.errors import FeatgenderError
@@ -164,7 +164,9 @@ def test_search_tunes_the_key_parameter_on_train_only():
 def test_streaming_fit_matches_in_memory_accuracy():
     features, labels = separable(n=2000)
     test_features, test_labels = separable(n=500, seed=1)
-    chunks = lambda: ((features[i:i + 256], labels[i:i + 256]) for i in range(0, 2000, 256))
+    def chunks():
+        return ((features[i:i + 256], labels[i:i + 256]) for i in range(0, 2000, 256))
+
     before = features.copy()
     streamed = fit_head_streaming(chunks, "logreg")
     in_memory, _ = fit_head(features, labels, "logreg")
@@ -247,7 +249,9 @@ def test_streaming_fit_over_a_label_sorted_cache_matches_in_memory(tmp_path):
     streamed = fit_head_streaming(lambda: iter_cache_chunks(cache, "train", rows=512, shuffle=order), "logreg",
                                   overwrite_chunks=True)
     in_memory, _ = fit_head(train.features, train.labels, "logreg")
-    accuracy = lambda model: (model.predict(test.features) == test.labels).mean()
+    def accuracy(model):
+        return (model.predict(test.features) == test.labels).mean()
+
     test_features = test.features.copy()
     assert accuracy(streamed) > accuracy(in_memory) - 0.03  # 3 standard errors on 2,000 test rows; file order: -0.10
     np.testing.assert_array_equal(test.features, test_features)  # fitted in place, predicts on a copy

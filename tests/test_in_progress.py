@@ -5,20 +5,20 @@ import sys
 
 import numpy as np
 import pytest
+from holding import HOLD_TIMEOUT_S, holding_code, release, wait_until_held
 from typer.testing import CliRunner
 
 from featgender.backbones import build_backbone
-from featgender.cli import app
 from featgender.cache import cache_summary, iter_cache_chunks, open_rows, read_cache, shard_path
+from featgender.cli import app
 from featgender.data import load_dataset
 from featgender.distributed import shard_rows
-from featgender.extraction import build_cache
 from featgender.errors import FeatgenderError
 from featgender.evaluate import train_head
-from holding import HOLD_TIMEOUT_S, holding_code, release, wait_until_held
+from featgender.extraction import build_cache
 
 BACKBONE = "mobilenet_v3_small"
-OPTIONS = dict(batch_size=2, chunk_rows=4, workers=0, progress=False)
+OPTIONS: dict = dict(batch_size=2, chunk_rows=4, workers=0, progress=False)
 
 
 @pytest.fixture(scope="module")
