@@ -42,8 +42,10 @@ def plain_stream(path: Path, split: str, rows: int = 16384, shuffle: int | None 
         if shuffle is not None:
             starts = np.random.default_rng(shuffle).permutation(starts)
         for first in range(0, len(starts), rows // block):
-            parts = [h5["features"][start:start + block][wanted[start:start + block]]
-                     for start in starts[first:first + rows // block]]
+            parts = [
+                h5["features"][start : start + block][wanted[start : start + block]]
+                for start in starts[first : first + rows // block]
+            ]
             seen += len(np.concatenate(parts))
     return seen
 
@@ -63,16 +65,28 @@ def timings(cache: Path, repeat: int, read=read_caches, stream=iter_cache_chunks
     cases = [
         ("read train split", lambda: read(cache, "train"), lambda: plain_read(cache, "train")),
         ("read test split", lambda: read(cache, "test"), lambda: plain_read(cache, "test")),
-        ("stream train split", lambda: sum(len(f) for f, _ in stream(cache, "train")),
-         lambda: plain_stream(cache, "train")),
-        ("stream train split, shuffled", lambda: sum(len(f) for f, _ in stream(cache, "train", shuffle=0)),
-         lambda: plain_stream(cache, "train", shuffle=0)),
+        (
+            "stream train split",
+            lambda: sum(len(f) for f, _ in stream(cache, "train")),
+            lambda: plain_stream(cache, "train"),
+        ),
+        (
+            "stream train split, shuffled",
+            lambda: sum(len(f) for f, _ in stream(cache, "train", shuffle=0)),
+            lambda: plain_stream(cache, "train", shuffle=0),
+        ),
     ]
     lines = []
     for name, ours, plain in cases:
         ours_s, plain_s = best_seconds(ours, repeat), best_seconds(plain, repeat)
-        lines.append({"read": name, "featgender_s": round(ours_s, 3), "plain_h5py_s": round(plain_s, 3),
-                      "ratio": round(ours_s / plain_s, 2)})
+        lines.append(
+            {
+                "read": name,
+                "featgender_s": round(ours_s, 3),
+                "plain_h5py_s": round(plain_s, 3),
+                "ratio": round(ours_s / plain_s, 2),
+            }
+        )
     return lines
 
 

@@ -39,22 +39,32 @@ def main() -> None:
     args = parser.parse_args()
     caches = {name: path.split("+") for name, path in (entry.split("=", 1) for entry in args.data)}
     tests = {name: read_caches(paths, "test") for name, paths in caches.items()}
-    print("| trained on | model | " + " | ".join(f"test: {name} (n={len(data.labels)})" for name, data in tests.items())
-          + " |")
+    print(
+        "| trained on | model | "
+        + " | ".join(f"test: {name} (n={len(data.labels)})" for name, data in tests.items())
+        + " |"
+    )
     print("|---|---|" + "---|" * len(tests))
     for trained_on, paths in caches.items():
         train = read_caches(paths, "train")
         for head in args.heads.split(","):
             pipeline = fit_head(train.features, train.labels, head)[0]
-            cells = [accuracy_with_ci(data.labels, pipeline.predict_proba(data.features)[:, 1]) for data in tests.values()]
-            print(f"| {trained_on} ({len(train.labels)}) | {' + '.join(Path(p).stem for p in paths)}, {head} | "
-                  + " | ".join(cells) + " |", flush=True)
+            cells = [
+                accuracy_with_ci(data.labels, pipeline.predict_proba(data.features)[:, 1]) for data in tests.values()
+            ]
+            print(
+                f"| {trained_on} ({len(train.labels)}) | {' + '.join(Path(p).stem for p in paths)}, {head} | "
+                + " | ".join(cells)
+                + " |",
+                flush=True,
+            )
     for entry in args.finetuned:
         trained_on, checkpoint = entry.split("=", 1)
         cells = []
         for data in tests.values():
-            result = evaluate_images(checkpoint, data.metadata["dataset_root"], format=data.metadata["dataset_format"],
-                                     progress=False)
+            result = evaluate_images(
+                checkpoint, data.metadata["dataset_root"], format=data.metadata["dataset_format"], progress=False
+            )
             low, high = result["ci95"]["accuracy"]
             cells.append(f"{result['accuracy']:.4f} ({low:.4f}–{high:.4f})")
         print(f"| {trained_on} | {Path(checkpoint).name} (fine-tuned) | " + " | ".join(cells) + " |", flush=True)

@@ -32,12 +32,14 @@ SHARED_UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "faces" / "utk
 def naive_loop(backbone, paths, out_dir: Path) -> float:
     """Seconds to embed ``paths`` one image at a time, saving one .npy per image."""
     config = backbone.config
-    transform = transforms.Compose([
-        transforms.Resize(config.resize_size),
-        transforms.CenterCrop(config.input_size),
-        transforms.ToTensor(),
-        transforms.Normalize(config.mean, config.std),
-    ])
+    transform = transforms.Compose(
+        [
+            transforms.Resize(config.resize_size),
+            transforms.CenterCrop(config.input_size),
+            transforms.ToTensor(),
+            transforms.Normalize(config.mean, config.std),
+        ]
+    )
     model = backbone.model.eval()
     start = time.perf_counter()
     with torch.no_grad():

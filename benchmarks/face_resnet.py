@@ -63,7 +63,7 @@ def stage_ms(paths, box) -> dict:
     chips = torch.stack([backbone.transform.loader_step(image) for image in images])
     align = time.perf_counter() - started
     model = backbone.model.to(memory_format=torch.channels_last)
-    batches = [backbone.transform(chips[i:i + 8]) for i in range(0, len(chips), 8)]
+    batches = [backbone.transform(chips[i : i + 8]) for i in range(0, len(chips), 8)]
     with torch.inference_mode():
         model(batches[0])
         started = time.perf_counter()
@@ -71,9 +71,13 @@ def stage_ms(paths, box) -> dict:
             model(batch)
         network = time.perf_counter() - started
     count = len(paths)
-    return {"decode_ms": round(1000 * decode / count, 2), "landmarks_and_chip_ms": round(1000 * align / count, 2),
-            "network_ms_per_chip": round(1000 * network / count, 2),
-            "network_chips_per_s": round(count / network, 1), "torch_threads": torch.get_num_threads()}
+    return {
+        "decode_ms": round(1000 * decode / count, 2),
+        "landmarks_and_chip_ms": round(1000 * align / count, 2),
+        "network_ms_per_chip": round(1000 * network / count, 2),
+        "network_chips_per_s": round(count / network, 1),
+        "torch_threads": torch.get_num_threads(),
+    }
 
 
 def main() -> None:
@@ -87,10 +91,16 @@ def main() -> None:
 
     dataset = load_dataset(args.data, limit=args.images)
     box = calibrate_face_box(dataset.paths)
-    results = {"machine": {"cpu": platform.processor() or platform.machine(), "cores": torch.get_num_threads(),
-                           "torch": torch.__version__,
-                           "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None},
-               "face_box": box, "stages": stage_ms(dataset.paths[:256], box)}
+    results = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cores": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        },
+        "face_box": box,
+        "stages": stage_ms(dataset.paths[:256], box),
+    }
     print(json.dumps(results), flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -98,15 +108,22 @@ def main() -> None:
         featgender_seconds(args.data, 16, tmp / "warmup.h5")
         naive = naive_loop(dataset.paths, box, tmp)
         ours = featgender_seconds(args.data, args.images, tmp / "same.h5")
-        results["versus_naive"] = {"images": len(dataset), "naive_images_per_s": round(len(dataset) / naive, 1),
-                                   "featgender_images_per_s": round(len(dataset) / ours, 1),
-                                   "speedup": round(naive / ours, 2)}
+        results["versus_naive"] = {
+            "images": len(dataset),
+            "naive_images_per_s": round(len(dataset) / naive, 1),
+            "featgender_images_per_s": round(len(dataset) / ours, 1),
+            "speedup": round(naive / ours, 2),
+        }
         print(json.dumps(results["versus_naive"]), flush=True)
         results["whole_dataset"] = []
         for workers in map(int, args.workers.split(",")):
             seconds = featgender_seconds(args.data, args.all_images, tmp / f"all-{workers}.h5", workers=workers)
-            row = {"images": args.all_images, "workers": workers, "seconds": round(seconds, 1),
-                   "images_per_s": round(args.all_images / seconds, 1)}
+            row = {
+                "images": args.all_images,
+                "workers": workers,
+                "seconds": round(seconds, 1),
+                "images_per_s": round(args.all_images / seconds, 1),
+            }
             results["whole_dataset"].append(row)
             print(json.dumps(row), flush=True)
     if args.json:

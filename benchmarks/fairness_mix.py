@@ -50,8 +50,11 @@ def main() -> None:
     args = parser.parse_args()
     caches = dict(entry.split("=", 1) for entry in args.data)
     utk = [name for name in args.utk.split(",") if name in caches]
-    header = ["mix", "balance", "head", "fit s"] + [f"{name} acc" for name in caches] + \
-        ["UTK worst cell", "UTK black women", "UTK black men", "UTK white women"]
+    header = (
+        ["mix", "balance", "head", "fit s"]
+        + [f"{name} acc" for name in caches]
+        + ["UTK worst cell", "UTK black women", "UTK black men", "UTK white women"]
+    )
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for entry in args.mix:
         label, spec = entry.split("=", 1)
@@ -59,32 +62,56 @@ def main() -> None:
         names, _, balance = spec.partition(":")
         names = names.split("+")
         started = time.perf_counter()
-        model, _ = train_head(caches[names[0]], head or "logreg", stack=[caches[name] for name in names[1:]],
-                              balance=balance or None, eval_split=None)
+        model, _ = train_head(
+            caches[names[0]],
+            head or "logreg",
+            stack=[caches[name] for name in names[1:]],
+            balance=balance or None,
+            eval_split=None,
+        )
         seconds = time.perf_counter() - started
         results = {name: evaluate_datasets(model, [path], "test") for name, path in caches.items()}
-        print(row([label, balance or "none", head or "logreg", f"{seconds:.1f}"], results, list(caches), utk),
-              flush=True)
+        print(
+            row([label, balance or "none", head or "logreg", f"{seconds:.1f}"], results, list(caches), utk), flush=True
+        )
     for entry in args.finetuned or []:
         label, path = entry.split("=", 1)
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        results = checkpoint["metrics"].get("datasets") or {checkpoint["metrics"].get("data", label): checkpoint["metrics"]}
+        results = checkpoint["metrics"].get("datasets") or {
+            checkpoint["metrics"].get("data", label): checkpoint["metrics"]
+        }
         settings = checkpoint["config"]
-        print(row([label, ",".join(settings.get("balance") or []) or "none",
-                   f"fine-tuned (last {settings['unfreeze_last']} blocks, best epoch {checkpoint['best_epoch']})", "–"],
-                  results, list(caches), utk), flush=True)
+        print(
+            row(
+                [
+                    label,
+                    ",".join(settings.get("balance") or []) or "none",
+                    f"fine-tuned (last {settings['unfreeze_last']} blocks, best epoch {checkpoint['best_epoch']})",
+                    "–",
+                ],
+                results,
+                list(caches),
+                utk,
+            ),
+            flush=True,
+        )
 
 
 def row(first: list[str], results: dict[str, dict], names: list[str], utk: list[str]) -> str:
     """One table row: ``first`` cells, each dataset's test accuracy (95% CI), the UTK cells."""
-    accuracies = [f"{results[name]['accuracy']:.4f} ({results[name]['ci95']['accuracy'][0]:.4f}–"
-                  f"{results[name]['ci95']['accuracy'][1]:.4f})" if name in results else "–" for name in names]
+    accuracies = [
+        f"{results[name]['accuracy']:.4f} ({results[name]['ci95']['accuracy'][0]:.4f}–"
+        f"{results[name]['ci95']['accuracy'][1]:.4f})"
+        if name in results
+        else "–"
+        for name in names
+    ]
     cells = pooled_cells([results[name] for name in utk if name in results])
     sized = {key: value for key, value in cells.items() if value[1] >= 20}
     worst = max(sized, key=lambda key: sized[key][0] / sized[key][1]) if sized else None
-    fairness = [f"{worst[0]} {worst[1]} {rate(*sized[worst])}" if worst else "–"] + \
-        [rate(*cells[key]) if key in cells else "–" for key in (("black", "women"), ("black", "men"),
-                                                               ("white", "women"))]
+    fairness = [f"{worst[0]} {worst[1]} {rate(*sized[worst])}" if worst else "–"] + [
+        rate(*cells[key]) if key in cells else "–" for key in (("black", "women"), ("black", "men"), ("white", "women"))
+    ]
     return "| " + " | ".join([*first, *accuracies, *fairness]) + " |"
 
 

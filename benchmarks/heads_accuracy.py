@@ -43,15 +43,18 @@ def main() -> None:
     caches = str(args.cache).split("+")
     train, test = read_caches(caches, "train"), read_caches(caches, "test")
     unseen = read_caches(str(args.unseen).split("+")) if args.unseen else None
-    print(f"train {len(train.labels)} / test {len(test.labels)} images of {args.cache.name}"
-          + (f"; unseen: {len(unseen.labels)} images of {args.unseen.name}" if unseen else ""))
+    print(
+        f"train {len(train.labels)} / test {len(test.labels)} images of {args.cache.name}"
+        + (f"; unseen: {len(unseen.labels)} images of {args.unseen.name}" if unseen else "")
+    )
     print("| head | fit s | test accuracy (95% CI) |" + (" unseen accuracy (95% CI) |" if unseen else ""))
     print("|---|---|---|" + ("---|" if unseen else ""))
     order = np.random.default_rng(0)
     fits = {head: lambda head=head: fit_head(train.features, train.labels, head)[0] for head in args.heads.split(",")}
     if len(caches) == 1:  # streaming reads one cache
         fits["logreg, out of core"] = lambda: fit_head_streaming(
-            lambda: iter_cache_chunks(args.cache, "train", shuffle=order), "logreg", overwrite_chunks=True)
+            lambda: iter_cache_chunks(args.cache, "train", shuffle=order), "logreg", overwrite_chunks=True
+        )
     for name, fit in fits.items():
         started = time.perf_counter()
         pipeline = fit()

@@ -32,13 +32,18 @@ def generated_cache(path: Path, rows: int, dim: int, test_rows: int = 20_000, se
     factors = rng.standard_normal((total, 64), dtype=np.float32)
     labels = (factors[:, 0] + 0.5 * factors[:, 1] + 0.5 * rng.standard_normal(total) > 0).astype(np.int8)
     dataset = FaceDataset(
-        root=path.parent, format="generated", image_ids=[f"{i:06d}.jpg" for i in range(total)], paths=[],
-        labels=labels, splits=np.r_[np.zeros(rows, np.int8), np.full(test_rows, 2, np.int8)], split_source="generated",
+        root=path.parent,
+        format="generated",
+        image_ids=[f"{i:06d}.jpg" for i in range(total)],
+        paths=[],
+        labels=labels,
+        splits=np.r_[np.zeros(rows, np.int8), np.full(test_rows, 2, np.int8)],
+        split_source="generated",
     )
 
     def chunks(block: int = 8192):
         for start in range(0, total, block):
-            part = factors[start:start + block] @ projection
+            part = factors[start : start + block] @ projection
             part += 0.3 * rng.standard_normal(part.shape, dtype=np.float32)
             yield np.maximum(part, 0), [""] * len(part)
 
@@ -70,9 +75,18 @@ def main() -> None:
             started = time.perf_counter()
             predicted = pipeline.predict(test.features)
             predict_ms = (time.perf_counter() - started) / len(test.labels) * 1000
-            print(json.dumps({"head": head, "read_seconds": round(read_seconds, 2), "fit_seconds": round(fit_seconds, 2),
-                              "predict_ms_per_image": round(predict_ms, 4),
-                              "test_accuracy": round(float((predicted == test.labels).mean()), 4)}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "head": head,
+                        "read_seconds": round(read_seconds, 2),
+                        "fit_seconds": round(fit_seconds, 2),
+                        "predict_ms_per_image": round(predict_ms, 4),
+                        "test_accuracy": round(float((predicted == test.labels).mean()), 4),
+                    }
+                ),
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

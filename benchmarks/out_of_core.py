@@ -33,10 +33,19 @@ def fit_once(cache: Path, out_of_core: bool) -> None:
     model, _ = train_head(cache, "logreg", out_of_core=out_of_core, eval_split=None)
     fitted_mb = peak_mb()
     accuracy = evaluate_model(model, cache, split="test")["accuracy"]
-    print(json.dumps({"fit": "out-of-core (SGD, 16,384-row chunks)" if out_of_core else "in memory (lbfgs)",
-                      "fit_s": model.training["fit_seconds"], "test_accuracy": round(accuracy, 4),
-                      "after_imports_mb": round(imported_mb), "fit_peak_mb": round(fitted_mb),
-                      "evaluation_peak_mb": round(peak_mb())}), flush=True)
+    print(
+        json.dumps(
+            {
+                "fit": "out-of-core (SGD, 16,384-row chunks)" if out_of_core else "in memory (lbfgs)",
+                "fit_s": model.training["fit_seconds"],
+                "test_accuracy": round(accuracy, 4),
+                "after_imports_mb": round(imported_mb),
+                "fit_peak_mb": round(fitted_mb),
+                "evaluation_peak_mb": round(peak_mb()),
+            }
+        ),
+        flush=True,
+    )
 
 
 def main() -> None:

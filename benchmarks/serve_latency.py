@@ -41,8 +41,11 @@ def timed_requests(url: str, photo: Path, count: int, deadline: float) -> list[f
 
 
 def summary(seconds: list[float]) -> dict:
-    return {"requests": len(seconds), "p50_s": round(statistics.median(seconds), 3),
-            "p95_s": round(float(np.percentile(seconds, 95)), 3)}
+    return {
+        "requests": len(seconds),
+        "p50_s": round(statistics.median(seconds), 3),
+        "p95_s": round(float(np.percentile(seconds, 95)), 3),
+    }
 
 
 def main() -> None:
@@ -64,11 +67,15 @@ def main() -> None:
         deadline = time.perf_counter() + args.seconds
         started = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
-            runs = list(pool.map(lambda _: timed_requests(url, args.photo, args.requests, deadline), range(args.clients)))
+            runs = list(
+                pool.map(lambda _: timed_requests(url, args.photo, args.requests, deadline), range(args.clients))
+            )
         elapsed = time.perf_counter() - started
         every = [second for run in runs for second in run]
-        print(json.dumps({"clients": args.clients, **summary(every),
-                          "requests_per_s": round(len(every) / elapsed, 2)}), flush=True)
+        print(
+            json.dumps({"clients": args.clients, **summary(every), "requests_per_s": round(len(every) / elapsed, 2)}),
+            flush=True,
+        )
     finally:
         blocks.close()
         shutil.rmtree(work_dir, ignore_errors=True)

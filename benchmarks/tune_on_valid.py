@@ -27,13 +27,16 @@ def main() -> None:
     caches = str(args.cache).split("+")
     train, valid = read_caches(caches, "train"), read_caches(caches, "valid")
     rows = []
-    for C, normalize, pca in itertools.product(map(float, args.C.split(",")), args.normalize.split(","),
-                                               map(int, args.pca.split(","))):
+    for C, normalize, pca in itertools.product(
+        map(float, args.C.split(",")), args.normalize.split(","), map(int, args.pca.split(","))
+    ):
         pipeline = fit_head(train.features, train.labels, args.head, C=C, normalize=normalize, pca=pca)[0]
         accuracy = float((pipeline.predict(valid.features) == valid.labels).mean())
         rows.append((accuracy, C, normalize, pca))
-    print(f"{args.head} on {' + '.join(Path(c).name for c in caches)}: train {len(train.labels)}, "
-          f"valid {len(valid.labels)}")
+    print(
+        f"{args.head} on {' + '.join(Path(c).name for c in caches)}: train {len(train.labels)}, "
+        f"valid {len(valid.labels)}"
+    )
     print("| valid accuracy | C | normalize | pca |\n|---|---|---|---|")
     for accuracy, C, normalize, pca in sorted(rows, key=lambda row: -row[0]):
         print(f"| {accuracy:.4f} | {C:g} | {normalize} | {pca} |")

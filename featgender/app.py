@@ -63,23 +63,33 @@ def model_card(predictor) -> str:
     data, test metrics with 95% CIs, per-group accuracy gaps, library versions."""
     if hasattr(predictor, "checkpoint"):  # a fine-tuned network
         saved = predictor.checkpoint
-        lines = [f"**Fine-tuned network** on `{saved['backbone']}` (weights {saved['config']['weights']}), "
-                 f"trainable blocks {', '.join(saved.get('trainable_blocks', [])) or 'head only'}, "
-                 f"best epoch {saved.get('best_epoch')}."]
+        lines = [
+            f"**Fine-tuned network** on `{saved['backbone']}` (weights {saved['config']['weights']}), "
+            f"trainable blocks {', '.join(saved.get('trainable_blocks', [])) or 'head only'}, "
+            f"best epoch {saved.get('best_epoch')}."
+        ]
         metrics, versions = saved.get("metrics", {}), saved.get("versions", {})
     else:
         model = predictor.model
-        backbones = "; ".join(f"`{entry['backbone']}` ({entry.get('weights')}, layer {entry.get('layer')}"
-                              f"{', flip' if entry.get('flip') else ''})" for entry in model.backbones)
+        backbones = "; ".join(
+            f"`{entry['backbone']}` ({entry.get('weights')}, layer {entry.get('layer')}"
+            f"{', flip' if entry.get('flip') else ''})"
+            for entry in model.backbones
+        )
         training = model.training
         caches = ", ".join(Path(str(cache)).name for cache in training.get("caches", []))
         datasets = training.get("datasets", [])
-        source = (" + ".join(f"{entry['name']} ({entry['images']})" for entry in datasets) if len(datasets) > 1
-                  else caches or "its caches")
+        source = (
+            " + ".join(f"{entry['name']} ({entry['images']})" for entry in datasets)
+            if len(datasets) > 1
+            else caches or "its caches"
+        )
         balance = ", ".join(training.get("balance") or []) or "none"
-        lines = [f"**Head** `{model.head}` on {backbones}.",
-                 f"**Trained on** {training.get('images', '?')} images ({training.get('split', 'train')} split of "
-                 f"{source}); balanced by: {balance}."]
+        lines = [
+            f"**Head** `{model.head}` on {backbones}.",
+            f"**Trained on** {training.get('images', '?')} images ({training.get('split', 'train')} split of "
+            f"{source}); balanced by: {balance}.",
+        ]
         metrics, versions = model.metrics, model.versions
     if metrics:
         lines += _metrics_card(metrics)
@@ -95,16 +105,26 @@ def _metrics_card(metrics: dict) -> list[str]:
     from featgender.evaluate import group_gender_headline
 
     ci = metrics.get("ci95", {})
-    rows = [f"| {name} | {metrics[name]:.4f} | {ci[name][0]:.4f} – {ci[name][1]:.4f} |"
-            for name in ("accuracy", "balanced_accuracy", "f1", "roc_auc") if name in metrics and name in ci]
-    lines = [f"**Evaluated on** the {metrics.get('split', '?')} split, {metrics.get('n', '?')} images:", "",
-             "| metric | value | 95% CI |", "|---|---|---|", *rows, ""]
+    rows = [
+        f"| {name} | {metrics[name]:.4f} | {ci[name][0]:.4f} – {ci[name][1]:.4f} |"
+        for name in ("accuracy", "balanced_accuracy", "f1", "roc_auc")
+        if name in metrics and name in ci
+    ]
+    lines = [
+        f"**Evaluated on** the {metrics.get('split', '?')} split, {metrics.get('n', '?')} images:",
+        "",
+        "| metric | value | 95% CI |",
+        "|---|---|---|",
+        *rows,
+        "",
+    ]
     for attribute, slices in metrics.get("subgroups", {}).items():
         groups = ", ".join(f"{group} {row['accuracy']:.3f} (n={row['n']})" for group, row in slices["groups"].items())
         lines.append(f"- {attribute}: largest accuracy gap {slices['accuracy_gap']:.3f} ({groups})")
     for attribute, table in metrics.get("group_gender", {}).items():
-        cells = ", ".join(f"{cell['group']} {cell['gender']} {cell['error_rate']:.1%} (n={cell['n']})"
-                          for cell in table["cells"])
+        cells = ", ".join(
+            f"{cell['group']} {cell['gender']} {cell['error_rate']:.1%} (n={cell['n']})" for cell in table["cells"]
+        )
         lines.append(f"- errors per {attribute} x gender ({group_gender_headline(table)}): {cells}")
     return lines + [""]
 
@@ -164,13 +184,14 @@ class FacePage:
                 return None, "No images given."
             predictions: list[Prediction] = []
             for start in range(0, len(paths), 16):
-                predictions += self.predictor.predict(paths[start:start + 16], faces="auto")
+                predictions += self.predictor.predict(paths[start : start + 16], faces="auto")
                 if progress is not None:
                     progress(min(1.0, (start + 16) / len(paths)), desc="classifying")
             rows = write_predictions_csv(predictions, folder / "predictions.csv")
             skipped = [p for p in predictions if p.error]
             message = f"{rows} of {len(paths)} images classified" + (
-                f"; {len(skipped)} not ({skipped[0].error.replace(str(folder), '')}, ...)" if skipped else ".")
+                f"; {len(skipped)} not ({skipped[0].error.replace(str(folder), '')}, ...)" if skipped else "."
+            )
             return str(folder / "predictions.csv"), message
         finally:
             for path in folder.glob("*/**/*"):  # the images; the CSV stays for the browser to fetch
@@ -215,17 +236,24 @@ def render(shown: dict, threshold: float) -> tuple[str, list[list]]:
     for index, (box, probability) in enumerate(shown["faces"], start=1):
         verdict = call(probability, threshold)
         left, top, right, bottom = box
-        style = (f"left:{100 * left / width:.2f}%;top:{100 * top / height:.2f}%;"
-                 f"width:{100 * (right - left) / width:.2f}%;height:{100 * (bottom - top) / height:.2f}%;"
-                 f"border-color:{COLOURS[verdict]}")
-        boxes.append(f'<div class="fg-face" data-face="{index}" data-label="{verdict}" data-p-male="{probability:.4f}" '
-                     f'style="position:absolute;border:3px solid;box-sizing:border-box;{style}">'
-                     f'<span style="position:absolute;left:-3px;bottom:100%;color:white;font-size:13px;padding:1px 4px;'
-                     f'white-space:nowrap;background:{COLOURS[verdict]}">{index}: {verdict} {probability:.2f}</span></div>')
+        style = (
+            f"left:{100 * left / width:.2f}%;top:{100 * top / height:.2f}%;"
+            f"width:{100 * (right - left) / width:.2f}%;height:{100 * (bottom - top) / height:.2f}%;"
+            f"border-color:{COLOURS[verdict]}"
+        )
+        boxes.append(
+            f'<div class="fg-face" data-face="{index}" data-label="{verdict}" data-p-male="{probability:.4f}" '
+            f'style="position:absolute;border:3px solid;box-sizing:border-box;{style}">'
+            f'<span style="position:absolute;left:-3px;bottom:100%;color:white;font-size:13px;padding:1px 4px;'
+            f'white-space:nowrap;background:{COLOURS[verdict]}">{index}: {verdict} {probability:.2f}</span></div>'
+        )
         rows.append([index, ",".join(map(str, box)), verdict, round(probability, 4)])
-    page = (f'<div class="fg-photo" style="position:relative;display:inline-block;max-width:100%">'
-            f'<img alt="your photo" style="display:block;max-width:100%;height:auto" src="{html.escape(shown["image"])}">'
-            + "".join(boxes) + "</div>")
+    page = (
+        f'<div class="fg-photo" style="position:relative;display:inline-block;max-width:100%">'
+        f'<img alt="your photo" style="display:block;max-width:100%;height:auto" src="{html.escape(shown["image"])}">'
+        + "".join(boxes)
+        + "</div>"
+    )
     return page, rows
 
 
@@ -259,8 +287,14 @@ def _unzip_images(archive, folder: Path) -> list[Path]:
     return written
 
 
-def build(model: str | Path, *, trusted: bool = False, device: str = "auto", work_dir: str | Path | None = None,
-          concurrency: int = 1):
+def build(
+    model: str | Path,
+    *,
+    trusted: bool = False,
+    device: str = "auto",
+    work_dir: str | Path | None = None,
+    concurrency: int = 1,
+):
     """The Gradio Blocks of the page for ``model`` (a head ``.joblib`` or fine-tuned ``.pt``).
 
     The model and its backbone load once, here. ``work_dir`` is where uploads land (Gradio's
@@ -278,18 +312,36 @@ def build(model: str | Path, *, trusted: bool = False, device: str = "auto", wor
             with gr.Row():
                 photo = gr.Image(label="Photo", type="filepath", sources=["upload", "webcam", "clipboard"])
                 with gr.Column():
-                    threshold = gr.Slider(0.05, 0.95, value=0.5, step=0.01, label="Decision threshold on P(male)",
-                                          info=f"faces within {UNCERTAIN_BAND} of it are called uncertain")
+                    threshold = gr.Slider(
+                        0.05,
+                        0.95,
+                        value=0.5,
+                        step=0.01,
+                        label="Decision threshold on P(male)",
+                        info=f"faces within {UNCERTAIN_BAND} of it are called uncertain",
+                    )
                     analyse = gr.Button("Find and classify faces", variant="primary", elem_id="fg-analyse")
                     message = gr.Markdown(elem_id="fg-message")
             shown = gr.State({})
             drawn = gr.HTML(elem_id="fg-result")
-            table = gr.Dataframe(headers=["face", "box (left,top,right,bottom)", "label", "P(male)"],
-                                 label="Faces", interactive=False)
-            analyse.click(page.analyse, inputs=[photo, threshold], outputs=[shown, drawn, table, message],
-                          preprocess=False, api_name="analyse", concurrency_limit=concurrency)
-            threshold.change(render, inputs=[shown, threshold], outputs=[drawn, table], api_visibility="private",
-                             concurrency_limit=concurrency)
+            table = gr.Dataframe(
+                headers=["face", "box (left,top,right,bottom)", "label", "P(male)"], label="Faces", interactive=False
+            )
+            analyse.click(
+                page.analyse,
+                inputs=[photo, threshold],
+                outputs=[shown, drawn, table, message],
+                preprocess=False,
+                api_name="analyse",
+                concurrency_limit=concurrency,
+            )
+            threshold.change(
+                render,
+                inputs=[shown, threshold],
+                outputs=[drawn, table],
+                api_visibility="private",
+                concurrency_limit=concurrency,
+            )
         with gr.Tab("Batch"):
             files = gr.File(label="Images or a zip", file_count="multiple", type="filepath")
             run = gr.Button("Classify all", variant="primary")
@@ -299,8 +351,9 @@ def build(model: str | Path, *, trusted: bool = False, device: str = "auto", wor
             def batch(uploads, progress=gr.Progress()):
                 return page.batch(uploads, progress)
 
-            run.click(batch, inputs=files, outputs=[csv_file, batch_message], api_name="batch",
-                      concurrency_limit=concurrency)
+            run.click(
+                batch, inputs=files, outputs=[csv_file, batch_message], api_name="batch", concurrency_limit=concurrency
+            )
         with gr.Tab("Model card"):
             gr.Markdown(model_card(predictor), elem_id="fg-model-card")
             gr.Markdown(RESPONSIBLE_USE)
@@ -308,20 +361,32 @@ def build(model: str | Path, *, trusted: bool = False, device: str = "auto", wor
     return blocks
 
 
-def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False,
-          auth: tuple[str, str] | None = None, trusted: bool = False, device: str = "auto",
-          block: bool = True):
+def serve(
+    model: str | Path,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 7860,
+    share: bool = False,
+    auth: tuple[str, str] | None = None,
+    trusted: bool = False,
+    device: str = "auto",
+    block: bool = True,
+):
     """Serve the page: ``featgender serve``. Binds ``host`` (loopback by default); another host
     or a public ``share`` link needs ``auth`` (user, password), and warns. Uploads land in a
     folder of ours, removed when this returns. With ``block=False`` returns (blocks, url,
     folder) and the caller closes the blocks and removes the folder."""
     exposed = share or host not in LOOPBACK
     if exposed and auth is None:
-        raise FeatgenderError(f"--host {host}{' --share' if share else ''}: the page would be reachable by others; "
-                              "give --auth USER:PASSWORD too")
+        raise FeatgenderError(
+            f"--host {host}{' --share' if share else ''}: the page would be reachable by others; "
+            "give --auth USER:PASSWORD too"
+        )
     if exposed:
-        logger.warning("featgender serve: reachable beyond this machine (%s); faces are personal data",
-                       "public share link" if share else host)
+        logger.warning(
+            "featgender serve: reachable beyond this machine (%s); faces are personal data",
+            "public share link" if share else host,
+        )
     work_dir = tempfile.mkdtemp(prefix="featgender-serve-")
     atexit.register(shutil.rmtree, work_dir, True)  # also when the caller of block=False forgets
     os.environ["GRADIO_TEMP_DIR"] = work_dir  # before gradio's import: some of its modules read it then
@@ -332,10 +397,19 @@ def serve(model: str | Path, *, host: str = "127.0.0.1", port: int = 7860, share
         signal.signal(signal.SIGTERM, _stop)  # a service manager's stop: clean up as Ctrl-C does
     try:
         blocks = build(model, trusted=trusted, device=device, work_dir=work_dir)
-        _, url, _ = blocks.launch(server_name=host, server_port=port, share=share, auth=auth,
-                                  max_file_size=MAX_UPLOAD, allowed_paths=[], show_error=True, quiet=not block,
-                                  prevent_thread_lock=not block, footer_links=["api"],
-                                  theme=gr.themes.Default(font=FONTS, font_mono=["ui-monospace", "monospace"]))
+        _, url, _ = blocks.launch(
+            server_name=host,
+            server_port=port,
+            share=share,
+            auth=auth,
+            max_file_size=MAX_UPLOAD,
+            allowed_paths=[],
+            show_error=True,
+            quiet=not block,
+            prevent_thread_lock=not block,
+            footer_links=["api"],
+            theme=gr.themes.Default(font=FONTS, font_mono=["ui-monospace", "monospace"]),
+        )
     except BaseException:
         shutil.rmtree(work_dir, ignore_errors=True)
         raise

@@ -30,6 +30,7 @@ from featgender.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
+
 @dataclass(frozen=True)
 class BackboneConfig:
     """What a backbone expects and gives: preprocessing, embedding layer, weights source.
@@ -583,8 +584,9 @@ def _face_chips(config: BackboneConfig) -> FaceChips:
 
     _dlib()  # the alignment needs it: say so now, not on the loader workers
     # Datasets are face crops: where no detector finds the face, its central box is used.
-    aligner = FaceAligner(str(_dlib_file("landmarks")), str(_dlib_file("cnn_detector")), face_crop=True,
-                          box=config.face_box)
+    aligner = FaceAligner(
+        str(_dlib_file("landmarks")), str(_dlib_file("cnn_detector")), face_crop=True, box=config.face_box
+    )
     return FaceChips(aligner)
 
 

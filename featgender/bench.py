@@ -38,7 +38,9 @@ def machine_info() -> dict:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")]
+        names = [
+            line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")
+        ]
         cpu = names[0] if names else cpu
     return {
         "cpu": cpu,
@@ -69,13 +71,22 @@ def timed(function: Callable[[], object], repeats: int) -> dict:
 
 
 def _per_second(timing: dict, count: int) -> dict:
-    return {"images_per_s": round(count / timing["median_s"], 1),
-            "spread_images_per_s": [round(count / timing["max_s"], 1), round(count / timing["min_s"], 1)]}
+    return {
+        "images_per_s": round(count / timing["median_s"], 1),
+        "spread_images_per_s": [round(count / timing["max_s"], 1), round(count / timing["min_s"], 1)],
+    }
 
 
-def bench_backbone(datasets: Sequence[FaceDataset], name: str, *, weights: str, device: str | torch.device,
-                   repeats: int,
-                   sample: int, caches: Sequence[Path]) -> dict:
+def bench_backbone(
+    datasets: Sequence[FaceDataset],
+    name: str,
+    *,
+    weights: str,
+    device: str | torch.device,
+    repeats: int,
+    sample: int,
+    caches: Sequence[Path],
+) -> dict:
     """Stage timings of one backbone on ``sample`` images of the first dataset, then each whole
     dataset into its cache (each with faces found where they sit in its images)."""
     backbone, _ = finding_faces_in(datasets[0], build_backbone(name, weights=weights))
@@ -85,15 +96,18 @@ def bench_backbone(datasets: Sequence[FaceDataset], name: str, *, weights: str, 
     batch = default_batch_size(device)
     transform = backbone.transform.to(device)
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
-    stages = {"decode": _per_second(timed(lambda: [load_image(p, backbone.config.resize_size) for p in paths],
-                                          repeats), len(paths))}
+    stages = {
+        "decode": _per_second(
+            timed(lambda: [load_image(p, backbone.config.resize_size) for p in paths], repeats), len(paths)
+        )
+    }
     step = transform.loader_step
     if step is not None:  # per image on the loader workers (face alignment)
         stages["align"] = _per_second(timed(lambda: [step(image) for image in images], repeats), len(paths))
         images = [step(image) for image in images]
 
     def preprocess():
-        return [transform([image.to(device) for image in images[i:i + batch]]) for i in range(0, len(images), batch)]
+        return [transform([image.to(device) for image in images[i : i + batch]]) for i in range(0, len(images), batch)]
 
     prepared = preprocess()
     autocast = uses_bfloat16("auto", device)  # as extraction runs it
@@ -112,8 +126,10 @@ def bench_backbone(datasets: Sequence[FaceDataset], name: str, *, weights: str, 
         own = backbone if dataset is datasets[0] else finding_faces_in(dataset, backbone)[0]
         build_cache(dataset, own, cache, device=str(device), overwrite=True, progress=False)
     images_total = sum(len(dataset) for dataset in datasets)
-    stages["extract_to_cache"] = {"images_per_s": round(images_total / (time.perf_counter() - started), 1),
-                                  "images": images_total}
+    stages["extract_to_cache"] = {
+        "images_per_s": round(images_total / (time.perf_counter() - started), 1),
+        "images": images_total,
+    }
     return {"backbone": name, "weights": backbone.weights.name, "stages": stages, **peak_memory_mb()}
 
 
@@ -138,8 +154,12 @@ def bench_head(caches: Sequence[Path], head: str, repeats: int, balance: str | N
     metrics = classification_metrics(test_labels, predicted, scores)
     bounds = np.cumsum([0] + [len(part.rows.labels) for part in test])
     own = {part.name: predicted[start:stop] for part, start, stop in zip(test, bounds[:-1], bounds[1:], strict=True)}
-    worst = {part.name: {attribute: table["worst"] for attribute, table in
-                         group_gender_errors(part.rows, own[part.name]).items()} for part in test}
+    worst = {
+        part.name: {
+            attribute: table["worst"] for attribute, table in group_gender_errors(part.rows, own[part.name]).items()
+        }
+        for part in test
+    }
     row = {
         "head": head,
         "fit_s": round(fit_timing["median_s"], 3),
@@ -155,18 +175,40 @@ def bench_head(caches: Sequence[Path], head: str, repeats: int, balance: str | N
     return row
 
 
-def bench_finetune(data: Sequence[str | Path], backbone: str, *, weights: str, device: str, limit: int | None,
-                   balance: str | None = None, epochs: int = 1) -> dict:
+def bench_finetune(
+    data: Sequence[str | Path],
+    backbone: str,
+    *,
+    weights: str,
+    device: str,
+    limit: int | None,
+    balance: str | None = None,
+    epochs: int = 1,
+) -> dict:
     """Seconds per epoch and test accuracy of the fine-tune path (on every dataset of ``data``)."""
     from featgender.finetune import finetune
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        result = finetune(data, backbone=backbone, weights=weights, epochs=epochs, device=device, limit=limit,
-                          balance=balance, out=Path(tmp) / "ft.pt", progress=False)
+        result = finetune(
+            data,
+            backbone=backbone,
+            weights=weights,
+            epochs=epochs,
+            device=device,
+            limit=limit,
+            balance=balance,
+            out=Path(tmp) / "ft.pt",
+            progress=False,
+        )
         seconds = time.perf_counter() - started
-    return {"backbone": backbone, "epochs": len(result.history), "s_per_epoch": round(seconds / len(result.history), 2),
-            "test_accuracy": result.test.get("accuracy"), **peak_memory_mb()}
+    return {
+        "backbone": backbone,
+        "epochs": len(result.history),
+        "s_per_epoch": round(seconds / len(result.history), 2),
+        "test_accuracy": result.test.get("accuracy"),
+        **peak_memory_mb(),
+    }
 
 
 def run_bench(
@@ -188,19 +230,34 @@ def run_bench(
     as ``fit --balance``); write a report to ``out``."""
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     datasets = [load_dataset(path, limit=limit) for path in paths]
-    results: dict = {"machine": machine_info(), "data": ", ".join(map(str, paths)),
-               "images": sum(len(dataset) for dataset in datasets), "balance": balance or "none",
-               "backbones": [], "heads": []}
+    results: dict = {
+        "machine": machine_info(),
+        "data": ", ".join(map(str, paths)),
+        "images": sum(len(dataset) for dataset in datasets),
+        "balance": balance or "none",
+        "backbones": [],
+        "heads": [],
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for name in backbones:
             caches = [Path(tmp) / f"{index}-{dataset.name}-{name}.h5" for index, dataset in enumerate(datasets)]
-            results["backbones"].append(bench_backbone(datasets, name, weights=weights, device=device, repeats=repeats,
-                                                       sample=min(sample, len(datasets[0])), caches=caches))
+            results["backbones"].append(
+                bench_backbone(
+                    datasets,
+                    name,
+                    weights=weights,
+                    device=device,
+                    repeats=repeats,
+                    sample=min(sample, len(datasets[0])),
+                    caches=caches,
+                )
+            )
             for head in heads:
                 results["heads"].append({"backbone": name, **bench_head(caches, head, repeats, balance)})
     if finetune:
-        results["finetune"] = bench_finetune(paths, backbones[0], weights=weights, device=device, limit=limit,
-                                             balance=balance)
+        results["finetune"] = bench_finetune(
+            paths, backbones[0], weights=weights, device=device, limit=limit, balance=balance
+        )
     if out is not None:
         write_bench_report(results, out)
     return results
@@ -212,23 +269,38 @@ def write_bench_report(results: dict, folder: str | Path) -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "results.json").write_text(json.dumps(results, indent=2))
     speed = {row["backbone"]: row["stages"]["extract_to_cache"]["images_per_s"] for row in results["backbones"]}
-    lines = [f"# featgender bench: {results['data']} ({results['images']} images; balance: "
-             f"{results.get('balance', 'none')})", "",
-             f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} threads, "
-             f"GPU {results['machine']['gpu'] or 'none'}, torch {results['machine']['torch']}.", "",
-             "| backbone | head | test accuracy | worst group x gender (error) | fit (s) | predict (ms/image) | "
-             "extraction (images/s) |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# featgender bench: {results['data']} ({results['images']} images; balance: "
+        f"{results.get('balance', 'none')})",
+        "",
+        f"Machine: {results['machine']['cpu']}, {results['machine']['cores']} threads, "
+        f"GPU {results['machine']['gpu'] or 'none'}, torch {results['machine']['torch']}.",
+        "",
+        "| backbone | head | test accuracy | worst group x gender (error) | fit (s) | predict (ms/image) | "
+        "extraction (images/s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in results["heads"]:
         accuracy = f"{row['test_accuracy']:.4f}" + "".join(
-            f"; {name} {value:.4f}" for name, value in row.get("datasets_test_accuracy", {}).items())
-        lines.append(f"| {row['backbone']} | {row['head']} | {accuracy} | {_worst_cells(row)} | {row['fit_s']:.3f} | "
-                     f"{row['predict_ms_per_image']:.4f} | {speed[row['backbone']]} |")
+            f"; {name} {value:.4f}" for name, value in row.get("datasets_test_accuracy", {}).items()
+        )
+        lines.append(
+            f"| {row['backbone']} | {row['head']} | {accuracy} | {_worst_cells(row)} | {row['fit_s']:.3f} | "
+            f"{row['predict_ms_per_image']:.4f} | {speed[row['backbone']]} |"
+        )
     if "finetune" in results:
         ft = results["finetune"]
         accuracy = f"{ft['test_accuracy']:.4f}" if ft["test_accuracy"] is not None else "–"
-        lines.append(f"| {ft['backbone']} | fine-tuned end to end | {accuracy} | – | {ft['s_per_epoch']} per epoch | – | – |")
-    lines += ["", "Stages (images/s, median of repeats after a warm-up):", "", "| backbone | stage | images/s |",
-              "|---|---|---|"]
+        lines.append(
+            f"| {ft['backbone']} | fine-tuned end to end | {accuracy} | – | {ft['s_per_epoch']} per epoch | – | – |"
+        )
+    lines += [
+        "",
+        "Stages (images/s, median of repeats after a warm-up):",
+        "",
+        "| backbone | stage | images/s |",
+        "|---|---|---|",
+    ]
     for row in results["backbones"]:
         for stage, values in row["stages"].items():
             lines.append(f"| {row['backbone']} | {stage} | {values['images_per_s']} |")
@@ -249,7 +321,9 @@ def write_bench_report(results: dict, folder: str | Path) -> list[Path]:
     if "finetune" in results and results["finetune"]["test_accuracy"] is not None:
         ft = results["finetune"]
         axes.scatter(ft["s_per_epoch"] * ft["epochs"], ft["test_accuracy"], marker="*", s=120)
-        axes.annotate(f"{ft['backbone']} fine-tuned", (ft["s_per_epoch"] * ft["epochs"], ft["test_accuracy"]), fontsize=7)
+        axes.annotate(
+            f"{ft['backbone']} fine-tuned", (ft["s_per_epoch"] * ft["epochs"], ft["test_accuracy"]), fontsize=7
+        )
     axes.set(xscale="log", xlabel="cost: extraction + fit (s)", ylabel="test accuracy", title="Accuracy vs cost")
     figure.tight_layout()
     figure.savefig(folder / "accuracy_vs_cost.png", dpi=120)
@@ -261,6 +335,13 @@ def _worst_cells(row: dict) -> str:
     """A head's worst group x gender cells (per dataset, with several) as one table cell."""
     worst = row.get("worst_group_gender", {})
     tables = worst.items() if "datasets_test_accuracy" in row else [("", worst)]
-    return "; ".join(f"{dataset + ' ' if dataset else ''}{attribute}: {cell['group']} {cell['gender']} "
-                     f"{cell['error_rate']:.1%} (n={cell['n']})"
-                     for dataset, table in tables for attribute, cell in table.items() if cell) or "–"
+    return (
+        "; ".join(
+            f"{dataset + ' ' if dataset else ''}{attribute}: {cell['group']} {cell['gender']} "
+            f"{cell['error_rate']:.1%} (n={cell['n']})"
+            for dataset, table in tables
+            for attribute, cell in table.items()
+            if cell
+        )
+        or "–"
+    )

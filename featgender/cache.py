@@ -53,12 +53,26 @@ from featgender.version import __version__
 FORMAT_VERSION = 1
 DEFAULT_CACHE_DIR = Path("cache")
 # Identity fields: a cache, or a partial one, is reused only when all of these match.
-IDENTITY_KEYS = ("backbone", "layer", "weights", "weights_sha256", "preprocessing", "flip", "precision", "dtype",
-                 "dataset_fingerprint")
+IDENTITY_KEYS = (
+    "backbone",
+    "layer",
+    "weights",
+    "weights_sha256",
+    "preprocessing",
+    "flip",
+    "precision",
+    "dtype",
+    "dataset_fingerprint",
+)
 
 
-def default_cache_path(dataset: FaceDataset, backbone: str, limit: int | None = None,
-                       cache_dir: str | Path = DEFAULT_CACHE_DIR, flip: bool = False) -> Path:
+def default_cache_path(
+    dataset: FaceDataset,
+    backbone: str,
+    limit: int | None = None,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    flip: bool = False,
+) -> Path:
     """``cache/<dataset>-<backbone>[-limit<N>][-flip].h5``."""
     suffix = (f"-limit{limit}" if limit else "") + ("-flip" if flip else "")
     return Path(cache_dir) / f"{dataset.name}-{backbone}{suffix}.h5"
@@ -81,8 +95,15 @@ def library_versions() -> dict:
     return {name: str(version) for name, version in versions.items()}  # TorchVersion is no plain str
 
 
-def cache_metadata(dataset: FaceDataset, backbone: Backbone, precision: str, dtype: str,
-                   limit: int | None, seed: int, flip: bool = False) -> dict:
+def cache_metadata(
+    dataset: FaceDataset,
+    backbone: Backbone,
+    precision: str,
+    dtype: str,
+    limit: int | None,
+    seed: int,
+    flip: bool = False,
+) -> dict:
     """The root attributes a cache of ``dataset`` embedded by ``backbone`` carries."""
     config = backbone.config
     return {
@@ -130,7 +151,7 @@ class PartialFolder:
 
     def chunk_starts(self) -> list[int]:
         """First rows of the finished chunks, sorted."""
-        return sorted(int(path.stem[len("rows-"):]) for path in self.folder.glob("rows-" + "[0-9]" * 10 + ".npz"))
+        return sorted(int(path.stem[len("rows-") :]) for path in self.folder.glob("rows-" + "[0-9]" * 10 + ".npz"))
 
     def read_meta(self) -> dict | None:
         return json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else None
@@ -155,7 +176,9 @@ def shards_in_progress(out: str | Path) -> list[Path]:
     """The shard paths of the torchrun job writing ``out``, one per rank (finished or not), from
     the names in ``<out>.shards/``; [] when there is none."""
     folder = shard_path(out, 0, 1).parent
-    sizes = {int(name.split("-of-")[1][:5]) for name in os.listdir(folder) if "-of-" in name} if folder.is_dir() else set()
+    sizes = (
+        {int(name.split("-of-")[1][:5]) for name in os.listdir(folder) if "-of-" in name} if folder.is_dir() else set()
+    )
     if len(sizes) > 1:
         raise FeatgenderError(f"{folder}: shards of jobs with {sorted(sizes)} ranks; remove the ones of the old job")
     return [shard_path(out, rank, size) for size in sizes for rank in range(size)]
@@ -163,8 +186,9 @@ def shards_in_progress(out: str | Path) -> list[Path]:
 
 def missing_shards(path: Path, metadata: dict) -> list[Path]:
     """Shard files a joined cache refers to that are not there."""
-    return [path.parent / name for name in json.loads(metadata.get("shards") or "[]")
-            if not (path.parent / name).is_file()]
+    return [
+        path.parent / name for name in json.loads(metadata.get("shards") or "[]") if not (path.parent / name).is_file()
+    ]
 
 
 # --- reading ---------------------------------------------------------------------------
@@ -186,8 +210,10 @@ def read_metadata(path: str | Path, *, check_shards: bool = True) -> dict:
     if check_shards and "shards" in metadata:  # a torchrun extraction's join: its features live in the shards
         missing = missing_shards(path, metadata)
         if missing:
-            raise FeatgenderError(f"{path}: its shard {missing[0]} is missing ({len(missing)} of "
-                                  f"{len(json.loads(metadata['shards']))}); keep {path.name}.shards/ beside it")
+            raise FeatgenderError(
+                f"{path}: its shard {missing[0]} is missing ({len(missing)} of "
+                f"{len(json.loads(metadata['shards']))}); keep {path.name}.shards/ beside it"
+            )
     return metadata
 
 
@@ -195,8 +221,10 @@ def _missing_cache_message(path: Path) -> str:
     rows = _rows_in_progress(path)
     if rows is None:
         return f"{path}: no such cache file"
-    return (f"{path}: still being extracted ({rows.metadata['finished_rows']} of {rows.metadata['num_images']} "
-            "images done); pass --in-progress to read the finished ones")
+    return (
+        f"{path}: still being extracted ({rows.metadata['finished_rows']} of {rows.metadata['num_images']} "
+        "images done); pass --in-progress to read the finished ones"
+    )
 
 
 def _plain(value):
@@ -250,7 +278,7 @@ def _read_h5_rows(path: Path, column: str, index: np.ndarray) -> np.ndarray | No
         data = h5[column].asstr() if column == "ids" else h5[column]
         if not len(index):
             return data[0:0]
-        span = data[index[0]:index[-1] + 1]
+        span = data[index[0] : index[-1] + 1]
         return span if len(span) == len(index) else span[index - index[0]]
 
 
@@ -289,26 +317,33 @@ class _PartialRows(CacheRows):
         self.valid = np.zeros(len(self.labels), dtype=bool)
         for start in self.starts:
             errors = self.partial.read_chunk(start, "errors")
-            self.finished[start:start + len(errors)] = True
-            self.valid[start:start + len(errors)] = errors == ""
-        self.metadata = {**meta, "complete": False, "num_images": len(self.labels),
-                         "finished_rows": int(self.finished.sum())}
+            self.finished[start : start + len(errors)] = True
+            self.valid[start : start + len(errors)] = errors == ""
+        self.metadata = {
+            **meta,
+            "complete": False,
+            "num_images": len(self.labels),
+            "finished_rows": int(self.finished.sum()),
+        }
 
     def read(self, column: str, index: np.ndarray) -> np.ndarray | None:
         try:
             if column != "features":
                 return _read_h5_rows(self.partial.rows_path, column, index)
             chunk = np.searchsorted(self.starts, index, side="right") - 1
-            parts = [self.partial.read_chunk(self.starts[c], "features")[index[chunk == c] - self.starts[c]]
-                     for c in np.unique(chunk)]
+            parts = [
+                self.partial.read_chunk(self.starts[c], "features")[index[chunk == c] - self.starts[c]]
+                for c in np.unique(chunk)
+            ]
             if not parts:
                 return np.empty((0, self.metadata["feature_dim"]), dtype=self.metadata["dtype"])
             return np.concatenate(parts)
         except FileNotFoundError:  # finished meanwhile: the chunks are gone, the cache is there
             finished = _FileRows(self.partial.out)
             if identity_mismatch(finished.metadata, self.metadata):
-                raise FeatgenderError(f"{self.partial.out}: replaced by another extraction while being read; "
-                                      "read it again") from None
+                raise FeatgenderError(
+                    f"{self.partial.out}: replaced by another extraction while being read; read it again"
+                ) from None
             return finished.read(column, index)
 
 
@@ -321,12 +356,18 @@ class _JoinedRows(CacheRows):
         for name in ("labels", "splits", "finished", "valid"):
             setattr(self, name, np.concatenate([getattr(part, name) for part in parts]))
         self.attribute_names, self.attribute_categories = parts[0].attribute_names, parts[0].attribute_categories
-        self.metadata = {**parts[0].metadata, "complete": False, "num_images": int(self.offsets[-1]),
-                         "finished_rows": int(self.finished.sum())}
+        self.metadata = {
+            **parts[0].metadata,
+            "complete": False,
+            "num_images": int(self.offsets[-1]),
+            "finished_rows": int(self.finished.sum()),
+        }
 
     def read(self, column: str, index: np.ndarray) -> np.ndarray | None:
-        pieces = [part.read(column, index[(index >= low) & (index < high)] - low)
-                  for part, low, high in zip(self.parts, self.offsets[:-1], self.offsets[1:], strict=True)]
+        pieces = [
+            part.read(column, index[(index >= low) & (index < high)] - low)
+            for part, low, high in zip(self.parts, self.offsets[:-1], self.offsets[1:], strict=True)
+        ]
         held = [piece for piece in pieces if piece is not None]
         return np.concatenate(held) if len(held) == len(pieces) else None
 
@@ -403,8 +444,14 @@ class CacheData:
         )
 
 
-def read_cache(path: str | Path, split: str | None = None, *, dtype: type = np.float32,
-               include_failed: bool = False, in_progress: bool = False) -> CacheData:
+def read_cache(
+    path: str | Path,
+    split: str | None = None,
+    *,
+    dtype: type = np.float32,
+    include_failed: bool = False,
+    in_progress: bool = False,
+) -> CacheData:
     """Read a cache (optionally one split) into memory.
 
     Rows whose image failed to decode are left out unless ``include_failed``.
@@ -428,8 +475,14 @@ def read_cache(path: str | Path, split: str | None = None, *, dtype: type = np.f
     )
 
 
-def read_caches(paths: Sequence[str | Path] | str | Path, split: str | None = None, *,
-                dtype: type = np.float32, include_failed: bool = False, in_progress: bool = False) -> CacheData:
+def read_caches(
+    paths: Sequence[str | Path] | str | Path,
+    split: str | None = None,
+    *,
+    dtype: type = np.float32,
+    include_failed: bool = False,
+    in_progress: bool = False,
+) -> CacheData:
     """Read one cache, or several caches of the same images side by side.
 
     Several caches (e.g. two backbones) are joined by image id into one feature matrix; they
@@ -441,8 +494,10 @@ def read_caches(paths: Sequence[str | Path] | str | Path, split: str | None = No
     paths = [paths] if isinstance(paths, (str, Path)) else list(paths)
     if not paths:
         raise FeatgenderError("--cache: give at least one cache file")
-    parts = [read_cache(path, split, dtype=dtype, include_failed=len(paths) > 1 or include_failed,
-                        in_progress=in_progress) for path in paths]
+    parts = [
+        read_cache(path, split, dtype=dtype, include_failed=len(paths) > 1 or include_failed, in_progress=in_progress)
+        for path in paths
+    ]
     if in_progress and len(parts) > 1:  # extractions still running have finished different rows
         common = set.intersection(*(set(part.ids) for part in parts))
         parts = [part.take(np.array([image_id in common for image_id in part.ids], dtype=bool)) for part in parts]
@@ -466,9 +521,13 @@ def read_caches(paths: Sequence[str | Path] | str | Path, split: str | None = No
 SHUFFLE_BLOCK_ROWS = 256
 
 
-def iter_cache_chunks(cache: str | Path | CacheRows, split: str | None = None, rows: int = 16384,
-                      dtype: type = np.float32, shuffle: np.random.Generator | int | None = None,
-                      ) -> Iterable[tuple[np.ndarray, np.ndarray]]:
+def iter_cache_chunks(
+    cache: str | Path | CacheRows,
+    split: str | None = None,
+    rows: int = 16384,
+    dtype: type = np.float32,
+    shuffle: np.random.Generator | int | None = None,
+) -> Iterable[tuple[np.ndarray, np.ndarray]]:
     """(features, labels) of a split, ``rows`` at a time, without loading the whole cache.
 
     ``cache``: a path or a snapshot from :func:`open_rows` (to stream the same rows of a cache
@@ -487,7 +546,7 @@ def iter_cache_chunks(cache: str | Path | CacheRows, split: str | None = None, r
         starts = np.random.default_rng(shuffle).permutation(starts)
     per_chunk = rows // block
     for first in range(0, len(starts), per_chunk):
-        index = [np.flatnonzero(wanted[start:start + block]) + start for start in starts[first:first + per_chunk]]
+        index = [np.flatnonzero(wanted[start : start + block]) + start for start in starts[first : first + per_chunk]]
         index = [part for part in index if len(part)]
         if index:  # no name here holds a chunk while the next one is read
             yield _read_blocks(cache, index, dtype), cache.labels[np.concatenate(index)]
@@ -500,7 +559,7 @@ def _read_blocks(cache: CacheRows, index: list[np.ndarray], dtype: type) -> np.n
     features: np.ndarray = np.empty((sum(map(len, index)), int(cache.metadata["feature_dim"])), dtype)
     filled = 0
     for part in index:  # filled in place: one chunk in memory, not two
-        features[filled:filled + len(part)] = cache.read_held("features", part)
+        features[filled : filled + len(part)] = cache.read_held("features", part)
         filled += len(part)
     return features
 
@@ -515,8 +574,10 @@ def cache_summary(path: str | Path, *, in_progress: bool = True) -> dict:
     if rows.attribute_names:
         metadata["attributes"] = rows.attribute_names
     metadata["splits"] = {
-        name: {"images": int((rows.splits == code).sum()), "male": int(((rows.splits == code) & (rows.labels == 1)).sum())}
+        name: {
+            "images": int((rows.splits == code).sum()),
+            "male": int(((rows.splits == code) & (rows.labels == 1)).sum()),
+        }
         for code, name in enumerate(SPLITS)
     }
     return metadata
-

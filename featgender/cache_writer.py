@@ -45,8 +45,9 @@ class CacheWriter:
     ``chunk_rows`` is the rows per chunk of a new extraction; a resumed one keeps its own.
     """
 
-    def __init__(self, out: str | Path, dataset: FaceDataset, metadata: dict, *, chunk_rows: int,
-                 overwrite: bool = False):
+    def __init__(
+        self, out: str | Path, dataset: FaceDataset, metadata: dict, *, chunk_rows: int, overwrite: bool = False
+    ):
         self.out = Path(out)
         self.dataset = dataset
         self.metadata = metadata
@@ -75,8 +76,10 @@ class CacheWriter:
             found = read_metadata(self.out)
             mismatch = identity_mismatch(found, self.metadata)
             if mismatch:
-                raise FeatgenderError(f"{self.out}: holds a different cache ({', '.join(mismatch)} differ); "
-                                      "pass --overwrite to replace it or --out to write elsewhere")
+                raise FeatgenderError(
+                    f"{self.out}: holds a different cache ({', '.join(mismatch)} differ); "
+                    "pass --overwrite to replace it or --out to write elsewhere"
+                )
             if found.get("complete"):
                 self.up_to_date = True
                 return
@@ -100,8 +103,10 @@ class CacheWriter:
         """Record the dataset's rows and what is being written, unless a resumed run did."""
         self.partial.folder.mkdir(parents=True, exist_ok=True)
         if not self.partial.rows_path.is_file():
-            with atomic_write(self.partial.rows_path, size=row_table_bytes(self.dataset)) as tmp, \
-                    h5py.File(tmp, "w") as h5:
+            with (
+                atomic_write(self.partial.rows_path, size=row_table_bytes(self.dataset)) as tmp,
+                h5py.File(tmp, "w") as h5,
+            ):
                 write_row_table(h5, self.dataset)
         if self.partial.read_meta() is None:
             with atomic_write(self.partial.meta_path) as tmp:
@@ -145,15 +150,21 @@ class CacheWriter:
     def finish(self) -> int:
         """Write the finished HDF5 file from the chunks, then remove them; returns the number
         of failed rows."""
-        chunks = ((self.partial.read_chunk(start, "features"), self.partial.read_chunk(start, "errors"))
-                  for start in range(0, len(self.dataset), self.chunk_rows))
+        chunks = (
+            (self.partial.read_chunk(start, "features"), self.partial.read_chunk(start, "errors"))
+            for start in range(0, len(self.dataset), self.chunk_rows)
+        )
         failed = write_cache(self.out, self.dataset, chunks, self.metadata)
         shutil.rmtree(self.partial.folder, ignore_errors=True)
         return failed
 
 
-def write_cache(out: str | Path, dataset: FaceDataset, chunks: Iterable[tuple[np.ndarray, Sequence[str] | np.ndarray]],
-                metadata: dict) -> int:
+def write_cache(
+    out: str | Path,
+    dataset: FaceDataset,
+    chunks: Iterable[tuple[np.ndarray, Sequence[str] | np.ndarray]],
+    metadata: dict,
+) -> int:
     """Write a complete cache file from consecutive (features, errors) row blocks, atomically.
 
     The one writer of the schema: extraction uses it, and so can anyone with features of
@@ -166,11 +177,13 @@ def write_cache(out: str | Path, dataset: FaceDataset, chunks: Iterable[tuple[np
     size = total * metadata["feature_dim"] * np.dtype(metadata["dtype"]).itemsize + row_table_bytes(dataset)
     with atomic_write(out, size=size) as tmp, h5py.File(tmp, "w") as h5:
         features = h5.create_dataset(
-            "features", shape=(total, metadata["feature_dim"]), dtype=metadata["dtype"],
+            "features",
+            shape=(total, metadata["feature_dim"]),
+            dtype=metadata["dtype"],
             chunks=(min(max(total, 1), 1024), metadata["feature_dim"]),
         )
         for chunk_features, chunk_errors in chunks:
-            features[len(errors):len(errors) + len(chunk_features)] = chunk_features
+            features[len(errors) : len(errors) + len(chunk_features)] = chunk_features
             errors.extend(str(error) for error in chunk_errors)
         if len(errors) != total:
             raise FeatgenderError(f"{out}: {len(errors)} feature rows written for {total} images")
@@ -214,7 +227,6 @@ def write_row_table(h5: h5py.File, dataset: FaceDataset) -> None:
         attributes = h5.create_dataset("attributes", data=dataset.attributes.astype(np.int32))
         attributes.attrs["names"] = dataset.attribute_names
         attributes.attrs["categories"] = json.dumps(dataset.attribute_categories)
-
 
 
 __all__ = ["CacheWriter", "row_table_bytes", "write_cache", "write_row_table", "write_rows"]

@@ -43,17 +43,34 @@ def _given(**options) -> dict:
     return {key: value for key, value in options.items() if value is not None}
 
 
-FaceBoxOption = typer.Option(None, "--face-box", help="dlib_resnet only: auto (default: where faces sit still in the dataset's aligned crops, skip detection), detect (in every image), or L,T,R,B fractions.")
-DataOption = typer.Option(..., "--data", help="Dataset: CelebA folder (official or Kaggle layout), class folders, or a CSV file/folder.")
+FaceBoxOption = typer.Option(
+    None,
+    "--face-box",
+    help=(
+        "dlib_resnet only: auto (default: where faces sit still in the dataset's aligned crops, skip detection), "
+        "detect (in every image), or L,T,R,B fractions."
+    ),
+)
+DataOption = typer.Option(
+    ..., "--data", help="Dataset: CelebA folder (official or Kaggle layout), class folders, or a CSV file/folder."
+)
 FormatOption = typer.Option(None, "--format", help="auto (default), celeba, celeba-kaggle, folder or csv.")
 LimitOption = typer.Option(None, "--limit", help="Use a seeded subset of N images, stratified by split and label.")
-BackboneOption = typer.Option(None, "--backbone", "-b", help="Backbone name (see `featgender backbones`); default efficientnet_lite0.")
-WeightsOption = typer.Option(None, "--weights", help="default (pretrained), none (random init) or PATH to a state_dict file (dlib_resnet: or dlib's .dat).")
+BackboneOption = typer.Option(
+    None, "--backbone", "-b", help="Backbone name (see `featgender backbones`); default efficientnet_lite0."
+)
+WeightsOption = typer.Option(
+    None,
+    "--weights",
+    help="default (pretrained), none (random init) or PATH to a state_dict file (dlib_resnet: or dlib's .dat).",
+)
 BatchOption = typer.Option(None, "--batch-size", help="Images per forward pass (default 8 on CPU, 128 on GPU).")
 DeviceOption = typer.Option(None, "--device", help="auto (GPU if there is one), cpu, or cuda[:N].")
 WorkersOption = typer.Option(None, "--workers", help="Image decoding processes (default: 1 on CPU, up to 8 on GPU).")
 DtypeOption = typer.Option(None, "--dtype", help="Stored feature type: float16 (default) or float32.")
-PrecisionOption = typer.Option(None, "--precision", help="Compute type: auto (bfloat16 where the GPU/CPU runs it natively), float32, bfloat16.")
+PrecisionOption = typer.Option(
+    None, "--precision", help="Compute type: auto (bfloat16 where the GPU/CPU runs it natively), float32, bfloat16."
+)
 
 
 @_command
@@ -61,7 +78,9 @@ def extract(
     data: Path = DataOption,
     backbone: str | None = BackboneOption,
     weights: str | None = WeightsOption,
-    layer: str | None = typer.Option(None, "--layer", help="Graph node to embed from (default: pooled penultimate layer)."),
+    layer: str | None = typer.Option(
+        None, "--layer", help="Graph node to embed from (default: pooled penultimate layer)."
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Cache file (default cache/<dataset>-<backbone>.h5)."),
     format: str | None = FormatOption,
     limit: int | None = LimitOption,
@@ -70,12 +89,25 @@ def extract(
     workers: int | None = WorkersOption,
     dtype: str | None = DtypeOption,
     precision: str | None = PrecisionOption,
-    flip: bool = typer.Option(False, "--flip", help="Average each embedding with the mirrored image's (2x the compute)."),
+    flip: bool = typer.Option(
+        False, "--flip", help="Average each embedding with the mirrored image's (2x the compute)."
+    ),
     image_column: str | None = typer.Option(None, "--image-column", help="CSV column of image paths."),
     label_column: str | None = typer.Option(None, "--label-column", help="CSV column of gender labels."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a cache (or unfinished one) of different identity."),
-    strict: bool = typer.Option(False, "--strict", help="Stop at the first unreadable image instead of recording and skipping it."),
-    faces: str | None = typer.Option(None, "--faces", help="crop (default): images are face crops; photo: find the largest face in each photo first (dlib, extra 'faces'); photos without a face are recorded as failed."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace a cache (or unfinished one) of different identity."
+    ),
+    strict: bool = typer.Option(
+        False, "--strict", help="Stop at the first unreadable image instead of recording and skipping it."
+    ),
+    faces: str | None = typer.Option(
+        None,
+        "--faces",
+        help=(
+            "crop (default): images are face crops; photo: find the largest face in each photo first (dlib, extra "
+            "'faces'); photos without a face are recorded as failed."
+        ),
+    ),
     face_box: str | None = FaceBoxOption,
 ) -> None:
     """Embed every image of a dataset once into an HDF5 feature cache (resumable: rerun after a crash)."""
@@ -86,10 +118,23 @@ def extract(
         overwrite=overwrite,
         strict=strict,
         flip=flip,
-        **_given(backbone=backbone, weights=weights, layer=layer, out=out, format=format, limit=limit,
-                 batch_size=batch_size, device=device, workers=workers, dtype=dtype,
-                 precision=precision, image_column=image_column, label_column=label_column, face_box=face_box,
-                 faces=faces),
+        **_given(
+            backbone=backbone,
+            weights=weights,
+            layer=layer,
+            out=out,
+            format=format,
+            limit=limit,
+            batch_size=batch_size,
+            device=device,
+            workers=workers,
+            dtype=dtype,
+            precision=precision,
+            image_column=image_column,
+            label_column=label_column,
+            face_box=face_box,
+            faces=faces,
+        ),
     )
     if result.status == "up to date":
         typer.echo(f"{result.path}: already complete ({result.num_images} images); nothing to do")
@@ -145,7 +190,11 @@ def download(
     typer.echo(f"CelebA is in {target}; next: featgender extract --data {target}")
 
 
-CacheOption = typer.Option(..., "--cache", "-c", help="Feature cache (repeat to join several backbones' caches by image id).")
+CacheOption = typer.Option(
+    ..., "--cache", "-c", help="Feature cache (repeat to join several backbones' caches by image id)."
+)
+
+
 def _announce(model: Path) -> None:
     """Say which model file is about to be used, by its sha256."""
     if model.is_file():
@@ -154,21 +203,34 @@ def _announce(model: Path) -> None:
         typer.echo(f"model {model}: sha256 {file_sha256(model)}", err=True)
 
 
-TrustedOption = typer.Option(False, "--trusted", help="Open a model file not written by featgender on this machine (loading it runs a pickle: only for sources you trust).")
-GroupsOption = typer.Option(None, "--groups", help="Comma-separated attributes to slice by (default: CelebA's eight, or age and race).")
+TrustedOption = typer.Option(
+    False,
+    "--trusted",
+    help=(
+        "Open a model file not written by featgender on this machine (loading it runs a pickle: only for sources you "
+        "trust)."
+    ),
+)
+GroupsOption = typer.Option(
+    None, "--groups", help="Comma-separated attributes to slice by (default: CelebA's eight, or age and race)."
+)
 
 
 def _print_metrics(evaluation: dict, dataset: str = "") -> None:
     ci = evaluation["ci95"]
-    typer.echo(f"{dataset + ', ' if dataset else ''}{evaluation['split']} ({evaluation['n']} images"
-               f"{' of ' + str(len(evaluation['datasets'])) + ' datasets, pooled' if 'datasets' in evaluation else ''}):")
+    typer.echo(
+        f"{dataset + ', ' if dataset else ''}{evaluation['split']} ({evaluation['n']} images"
+        f"{' of ' + str(len(evaluation['datasets'])) + ' datasets, pooled' if 'datasets' in evaluation else ''}):"
+    )
     for name in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc"):
         if name in evaluation:
             typer.echo(f"  {name:<18} {evaluation[name]:.4f}  (95% CI {ci[name][0]:.4f} - {ci[name][1]:.4f})")
     for attribute, slices in evaluation["subgroups"].items():
         worst = min(slices["groups"].items(), key=lambda item: item[1]["accuracy"])
-        typer.echo(f"  {attribute}: largest accuracy gap {slices['accuracy_gap']:.4f} "
-                   f"(lowest: {worst[0]} {worst[1]['accuracy']:.4f}, n={worst[1]['n']})")
+        typer.echo(
+            f"  {attribute}: largest accuracy gap {slices['accuracy_gap']:.4f} "
+            f"(lowest: {worst[0]} {worst[1]['accuracy']:.4f}, n={worst[1]['n']})"
+        )
     from featgender.evaluate import group_gender_headline, group_gender_lines
 
     for attribute, table in evaluation.get("group_gender", {}).items():
@@ -182,7 +244,10 @@ def _print_metrics(evaluation: dict, dataset: str = "") -> None:
     for name, own in evaluation.get("datasets", {}).items():
         _print_metrics(own, name)
 
-InProgressOption = typer.Option(False, "--in-progress", help="The cache is still being extracted: use the images finished so far.")
+
+InProgressOption = typer.Option(
+    False, "--in-progress", help="The cache is still being extracted: use the images finished so far."
+)
 
 
 def _split_groups(groups: str | None) -> list[str] | None:
@@ -196,15 +261,36 @@ def fit(
     train_split: str | None = typer.Option(None, "--train-split", help="Split to train on (default train)."),
     eval_split: str | None = typer.Option(None, "--eval-split", help="Split to report metrics on (default valid)."),
     pca: int | None = typer.Option(None, "--pca", help="PCA components before the classifier (0: none)."),
-    normalize: str | None = typer.Option(None, "--normalize", help="Row normalisation: power (default: signed square root, then unit length), l2, none."),
+    normalize: str | None = typer.Option(
+        None, "--normalize", help="Row normalisation: power (default: signed square root, then unit length), l2, none."
+    ),
     c: float | None = typer.Option(None, "-C", "--C", help="Regularisation C (logreg, svm, svm-rbf)."),
-    search: bool = typer.Option(False, "--search", help="Tune the key hyper-parameter by cross-validation on the train split."),
-    out_of_core: bool = typer.Option(False, "--out-of-core", help="Stream features from HDF5 (logreg/svm via SGD) for caches larger than memory."),
+    search: bool = typer.Option(
+        False, "--search", help="Tune the key hyper-parameter by cross-validation on the train split."
+    ),
+    out_of_core: bool = typer.Option(
+        False, "--out-of-core", help="Stream features from HDF5 (logreg/svm via SGD) for caches larger than memory."
+    ),
     in_progress: bool = InProgressOption,
     out: Path | None = typer.Option(None, "--out", "-o", help="Model file (default models/<head>.joblib)."),
     groups: str | None = GroupsOption,
-    stack: list[str] | None = typer.Option(None, "--stack", "-s", help="Another dataset's cache, whose rows train the head too (repeat for more; A.h5,B.h5 for a dataset's caches joined as --cache joins them). Each dataset is evaluated on its own."),
-    balance: str | None = typer.Option(None, "--balance", help="Sample weights that even out: none (default), or a comma-separated choice of dataset, gender, group (UTKFace's race)."),
+    stack: list[str] | None = typer.Option(
+        None,
+        "--stack",
+        "-s",
+        help=(
+            "Another dataset's cache, whose rows train the head too (repeat for more; A.h5,B.h5 for a dataset's caches"
+            " joined as --cache joins them). Each dataset is evaluated on its own."
+        ),
+    ),
+    balance: str | None = typer.Option(
+        None,
+        "--balance",
+        help=(
+            "Sample weights that even out: none (default), or a comma-separated choice of dataset, gender, group "
+            "(UTKFace's race)."
+        ),
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the evaluation as JSON."),
 ) -> None:
     """Train a scikit-learn head on the train split of a cache, or of several datasets' caches
@@ -214,16 +300,29 @@ def fit(
     head_name = head or "logreg"
     out = out or Path("models") / f"{head_name}.joblib"
     model, evaluation = train_head(
-        cache, head_name, search=search, out_of_core=out_of_core, in_progress=in_progress, out=out,
-        groups=_split_groups(groups), stack=[item.split(",") for item in stack or []],
+        cache,
+        head_name,
+        search=search,
+        out_of_core=out_of_core,
+        in_progress=in_progress,
+        out=out,
+        groups=_split_groups(groups),
+        stack=[item.split(",") for item in stack or []],
         **_given(train_split=train_split, eval_split=eval_split, pca=pca, normalize=normalize, C=c, balance=balance),
     )
     if as_json:
-        typer.echo(json.dumps({"model": str(out), "training": model.training, "params": model.params,
-                               "metrics": model.metrics}, indent=2, default=str))
+        typer.echo(
+            json.dumps(
+                {"model": str(out), "training": model.training, "params": model.params, "metrics": model.metrics},
+                indent=2,
+                default=str,
+            )
+        )
         return
-    typer.echo(f"{model.head} fitted on {model.training['images']} images in {model.training['fit_seconds']:.2f} s"
-               + (f"; best {model.training['search']['best_params']}" if model.training["search"] else ""))
+    typer.echo(
+        f"{model.head} fitted on {model.training['images']} images in {model.training['fit_seconds']:.2f} s"
+        + (f"; best {model.training['search']['best_params']}" if model.training["search"] else "")
+    )
     if evaluation:
         _print_metrics(evaluation)
     typer.echo(f"saved {out}")
@@ -231,18 +330,43 @@ def fit(
 
 @_command
 def evaluate(
-    model: Path = typer.Option(..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."),
-    cache: list[Path] | None = typer.Option(None, "--cache", "-c", help="A head's feature cache(s) (repeat to join backbones, as in fit)."),
-    data: Path | None = typer.Option(None, "--data", help="Or a dataset, scored from its images (no cache): any model, fine-tuned networks included; any dataset, for domain shift."),
+    model: Path = typer.Option(
+        ..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."
+    ),
+    cache: list[Path] | None = typer.Option(
+        None, "--cache", "-c", help="A head's feature cache(s) (repeat to join backbones, as in fit)."
+    ),
+    data: Path | None = typer.Option(
+        None,
+        "--data",
+        help=(
+            "Or a dataset, scored from its images (no cache): any model, fine-tuned networks included; any dataset, "
+            "for domain shift."
+        ),
+    ),
     split: str | None = typer.Option(None, "--split", help="Split to evaluate (default test)."),
     report: Path | None = typer.Option(None, "--report", help="Write metrics.json, report.md and PNG plots here."),
     groups: str | None = GroupsOption,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    count_failed: bool = typer.Option(False, "--count-failed", help="Count images that failed at extraction (unreadable, no face found) as wrong answers instead of leaving them out."),
+    count_failed: bool = typer.Option(
+        False,
+        "--count-failed",
+        help=(
+            "Count images that failed at extraction (unreadable, no face found) as wrong answers instead of leaving "
+            "them out."
+        ),
+    ),
     in_progress: bool = InProgressOption,
     trusted: bool = TrustedOption,
     format: str | None = FormatOption,
-    face_box: str | None = typer.Option(None, "--face-box", help="With --data, dlib_resnet: auto (default: where faces sit in the dataset's images), detect, or L,T,R,B fractions."),
+    face_box: str | None = typer.Option(
+        None,
+        "--face-box",
+        help=(
+            "With --data, dlib_resnet: auto (default: where faces sit in the dataset's images), detect, or L,T,R,B "
+            "fractions."
+        ),
+    ),
     device: str | None = DeviceOption,
 ) -> None:
     """Score a saved model on a split, of its cache(s) or of a dataset's images: metrics with
@@ -252,13 +376,16 @@ def evaluate(
 
     if bool(cache) == (data is not None):
         raise FeatgenderError("evaluate: give --cache (a head on its cached features) or --data (a dataset's images)")
-    misplaced = {"--in-progress": in_progress} if data else {"--format": format, "--face-box": face_box, "--device": device}
+    misplaced = (
+        {"--in-progress": in_progress} if data else {"--format": format, "--face-box": face_box, "--device": device}
+    )
     if any(misplaced.values()):
         given = ", ".join(name for name, value in misplaced.items() if value)
         raise FeatgenderError(f"{given}: only with {'--cache' if data else '--data'}")
     _announce(model)
-    options = dict(report=report, groups=_split_groups(groups), trusted=trusted, count_failed=count_failed,
-                   **_given(split=split))
+    options = dict(
+        report=report, groups=_split_groups(groups), trusted=trusted, count_failed=count_failed, **_given(split=split)
+    )
     if data is not None:
         evaluation = evaluate_images(model, data, **options, **_given(format=format, face_box=face_box, device=device))
     else:
@@ -274,11 +401,32 @@ def evaluate(
 @_command
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
-    model: Path = typer.Option(..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."),
-    faces: str = typer.Option("auto", "--faces", help="crop: each image is a face crop, classified whole; photo: find faces first (dlib, extra 'faces') and print each with its box; auto: photo for --all-faces or face-finding backbones (dlib_resnet), else crop."),
-    all_faces: bool = typer.Option(False, "--all-faces", help="In photos, classify every face found, not only the largest."),
-    csv: Path | None = typer.Option(None, "--csv", help="Also write id,label rows (Kaggle submission style; a box column for photos)."),
-    face_box: str | None = typer.Option(None, "--face-box", help="dlib_resnet, face crops: auto (default: where faces sit in the images given, as extract finds it for a dataset; the training data's box would misalign crops framed otherwise), detect (in every image), or L,T,R,B fractions."),
+    model: Path = typer.Option(
+        ..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."
+    ),
+    faces: str = typer.Option(
+        "auto",
+        "--faces",
+        help=(
+            "crop: each image is a face crop, classified whole; photo: find faces first (dlib, extra 'faces') and "
+            "print each with its box; auto: photo for --all-faces or face-finding backbones (dlib_resnet), else crop."
+        ),
+    ),
+    all_faces: bool = typer.Option(
+        False, "--all-faces", help="In photos, classify every face found, not only the largest."
+    ),
+    csv: Path | None = typer.Option(
+        None, "--csv", help="Also write id,label rows (Kaggle submission style; a box column for photos)."
+    ),
+    face_box: str | None = typer.Option(
+        None,
+        "--face-box",
+        help=(
+            "dlib_resnet, face crops: auto (default: where faces sit in the images given, as extract finds it for a "
+            "dataset; the training data's box would misalign crops framed otherwise), detect (in every image), or "
+            "L,T,R,B fractions."
+        ),
+    ),
     device: str | None = DeviceOption,
     batch_size: int | None = BatchOption,
     trusted: bool = TrustedOption,
@@ -309,16 +457,35 @@ def predict(
 
 @_command
 def finetune(
-    data: list[Path] = typer.Option(..., "--data", help="Dataset (repeat: one network trained on all of them, each evaluated on its own test split)."),
+    data: list[Path] = typer.Option(
+        ...,
+        "--data",
+        help="Dataset (repeat: one network trained on all of them, each evaluated on its own test split).",
+    ),
     backbone: str | None = BackboneOption,
     weights: str | None = WeightsOption,
     epochs: int | None = typer.Option(None, "--epochs", help="Most epochs to train (default 10)."),
-    unfreeze_last: str | None = typer.Option(None, "--unfreeze-last", help="Blocks of the backbone to train: 0 (head only, default), N, or all."),
+    unfreeze_last: str | None = typer.Option(
+        None, "--unfreeze-last", help="Blocks of the backbone to train: 0 (head only, default), N, or all."
+    ),
     batch_size: int | None = typer.Option(None, "--batch-size", help="Images per step (default 32)."),
     lr: float | None = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-3)."),
-    patience: int | None = typer.Option(None, "--patience", help="Stop after this many epochs without a better valid loss (default 2)."),
-    balance: str | None = typer.Option(None, "--balance", help="Draw training images so that these weigh the same: none (default), or a comma-separated choice of dataset, gender, group (UTKFace's race)."),
-    samples_per_epoch: int | None = typer.Option(None, "--samples-per-epoch", help="Training images drawn per epoch, with replacement (default: each training image once, shuffled)."),
+    patience: int | None = typer.Option(
+        None, "--patience", help="Stop after this many epochs without a better valid loss (default 2)."
+    ),
+    balance: str | None = typer.Option(
+        None,
+        "--balance",
+        help=(
+            "Draw training images so that these weigh the same: none (default), or a comma-separated choice of "
+            "dataset, gender, group (UTKFace's race)."
+        ),
+    ),
+    samples_per_epoch: int | None = typer.Option(
+        None,
+        "--samples-per-epoch",
+        help="Training images drawn per epoch, with replacement (default: each training image once, shuffled).",
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Best checkpoint (default models/<backbone>-ft.pt)."),
     limit: int | None = LimitOption,
     device: str | None = DeviceOption,
@@ -330,13 +497,31 @@ def finetune(
     features + head); resumable."""
     from featgender.finetune import finetune as run_finetune
 
-    result = run_finetune(data, **_given(backbone=backbone, weights=weights, epochs=epochs, unfreeze_last=unfreeze_last,
-                                         batch_size=batch_size, lr=lr, patience=patience, balance=balance,
-                                         samples_per_epoch=samples_per_epoch, out=out, limit=limit,
-                                         device=device, workers=workers, face_box=face_box, precision=precision))
+    result = run_finetune(
+        data,
+        **_given(
+            backbone=backbone,
+            weights=weights,
+            epochs=epochs,
+            unfreeze_last=unfreeze_last,
+            batch_size=batch_size,
+            lr=lr,
+            patience=patience,
+            balance=balance,
+            samples_per_epoch=samples_per_epoch,
+            out=out,
+            limit=limit,
+            device=device,
+            workers=workers,
+            face_box=face_box,
+            precision=precision,
+        ),
+    )
     for row in result.history:
-        typer.echo(f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, valid loss {row['valid_loss']:.4f}, "
-                   f"valid accuracy {row['valid_accuracy']:.4f}")
+        typer.echo(
+            f"epoch {row['epoch']}: train loss {row['train_loss']:.4f}, valid loss {row['valid_loss']:.4f}, "
+            f"valid accuracy {row['valid_accuracy']:.4f}"
+        )
     typer.echo(f"best epoch {result.best_epoch}; saved {result.checkpoint}")
     if result.test:
         _print_metrics(result.test)
@@ -344,27 +529,55 @@ def finetune(
 
 @_command
 def bench(
-    data: list[Path] = typer.Option(..., "--data", help="Dataset (repeat: heads and the fine-tuned network train on all of them; accuracy pooled and per dataset)."),
-    backbones: str | None = typer.Option(None, "--backbones", help="Comma-separated backbones (default efficientnet_lite0)."),
+    data: list[Path] = typer.Option(
+        ...,
+        "--data",
+        help=(
+            "Dataset (repeat: heads and the fine-tuned network train on all of them; accuracy pooled and per dataset)."
+        ),
+    ),
+    backbones: str | None = typer.Option(
+        None, "--backbones", help="Comma-separated backbones (default efficientnet_lite0)."
+    ),
     heads: str | None = typer.Option(None, "--heads", help="Comma-separated heads (default logreg,svm)."),
     finetune: bool = typer.Option(False, "--finetune", help="Also time one fine-tune epoch of the first backbone."),
-    balance: str | None = typer.Option(None, "--balance", help="With several --data: weigh training rows as fit --balance does (none, or dataset, gender, group)."),
+    balance: str | None = typer.Option(
+        None,
+        "--balance",
+        help="With several --data: weigh training rows as fit --balance does (none, or dataset, gender, group).",
+    ),
     weights: str | None = WeightsOption,
     limit: int | None = LimitOption,
     repeats: int | None = typer.Option(None, "--repeats", help="Timed repeats after one warm-up (default 3)."),
     device: str | None = DeviceOption,
-    out: Path | None = typer.Option(None, "--out", "-o", help="Write results.json, results.md and accuracy_vs_cost.png here."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Write results.json, results.md and accuracy_vs_cost.png here."
+    ),
 ) -> None:
     """Time every stage (decode, preprocess, forward, cache write, head fit/predict, fine-tune) on your hardware."""
     from featgender.bench import run_bench
 
-    results = run_bench(data, finetune=finetune, out=out,
-                        **_given(backbones=backbones.split(",") if backbones else None, heads=heads.split(",") if heads else None,
-                                 balance=balance, weights=weights, limit=limit, repeats=repeats, device=device))
+    results = run_bench(
+        data,
+        finetune=finetune,
+        out=out,
+        **_given(
+            backbones=backbones.split(",") if backbones else None,
+            heads=heads.split(",") if heads else None,
+            balance=balance,
+            weights=weights,
+            limit=limit,
+            repeats=repeats,
+            device=device,
+        ),
+    )
     for row in results["heads"]:
         typer.echo(f"{row['backbone']} + {row['head']}: accuracy {row['test_accuracy']:.4f}, fit {row['fit_s']:.3f} s")
     for row in results["backbones"]:
-        typer.echo(f"{row['backbone']}: " + ", ".join(f"{stage} {v['images_per_s']} img/s" for stage, v in row["stages"].items()))
+        typer.echo(
+            f"{row['backbone']}: "
+            + ", ".join(f"{stage} {v['images_per_s']} img/s" for stage, v in row["stages"].items())
+        )
     if "finetune" in results:
         typer.echo(f"fine-tune {results['finetune']['backbone']}: {results['finetune']['s_per_epoch']} s/epoch")
     if out is not None:
@@ -373,14 +586,22 @@ def bench(
 
 @_command
 def demo(
-    data: list[Path] = typer.Option(..., "--data", help="Dataset (repeat: one head trained on all of them, each evaluated on its own test split)."),
+    data: list[Path] = typer.Option(
+        ..., "--data", help="Dataset (repeat: one head trained on all of them, each evaluated on its own test split)."
+    ),
     backbone: str | None = BackboneOption,
     head: str | None = typer.Option(None, "--head", help="Head to fit (default logreg)."),
-    balance: str | None = typer.Option(None, "--balance", help="With several --data: what the sample weights even out (default dataset,gender; see fit --balance)."),
+    balance: str | None = typer.Option(
+        None,
+        "--balance",
+        help="With several --data: what the sample weights even out (default dataset,gender; see fit --balance).",
+    ),
     limit: int | None = LimitOption,
     format: str | None = FormatOption,
     device: str | None = DeviceOption,
-    out: Path | None = typer.Option(None, "--out", "-o", help="Model file (default models/demo-<backbone>-<head>.joblib)."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Model file (default models/demo-<backbone>-<head>.joblib)."
+    ),
 ) -> None:
     """Run the whole path offline: extract each dataset's cache, fit one head on their train
     splits, print each dataset's test metrics and errors per group x gender, save the model.
@@ -389,24 +610,37 @@ def demo(
     else efficientnet_lite0 (extra 'offline')."""
     from featgender.demo import run_demo
 
-    result = run_demo(data, **_given(backbone=backbone, head=head, balance=balance, limit=limit, format=format,
-                                     device=device, out=out))
+    result = run_demo(
+        data,
+        **_given(backbone=backbone, head=head, balance=balance, limit=limit, format=format, device=device, out=out),
+    )
     model = result["model"]
     for cache in result["caches"]:
-        typer.echo(f"cache: {cache.path} ({cache.status}, {cache.num_images} images, backbone {model.backbones[0]['backbone']})")
-    typer.echo(f"head: {model.head}, trained on {model.training['images']} images in {model.training['fit_seconds']:.2f} s"
-               f"{'; balanced by ' + ', '.join(model.training['balance']) if model.training['balance'] else ''}")
+        backbone_name = model.backbones[0]["backbone"]
+        typer.echo(f"cache: {cache.path} ({cache.status}, {cache.num_images} images, backbone {backbone_name})")
+    typer.echo(
+        f"head: {model.head}, trained on {model.training['images']} images in {model.training['fit_seconds']:.2f} s"
+        f"{'; balanced by ' + ', '.join(model.training['balance']) if model.training['balance'] else ''}"
+    )
     _print_metrics(result["test"])
     typer.echo(f"model: {result['model_path']}")
 
 
 @_command
 def serve(
-    model: Path = typer.Option(..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (default: this machine only). Another needs --auth."),
+    model: Path = typer.Option(
+        ..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."
+    ),
+    host: str = typer.Option(
+        "127.0.0.1", "--host", help="Address to bind (default: this machine only). Another needs --auth."
+    ),
     port: int = typer.Option(7860, "--port", help="Port to listen on."),
-    share: bool = typer.Option(False, "--share", help="Also open a public Gradio share link (needs --auth; faces are personal data)."),
-    auth: str | None = typer.Option(None, "--auth", help="USER:PASSWORD asked of every visitor (required with --share or a non-local --host)."),
+    share: bool = typer.Option(
+        False, "--share", help="Also open a public Gradio share link (needs --auth; faces are personal data)."
+    ),
+    auth: str | None = typer.Option(
+        None, "--auth", help="USER:PASSWORD asked of every visitor (required with --share or a non-local --host)."
+    ),
     device: str | None = DeviceOption,
     trusted: bool = TrustedOption,
 ) -> None:
@@ -421,8 +655,7 @@ def serve(
         if not user or not password:
             raise FeatgenderError("--auth: want USER:PASSWORD")
         credentials = (user, password)
-    run_server(model, host=host, port=port, share=share, auth=credentials, trusted=trusted,
-               **_given(device=device))
+    run_server(model, host=host, port=port, share=share, auth=credentials, trusted=trusted, **_given(device=device))
 
 
 def main() -> None:

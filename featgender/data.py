@@ -27,8 +27,17 @@ FORMATS = ("celeba", "celeba-kaggle", "folder", "csv")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 _LABEL_WORDS = {
-    "male": 1, "m": 1, "man": 1, "men": 1, "1": 1,
-    "female": 0, "f": 0, "woman": 0, "women": 0, "0": 0, "-1": 0,
+    "male": 1,
+    "m": 1,
+    "man": 1,
+    "men": 1,
+    "1": 1,
+    "female": 0,
+    "f": 0,
+    "woman": 0,
+    "women": 0,
+    "0": 0,
+    "-1": 0,
 }
 _SPLIT_WORDS = {"train": 0, "training": 0, "valid": 1, "val": 1, "validation": 1, "test": 2, "testing": 2}
 _IMAGE_COLUMNS = ("image", "image_id", "path", "file", "filename", "img")
@@ -210,9 +219,7 @@ def stratified_limit(dataset: FaceDataset, limit: int, seed: int = 0) -> FaceDat
     strata = dataset.splits.astype(np.int64) * 2 + dataset.labels
     _, counts = np.unique(strata, return_counts=True)
     stratify = strata if limit >= len(counts) and counts.min() >= 2 else None
-    chosen, _ = train_test_split(
-        np.arange(len(dataset)), train_size=limit, stratify=stratify, random_state=seed
-    )
+    chosen, _ = train_test_split(np.arange(len(dataset)), train_size=limit, stratify=stratify, random_state=seed)
     return dataset.subset(np.sort(chosen))
 
 
@@ -223,8 +230,8 @@ def _with_seeded_split(dataset: FaceDataset, seed: int) -> FaceDataset:
     for label in (0, 1):
         members = rng.permutation(np.flatnonzero(dataset.labels == label))
         held_out = round(0.1 * len(members))
-        splits[members[len(members) - 2 * held_out:len(members) - held_out]] = 1
-        splits[members[len(members) - held_out:]] = 2
+        splits[members[len(members) - 2 * held_out : len(members) - held_out]] = 1
+        splits[members[len(members) - held_out :]] = 2
     return replace(dataset, splits=splits, split_source=f"seeded stratified 80/10/10 split, seed={seed}")
 
 
@@ -262,8 +269,9 @@ def _read_celeba(root: Path) -> FaceDataset:
     values = _attribute_values([row[1:] for row in rows], attr_file, 3)
     partition_file = root / "list_eval_partition.txt"
     partitions = _read_partitions(partition_file, _whitespace_rows(partition_file)) if partition_file.is_file() else {}
-    return _celeba_dataset(root, "celeba", image_folder(root, "celeba"), image_ids, names, values, partitions,
-                           attr_file, 3)
+    return _celeba_dataset(
+        root, "celeba", image_folder(root, "celeba"), image_ids, names, values, partitions, attr_file, 3
+    )
 
 
 def _read_celeba_kaggle(root: Path) -> FaceDataset:
@@ -281,8 +289,9 @@ def _read_celeba_kaggle(root: Path) -> FaceDataset:
         with open(partition_file, newline="") as handle:
             partition_rows = list(csv.reader(handle))[1:]
         partitions = _read_partitions(partition_file, partition_rows)
-    return _celeba_dataset(root, "celeba-kaggle", image_folder(root, "celeba-kaggle"), image_ids, names, values,
-                           partitions, attr_file, 2)
+    return _celeba_dataset(
+        root, "celeba-kaggle", image_folder(root, "celeba-kaggle"), image_ids, names, values, partitions, attr_file, 2
+    )
 
 
 def read_identities(root: str | Path, format: str) -> dict[str, str] | None:
@@ -322,7 +331,9 @@ def _refuse_duplicates(image_ids: list[str], source: Path, first_line: int) -> N
     seen: dict[str, int] = {}
     for line, image_id in enumerate(image_ids, start=first_line):
         if image_id in seen:
-            raise FeatgenderError(f"{source}:{line}: image {image_id!r} is listed again (first at line {seen[image_id]})")
+            raise FeatgenderError(
+                f"{source}:{line}: image {image_id!r} is listed again (first at line {seen[image_id]})"
+            )
         seen[image_id] = line
 
 
@@ -345,8 +356,9 @@ def _read_partitions(path: Path, rows: list[list[str]]) -> dict[str, int]:
         raise FeatgenderError(f"{path}: expected rows of '<image> <0|1|2>'") from None
 
 
-def _celeba_dataset(root, format, image_dir, image_ids, names, values, partitions, attr_file,
-                    first_line: int) -> FaceDataset:
+def _celeba_dataset(
+    root, format, image_dir, image_ids, names, values, partitions, attr_file, first_line: int
+) -> FaceDataset:
     """``first_line``: the attribute file's line of the first image row (for error messages)."""
     if "Male" not in names:
         raise FeatgenderError(f"{attr_file}: no 'Male' attribute column")
@@ -424,7 +436,9 @@ def _find_csv(path: Path) -> Path:
     return found[0]
 
 
-def _pick_column(header: Sequence[str], given: str | None, candidates: tuple[str, ...], what: str, csv_file: Path) -> str:
+def _pick_column(
+    header: Sequence[str], given: str | None, candidates: tuple[str, ...], what: str, csv_file: Path
+) -> str:
     if given is not None:
         if given not in header:
             raise FeatgenderError(f"{csv_file}: no column {given!r} (columns: {', '.join(header)})")
@@ -433,9 +447,7 @@ def _pick_column(header: Sequence[str], given: str | None, candidates: tuple[str
     for candidate in candidates:
         if candidate in lowered:
             return lowered[candidate]
-    raise FeatgenderError(
-        f"{csv_file}: no {what} column among {', '.join(header)}; name it with --{what}-column"
-    )
+    raise FeatgenderError(f"{csv_file}: no {what} column among {', '.join(header)}; name it with --{what}-column")
 
 
 def _read_csv(path: Path, image_column: str | None, label_column: str | None) -> FaceDataset:

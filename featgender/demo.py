@@ -49,6 +49,12 @@ def run_demo(
     backbone = backbone or best_offline_backbone()
     caches = [extract_to_cache(dataset, backbone=backbone, limit=limit, **extract_options) for dataset in datasets]
     out = Path(out) if out is not None else Path("models") / f"demo-{backbone}-{head}.joblib"
-    model, evaluation = train_head(caches[0].path, head, stack=[cache.path for cache in caches[1:]],
-                                   balance=balance if len(caches) > 1 else None, eval_split="test", out=out)
+    model, evaluation = train_head(
+        caches[0].path,
+        head,
+        stack=[cache.path for cache in caches[1:]],
+        balance=balance if len(caches) > 1 else None,
+        eval_split="test",
+        out=out,
+    )
     return {"caches": caches, "model": model, "model_path": out, "test": evaluation}

@@ -67,8 +67,9 @@ def process_group(device: torch.device) -> Iterator[None]:
     started_here = not dist.is_initialized()
     if started_here:
         on_cuda = device.type == "cuda"
-        dist.init_process_group("nccl" if on_cuda else "gloo", timeout=BARRIER_TIMEOUT,
-                                device_id=device if on_cuda else None)
+        dist.init_process_group(
+            "nccl" if on_cuda else "gloo", timeout=BARRIER_TIMEOUT, device_id=device if on_cuda else None
+        )
     try:
         yield
     finally:
@@ -88,22 +89,34 @@ def join_shards(out: str | Path, dataset, shards: list[Path], metadata: dict) ->
         with h5py.File(path, "r") as shard:
             ids = shard["ids"].asstr()[:].tolist()
             first, rows = len(errors), len(ids)
-            if ids != dataset.image_ids[first:first + rows]:  # each rank listed the dataset itself
-                raise FeatgenderError(f"{path}: holds other images than rows {first}-{first + rows - 1} of the dataset "
-                                      "(did it change while the job ran?); remove the shards and rerun")
-            reasons = dict(zip(shard["failed/ids"].asstr()[:], shard["failed/reasons"].asstr()[:], strict=True)) \
-                if "failed" in shard else {}
+            if ids != dataset.image_ids[first : first + rows]:  # each rank listed the dataset itself
+                raise FeatgenderError(
+                    f"{path}: holds other images than rows {first}-{first + rows - 1} of the dataset "
+                    "(did it change while the job ran?); remove the shards and rerun"
+                )
+            reasons = (
+                dict(zip(shard["failed/ids"].asstr()[:], shard["failed/reasons"].asstr()[:], strict=True))
+                if "failed" in shard
+                else {}
+            )
             errors += [reasons.get(image_id, "") for image_id in ids]
         # relative to the joined file: the pair can be moved together
-        layout[len(errors) - rows:len(errors)] = h5py.VirtualSource(os.path.relpath(path, out.parent), "features",
-                                                                    shape=(rows, dim))
+        layout[len(errors) - rows : len(errors)] = h5py.VirtualSource(
+            os.path.relpath(path, out.parent), "features", shape=(rows, dim)
+        )
     if len(errors) != len(dataset):
         raise FeatgenderError(f"{out}: the shards hold {len(errors)} rows for {len(dataset)} images")
-    with atomic_write(out, size=row_table_bytes(dataset) + 1024 * len(shards)) as tmp, \
-            h5py.File(tmp, "w", libver="latest") as h5:
+    with (
+        atomic_write(out, size=row_table_bytes(dataset) + 1024 * len(shards)) as tmp,
+        h5py.File(tmp, "w", libver="latest") as h5,
+    ):
         h5.create_virtual_dataset("features", layout, fillvalue=np.nan)
-        write_rows(h5, dataset, errors, {**metadata, "shards": json.dumps([os.path.relpath(path, out.parent)
-                                                                             for path in shards])})
+        write_rows(
+            h5,
+            dataset,
+            errors,
+            {**metadata, "shards": json.dumps([os.path.relpath(path, out.parent) for path in shards])},
+        )
 
 
 __all__ = ["BARRIER_TIMEOUT", "Rank", "current_rank", "join_shards", "process_group", "shard_rows"]

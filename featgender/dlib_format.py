@@ -37,12 +37,14 @@ class DlibReader:
     def _take(self, size: int) -> memoryview:
         if self.offset + size > len(self.data):
             raise self.error(f"ends after {len(self.data)} bytes, in the middle of a value")
-        piece = self.data[self.offset:self.offset + size]
+        piece = self.data[self.offset : self.offset + size]
         self.offset += size
         return piece
 
     def error(self, what: str) -> FeatgenderError:
-        return FeatgenderError(f"{self.source}: not a dlib model file of the expected kind ({what}, byte {self.offset})")
+        return FeatgenderError(
+            f"{self.source}: not a dlib model file of the expected kind ({what}, byte {self.offset})"
+        )
 
     def integer(self) -> int:
         control = self._take(1)[0]

@@ -82,8 +82,15 @@ def resampled_metrics(truth: np.ndarray, guess: np.ndarray, scores: np.ndarray |
     return samples
 
 
-def bootstrap_ci(labels: np.ndarray, predicted: np.ndarray, scores: np.ndarray | None = None, *,
-                 n_boot: int = 1000, level: float = 0.95, seed: int = 0) -> dict[str, list[float]]:
+def bootstrap_ci(
+    labels: np.ndarray,
+    predicted: np.ndarray,
+    scores: np.ndarray | None = None,
+    *,
+    n_boot: int = 1000,
+    level: float = 0.95,
+    seed: int = 0,
+) -> dict[str, list[float]]:
     """Percentile bootstrap confidence intervals of every metric in :data:`METRICS`.
 
     The images are resampled with replacement ``n_boot`` times (seeded), a batch of
@@ -126,8 +133,7 @@ def default_groups(data) -> list[str]:
     return [name for name in wanted if name in data.attribute_names]
 
 
-def subgroup_metrics(data, predicted: np.ndarray, groups: list[str] | None = None,
-                     min_size: int = 10) -> dict:
+def subgroup_metrics(data, predicted: np.ndarray, groups: list[str] | None = None, min_size: int = 10) -> dict:
     """Per-group accuracy and error rates for each attribute, and the largest accuracy gap.
 
     For each group: n, accuracy, the rate at which women are called men (``female_error``)
@@ -167,8 +173,14 @@ def wilson_interval(errors: int, n: int, z: float = 1.959964) -> list[float]:
     return [float(max(0.0, centre - half)), float(min(1.0, centre + half))]
 
 
-def group_gender_errors(data, predicted: np.ndarray, groups: list[str] | None = None, *,
-                        failed: np.ndarray | None = None, min_size: int = 10) -> dict:
+def group_gender_errors(
+    data,
+    predicted: np.ndarray,
+    groups: list[str] | None = None,
+    *,
+    failed: np.ndarray | None = None,
+    min_size: int = 10,
+) -> dict:
     """Errors per group x true gender for each attribute, as Gender Shades measured them.
 
     Each cell (a group of the attribute, women or men) gives n, the errors (women called men,
@@ -190,14 +202,26 @@ def group_gender_errors(data, predicted: np.ndarray, groups: list[str] | None = 
                 members = (codes == code) & (data.labels == gender)
                 n, errors = int(members.sum()), int((predicted[members] != gender).sum())
                 if n:
-                    cells.append({"group": group, "gender": gender_name, "n": n, "errors": errors,
-                                  "error_rate": errors / n, "ci95": wilson_interval(errors, n),
-                                  "failed": int(failed[members].sum())})
+                    cells.append(
+                        {
+                            "group": group,
+                            "gender": gender_name,
+                            "n": n,
+                            "errors": errors,
+                            "error_rate": errors / n,
+                            "ci95": wilson_interval(errors, n),
+                            "failed": int(failed[members].sum()),
+                        }
+                    )
         sized = [cell for cell in cells if cell["n"] >= min_size]
         worst = max(sized, key=lambda cell: cell["error_rate"], default=None)
-        spreads = [max(rates) - min(rates) for rates in
-                   ([cell["error_rate"] for cell in sized if cell["gender"] == gender] for gender in ("women", "men"))
-                   if len(rates) > 1]
+        spreads = [
+            max(rates) - min(rates)
+            for rates in (
+                [cell["error_rate"] for cell in sized if cell["gender"] == gender] for gender in ("women", "men")
+            )
+            if len(rates) > 1
+        ]
         result[name] = {
             "cells": cells,
             "worst": None if worst is None else {key: worst[key] for key in ("group", "gender", "n", "error_rate")},
@@ -211,13 +235,16 @@ def _usable_groups(data, name: str) -> tuple[np.ndarray, list[str]]:
     """:func:`_group_values`, or the one-line error naming the attributes there are."""
     found = _group_values(data, name)
     if found is None:
-        raise FeatgenderError(f"--groups {name!r}: not a usable attribute of this cache "
-                              f"(attributes: {', '.join(data.attribute_names) or 'none'})")
+        raise FeatgenderError(
+            f"--groups {name!r}: not a usable attribute of this cache "
+            f"(attributes: {', '.join(data.attribute_names) or 'none'})"
+        )
     return found
 
 
-def evaluate_scores(data, scores: np.ndarray, *, groups: list[str] | None = None, n_boot: int = 1000,
-                    failed: np.ndarray | None = None) -> dict:
+def evaluate_scores(
+    data, scores: np.ndarray, *, groups: list[str] | None = None, n_boot: int = 1000, failed: np.ndarray | None = None
+) -> dict:
     """Metrics, bootstrap 95% CIs, subgroup slices and errors per group x gender of P(male)
     ``scores`` for ``data``'s rows; ``failed`` marks rows whose face was not found (already
     made wrong answers by :func:`wrong_where_failed`), shown per cell.
@@ -248,9 +275,15 @@ def worst_mistakes(data, scores: np.ndarray, count: int = 24, contradicted: Sequ
     wrong = np.flatnonzero((scores >= 0.5).astype(int) != data.labels)
     surest = wrong[np.argsort(-np.abs(scores[wrong] - 0.5), kind="stable")][:count]
     image_ids, doubted = _rows_source(data)[2], set(contradicted)
-    return [{"image": _image_path(data, row), "label": LABEL_NAMES[int(data.labels[row])],
-             "p_male": round(float(scores[row]), 4), "label_contradicted": image_ids[row] in doubted}
-            for row in surest]
+    return [
+        {
+            "image": _image_path(data, row),
+            "label": LABEL_NAMES[int(data.labels[row])],
+            "p_male": round(float(scores[row]), 4),
+            "label_contradicted": image_ids[row] in doubted,
+        }
+        for row in surest
+    ]
 
 
 def label_audit(data, predicted: np.ndarray, *, n_boot: int = 1000) -> dict | None:
@@ -284,14 +317,18 @@ def audit_sentence(audit: dict, shown: int = 12) -> str:
     reports and the command line."""
     images = audit["conflicting_images"]
     listed = ", ".join(images[:shown]) + (f" and {len(images) - shown} more" if len(images) > shown else "")
-    sentence = (f"{audit['conflicting_identities']} of {audit['identities']} people have images labelled both "
-                f"female and male ({len(images)} images{': ' + listed if images else ''}); "
-                "one label at least of each is wrong.")
+    sentence = (
+        f"{audit['conflicting_identities']} of {audit['identities']} people have images labelled both "
+        f"female and male ({len(images)} images{': ' + listed if images else ''}); "
+        "one label at least of each is wrong."
+    )
     if audit["accuracy_consistent"] is None:
         return sentence
     low, high = audit["ci95_consistent"]
-    return (sentence + f" Accuracy on the other {audit['n_consistent']} images: "
-            f"{audit['accuracy_consistent']:.4f} (95% CI {low:.4f} - {high:.4f}).")
+    return (
+        sentence + f" Accuracy on the other {audit['n_consistent']} images: "
+        f"{audit['accuracy_consistent']:.4f} (95% CI {low:.4f} - {high:.4f})."
+    )
 
 
 def _rows_source(data) -> tuple[Path, str, list[str]]:
@@ -314,15 +351,24 @@ def public_result(result: dict) -> dict:
     return {key: value for key, value in result.items() if not key.startswith("_")}
 
 
-def evaluate_features(model: HeadModel, data: CacheData, *, groups: list[str] | None = None,
-                      n_boot: int = 1000) -> dict:
+def evaluate_features(
+    model: HeadModel, data: CacheData, *, groups: list[str] | None = None, n_boot: int = 1000
+) -> dict:
     """:func:`evaluate_scores` of a head on cached rows."""
     return evaluate_scores(data, model.predict_proba(data.features), groups=groups, n_boot=n_boot)
 
 
-def evaluate_model(model: str | Path | HeadModel, caches: Sequence[str | Path] | str | Path, *,
-                   split: str = "test", groups: list[str] | None = None, report: str | Path | None = None,
-                   trusted: bool = False, count_failed: bool = False, in_progress: bool = False) -> dict:
+def evaluate_model(
+    model: str | Path | HeadModel,
+    caches: Sequence[str | Path] | str | Path,
+    *,
+    split: str = "test",
+    groups: list[str] | None = None,
+    report: str | Path | None = None,
+    trusted: bool = False,
+    count_failed: bool = False,
+    in_progress: bool = False,
+) -> dict:
     """Evaluate a head artifact on a split of the cache(s) it was trained for: ``featgender evaluate``.
 
     Images that failed at extraction (unreadable, or no face found in a photo) are left out,
@@ -361,16 +407,30 @@ def _check_caches_fit_model(model: HeadModel, data: CacheData) -> None:
         raise FeatgenderError(f"the model expects {len(model.backbones)} cache(s), got {len(data.metadata['sources'])}")
     for expected, found in zip(model.backbones, data.metadata["sources"], strict=True):
         for key in ("backbone", "layer", "weights_sha256", "flip", "preprocessing"):
-            same = (feature_preprocessing(expected.get(key, "")) == feature_preprocessing(found.get(key, ""))
-                    if key == "preprocessing" else str(expected.get(key)) == str(found.get(key)))
+            same = (
+                feature_preprocessing(expected.get(key, "")) == feature_preprocessing(found.get(key, ""))
+                if key == "preprocessing"
+                else str(expected.get(key)) == str(found.get(key))
+            )
             if not same:
                 raise FeatgenderError(
                     f"cache of {found.get('backbone')} does not match the model's features ({key} differs)"
                 )
 
 
-BACKBONE_KEYS = ("backbone", "layer", "feature_dim", "input_kind", "weights", "weights_sha256", "weights_path",
-                 "preprocessing", "flip", "precision", "dtype")
+BACKBONE_KEYS = (
+    "backbone",
+    "layer",
+    "feature_dim",
+    "input_kind",
+    "weights",
+    "weights_sha256",
+    "weights_path",
+    "preprocessing",
+    "flip",
+    "precision",
+    "dtype",
+)
 
 
 def train_head(
@@ -405,8 +465,9 @@ def train_head(
     datasets = [_cache_list(caches)] + [_cache_list(more) for more in stack]
     started = time.perf_counter()
     if out_of_core:
-        pipeline, sources, n_train, search_result = _fit_out_of_core(datasets, head, balance, search,
-                                                                     train_split, in_progress, head_params)
+        pipeline, sources, n_train, search_result = _fit_out_of_core(
+            datasets, head, balance, search, train_split, in_progress, head_params
+        )
         trained_on = [{"name": Path(str(sources[0].get("dataset_root", ""))).name, "images": n_train}]
     else:
         parts = read_datasets(datasets, train_split, in_progress=in_progress)
@@ -414,13 +475,25 @@ def train_head(
             if len(part.rows.labels) == 0:
                 raise FeatgenderError(f"--train-split {train_split}: no images in {part.caches[0]}")
         features, labels = stack_rows(parts)
-        pipeline, search_result = fit_head(features, labels, head, search=search, overwrite_features=True,
-                                           sample_weight=balance_weights(parts, balance), **head_params)
+        pipeline, search_result = fit_head(
+            features,
+            labels,
+            head,
+            search=search,
+            overwrite_features=True,
+            sample_weight=balance_weights(parts, balance),
+            **head_params,
+        )
         sources, n_train = parts[0].rows.metadata["sources"], len(labels)
-        trained_on = [{"name": part.name, "caches": [str(path.resolve()) for path in part.caches],
-                       "images": len(part.rows.labels),
-                       "dataset_fingerprints": [source.get("dataset_fingerprint")
-                                                for source in part.rows.metadata["sources"]]} for part in parts]
+        trained_on = [
+            {
+                "name": part.name,
+                "caches": [str(path.resolve()) for path in part.caches],
+                "images": len(part.rows.labels),
+                "dataset_fingerprints": [source.get("dataset_fingerprint") for source in part.rows.metadata["sources"]],
+            }
+            for part in parts
+        ]
     fit_seconds = time.perf_counter() - started
     model = HeadModel(
         pipeline,
@@ -453,26 +526,35 @@ def _cache_list(caches: Sequence[str | Path] | str | Path) -> list[Path]:
     return [Path(caches)] if isinstance(caches, (str, Path)) else [Path(path) for path in caches]
 
 
-def _fit_out_of_core(datasets: list[list[Path]], head: str, balance, search: bool, train_split: str,
-                     in_progress: bool, head_params: dict):
+def _fit_out_of_core(
+    datasets: list[list[Path]], head: str, balance, search: bool, train_split: str, in_progress: bool, head_params: dict
+):
     """The streaming SGD fit of one cache: (pipeline, sources, rows seen, search result)."""
     if len(datasets) != 1 or len(datasets[0]) != 1:
         raise FeatgenderError("--out-of-core: fits on one cache at a time (no --stack, no joined caches)")
     unsupported = [f"--{key}" for key in ("pca", "C") if head_params.get(key) is not None] + ["--search"] * search
     unsupported += ["--balance"] * bool(parse_balance(balance))
     if unsupported:
-        raise FeatgenderError(f"--out-of-core: {', '.join(unsupported)} not supported by the streaming SGD fit "
-                              "(its options: --normalize)")
+        raise FeatgenderError(
+            f"--out-of-core: {', '.join(unsupported)} not supported by the streaming SGD fit (its options: --normalize)"
+        )
     options = {key: head_params[key] for key in ("normalize", "epochs", "alpha") if head_params.get(key) is not None}
     rows = open_rows(datasets[0][0], in_progress=in_progress)
     order = np.random.default_rng(0)  # another block order each epoch, the same each run
-    pipeline = fit_head_streaming(lambda: iter_cache_chunks(rows, train_split, shuffle=order), head,
-                                  overwrite_chunks=True, **options)
+    pipeline = fit_head_streaming(
+        lambda: iter_cache_chunks(rows, train_split, shuffle=order), head, overwrite_chunks=True, **options
+    )
     return pipeline, [rows.metadata], int(pipeline.named_steps["scale"].n_samples_seen_), {}
 
 
-def evaluate_datasets(model: HeadModel, datasets: Sequence[Sequence[str | Path] | str | Path], split: str, *,
-                      groups: list[str] | None = None, in_progress: bool = False) -> dict:
+def evaluate_datasets(
+    model: HeadModel,
+    datasets: Sequence[Sequence[str | Path] | str | Path],
+    split: str,
+    *,
+    groups: list[str] | None = None,
+    in_progress: bool = False,
+) -> dict:
     """A head on ``split`` of one dataset (its caches), or of several, each evaluated on its own.
 
     With several, the result holds the pooled metrics of all their rows (with CIs) and, under
@@ -497,9 +579,13 @@ def pool_evaluations(evaluations: dict[str, dict], split: str) -> dict:
     scores = np.concatenate([evaluation["_curves"]["scores"] for evaluation in evaluations.values()])
     predicted = (scores >= 0.5).astype(int)
     pooled = classification_metrics(labels, predicted, scores)
-    pooled.update(ci95=bootstrap_ci(labels, predicted, scores), subgroups={}, split=split,
-                  datasets={name: public_result(evaluation) for name, evaluation in evaluations.items()},
-                  _curves={"labels": labels, "scores": scores})
+    pooled.update(
+        ci95=bootstrap_ci(labels, predicted, scores),
+        subgroups={},
+        split=split,
+        datasets={name: public_result(evaluation) for name, evaluation in evaluations.items()},
+        _curves={"labels": labels, "scores": scores},
+    )
     return pooled
 
 
@@ -530,34 +616,68 @@ def write_report(result: dict, folder: str | Path, *, title: str = "featgender e
 
 def markdown_summary(result: dict, title: str) -> str:
     """A markdown table of the metrics with CIs, the confusion matrix and subgroup gaps."""
-    lines = [f"# {title}", "", f"Split: {result.get('split', '?')}, {result['n']} images.", "",
-             "| metric | value | 95% CI |", "|---|---|---|"]
+    lines = [
+        f"# {title}",
+        "",
+        f"Split: {result.get('split', '?')}, {result['n']} images.",
+        "",
+        "| metric | value | 95% CI |",
+        "|---|---|---|",
+    ]
     for name in METRICS:
         if name in result:
             low, high = result["ci95"].get(name, [float("nan")] * 2)
             lines.append(f"| {name} | {result[name]:.4f} | {low:.4f} – {high:.4f} |")
     (tn, fp), (fn, tp) = result["confusion_matrix"]
-    lines += ["", "Confusion matrix (rows: true female, male; columns: predicted female, male):", "",
-              "| | female | male |", "|---|---|---|", f"| female | {tn} | {fp} |", f"| male | {fn} | {tp} |"]
+    lines += [
+        "",
+        "Confusion matrix (rows: true female, male; columns: predicted female, male):",
+        "",
+        "| | female | male |",
+        "|---|---|---|",
+        f"| female | {tn} | {fp} |",
+        f"| male | {fn} | {tp} |",
+    ]
     for name, slices in result.get("subgroups", {}).items():
-        lines += ["", f"## {name} (largest accuracy gap {slices['accuracy_gap']:.4f})", "",
-                  "| group | n | accuracy | women called men | men called women |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            f"## {name} (largest accuracy gap {slices['accuracy_gap']:.4f})",
+            "",
+            "| group | n | accuracy | women called men | men called women |",
+            "|---|---|---|---|---|",
+        ]
         for group, row in slices["groups"].items():
             rates = [f"{row[k]:.4f}" if row[k] is not None else "–" for k in ("female_error", "male_error")]
             lines.append(f"| {group} | {row['n']} | {row['accuracy']:.4f} | {rates[0]} | {rates[1]} |")
     for name, table in result.get("group_gender", {}).items():
-        lines += ["", f"## Errors per {name} x gender ({group_gender_headline(table)})", "",
-                  "| group | gender | n | errors | error rate | 95% CI | faces not found |", "|---|---|---|---|---|---|---|"]
-        lines += [f"| {cell['group']} | {cell['gender']} | {cell['n']} | {cell['errors']} | {cell['error_rate']:.2%} | "
-                  f"{cell['ci95'][0]:.2%} – {cell['ci95'][1]:.2%} | {cell['failed']} |" for cell in table["cells"]]
+        lines += [
+            "",
+            f"## Errors per {name} x gender ({group_gender_headline(table)})",
+            "",
+            "| group | gender | n | errors | error rate | 95% CI | faces not found |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {cell['group']} | {cell['gender']} | {cell['n']} | {cell['errors']} | {cell['error_rate']:.2%} | "
+            f"{cell['ci95'][0]:.2%} – {cell['ci95'][1]:.2%} | {cell['failed']} |"
+            for cell in table["cells"]
+        ]
     audit = result.get("label_audit")
     if audit is not None:
         lines += ["", "## Labels checked by identity", "", audit_sentence(audit)]
     if result.get("worst_mistakes"):
-        lines += ["", "## Worst mistakes (the surest wrong answers; mistakes.png shows them)", "",
-                  "| image | true | P(male) | label contradicted by the same person's images |", "|---|---|---|---|"]
-        lines += [f"| {Path(m['image']).name} | {m['label']} | {m['p_male']:.4f} | "
-                  f"{'yes' if m.get('label_contradicted') else ''} |" for m in result["worst_mistakes"]]
+        lines += [
+            "",
+            "## Worst mistakes (the surest wrong answers; mistakes.png shows them)",
+            "",
+            "| image | true | P(male) | label contradicted by the same person's images |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {Path(m['image']).name} | {m['label']} | {m['p_male']:.4f} | "
+            f"{'yes' if m.get('label_contradicted') else ''} |"
+            for m in result["worst_mistakes"]
+        ]
     return "\n".join(lines) + "\n"
 
 
@@ -566,8 +686,10 @@ def group_gender_headline(table: dict) -> str:
     worst = table["worst"]
     if worst is None:
         return "no cell of 10 faces or more"
-    return (f"worst: {worst['group']} {worst['gender']} {worst['error_rate']:.1%} wrong of {worst['n']}; "
-            f"largest gap {table['error_gap']:.1%}, equalized-odds gap {table['equalized_odds_gap']:.1%}")
+    return (
+        f"worst: {worst['group']} {worst['gender']} {worst['error_rate']:.1%} wrong of {worst['n']}; "
+        f"largest gap {table['error_gap']:.1%}, equalized-odds gap {table['equalized_odds_gap']:.1%}"
+    )
 
 
 def group_gender_lines(table: dict) -> list[str]:
@@ -578,10 +700,13 @@ def group_gender_lines(table: dict) -> list[str]:
     for cell in table["cells"]:
         low, high = cell["ci95"]
         failed = f", {cell['failed']} not found" if cell["failed"] else ""
-        by_group.setdefault(cell["group"], {})[cell["gender"]] = \
+        by_group.setdefault(cell["group"], {})[cell["gender"]] = (
             f"{cell['error_rate']:6.1%} ({low:.1%}-{high:.1%}, n={cell['n']}{failed})"
-    return [f"{group:<{width}}  women {parts.get('women', '-'):<30} men {parts.get('men', '-')}"
-            for group, parts in by_group.items()]
+        )
+    return [
+        f"{group:<{width}}  women {parts.get('women', '-'):<30} men {parts.get('men', '-')}"
+        for group, parts in by_group.items()
+    ]
 
 
 def contact_sheet(mistakes: list[dict], out: Path, *, columns: int = 6, side: int = 128) -> Path:
@@ -625,7 +750,8 @@ def _plots(result: dict, folder: Path) -> list[Path]:
         written.append(_save(figure, folder / "roc.png"))
     figure, axes = plt.subplots(figsize=(4, 3.5))
     skm.ConfusionMatrixDisplay(np.array(result["confusion_matrix"]), display_labels=["female", "male"]).plot(
-        ax=axes, colorbar=False)
+        ax=axes, colorbar=False
+    )
     written.append(_save(figure, folder / "confusion.png"))
     subgroups = result.get("subgroups", {})
     if subgroups:
@@ -651,16 +777,27 @@ def _group_gender_plot(tables: dict, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     heights = [len(table["cells"]) for table in tables.values()]
-    figure, panels = plt.subplots(len(tables), 1, figsize=(7, 0.28 * sum(heights) + 1.2 * len(tables)),
-                                  gridspec_kw={"height_ratios": [max(h, 1) for h in heights]}, squeeze=False)
+    figure, panels = plt.subplots(
+        len(tables),
+        1,
+        figsize=(7, 0.28 * sum(heights) + 1.2 * len(tables)),
+        gridspec_kw={"height_ratios": [max(h, 1) for h in heights]},
+        squeeze=False,
+    )
     for axes, (name, table) in zip(panels[:, 0], tables.items(), strict=True):
         cells = table["cells"]
         rates = np.array([cell["error_rate"] for cell in cells]) * 100
-        spans = np.array([[cell["error_rate"] - cell["ci95"][0], cell["ci95"][1] - cell["error_rate"]]
-                          for cell in cells]).T * 100
-        axes.barh([f"{cell['group']} {cell['gender']} (n={cell['n']})" for cell in cells], rates,
-                  xerr=spans if len(cells) else None, capsize=2,
-                  color=["firebrick" if cell["gender"] == "women" else "steelblue" for cell in cells])
+        spans = (
+            np.array([[cell["error_rate"] - cell["ci95"][0], cell["ci95"][1] - cell["error_rate"]] for cell in cells]).T
+            * 100
+        )
+        axes.barh(
+            [f"{cell['group']} {cell['gender']} (n={cell['n']})" for cell in cells],
+            rates,
+            xerr=spans if len(cells) else None,
+            capsize=2,
+            color=["firebrick" if cell["gender"] == "women" else "steelblue" for cell in cells],
+        )
         axes.set(xlabel="error rate (%)", title=f"{name} x gender: {group_gender_headline(table)}")
         axes.title.set_fontsize(8)
         axes.invert_yaxis()

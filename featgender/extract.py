@@ -78,8 +78,10 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         return precision
     if device.type == "cuda":
         return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    native_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)() or getattr(
-        torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    native_bf16 = (
+        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    )
     return "bfloat16" if native_bf16 else "float32"
 
 
@@ -206,8 +208,11 @@ def iter_features(
     rows = range(start, len(sources))
     loader = DataLoader(
         # photos for the face step decode whole: a face is a small part of them
-        ImageFiles([sources[i] for i in rows], None if backbone.config.face_step else backbone.config.resize_size,
-                   backbone.transform.loader_step),
+        ImageFiles(
+            [sources[i] for i in rows],
+            None if backbone.config.face_step else backbone.config.resize_size,
+            backbone.transform.loader_step,
+        ),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=collate,
@@ -262,8 +267,16 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
     be decoded is an error naming it.
     """
 
-    def __init__(self, backbone: str = DEFAULT_BACKBONE, *, weights: str = "default", layer: str | None = None,
-                 batch_size: int | None = None, device: str = "auto", progress: bool = False):
+    def __init__(
+        self,
+        backbone: str = DEFAULT_BACKBONE,
+        *,
+        weights: str = "default",
+        layer: str | None = None,
+        batch_size: int | None = None,
+        device: str = "auto",
+        progress: bool = False,
+    ):
         self.backbone = backbone
         self.weights = weights
         self.layer = layer
@@ -281,8 +294,15 @@ class CNNFeatures(TransformerMixin, BaseEstimator):
     def transform(self, X) -> np.ndarray:
         check_is_fitted(self, "backbone_")
         images = list(X)
-        features, errors = extract_features(self.backbone_, images, batch_size=self.batch_size, device=self.device,
-                                            dtype="float32", workers=0, progress=self.progress)
+        features, errors = extract_features(
+            self.backbone_,
+            images,
+            batch_size=self.batch_size,
+            device=self.device,
+            dtype="float32",
+            workers=0,
+            progress=self.progress,
+        )
         failed = next((i for i, error in enumerate(errors) if error), None)
         if failed is not None:
             raise FeatgenderError(f"{images[failed]}: cannot be read as an image ({errors[failed]})")

@@ -91,8 +91,18 @@ def build_cache(
         if writer.up_to_date:
             found = read_metadata(out)
             return CacheResult(out, "up to date", int(found["num_images"]), int(found.get("failed_count", 0)))
-        batches = iter_features(backbone, dataset.paths, start=writer.start, batch_size=batch_size, device=device,
-                                workers=workers, dtype=dtype, precision=precision, flip=flip, progress=progress)
+        batches = iter_features(
+            backbone,
+            dataset.paths,
+            start=writer.start,
+            batch_size=batch_size,
+            device=device,
+            workers=workers,
+            dtype=dtype,
+            precision=precision,
+            flip=flip,
+            progress=progress,
+        )
         writer.write(_stop_at_first_error(batches, dataset.paths) if strict else batches)
         num_failed = writer.finish()
     return CacheResult(out, "resumed" if writer.start else "created", len(dataset), num_failed, writer.start)
@@ -139,15 +149,20 @@ def extract_to_cache(
     >>> result.path  # doctest: +SKIP
     PosixPath('cache/utkface-efficientnet_lite0-limit200.h5')
     """
-    dataset = load_dataset(data, format=format, limit=limit, seed=seed,
-                           image_column=image_column, label_column=label_column)
+    dataset = load_dataset(
+        data, format=format, limit=limit, seed=seed, image_column=image_column, label_column=label_column
+    )
     if faces not in ("crop", "photo"):
         raise FeatgenderError(f"--faces {faces!r}: choose crop or photo")
     if faces == "photo":
         built = build_backbone(backbone, weights=weights, layer=layer, find_faces=True)
     else:
-        built = build_backbone(backbone, weights=weights, layer=layer,
-                               face_box=resolve_face_box(face_box, backbone, dataset.paths, dataset.name))
+        built = build_backbone(
+            backbone,
+            weights=weights,
+            layer=layer,
+            face_box=resolve_face_box(face_box, backbone, dataset.paths, dataset.name),
+        )
     if out is None:
         out = default_cache_path(dataset, backbone, limit, cache_dir, options.get("flip", False))
     rank = current_rank()
@@ -168,7 +183,9 @@ def parse_face_box(face_box: str | tuple) -> str | tuple | None:
     return face_box
 
 
-def resolve_face_box(face_box: str | tuple, backbone: str, sources: Sequence, where: str = "the images") -> tuple | None:
+def resolve_face_box(
+    face_box: str | tuple, backbone: str, sources: Sequence, where: str = "the images"
+) -> tuple | None:
     """The ``face_box`` for :func:`build_backbone` from ``--face-box`` ('auto', 'detect' or
     'L,T,R,B'): None for detection (or a backbone that does not align faces), the given box,
     or where faces sit in ``sources``, image paths or PIL images
@@ -185,18 +202,31 @@ def resolve_face_box(face_box: str | tuple, backbone: str, sources: Sequence, wh
     return box
 
 
-def finding_faces_in(dataset: FaceDataset, backbone: Backbone, face_box: str | tuple = "auto"
-                     ) -> tuple[Backbone, tuple | None]:
+def finding_faces_in(
+    dataset: FaceDataset, backbone: Backbone, face_box: str | tuple = "auto"
+) -> tuple[Backbone, tuple | None]:
     """``backbone`` finding faces in ``dataset``'s images per ``face_box`` (:func:`resolve_face_box`),
     and the box: one network, each dataset of several aligned where its faces sit."""
     box = resolve_face_box(face_box, backbone.config.name, dataset.paths, dataset.name)
     return (with_face_box(backbone, box) if backbone.config.alignment else backbone), box
 
 
-def _extract_sharded(dataset: FaceDataset, backbone: Backbone, out: Path, rank: Rank, *,
-                     device: str | torch.device = "auto",
-                     precision: str = "auto", dtype: str = "float16", flip: bool = False, limit: int | None = None,
-                     seed: int = 0, overwrite: bool = False, progress: bool = True, **options) -> CacheResult:
+def _extract_sharded(
+    dataset: FaceDataset,
+    backbone: Backbone,
+    out: Path,
+    rank: Rank,
+    *,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    dtype: str = "float16",
+    flip: bool = False,
+    limit: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options,
+) -> CacheResult:
     """This rank's part of a torchrun extraction: its shard, then (rank 0) the joined cache.
 
     Arguments are :func:`build_cache`'s. Returns the :class:`CacheResult` of the joined cache
@@ -210,7 +240,9 @@ def _extract_sharded(dataset: FaceDataset, backbone: Backbone, out: Path, rank: 
     device = resolve_device(device)
     metadata = cache_metadata(dataset, backbone, resolve_precision(precision, device), dtype, limit, seed, flip)
     if out.exists() and not overwrite and identity_mismatch(read_metadata(out, check_shards=False), metadata):
-        raise FeatgenderError(f"{out}: holds a different cache; pass --overwrite to replace it or --out to write elsewhere")
+        raise FeatgenderError(
+            f"{out}: holds a different cache; pass --overwrite to replace it or --out to write elsewhere"
+        )
     if device.type == "cuda":
         torch.cuda.set_device(device)
         device = torch.device("cuda", torch.cuda.current_device())
@@ -218,18 +250,31 @@ def _extract_sharded(dataset: FaceDataset, backbone: Backbone, out: Path, rank: 
         rows = shard_rows(len(dataset), rank.rank, rank.world_size)
         shard = shard_path(out, rank.rank, rank.world_size)
         shard.parent.mkdir(parents=True, exist_ok=True)
-        result = build_cache(dataset.subset(np.arange(rows.start, rows.stop)), backbone, shard, device=device,
-                             precision=precision, dtype=dtype, flip=flip, limit=limit, seed=seed, overwrite=overwrite,
-                             progress=progress and rank.rank == 0, **options)
+        result = build_cache(
+            dataset.subset(np.arange(rows.start, rows.stop)),
+            backbone,
+            shard,
+            device=device,
+            precision=precision,
+            dtype=dtype,
+            flip=flip,
+            limit=limit,
+            seed=seed,
+            overwrite=overwrite,
+            progress=progress and rank.rank == 0,
+            **options,
+        )
         dist.barrier()
         if rank.rank == 0:
             with exclusive(out):
-                join_shards(out, dataset, [shard_path(out, r, rank.world_size) for r in range(rank.world_size)],
-                            metadata)
+                join_shards(
+                    out, dataset, [shard_path(out, r, rank.world_size) for r in range(rank.world_size)], metadata
+                )
         dist.barrier()
     summary = read_metadata(out)
-    return CacheResult(out, result.status, int(summary["num_images"]), int(summary.get("failed_count", 0)),
-                       result.resumed_from)
+    return CacheResult(
+        out, result.status, int(summary["num_images"]), int(summary.get("failed_count", 0)), result.resumed_from
+    )
 
 
 __all__ = ["CacheResult", "build_cache", "extract_to_cache", "parse_face_box", "resolve_face_box"]

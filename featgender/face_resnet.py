@@ -40,8 +40,16 @@ logger = logging.getLogger(__name__)
 
 CHIP_SIZE = 150
 # (channels, down) of each residual block, input to output
-BLOCKS = ((32, False),) * 3 + ((64, True),) + ((64, False),) * 3 + ((128, True),) + ((128, False),) * 2 \
-    + ((256, True),) + ((256, False),) * 2 + ((256, True),)
+BLOCKS = (
+    ((32, False),) * 3
+    + ((64, True),)
+    + ((64, False),) * 3
+    + ((128, True),)
+    + ((128, False),) * 2
+    + ((256, True),)
+    + ((256, False),) * 2
+    + ((256, True),)
+)
 DESCRIPTOR_DIM = 128
 
 
@@ -91,7 +99,9 @@ class FaceResNet(nn.Module):
         self.register_buffer("input_mean", torch.zeros(1, 3, 1, 1))
         self.conv1 = nn.Conv2d(3, 32, 7, stride=2)
         channels = [32] + [width for width, _ in BLOCKS]
-        self.blocks = nn.Sequential(*(ResidualBlock(channels[i], width, down) for i, (width, down) in enumerate(BLOCKS)))
+        self.blocks = nn.Sequential(
+            *(ResidualBlock(channels[i], width, down) for i, (width, down) in enumerate(BLOCKS))
+        )
         self.descriptor = nn.Linear(channels[-1], DESCRIPTOR_DIM, bias=False)
 
     def forward(self, chips: torch.Tensor) -> torch.Tensor:
@@ -109,8 +119,14 @@ def _file_layers() -> list[tuple]:
     ('fc', outputs), and ('tag',) / ('skip',), which carry no record of their own."""
     layers = [("con", 32, 7, 2), ("affine",), ("relu",), ("max_pool", 3, 2)]
     for width, down in BLOCKS:
-        layers += [("tag",), ("con", width, 3, 2 if down else 1), ("affine",), ("relu",), ("con", width, 3, 1),
-                   ("affine",)]
+        layers += [
+            ("tag",),
+            ("con", width, 3, 2 if down else 1),
+            ("affine",),
+            ("relu",),
+            ("con", width, 3, 1),
+            ("affine",),
+        ]
         layers += [("tag",), ("skip",), ("avg_pool", 2, 2)] if down else []
         layers += [("add_prev",), ("relu",)]
     return layers + [("avg_pool", 0, 1), ("fc", DESCRIPTOR_DIM)]
@@ -133,10 +149,19 @@ def _read_layer(reader: DlibReader, layer: tuple) -> np.ndarray | None:
             reader.boolean()  # use_relu
         _, wanted_filters, size, stride = layer
         padding = 0 if stride != 1 else size // 2
-        if (filters, rows, cols, stride_y, stride_x, pad_y, pad_x) != (wanted_filters, size, size, stride, stride,
-                                                                       padding, padding):
-            raise reader.error(f"a convolution of {filters} {rows}x{cols} filters, stride {stride_y}, where "
-                               f"{wanted_filters} {size}x{size} filters, stride {stride} belong")
+        if (filters, rows, cols, stride_y, stride_x, pad_y, pad_x) != (
+            wanted_filters,
+            size,
+            size,
+            stride,
+            stride,
+            padding,
+            padding,
+        ):
+            raise reader.error(
+                f"a convolution of {filters} {rows}x{cols} filters, stride {stride_y}, where "
+                f"{wanted_filters} {size}x{size} filters, stride {stride} belong"
+            )
         return params.ravel()
     if kind == "affine":
         version = reader.expect("affine_", "affine_2")
@@ -154,8 +179,9 @@ def _read_layer(reader: DlibReader, layer: tuple) -> np.ndarray | None:
         reader.expect(f"{kind}_2")
         rows, cols, stride_y, stride_x, pad_y, pad_x = (reader.integer() for _ in range(6))
         if (rows, cols, stride_y, stride_x, pad_y, pad_x) != (layer[1], layer[1], layer[2], layer[2], 0, 0):
-            raise reader.error(f"a {kind} of {rows}x{cols}, stride {stride_y} where {layer[1]}x{layer[1]}, "
-                               f"stride {layer[2]} belongs")
+            raise reader.error(
+                f"a {kind} of {rows}x{cols}, stride {stride_y} where {layer[1]}x{layer[1]}, stride {layer[2]} belongs"
+            )
         return None
     if kind == "add_prev":
         reader.expect("add_prev_")
@@ -223,8 +249,8 @@ def _state_dict(values: list[tuple[tuple, Any]], input_mean: list[float]) -> dic
             _, filters, size, _ = layer
             if next_layer[0] != "affine" or next_params.size != 2 * filters:
                 raise FeatgenderError("dlib model: a convolution not followed by its affine layer")
-            weights = params[:filters * in_channels * size * size].reshape(filters, in_channels, size, size)
-            biases = params[filters * in_channels * size * size:]
+            weights = params[: filters * in_channels * size * size].reshape(filters, in_channels, size, size)
+            biases = params[filters * in_channels * size * size :]
             gamma, beta = next_params[:filters].astype(np.float64), next_params[filters:].astype(np.float64)
             convolutions.append((weights * gamma[:, None, None, None], biases * gamma + beta))
             in_channels = filters

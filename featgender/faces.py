@@ -88,9 +88,12 @@ class FaceDetector:
             self._models = (dlib.get_frontal_face_detector(), cnn)
         hog, cnn = self._models
         small = max(pixels.shape[:2]) <= CNN_UPSAMPLE_MAX_SIDE
-        for detect in (lambda: hog(pixels, 0), lambda: hog(pixels, 1),
-                       lambda: [found.rect for found in cnn(pixels, 0)] if cnn is not None else [],
-                       lambda: [found.rect for found in cnn(pixels, 1)] if cnn is not None and small else []):
+        for detect in (
+            lambda: hog(pixels, 0),
+            lambda: hog(pixels, 1),
+            lambda: [found.rect for found in cnn(pixels, 0)] if cnn is not None else [],
+            lambda: [found.rect for found in cnn(pixels, 1)] if cnn is not None and small else [],
+        ):
             rectangles = list(detect())
             if rectangles:
                 rectangles.sort(key=lambda rect: rect.area(), reverse=True)
@@ -115,7 +118,9 @@ def find_faces(picture, detector: FaceDetector, max_side: int = DETECTION_MAX_SI
 
 
 # Where crop_face puts the detector's (square) box inside the crop it cuts.
-BOX_IN_FACE_CROP = ((FACE_CROP_SCALE - 1) / (2 * FACE_CROP_SCALE),) * 2 + ((FACE_CROP_SCALE + 1) / (2 * FACE_CROP_SCALE),) * 2
+BOX_IN_FACE_CROP = ((FACE_CROP_SCALE - 1) / (2 * FACE_CROP_SCALE),) * 2 + (
+    (FACE_CROP_SCALE + 1) / (2 * FACE_CROP_SCALE),
+) * 2
 
 
 def crop_face(image, box: Box, scale: float = FACE_CROP_SCALE):
@@ -133,7 +138,7 @@ def crop_face(image, box: Box, scale: float = FACE_CROP_SCALE):
 def cut_faces(picture, detector: FaceDetector, all_faces: bool = False) -> list[tuple[Box, object]]:
     """The face step: (box, face crop as a PIL image) for the largest face found in a PIL
     picture, or for every face with ``all_faces``; [] when there is none."""
-    boxes = find_faces(picture, detector)[:None if all_faces else 1]
+    boxes = find_faces(picture, detector)[: None if all_faces else 1]
     return [(box, crop_face(picture, box)) for box in boxes]
 
 
@@ -201,8 +206,14 @@ class FaceAligner:
     :class:`FeatgenderError`.
     """
 
-    def __init__(self, landmarks_file: str, cnn_detector_file: str | None = None, *, face_crop: bool = True,
-                 box: tuple[float, float, float, float] | None = None):
+    def __init__(
+        self,
+        landmarks_file: str,
+        cnn_detector_file: str | None = None,
+        *,
+        face_crop: bool = True,
+        box: tuple[float, float, float, float] | None = None,
+    ):
         self.landmarks_file = landmarks_file
         self.detector = FaceDetector(cnn_detector_file)
         self.face_crop = face_crop

@@ -69,8 +69,10 @@ def atomic_write(target: str | os.PathLike, *, size: int | None = None) -> Itera
 
 
 def _no_room_error(target: Path, why: str) -> FeatgenderError:
-    return FeatgenderError(f"{target}: no space left to write it ({why}); "
-                           "nothing already written was changed: free some space and run again")
+    return FeatgenderError(
+        f"{target}: no space left to write it ({why}); "
+        "nothing already written was changed: free some space and run again"
+    )
 
 
 def _check_room(target: Path, size: int) -> None:
@@ -79,8 +81,9 @@ def _check_room(target: Path, size: int) -> None:
         raise _no_room_error(target, f"needs about {size / 2**20:,.1f} MiB, {free / 2**20:,.1f} MiB free")
     limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0] if resource else None
     if limit is not None and limit != resource.RLIM_INFINITY and size > limit:
-        raise _no_room_error(target, f"needs about {size / 2**20:,.1f} MiB, the file size limit "
-                                     f"(ulimit -f) is {limit / 2**20:,.1f} MiB")
+        raise _no_room_error(
+            target, f"needs about {size / 2**20:,.1f} MiB, the file size limit (ulimit -f) is {limit / 2**20:,.1f} MiB"
+        )
 
 
 def _no_room(error: BaseException) -> int | None:
@@ -126,8 +129,9 @@ _HELD_GUARD = threading.Lock()
 
 
 def _busy_error(target: str | os.PathLike, holder: str) -> FeatgenderError:
-    return FeatgenderError(f"{target}: {holder} is writing it; wait for it to end, "
-                           "or stop it and run again (it resumes)")
+    return FeatgenderError(
+        f"{target}: {holder} is writing it; wait for it to end, or stop it and run again (it resumes)"
+    )
 
 
 @contextmanager
@@ -139,8 +143,9 @@ def _locked(lock: Path, target: str | os.PathLike) -> Iterator[None]:
             fcntl.lockf(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             if error.errno not in (errno.EACCES, errno.EAGAIN):
-                logger.warning("%s: no lock on this file system (%s); make sure one job writes it at a time",
-                               lock, error.strerror)
+                logger.warning(
+                    "%s: no lock on this file system (%s); make sure one job writes it at a time", lock, error.strerror
+                )
                 break
             handle.seek(0)
             holder = handle.read().strip() or "another process"

@@ -83,7 +83,7 @@ def freeze_all_but_last(net: GenderNet, unfreeze_last: int | str) -> list[str]:
         count = int(unfreeze_last)
         if count < 0:
             raise FeatgenderError(f"--unfreeze-last {unfreeze_last}: use 0, a positive number or all")
-        trainable = blocks[len(blocks) - count:] if count else []
+        trainable = blocks[len(blocks) - count :] if count else []
     modules = dict(net.embedding.named_modules())
     net.frozen = [modules[block] for block in blocks if block not in trainable and block in modules]
     for name, parameter in net.embedding.named_parameters():
@@ -107,11 +107,13 @@ class TrainingImages(Dataset):
         size = backbone.config.input_size
         resize = size if self.loader_step is not None else backbone.config.resize_size
         if augment:
-            self.transform = v2.Compose([
-                v2.RandomResizedCrop(size, scale=(0.7, 1.0), antialias=True),
-                v2.RandomHorizontalFlip(),
-                v2.RandomAffine(degrees=0, shear=10),
-            ])
+            self.transform = v2.Compose(
+                [
+                    v2.RandomResizedCrop(size, scale=(0.7, 1.0), antialias=True),
+                    v2.RandomHorizontalFlip(),
+                    v2.RandomAffine(degrees=0, shear=10),
+                ]
+            )
         else:
             self.transform = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
 
@@ -151,8 +153,9 @@ class FinetuneResult:
     resumed_from: int = 0
 
 
-def load_training_data(data: Sequence[str | Path], built: Backbone, *, face_box: str | tuple, format: str,
-                       limit: int | None, seed: int) -> list[TrainingData]:
+def load_training_data(
+    data: Sequence[str | Path], built: Backbone, *, face_box: str | tuple, format: str, limit: int | None, seed: int
+) -> list[TrainingData]:
     """Each of ``data``'s datasets, checked to have train and valid images and to differ, each with
     ``built`` finding the face per ``face_box`` in its own images (a face-aligning backbone)."""
     read: list[TrainingData] = []
@@ -166,19 +169,35 @@ def load_training_data(data: Sequence[str | Path], built: Backbone, *, face_box:
     return read
 
 
-def _loader(images: ConcatDataset | TrainingImages, batch_size: int, workers: int, seed: int, pin: bool, *, shuffle: bool = False,
-            weights: np.ndarray | None = None, samples: int | None = None) -> DataLoader:
+def _loader(
+    images: ConcatDataset | TrainingImages,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    pin: bool,
+    *,
+    shuffle: bool = False,
+    weights: np.ndarray | None = None,
+    samples: int | None = None,
+) -> DataLoader:
     """Batches of ``images``: in order, shuffled, or ``samples`` drawn per epoch with ``weights``
     (with replacement); every draw comes from the loader's seeded generator."""
     generator = torch.Generator().manual_seed(seed)
     sampler = None
     if weights is not None or samples is not None:
         weights = np.ones(len(images)) if weights is None else weights
-        sampler = WeightedRandomSampler(weights.tolist(), samples or len(images),
-                                        replacement=True, generator=generator)
-    return DataLoader(images, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
-                      num_workers=workers, pin_memory=pin, generator=generator, drop_last=False,
-                      worker_init_fn=worker_init() if workers else None)
+        sampler = WeightedRandomSampler(weights.tolist(), samples or len(images), replacement=True, generator=generator)
+    return DataLoader(
+        images,
+        batch_size=batch_size,
+        shuffle=shuffle and sampler is None,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=pin,
+        generator=generator,
+        drop_last=False,
+        worker_init_fn=worker_init() if workers else None,
+    )
 
 
 def _run_epoch(net, loader, device, normalise, autocast, optimizer=None) -> tuple[float, np.ndarray, np.ndarray]:
@@ -245,29 +264,61 @@ def finetune(
     if samples_per_epoch is not None and samples_per_epoch < 1:
         raise FeatgenderError(f"--samples-per-epoch {samples_per_epoch}: want a positive number of images")
     built = build_backbone(backbone, weights=weights, face_box=None)
-    parts = load_training_data([data] if isinstance(data, (str, Path)) else data, built, face_box=face_box,
-                               format=format, limit=limit, seed=seed)
+    parts = load_training_data(
+        [data] if isinstance(data, (str, Path)) else data,
+        built,
+        face_box=face_box,
+        format=format,
+        limit=limit,
+        seed=seed,
+    )
     torch.manual_seed(seed)
     net = GenderNet(built, dropout)
     trainable = freeze_all_but_last(net, unfreeze_last)
-    run = _Run(device=resolve_device(device), precision=precision, normalise=built.transform, batch_size=batch_size,
-               seed=seed, workers=workers, loader_bound=any(detects_on_loader(part.backbone) for part in parts))
+    run = _Run(
+        device=resolve_device(device),
+        precision=precision,
+        normalise=built.transform,
+        batch_size=batch_size,
+        seed=seed,
+        workers=workers,
+        loader_bound=any(detects_on_loader(part.backbone) for part in parts),
+    )
     net = net.to(run.device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
     out = Path(out) if out is not None else Path(MODELS_FOLDER) / f"{backbone}-ft.pt"
     last = out.with_name(out.name + ".last.pt")
-    config = _run_config(parts, built, unfreeze_last=unfreeze_last, lr=lr, batch_size=batch_size, dropout=dropout,
-                         seed=seed, balance=parse_balance(balance), samples_per_epoch=samples_per_epoch)
+    config = _run_config(
+        parts,
+        built,
+        unfreeze_last=unfreeze_last,
+        lr=lr,
+        batch_size=batch_size,
+        dropout=dropout,
+        seed=seed,
+        balance=parse_balance(balance),
+        samples_per_epoch=samples_per_epoch,
+    )
     history, best = _resume(last, config, net, optimizer) if last.is_file() else ([], BestEpoch())
     start_epoch = len(history)
     train = [part.split("train") for part in parts]
-    train_loader = run.loader(ConcatDataset([part.images("train", augment=True) for part in parts]), shuffle=True,
-                              weights=balance_weights(train, balance), samples=samples_per_epoch)
+    train_loader = run.loader(
+        ConcatDataset([part.images("train", augment=True) for part in parts]),
+        shuffle=True,
+        weights=balance_weights(train, balance),
+        samples=samples_per_epoch,
+    )
     valid_loader = run.loader(ConcatDataset([part.images("valid") for part in parts]))
     from tqdm.auto import tqdm
 
-    for epoch in tqdm(range(start_epoch, epochs), initial=start_epoch, total=epochs, unit="epoch",
-                      disable=not progress, desc=f"fine-tune {backbone}"):
+    for epoch in tqdm(
+        range(start_epoch, epochs),
+        initial=start_epoch,
+        total=epochs,
+        unit="epoch",
+        disable=not progress,
+        desc=f"fine-tune {backbone}",
+    ):
         if len(history) - best.epoch >= patience:
             break
         torch.manual_seed(seed + epoch)  # same draws and augmentations whether or not the run was resumed
@@ -275,18 +326,39 @@ def finetune(
         history.append(_epoch(net, run, train_loader, valid_loader, optimizer, epoch + 1))
         if history[-1]["valid_loss"] < best.loss:
             best = BestEpoch(history[-1]["valid_loss"], epoch + 1, copy.deepcopy(net.state_dict()))
-        _save(last, {"config": config, "model": net.state_dict(), "optimizer": optimizer.state_dict(),
-                     "history": history, "best": {"loss": best.loss, "epoch": best.epoch}, "best_state": best.state})
+        _save(
+            last,
+            {
+                "config": config,
+                "model": net.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "history": history,
+                "best": {"loss": best.loss, "epoch": best.epoch},
+                "best_state": best.state,
+            },
+        )
     if best.state is None:
         raise FeatgenderError(f"--epochs {epochs}: no epoch was trained")
     net.load_state_dict(best.state)
     test = _test(net, parts, run)
-    _save(out, {"format": CHECKPOINT_FORMAT, "format_version": CHECKPOINT_VERSION, "config": config,
-                "backbone": backbone, "layer": built.config.layer, "feature_dim": built.feature_dim,
-                "weights_path": built.weights.path or "", "trainable_blocks": trainable,
-                "state_dict": {k: v.cpu() for k, v in net.state_dict().items()}, "history": history,
-                "best_epoch": best.epoch,
-                "metrics": public_result(test), "versions": library_versions()})
+    _save(
+        out,
+        {
+            "format": CHECKPOINT_FORMAT,
+            "format_version": CHECKPOINT_VERSION,
+            "config": config,
+            "backbone": backbone,
+            "layer": built.config.layer,
+            "feature_dim": built.feature_dim,
+            "weights_path": built.weights.path or "",
+            "trainable_blocks": trainable,
+            "state_dict": {k: v.cpu() for k, v in net.state_dict().items()},
+            "history": history,
+            "best_epoch": best.epoch,
+            "metrics": public_result(test),
+            "versions": library_versions(),
+        },
+    )
     return FinetuneResult(out, best.epoch, history, test, start_epoch)
 
 
@@ -318,20 +390,26 @@ class _Run:
             self.workers = default_workers(self.device, loader_bound=self.loader_bound)
 
     def loader(self, images: ConcatDataset | TrainingImages, **sampling) -> DataLoader:
-        return _loader(images, self.batch_size, int(self.workers or 0), self.seed, self.device.type == "cuda",
-                       **sampling)
+        return _loader(
+            images, self.batch_size, int(self.workers or 0), self.seed, self.device.type == "cuda", **sampling
+        )
 
     def scores(self, net: GenderNet, loader: DataLoader, optimizer=None) -> tuple[float, np.ndarray, np.ndarray]:
         return _run_epoch(net, loader, self.device, self.normalise, self.autocast, optimizer)
 
 
-def _epoch(net: GenderNet, run: _Run, train_loader: DataLoader, valid_loader: DataLoader, optimizer,
-           number: int) -> dict:
+def _epoch(
+    net: GenderNet, run: _Run, train_loader: DataLoader, valid_loader: DataLoader, optimizer, number: int
+) -> dict:
     """One epoch of training, then validation: its row of the history."""
     train_loss, _, _ = run.scores(net, train_loader, optimizer)
     valid_loss, valid_labels, valid_scores = run.scores(net, valid_loader)
-    return {"epoch": number, "train_loss": train_loss, "valid_loss": valid_loss,
-            "valid_accuracy": float(((valid_scores >= 0.5) == valid_labels).mean())}
+    return {
+        "epoch": number,
+        "train_loss": train_loss,
+        "valid_loss": valid_loss,
+        "valid_accuracy": float(((valid_scores >= 0.5) == valid_labels).mean()),
+    }
 
 
 def _run_config(parts: list[TrainingData], built: Backbone, **settings) -> dict:
@@ -342,9 +420,14 @@ def _run_config(parts: list[TrainingData], built: Backbone, **settings) -> dict:
     detects faces."""
     boxes = [list(part.face_box) if part.face_box else None for part in parts]
     fingerprints = [part.dataset.fingerprint() for part in parts]
-    config = {"backbone": built.config.name, "weights": built.weights.name, "weights_sha256": built.weights.sha256 or "",
-              "face_box": boxes[0] if len(parts) == 1 else None, **settings,
-              "dataset_fingerprint": fingerprints[0] if len(parts) == 1 else fingerprints}
+    config = {
+        "backbone": built.config.name,
+        "weights": built.weights.name,
+        "weights_sha256": built.weights.sha256 or "",
+        "face_box": boxes[0] if len(parts) == 1 else None,
+        **settings,
+        "dataset_fingerprint": fingerprints[0] if len(parts) == 1 else fingerprints,
+    }
     if len(parts) > 1:
         config.update(datasets=[part.dataset.name for part in parts], face_boxes=boxes)
     return config
@@ -387,7 +470,9 @@ def load_finetuned(path: str | Path, *, device: str = "auto") -> tuple[GenderNet
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # not a torch file, or not weights-only loadable
-        raise FeatgenderError(f"--model {path}: not a featgender fine-tuned checkpoint ({type(error).__name__})") from None
+        raise FeatgenderError(
+            f"--model {path}: not a featgender fine-tuned checkpoint ({type(error).__name__})"
+        ) from None
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
         raise FeatgenderError(f"--model {path}: not a featgender fine-tuned checkpoint")
     # every weight is in the checkpoint; a face-aligning backbone aligns as in training

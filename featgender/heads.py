@@ -1,8 +1,9 @@
 """Head registry: scikit-learn pipelines that classify cached CNN embeddings.
 
 Every head is a ``Pipeline``: feature normalisation → standardisation (folded into the PCA
-projection where there is one) → optional PCA → classifier, with defaults that work on CNN embeddings and stay fast on the full CelebA train
-split (162,770 × 2048 on 2 cores; see benchmarks/README.md):
+projection where there is one) → optional PCA → classifier, with defaults that work on CNN
+embeddings and stay fast on the full CelebA train split (162,770 × 2048 on 2 cores; see
+benchmarks/README.md):
 
 ============  ===================================================================================
 ``logreg``    LogisticRegression (lbfgs).
@@ -76,7 +77,7 @@ class FeatureNormalizer(TransformerMixin, BaseEstimator):
             return validate_data(self, X, dtype=[np.float32, np.float64], reset=False)
         X = validate_data(self, X, dtype=[np.float32, np.float64], reset=False, copy=self.copy)
         for start in range(0, len(X), 256):  # blocks of 2 MB keep the temporaries in cache: 2x faster
-            block = X[start:start + 256]
+            block = X[start : start + 256]
             if self.kind == "power":
                 np.copysign(np.sqrt(np.abs(block)), block, out=block)
             norms = np.sqrt(np.einsum("ij,ij->i", block, block))
@@ -140,8 +141,12 @@ class StandardizedPCA(TransformerMixin, BaseEstimator):
         X = validate_data(self, X, dtype=[np.float32, np.float64])
         sample = _sample_rows(X, self.max_samples, self.random_state)
         self.scaler_ = SampledScaler(max_samples=len(sample)).fit(sample)
-        self.pca_ = PCA(min(self.n_components, *sample.shape), svd_solver="randomized", iterated_power=3,
-                        random_state=self.random_state).fit(self.scaler_.transform(sample))
+        self.pca_ = PCA(
+            min(self.n_components, *sample.shape),
+            svd_solver="randomized",
+            iterated_power=3,
+            random_state=self.random_state,
+        ).fit(self.scaler_.transform(sample))
         components, scaler = self.pca_.components_, self.scaler_
         self.weights_ = (components / scaler.scale_).T.astype(X.dtype)
         self.offset_ = ((scaler.mean_ / scaler.scale_ + self.pca_.mean_) @ components.T).astype(X.dtype)
@@ -173,11 +178,13 @@ class NystroemSVM(ClassifierMixin, BaseEstimator):
 
     def fit(self, X, y, sample_weight=None):
         X, y = validate_data(self, X, y, dtype=[np.float32, np.float64])
-        self.pipeline_ = Pipeline([
-            ("pca", StandardizedPCA(self.n_pca, random_state=self.random_state)),
-            ("kernel", Nystroem(n_components=min(self.n_landmarks, len(X)), random_state=self.random_state)),
-            ("svm", LinearSVC(C=self.C, dual=False, max_iter=200, random_state=self.random_state)),
-        ]).fit(X, y, svm__sample_weight=sample_weight)
+        self.pipeline_ = Pipeline(
+            [
+                ("pca", StandardizedPCA(self.n_pca, random_state=self.random_state)),
+                ("kernel", Nystroem(n_components=min(self.n_landmarks, len(X)), random_state=self.random_state)),
+                ("svm", LinearSVC(C=self.C, dual=False, max_iter=200, random_state=self.random_state)),
+            ]
+        ).fit(X, y, svm__sample_weight=sample_weight)
         self.classes_ = self.pipeline_.classes_
         return self
 
@@ -295,11 +302,13 @@ def _logreg(random_state: int, C: float = 0.005):
 
 @register_head("svm", grid={"C": [0.0003, 0.001, 0.003, 0.01, 0.03]})
 def _svm(random_state: int, C: float = 0.001, max_small_samples: int = 50_000):
-    large = SGDClassifier(loss="hinge", alpha=1.0 / (C * 50_000), average=True, max_iter=5, tol=None,
-                          random_state=random_state)
+    large = SGDClassifier(
+        loss="hinge", alpha=1.0 / (C * 50_000), average=True, max_iter=5, tol=None, random_state=random_state
+    )
     return SizeAdaptiveClassifier(
-        small=CalibratedClassifierCV(LinearSVC(C=C, dual="auto", max_iter=5000, random_state=random_state),
-                                     method="sigmoid", cv=3),
+        small=CalibratedClassifierCV(
+            LinearSVC(C=C, dual="auto", max_iter=5000, random_state=random_state), method="sigmoid", cv=3
+        ),
         large=CalibratedClassifierCV(large, method="sigmoid", cv=2),
         max_small_samples=max_small_samples,
     ), None
@@ -309,8 +318,9 @@ def _svm(random_state: int, C: float = 0.001, max_small_samples: int = 50_000):
 def _svm_rbf(random_state: int, C: float = 3.0, max_small_samples: int = 20_000):
     return SizeAdaptiveClassifier(
         # Platt scaling by 3-fold CV costs about 3x one SVC fit; SVC(probability=True) costs 6x.
-        small=CalibratedClassifierCV(SVC(C=C, kernel="rbf", gamma="scale", random_state=random_state),
-                                     method="sigmoid", cv=3, ensemble=False),
+        small=CalibratedClassifierCV(
+            SVC(C=C, kernel="rbf", gamma="scale", random_state=random_state), method="sigmoid", cv=3, ensemble=False
+        ),
         large=CalibratedClassifierCV(NystroemSVM(C=C / 100, random_state=random_state), method="sigmoid", cv=2),
         max_small_samples=max_small_samples,
     ), None
@@ -320,15 +330,20 @@ def _svm_rbf(random_state: int, C: float = 3.0, max_small_samples: int = 20_000)
 def _gbm(random_state: int, learning_rate: float = 0.2):
     # lr 0.2 beat 0.1 on UTKFace's validation split and halves the boosting rounds needed.
     return HistGradientBoostingClassifier(
-        learning_rate=learning_rate, max_iter=150, early_stopping=True, validation_fraction=0.1,
-        n_iter_no_change=15, random_state=random_state,
+        learning_rate=learning_rate,
+        max_iter=150,
+        early_stopping=True,
+        validation_fraction=0.1,
+        n_iter_no_change=15,
+        random_state=random_state,
     ), 64
 
 
 @register_head("mlp", grid={"alpha": [1e-4, 1e-3, 1e-2, 1e-1]})
 def _mlp(random_state: int, alpha: float = 1e-3):
-    return MLPClassifier(hidden_layer_sizes=(256,), alpha=alpha, early_stopping=True, max_iter=200,
-                         random_state=random_state), None
+    return MLPClassifier(
+        hidden_layer_sizes=(256,), alpha=alpha, early_stopping=True, max_iter=200, random_state=random_state
+    ), None
 
 
 # --- fitting -----------------------------------------------------------------------------
@@ -374,8 +389,14 @@ def fit_head(
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
     grid = search_grid(head)
-    searcher = GridSearchCV(pipeline, grid, scoring="accuracy", n_jobs=n_jobs, refit=True,
-                            cv=StratifiedKFold(cv, shuffle=True, random_state=random_state))
+    searcher = GridSearchCV(
+        pipeline,
+        grid,
+        scoring="accuracy",
+        n_jobs=n_jobs,
+        refit=True,
+        cv=StratifiedKFold(cv, shuffle=True, random_state=random_state),
+    )
     with _fit_errors(head, shape):
         searcher.fit(features, labels, **weights)
     return searcher.best_estimator_, {
@@ -392,8 +413,10 @@ def _fit_errors(head: str, shape: tuple) -> Iterator[None]:
         yield
     except ValueError as error:
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise FeatgenderError(f"--head {head}: scikit-learn could not fit it on {' x '.join(map(str, shape))} "
-                              f"features: {reason} (choose another --head or give it more rows of each label)") from None
+        raise FeatgenderError(
+            f"--head {head}: scikit-learn could not fit it on {' x '.join(map(str, shape))} "
+            f"features: {reason} (choose another --head or give it more rows of each label)"
+        ) from None
 
 
 STREAMING_LOSSES = {"logreg": "log_loss", "svm": "modified_huber"}
@@ -426,7 +449,7 @@ def fit_head_streaming(
     for features, _ in chunks():
         normalized = normalizer.fit(features).transform(features)
         for start in range(0, len(normalized), 1024):  # partial_fit makes a float64 copy of what it is given
-            scaler.partial_fit(normalized[start:start + 1024])
+            scaler.partial_fit(normalized[start : start + 1024])
         del features, normalized  # before the next chunk is read: one in memory, not two
     classifier = SGDClassifier(loss=STREAMING_LOSSES[head], alpha=alpha, average=True, random_state=random_state)
     for _ in range(epochs):
@@ -466,8 +489,17 @@ class HeadModel:
     sha256 : of the artifact file it was loaded from ('' when fitted in this process).
     """
 
-    def __init__(self, pipeline: Pipeline, *, head: str, params: dict, backbones: list[dict],
-                 training: dict, metrics: dict | None = None, versions: dict | None = None):
+    def __init__(
+        self,
+        pipeline: Pipeline,
+        *,
+        head: str,
+        params: dict,
+        backbones: list[dict],
+        training: dict,
+        metrics: dict | None = None,
+        versions: dict | None = None,
+    ):
         self.pipeline = pipeline
         self.head = head
         self.params = params
@@ -513,12 +545,16 @@ def load_model(path: str | os.PathLike, *, trusted: bool = False) -> HeadModel:
     if not path.is_file():
         raise FeatgenderError(f"--model {path}: no such file")
     if path.suffix in FINETUNED_SUFFIXES:
-        raise FeatgenderError(f"--model {path}: a fine-tuned network, not a head: it scores images "
-                              "(predict, serve, evaluate --data), not cached features")
+        raise FeatgenderError(
+            f"--model {path}: a fine-tuned network, not a head: it scores images "
+            "(predict, serve, evaluate --data), not cached features"
+        )
     digest = file_sha256(path)
     if not trusted and not trust.is_trusted(digest):
-        raise FeatgenderError(f"--model {path}: sha256 {digest} was not written by featgender here; loading it "
-                              "runs a pickle, so pass --trusted only if you trust where it comes from")
+        raise FeatgenderError(
+            f"--model {path}: sha256 {digest} was not written by featgender here; loading it "
+            "runs a pickle, so pass --trusted only if you trust where it comes from"
+        )
     try:
         content = joblib.load(path)
     except Exception as error:  # unpickling raises many types for foreign files

@@ -66,7 +66,8 @@ class ResidualBranches(Branches):
 def block35(scale: float) -> ResidualBranches:
     """Inception-ResNet-A on the 35 x 35 grid (256 channels)."""
     return ResidualBranches(
-        256, 96,
+        256,
+        96,
         ConvBNReLU(256, 32, 1),
         _chain((256, 32, 1), (32, 32, 3, 1, 1)),
         _chain((256, 32, 1), (32, 32, 3, 1, 1), (32, 32, 3, 1, 1)),
@@ -77,7 +78,8 @@ def block35(scale: float) -> ResidualBranches:
 def block17(scale: float) -> ResidualBranches:
     """Inception-ResNet-B on the 17 x 17 grid (896 channels)."""
     return ResidualBranches(
-        896, 256,
+        896,
+        256,
         ConvBNReLU(896, 128, 1),
         _chain((896, 128, 1), (128, 128, (1, 7), 1, (0, 3)), (128, 128, (7, 1), 1, (3, 0))),
         scale=scale,
@@ -87,7 +89,8 @@ def block17(scale: float) -> ResidualBranches:
 def block8(scale: float, relu: bool = True) -> ResidualBranches:
     """Inception-ResNet-C on the 8 x 8 grid (1792 channels)."""
     return ResidualBranches(
-        1792, 384,
+        1792,
+        384,
         ConvBNReLU(1792, 192, 1),
         _chain((1792, 192, 1), (192, 192, (1, 3), 1, (0, 1)), (192, 192, (3, 1), 1, (1, 0))),
         scale=scale,
@@ -127,9 +130,21 @@ class InceptionResnetV1(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = images
-        for stage in (self.conv2d_1a, self.conv2d_2a, self.conv2d_2b, self.maxpool_3a, self.conv2d_3b,
-                      self.conv2d_4a, self.conv2d_4b, self.repeat_1, self.mixed_6a, self.repeat_2,
-                      self.mixed_7a, self.repeat_3, self.block8):
+        for stage in (
+            self.conv2d_1a,
+            self.conv2d_2a,
+            self.conv2d_2b,
+            self.maxpool_3a,
+            self.conv2d_3b,
+            self.conv2d_4a,
+            self.conv2d_4b,
+            self.repeat_1,
+            self.mixed_6a,
+            self.repeat_2,
+            self.mixed_7a,
+            self.repeat_3,
+            self.block8,
+        ):
             x = stage(x)
         x = torch.flatten(F.adaptive_avg_pool2d(x, 1), 1)
         return F.normalize(self.last_bn(self.last_linear(x)), p=2, dim=1)

@@ -43,8 +43,9 @@ class DatasetRows:
     rows: CacheData
 
 
-def read_datasets(datasets: Sequence[Sequence[str | Path]], split: str | None, *,
-                  in_progress: bool = False) -> list[DatasetRows]:
+def read_datasets(
+    datasets: Sequence[Sequence[str | Path]], split: str | None, *, in_progress: bool = False
+) -> list[DatasetRows]:
     """Read ``split`` of each dataset, given as its list of caches (joined by image id).
 
     The datasets' features must mean the same (same backbone, layer, weights and flip, in the
@@ -58,12 +59,15 @@ def read_datasets(datasets: Sequence[Sequence[str | Path]], split: str | None, *
     first = read[0]
     for index, other in enumerate(read[1:], start=1):
         if _sources(other, _features_identity) != _sources(first, _features_identity):
-            raise FeatgenderError(f"{other.caches[0]}: its features are not those of {first.caches[0]} "
-                                  f"({_describe(other)} against {_describe(first)}); stacked datasets need the same "
-                                  "backbone(s), weights and --flip")
+            raise FeatgenderError(
+                f"{other.caches[0]}: its features are not those of {first.caches[0]} "
+                f"({_describe(other)} against {_describe(first)}); stacked datasets need the same "
+                "backbone(s), weights and --flip"
+            )
         fingerprint = _sources(other, lambda source: source.get("dataset_fingerprint"))
-        if any(fingerprint == _sources(done, lambda source: source.get("dataset_fingerprint"))
-               for done in read[:index]):
+        if any(
+            fingerprint == _sources(done, lambda source: source.get("dataset_fingerprint")) for done in read[:index]
+        ):
             raise FeatgenderError(f"{other.caches[0]}: the same dataset is given twice")
     names = [dataset.name for dataset in read]
     for dataset in read:
@@ -74,8 +78,11 @@ def read_datasets(datasets: Sequence[Sequence[str | Path]], split: str | None, *
 
 def stack_rows(datasets: Sequence[DatasetRows]) -> tuple[np.ndarray, np.ndarray]:
     """The datasets' features and labels, one after the other."""
-    features = np.concatenate([dataset.rows.features for dataset in datasets]) if len(datasets) > 1 \
+    features = (
+        np.concatenate([dataset.rows.features for dataset in datasets])
+        if len(datasets) > 1
         else datasets[0].rows.features
+    )
     return features, np.concatenate([dataset.rows.labels for dataset in datasets])
 
 
@@ -86,13 +93,15 @@ def parse_balance(balance: str | Sequence[str] | None) -> list[str]:
     keys = [key.strip() for key in balance.split(",")] if isinstance(balance, str) else list(balance)
     unknown = [key for key in keys if key not in BALANCE_KEYS]
     if unknown or not keys:
-        raise FeatgenderError(f"--balance {balance!r}: use none, or a comma-separated choice of "
-                              f"{', '.join(BALANCE_KEYS)}")
+        raise FeatgenderError(
+            f"--balance {balance!r}: use none, or a comma-separated choice of {', '.join(BALANCE_KEYS)}"
+        )
     return [key for key in BALANCE_KEYS if key in keys]
 
 
-def balance_weights(datasets: Sequence[DatasetRows | LabelledRows], balance: str | Sequence[str] | None
-                    ) -> np.ndarray | None:
+def balance_weights(
+    datasets: Sequence[DatasetRows | LabelledRows], balance: str | Sequence[str] | None
+) -> np.ndarray | None:
     """Sample weights giving every cell the same total weight, cells being the rows that share
     what ``balance`` names: their dataset, gender, and group (the dataset's ``race`` where it has
     one). The weights average 1 over all rows; None when nothing is balanced.
@@ -133,8 +142,18 @@ def _features_identity(source: dict) -> tuple:
 
 
 def _describe(dataset: DatasetRows) -> str:
-    return " + ".join(f"{source.get('backbone')}{' --flip' if source.get('flip') else ''}"
-                      for source in dataset.rows.metadata["sources"])
+    return " + ".join(
+        f"{source.get('backbone')}{' --flip' if source.get('flip') else ''}"
+        for source in dataset.rows.metadata["sources"]
+    )
 
 
-__all__ = ["BALANCE_KEYS", "DatasetRows", "LabelledRows", "balance_weights", "parse_balance", "read_datasets", "stack_rows"]
+__all__ = [
+    "BALANCE_KEYS",
+    "DatasetRows",
+    "LabelledRows",
+    "balance_weights",
+    "parse_balance",
+    "read_datasets",
+    "stack_rows",
+]

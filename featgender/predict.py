@@ -73,8 +73,13 @@ def rebuild_backbone(entry: dict, *, face_crops: bool = False) -> Backbone:
     trained on a photo cache must not run again (where to align them: :meth:`ImagePredictor.aligned_for`).
     """
     preprocessing = json.loads(entry.get("preprocessing") or "{}")
-    backbone = build_backbone(entry["backbone"], weights=_weights_option(entry), layer=entry["layer"],
-                              face_box=preprocessing.get("face_box"), find_faces=bool(preprocessing.get("face_step")) and not face_crops)
+    backbone = build_backbone(
+        entry["backbone"],
+        weights=_weights_option(entry),
+        layer=entry["layer"],
+        face_box=preprocessing.get("face_box"),
+        find_faces=bool(preprocessing.get("face_step")) and not face_crops,
+    )
     if (backbone.weights.sha256 or "") != (entry.get("weights_sha256") or ""):
         raise FeatgenderError(
             f"{entry['backbone']}: weights here ({backbone.weights.name}, sha256 {str(backbone.weights.sha256)[:12]}) "
@@ -95,8 +100,14 @@ class ImagePredictor:
 
     input_kind = "face crop"
 
-    def __init__(self, *, device: str = "auto", batch_size: int | None = None, workers: int | None = None,
-                 face_box: str | tuple = "auto"):
+    def __init__(
+        self,
+        *,
+        device: str = "auto",
+        batch_size: int | None = None,
+        workers: int | None = None,
+        face_box: str | tuple = "auto",
+    ):
         parse_face_box(face_box)  # a bad value fails now, not at the first images
         self.face_box = face_box
         self.options = {"device": device, "batch_size": batch_size, "workers": workers, "dtype": "float32"}
@@ -115,8 +126,9 @@ class ImagePredictor:
         ``face_crops``: the images are faces cut from photos by the face step."""
         raise NotImplementedError
 
-    def predict(self, images: Sequence, *, faces: str = "auto", all_faces: bool = False,
-                progress: bool = False) -> list[Prediction]:
+    def predict(
+        self, images: Sequence, *, faces: str = "auto", all_faces: bool = False, progress: bool = False
+    ) -> list[Prediction]:
         """Predictions for image paths or PIL images; a broken file gets an error, the rest run.
 
         ``faces``: 'crop' classifies each image whole, as the training face crops were;
@@ -130,8 +142,10 @@ class ImagePredictor:
         images = list(images)
         if faces == "crop" or (faces == "auto" and not all_faces and self.input_kind != "photo"):
             probabilities, errors = self.probabilities(images, progress)
-            return [_prediction(_name(image, i), p, error)
-                    for i, (image, p, error) in enumerate(zip(images, probabilities, errors, strict=True))]
+            return [
+                _prediction(_name(image, i), p, error)
+                for i, (image, p, error) in enumerate(zip(images, probabilities, errors, strict=True))
+            ]
         return self._predict_faces(images, all_faces, progress)
 
     def _predict_faces(self, images: list, all_faces: bool, progress: bool) -> list[Prediction]:
@@ -162,8 +176,15 @@ class ImagePredictor:
 class Predictor(ImagePredictor):
     """A head artifact with its backbone(s) rebuilt, ready for raw images."""
 
-    def __init__(self, model: HeadModel, *, device: str = "auto", batch_size: int | None = None,
-                 workers: int | None = None, face_box: str | tuple = "auto"):
+    def __init__(
+        self,
+        model: HeadModel,
+        *,
+        device: str = "auto",
+        batch_size: int | None = None,
+        workers: int | None = None,
+        face_box: str | tuple = "auto",
+    ):
         super().__init__(device=device, batch_size=batch_size, workers=workers, face_box=face_box)
         self.model = model
         self.backbones = {False: [rebuild_backbone(entry) for entry in model.backbones]}
@@ -176,8 +197,9 @@ class Predictor(ImagePredictor):
         blocks, errors = [], [""] * len(images)
         backbones = [self.aligned_for(backbone, images, face_crops) for backbone in self.backbones[face_crops]]
         for backbone, entry in zip(backbones, self.model.backbones, strict=True):
-            features, block_errors = extract_features(backbone, images, progress=progress,
-                                                      flip=bool(entry.get("flip")), **self.options)
+            features, block_errors = extract_features(
+                backbone, images, progress=progress, flip=bool(entry.get("flip")), **self.options
+            )
             blocks.append(features)
             errors = [first or second for first, second in zip(errors, block_errors, strict=True)]
         ok = np.array([not error for error in errors], dtype=bool)
@@ -190,8 +212,15 @@ class Predictor(ImagePredictor):
 class FinetunedPredictor(ImagePredictor):
     """A fine-tuned network (``featgender finetune``), with the same ``predict`` as :class:`Predictor`."""
 
-    def __init__(self, path: str | Path, *, device: str = "auto", batch_size: int | None = None,
-                 workers: int | None = None, face_box: str | tuple = "auto"):
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        device: str = "auto",
+        batch_size: int | None = None,
+        workers: int | None = None,
+        face_box: str | tuple = "auto",
+    ):
         from dataclasses import replace
 
         from torch import nn
@@ -222,10 +251,22 @@ def load(path: str | Path, *, trusted: bool = False, **options) -> Predictor | F
     return Predictor(load_model(path, trusted=trusted), **options)
 
 
-def evaluate_images(model: str | Path, data: str | Path, *, split: str = "test", groups: list[str] | None = None,
-                    report: str | Path | None = None, trusted: bool = False, count_failed: bool = False,
-                    format: str = "auto", face_box: str | tuple = "auto", device: str = "auto",
-                    batch_size: int | None = None, workers: int | None = None, progress: bool = True) -> dict:
+def evaluate_images(
+    model: str | Path,
+    data: str | Path,
+    *,
+    split: str = "test",
+    groups: list[str] | None = None,
+    report: str | Path | None = None,
+    trusted: bool = False,
+    count_failed: bool = False,
+    format: str = "auto",
+    face_box: str | tuple = "auto",
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict:
     """Evaluate a saved model, a head (``.joblib``) or a fine-tuned network (``.pt``), on a split
     of any dataset from its images, no cache needed: ``featgender evaluate --data``.
 
@@ -240,8 +281,7 @@ def evaluate_images(model: str | Path, data: str | Path, *, split: str = "test",
     rows = dataset.subset(np.flatnonzero(dataset.splits == code))
     if not len(rows):
         raise FeatgenderError(f"--data {data}: no {split} images")
-    predictor = load(model, trusted=trusted, device=device, batch_size=batch_size, workers=workers,
-                     face_box=face_box)
+    predictor = load(model, trusted=trusted, device=device, batch_size=batch_size, workers=workers, face_box=face_box)
     scores, _ = predictor.probabilities(rows.paths, progress)
     failed = np.isnan(scores)
     if count_failed:
@@ -277,8 +317,11 @@ def write_predictions_csv(predictions: list[Prediction], path: str | Path) -> in
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with_boxes = any(p.box is not None for p in predictions)
-    rows = [(Path(p.image).name, p.label) + ((" ".join(map(str, p.box or ())),) if with_boxes else ())
-            for p in predictions if p.label is not None]
+    rows = [
+        (Path(p.image).name, p.label) + ((" ".join(map(str, p.box or ())),) if with_boxes else ())
+        for p in predictions
+        if p.label is not None
+    ]
     with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "label", "box"] if with_boxes else ["id", "label"])

@@ -42,8 +42,10 @@ def wait_until_held(process: subprocess.Popen, folder: Path, chunks: int) -> Non
     while not (folder / f"held-{chunks}").exists():
         if process.poll() is not None:
             error = process.stderr.read() if process.stderr else ""
-            raise AssertionError(f"the extraction ended (status {process.returncode}) before it held after "
-                                 f"{chunks} chunks: {error[-2000:]}")
+            raise AssertionError(
+                f"the extraction ended (status {process.returncode}) before it held after "
+                f"{chunks} chunks: {error[-2000:]}"
+            )
         assert time.monotonic() < deadline, f"no hold after {chunks} chunks within {HOLD_TIMEOUT_S} s"
         time.sleep(0.005)
 

@@ -17,8 +17,14 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 def test_faces_near_the_threshold_are_called_uncertain():
     assert [call(p, 0.5) for p in (0.95, 0.61, 0.5, 0.39, 0.05)] == ["male", "male", "uncertain", "female", "female"]
     assert call(0.55, 0.5) == "uncertain" and call(0.55, 0.7) == "female" and call(0.55, 0.4) == "male"
-    page, rows = render({"image": "data:image/jpeg;base64,", "size": [200, 100],
-                         "faces": [([10, 20, 60, 80], 0.93), ([100, 0, 200, 100], 0.52)]}, 0.5)
+    page, rows = render(
+        {
+            "image": "data:image/jpeg;base64,",
+            "size": [200, 100],
+            "faces": [([10, 20, 60, 80], 0.93), ([100, 0, 200, 100], 0.52)],
+        },
+        0.5,
+    )
     assert rows == [[1, "10,20,60,80", "male", 0.93], [2, "100,0,200,100", "uncertain", 0.52]]
     assert 'data-label="male"' in page and "left:5.00%;top:20.00%;width:25.00%;height:60.00%" in page
     assert render({}, 0.5) == ("", [])
@@ -71,8 +77,9 @@ def test_the_api_gives_what_featgender_predict_gives(server, dlib_model, group_p
     assert message.startswith("notes.jpg: cannot be read as an image") and not table["data"]
     assert str(folder) not in message  # no server paths in the page
     assert not [path for path in folder.rglob("*") if path.is_file() and path.suffix == ".jpg"]  # uploads gone
-    csv_path, summary = client.predict([handle_file(str(group_photo)), handle_file(str(tmp_path / "notes.jpg"))],
-                                       api_name="/batch")
+    csv_path, summary = client.predict(
+        [handle_file(str(group_photo)), handle_file(str(tmp_path / "notes.jpg"))], api_name="/batch"
+    )
     with open(csv_path, newline="") as handle:
         written = list(csv.reader(handle))
     assert written[0] == ["id", "label", "box"] and len(written) == 2 and written[1][0] == "group.jpg"
@@ -86,11 +93,12 @@ def test_bad_uploads_get_a_message_and_the_queue_goes_on(server, group_photo, tm
 
     client = Client(server[0], verbose=False)
     whole = group_photo.read_bytes()
-    (tmp_path / "truncated.jpg").write_bytes(whole[:len(whole) // 3])
+    (tmp_path / "truncated.jpg").write_bytes(whole[: len(whole) // 3])
     (tmp_path / "empty.jpg").write_bytes(b"")
     Image.open(group_photo).convert("CMYK").save(tmp_path / "cmyk.jpg")
     Image.fromarray(np.asarray(Image.open(group_photo).convert("L")).astype(np.uint16) * 257).save(
-        tmp_path / "deep.png")
+        tmp_path / "deep.png"
+    )
     Image.new("L", (300, 300)).save(tmp_path / "bomb.png")
     messages = {}
     for name in ("truncated.jpg", "empty.jpg", "cmyk.jpg", "deep.png"):
@@ -138,9 +146,13 @@ def test_a_stopped_server_removes_its_upload_folder(dlib_model, tmp_path):
     import time
 
     pytest.importorskip("gradio")
-    server = subprocess.Popen([sys.executable, "-m", "featgender", "serve", "--model", str(dlib_model[0]),
-                               "--port", str(_free_port())], env={**os.environ, "TMPDIR": str(tmp_path)},
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "featgender", "serve", "--model", str(dlib_model[0]), "--port", str(_free_port())],
+        env={**os.environ, "TMPDIR": str(tmp_path)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 600  # a bound for a server that never starts
         while "Running on local URL" not in server.stdout.readline():
@@ -188,14 +200,17 @@ def test_the_page_in_a_real_browser(server, dlib_model, group_photo, tmp_path):
 
         def upload_and_analyse(path: Path) -> None:
             browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(path))
-            wait.until(lambda _: browser.find_elements(By.CSS_SELECTOR, "img[src^='blob:'], img[src*='/file=']")
-                       or browser.find_elements(By.CSS_SELECTOR, "[data-testid='image'] img"))
+            wait.until(
+                lambda _: (
+                    browser.find_elements(By.CSS_SELECTOR, "img[src^='blob:'], img[src*='/file=']")
+                    or browser.find_elements(By.CSS_SELECTOR, "[data-testid='image'] img")
+                )
+            )
             browser.find_element(By.ID, "fg-analyse").click()
 
         upload_and_analyse(group_photo)
         wait.until(lambda _: len(browser.find_elements(By.CSS_SELECTOR, "#fg-result .fg-face")) == 2)
-        boxes = sorted(browser.find_elements(By.CSS_SELECTOR, "#fg-result .fg-face"),
-                       key=lambda box: box.location["x"])
+        boxes = sorted(browser.find_elements(By.CSS_SELECTOR, "#fg-result .fg-face"), key=lambda box: box.location["x"])
         assert [box.get_attribute("data-label") for box in boxes] == [call(p.probability, 0.5) for p in expected]
         assert "2 faces found" in browser.find_element(By.ID, "fg-message").text
         ARTIFACTS.mkdir(exist_ok=True)
@@ -204,8 +219,9 @@ def test_the_page_in_a_real_browser(server, dlib_model, group_photo, tmp_path):
 
         notes = tmp_path / "notes.png"
         notes.write_text("not a picture")
-        browser.find_element(By.CSS_SELECTOR, "button[aria-label='Clear']").click() \
-            if browser.find_elements(By.CSS_SELECTOR, "button[aria-label='Clear']") else None
+        browser.find_element(By.CSS_SELECTOR, "button[aria-label='Clear']").click() if browser.find_elements(
+            By.CSS_SELECTOR, "button[aria-label='Clear']"
+        ) else None
         browser.find_element(By.CSS_SELECTOR, "input[type=file]").send_keys(str(notes))
         browser.find_element(By.ID, "fg-analyse").click()
         wait.until(lambda _: "cannot be read as an image" in browser.find_element(By.ID, "fg-message").text)

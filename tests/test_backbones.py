@@ -13,8 +13,19 @@ from featgender.backbones import (
 from featgender.errors import FeatgenderError
 from featgender.images import load_image
 
-REQUIRED = ["vgg16", "vgg19", "resnet50", "resnet101", "mobilenet_v2", "mobilenet_v3_large", "inception_v3",
-            "googlenet", "efficientnet_b0", "convnext_tiny", "efficientnet_lite0"]
+REQUIRED = [
+    "vgg16",
+    "vgg19",
+    "resnet50",
+    "resnet101",
+    "mobilenet_v2",
+    "mobilenet_v3_large",
+    "inception_v3",
+    "googlenet",
+    "efficientnet_b0",
+    "convnext_tiny",
+    "efficientnet_lite0",
+]
 
 
 def test_registry_lists_the_required_backbones_sorted():
@@ -93,8 +104,9 @@ def test_bad_weights_files_are_named(tmp_path):
         build_backbone("resnet18", weights=other)
 
 
-@pytest.mark.parametrize("name, file", [("resnet18", r"resnet18-[0-9a-f]+\.pth"),
-                                        ("vggface2", r"20180402-114759-vggface2\.pt")])
+@pytest.mark.parametrize(
+    "name, file", [("resnet18", r"resnet18-[0-9a-f]+\.pth"), ("vggface2", r"20180402-114759-vggface2\.pt")]
+)
 def test_default_weights_without_network_name_the_file_and_folder(tmp_path, monkeypatch, name, file):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     for proxy in ("https_proxy", "HTTPS_PROXY", "http_proxy", "HTTP_PROXY"):
@@ -108,7 +120,10 @@ def test_default_weights_without_network_name_the_file_and_folder(tmp_path, monk
 
 def test_vggface2_embeds_face_crops_as_512_d_unit_vectors():
     backbone = build_backbone("vggface2", weights="none")
-    crops = [torch.randint(0, 256, (3, 218, 178), dtype=torch.uint8), torch.randint(0, 256, (3, 160, 160), dtype=torch.uint8)]
+    crops = [
+        torch.randint(0, 256, (3, 218, 178), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 160, 160), dtype=torch.uint8),
+    ]
     batch = backbone.transform(crops)
     assert batch.shape == (2, 3, 160, 160)
     torch.testing.assert_close(batch[1], (crops[1].float() - 127.5) / 128)  # FaceNet's standardisation
@@ -124,10 +139,16 @@ def test_vggface2_loads_a_checkpoint_laid_out_like_facenet_pytorchs(tmp_path):
     network = InceptionResnetV1()
     state = network.state_dict()
     # The published file's layout: our keys plus the 8,631-identity classifier.
-    expected_shapes = {"conv2d_1a.conv.weight": (32, 3, 3, 3), "repeat_1.4.branch2.2.bn.running_var": (32,),
-                       "mixed_6a.branch1.2.conv.weight": (256, 192, 3, 3), "repeat_2.9.conv2d.bias": (896,),
-                       "mixed_7a.branch2.2.conv.weight": (256, 256, 3, 3), "block8.branch1.2.conv.weight": (192, 192, 3, 1),
-                       "last_linear.weight": (512, 1792), "last_bn.num_batches_tracked": ()}
+    expected_shapes = {
+        "conv2d_1a.conv.weight": (32, 3, 3, 3),
+        "repeat_1.4.branch2.2.bn.running_var": (32,),
+        "mixed_6a.branch1.2.conv.weight": (256, 192, 3, 3),
+        "repeat_2.9.conv2d.bias": (896,),
+        "mixed_7a.branch2.2.conv.weight": (256, 256, 3, 3),
+        "block8.branch1.2.conv.weight": (192, 192, 3, 1),
+        "last_linear.weight": (512, 1792),
+        "last_bn.num_batches_tracked": (),
+    }
     assert {key: tuple(state[key].shape) for key in expected_shapes} == expected_shapes
     assert len(state) == 714 and sum(p.numel() for p in network.parameters()) == 23_482_624
     generator = torch.Generator().manual_seed(1)

@@ -14,8 +14,16 @@ def test_timed_excludes_the_warm_up_and_reports_spread():
 
 
 def test_bench_json_has_every_stage(csv_dataset, tmp_path):
-    results = run_bench(csv_dataset, backbones=["mobilenet_v3_small"], heads=["logreg"], finetune=True,
-                        weights="none", repeats=1, sample=8, out=tmp_path / "bench")
+    results = run_bench(
+        csv_dataset,
+        backbones=["mobilenet_v3_small"],
+        heads=["logreg"],
+        finetune=True,
+        weights="none",
+        repeats=1,
+        sample=8,
+        out=tmp_path / "bench",
+    )
     written = json.loads((tmp_path / "bench" / "results.json").read_text())
     stages = written["backbones"][0]["stages"]
     assert set(stages) == {"decode", "preprocess", "forward", "extract_to_cache"}
@@ -32,8 +40,15 @@ def test_bench_json_has_every_stage(csv_dataset, tmp_path):
 
 
 def test_bench_trains_heads_on_several_datasets_and_reports_each(csv_dataset, celeba_official):
-    results = run_bench([csv_dataset, celeba_official], backbones=["mobilenet_v3_small"], heads=["logreg"],
-                        balance="dataset,gender", weights="none", repeats=1, sample=8)
+    results = run_bench(
+        [csv_dataset, celeba_official],
+        backbones=["mobilenet_v3_small"],
+        heads=["logreg"],
+        balance="dataset,gender",
+        weights="none",
+        repeats=1,
+        sample=8,
+    )
     assert results["images"] == 70 and results["backbones"][0]["stages"]["extract_to_cache"]["images"] == 70
     head = results["heads"][0]
     assert head["test_images"] == 4 + 6  # both test splits, pooled

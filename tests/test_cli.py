@@ -18,8 +18,18 @@ def invoke(*args: str):
 
 def test_every_command_has_help_text():
     commands = app.registered_commands
-    assert {c.callback.__name__ for c in commands} >= {"extract", "info", "backbones", "download", "demo", "fit",
-                                                       "evaluate", "predict", "finetune", "bench"}
+    assert {c.callback.__name__ for c in commands} >= {
+        "extract",
+        "info",
+        "backbones",
+        "download",
+        "demo",
+        "fit",
+        "evaluate",
+        "predict",
+        "finetune",
+        "bench",
+    }
     for command in commands:
         result = invoke(command.callback.__name__, "--help")
         assert result.exit_code == 0, result.output
@@ -31,19 +41,32 @@ def test_cli_py_at_the_root_of_a_checkout_runs_the_same_app(csv_dataset, tmp_pat
     root = Path(__file__).resolve().parents[1]
     out = tmp_path / "c.h5"
     invoke("extract", "--data", csv_dataset, "--backbone", "mobilenet_v3_small", "--weights", "none", "--out", out)
-    through_file = subprocess.run([sys.executable, "cli.py", "info", str(out), "--json"], cwd=root,
-                                  capture_output=True, text=True)
+    through_file = subprocess.run(
+        [sys.executable, "cli.py", "info", str(out), "--json"], cwd=root, capture_output=True, text=True
+    )
     assert through_file.returncode == 0, through_file.stderr
     assert json.loads(through_file.stdout) == json.loads(invoke("info", out, "--json").output)
-    missing = subprocess.run([sys.executable, "cli.py", "info", str(tmp_path / "none.h5")], cwd=root,
-                             capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, "cli.py", "info", str(tmp_path / "none.h5")], cwd=root, capture_output=True, text=True
+    )
     assert missing.returncode == 1 and "none.h5: no such cache file" in missing.stderr.splitlines()[-1]
 
 
 def test_extract_then_info(csv_dataset, tmp_path):
     out = tmp_path / "c.h5"
-    args = ("extract", "--data", csv_dataset, "--backbone", "mobilenet_v3_small", "--weights", "none",
-            "--out", out, "--batch-size", "4")
+    args = (
+        "extract",
+        "--data",
+        csv_dataset,
+        "--backbone",
+        "mobilenet_v3_small",
+        "--weights",
+        "none",
+        "--out",
+        out,
+        "--batch-size",
+        "4",
+    )
     result = invoke(*args)
     assert result.exit_code == 0, result.output
     assert "40 images, 0 failed" in result.output
@@ -59,8 +82,9 @@ def test_extract_then_info(csv_dataset, tmp_path):
 
 def test_extract_default_path_goes_to_the_cache_folder(csv_dataset, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = invoke("extract", "--data", csv_dataset, "--backbone", "mobilenet_v3_small", "--weights", "none",
-                    "--limit", "10")
+    result = invoke(
+        "extract", "--data", csv_dataset, "--backbone", "mobilenet_v3_small", "--weights", "none", "--limit", "10"
+    )
     assert result.exit_code == 0, result.output
     assert (tmp_path / "cache" / "csvset-mobilenet_v3_small-limit10.h5").is_file()
 
@@ -95,8 +119,9 @@ def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
     """Two datasets, one head: each dataset's test results with its race x gender table, and the
     saved model's path, ready for predict."""
     monkeypatch.chdir(tmp_path)
-    result = invoke("demo", "--data", shared_faces / "utkface", "--data", shared_faces / "utkface_more",
-                    "--limit", "300")
+    result = invoke(
+        "demo", "--data", shared_faces / "utkface", "--data", shared_faces / "utkface_more", "--limit", "300"
+    )
     assert result.exit_code == 0, result.output
     assert "trained on 480 images" in result.output and "balanced by dataset, gender" in result.output
     assert "backbone dlib_resnet" in result.output
@@ -105,23 +130,33 @@ def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
         assert float(own.split("accuracy")[1].split()[0]) > 0.85
         assert "errors per race x gender (" in own and re.search(r"\n    black +women ", own)
     assert result.output.rstrip().endswith("model: models/demo-dlib_resnet-logreg.joblib")
-    predicted = invoke("predict", "--model", "models/demo-dlib_resnet-logreg.joblib",
-                       sorted((shared_faces / "utkface" / "images").iterdir())[0])
+    predicted = invoke(
+        "predict",
+        "--model",
+        "models/demo-dlib_resnet-logreg.joblib",
+        sorted((shared_faces / "utkface" / "images").iterdir())[0],
+    )
     assert predicted.exit_code == 0 and predicted.output.split("\t")[1] in ("male", "female"), predicted.output
 
 
 def test_help_and_import_do_not_load_torch_until_a_name_is_used():
-    script = ("import sys, featgender, featgender.cli; assert 'torch' not in sys.modules and 'sklearn' not in sys.modules; "
-              "from featgender.data import load_dataset; assert featgender.load_dataset is load_dataset; "
-              "assert 'make_head' in dir(featgender) and featgender.make_head('logreg') is not None")
+    script = (
+        "import sys, featgender, featgender.cli; assert 'torch' not in sys.modules and 'sklearn' not in sys.modules; "
+        "from featgender.data import load_dataset; assert featgender.load_dataset is load_dataset; "
+        "assert 'make_head' in dir(featgender) and featgender.make_head('logreg') is not None"
+    )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
 
 
 def test_fit_evaluate_predict(csv_dataset, tmp_path):
     cache, model = tmp_path / "c.h5", tmp_path / "m.joblib"
-    assert invoke("extract", "--data", csv_dataset, "--backbone", "mobilenet_v3_small", "--weights", "none",
-                  "--out", cache).exit_code == 0
+    assert (
+        invoke(
+            "extract", "--data", csv_dataset, "--backbone", "mobilenet_v3_small", "--weights", "none", "--out", cache
+        ).exit_code
+        == 0
+    )
     fitted = invoke("fit", "--cache", cache, "--head", "logreg", "--out", model, "--json")
     assert fitted.exit_code == 0, fitted.output
     summary = json.loads(fitted.output)
@@ -148,8 +183,23 @@ def test_fit_names_a_missing_cache(tmp_path):
 
 def test_finetune_command_and_its_network_predicts_and_evaluates(csv_dataset, tmp_path):
     out = tmp_path / "ft.pt"
-    result = invoke("finetune", "--data", csv_dataset, "--backbone", "mobilenet_v3_small", "--weights", "none",
-                    "--epochs", "1", "--batch-size", "8", "--workers", "0", "--out", out)
+    result = invoke(
+        "finetune",
+        "--data",
+        csv_dataset,
+        "--backbone",
+        "mobilenet_v3_small",
+        "--weights",
+        "none",
+        "--epochs",
+        "1",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--out",
+        out,
+    )
     assert result.exit_code == 0, result.output
     assert "epoch 1: train loss" in result.output and f"saved {out}" in result.output and out.is_file()
     predicted = invoke("predict", "--model", out, csv_dataset / "images" / "000.jpg")
@@ -164,9 +214,25 @@ def test_finetune_command_and_its_network_predicts_and_evaluates(csv_dataset, tm
 
 
 def test_bench_command_on_two_datasets(csv_dataset, celeba_official, tmp_path):
-    bench = invoke("bench", "--data", csv_dataset, "--data", celeba_official, "--balance", "dataset,gender",
-                   "--backbones", "mobilenet_v3_small", "--heads", "logreg", "--weights", "none", "--repeats", "1",
-                   "--out", tmp_path / "bench")
+    bench = invoke(
+        "bench",
+        "--data",
+        csv_dataset,
+        "--data",
+        celeba_official,
+        "--balance",
+        "dataset,gender",
+        "--backbones",
+        "mobilenet_v3_small",
+        "--heads",
+        "logreg",
+        "--weights",
+        "none",
+        "--repeats",
+        "1",
+        "--out",
+        tmp_path / "bench",
+    )
     assert bench.exit_code == 0, bench.output
     assert "mobilenet_v3_small + logreg: accuracy" in bench.output
     report = (tmp_path / "bench" / "results.md").read_text()

@@ -55,8 +55,9 @@ def test_folder_layout_with_split_folders(tmp_path):
     for split in ("train", "val", "test"):
         write_images(tmp_path / split, ["male/a.jpg", "female/b.png"], [1, 0])
     dataset = load_dataset(tmp_path)
-    assert sorted(dataset.image_ids) == sorted(f"{s}/{c}" for s in ("train", "val", "test")
-                                                for c in ("male/a.jpg", "female/b.png"))
+    assert sorted(dataset.image_ids) == sorted(
+        f"{s}/{c}" for s in ("train", "val", "test") for c in ("male/a.jpg", "female/b.png")
+    )
     assert [SPLITS[s] for s in dataset.splits] == ["test", "test", "train", "train", "valid", "valid"]
 
 

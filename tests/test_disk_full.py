@@ -58,8 +58,11 @@ def test_no_room_for_the_new_cache_keeps_the_old_one_and_resumes(csv_dataset, sm
 
     # the chunks fit under the limit, the assembled float32 cache does not: refused before writing it
     with file_size_limit(reference.stat().st_size):
-        with pytest.raises(FeatgenderError, match=r"c\.h5: no space left to write it \(needs about .* MiB, the file "
-                                                  r"size limit \(ulimit -f\) is .*free some space"):
+        with pytest.raises(
+            FeatgenderError,
+            match=r"c\.h5: no space left to write it \(needs about .* MiB, the file "
+            r"size limit \(ulimit -f\) is .*free some space",
+        ):
             build_cache(dataset, small_backbone, out, dtype="float32", overwrite=True, **OPTIONS)
     assert sha256(out) == old and read_cache(out).metadata["dtype"] == "float16"
     assert leftovers(tmp_path) == []
@@ -76,8 +79,13 @@ def test_no_room_for_a_model_keeps_the_old_model(tmp_path):
 
     def model(dim):
         features = rng.normal(size=(200, dim)) + labels[:, None]
-        return HeadModel(make_head("logreg", pca=0).fit(features, labels), head="logreg", params={},
-                         backbones=[{**backbones[0], "feature_dim": dim}], training={})
+        return HeadModel(
+            make_head("logreg", pca=0).fit(features, labels),
+            head="logreg",
+            params={},
+            backbones=[{**backbones[0], "feature_dim": dim}],
+            training={},
+        )
 
     path = tmp_path / "model.joblib"
     model(64).save(path)
@@ -94,8 +102,12 @@ def small_disk(tmp_path):
     that resizes it."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    if not shutil.which("mount") or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)],
-                                                    capture_output=True).returncode:
+    if (
+        not shutil.which("mount")
+        or subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], capture_output=True
+        ).returncode
+    ):
         pytest.skip("this user may not mount a tmpfs to fill")
 
     def resize(size: str) -> None:

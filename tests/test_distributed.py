@@ -36,9 +36,22 @@ open(sys.argv[2] + ".status" + os.environ["RANK"], "w").write(f"{result.status} 
 def torchrun(data, out, nproc=2):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
-        [*TORCHRUN, f"--nproc-per-node={nproc}",
-         "-m", "featgender", "extract", "--data", str(data), "--out", str(out), *EXTRACT],
-        env=env, capture_output=True, text=True, timeout=600,
+        [
+            *TORCHRUN,
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "featgender",
+            "extract",
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            *EXTRACT,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
 
 
@@ -49,8 +62,15 @@ def test_shards_are_contiguous_and_cover_every_row():
 
 def test_two_gloo_ranks_give_the_single_process_cache(csv_dataset, tmp_path):
     single = tmp_path / "single.h5"
-    extract_to_cache(csv_dataset, backbone="mobilenet_v3_small", weights="none", precision="float32", workers=0,
-                     out=single, progress=False)
+    extract_to_cache(
+        csv_dataset,
+        backbone="mobilenet_v3_small",
+        weights="none",
+        precision="float32",
+        workers=0,
+        out=single,
+        progress=False,
+    )
     joined = tmp_path / "joined.h5"
     run = torchrun(csv_dataset, joined)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -59,11 +79,14 @@ def test_two_gloo_ranks_give_the_single_process_cache(csv_dataset, tmp_path):
     np.testing.assert_array_equal(together.features, alone.features)  # bit for bit
     assert together.attribute_names == alone.attribute_names and np.array_equal(together.attributes, alone.attributes)
     metadata = read_metadata(joined)
-    assert metadata["num_images"] == 40 and metadata["dataset_fingerprint"] == read_metadata(single)["dataset_fingerprint"]
+    assert (
+        metadata["num_images"] == 40 and metadata["dataset_fingerprint"] == read_metadata(single)["dataset_fingerprint"]
+    )
     with h5py.File(joined) as h5:
         assert h5["features"].is_virtual  # the shards' rows, not a copy
-    info = subprocess.run([sys.executable, "-m", "featgender", "info", str(joined), "--json"],
-                          capture_output=True, text=True, check=True)
+    info = subprocess.run(
+        [sys.executable, "-m", "featgender", "info", str(joined), "--json"], capture_output=True, text=True, check=True
+    )
     assert json.loads(info.stdout)["splits"] == cache_summary(single)["splits"]
 
     # a rank whose shard is gone: the rerun redoes that shard only
@@ -84,13 +107,21 @@ def test_a_rank_killed_mid_shard_is_resumed_by_the_rerun(csv_dataset, tmp_path, 
     stops the job, nothing is joined; the same job started at once is not refused, resumes
     that shard where it stopped and ends bit for bit equal to one process."""
     single, joined = tmp_path / "single.h5", tmp_path / "joined.h5"
-    extract_to_cache(csv_dataset, backbone="mobilenet_v3_small", weights="none", precision="float32", workers=0,
-                     out=single, progress=False)
+    extract_to_cache(
+        csv_dataset,
+        backbone="mobilenet_v3_small",
+        weights="none",
+        precision="float32",
+        workers=0,
+        out=single,
+        progress=False,
+    )
     hold = tmp_path / "hold"
     hold.mkdir()
     script = tmp_path / "api.py"
-    script.write_text("import os\nif os.environ['RANK'] == '1':\n" + textwrap.indent(holding_code(hold, chunks), "    ")
-                      + API_SCRIPT)
+    script.write_text(
+        "import os\nif os.environ['RANK'] == '1':\n" + textwrap.indent(holding_code(hold, chunks), "    ") + API_SCRIPT
+    )
     command = [*TORCHRUN, "--nproc-per-node=2", str(script), str(csv_dataset), str(joined)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     partial = shard_path(joined, 1, 2).with_name(shard_path(joined, 1, 2).name + ".partial")

@@ -66,8 +66,16 @@ def test_subgroup_slices_and_gap():
     predicted = np.array([1, 1, 0, 0, 0, 1, 1, 0])
     young = np.array([1, 1, 1, 1, 0, 0, 0, 0])
     race = np.array([0, 1, 0, 1, 0, 1, 0, 1])
-    data = CacheData(np.zeros((8, 2), np.float32), labels, [str(i) for i in range(8)], np.zeros(8, np.int8),
-                     np.stack([young, race], 1), ["Young", "race"], {"race": ["asian", "white"]}, {})
+    data = CacheData(
+        np.zeros((8, 2), np.float32),
+        labels,
+        [str(i) for i in range(8)],
+        np.zeros(8, np.int8),
+        np.stack([young, race], 1),
+        ["Young", "race"],
+        {"race": ["asian", "white"]},
+        {},
+    )
     slices = subgroup_metrics(data, predicted, min_size=1)
     assert slices["Young"]["groups"]["Young"] == {"n": 4, "accuracy": 1.0, "female_error": 0.0, "male_error": 0.0}
     assert slices["Young"]["groups"]["not Young"] == {"n": 4, "accuracy": 0.5, "female_error": 0.5, "male_error": 0.5}
@@ -86,16 +94,26 @@ def test_the_worst_mistakes_are_the_surest_wrong_answers_on_a_contact_sheet(tmp_
     ids = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
     images = [str(tmp_path / "img_align_celeba" / name) for name in ids]
     scores = np.array([0.9, 0.7, 0.05, 0.4])  # right, wrong, wrong and surest, right
-    rows = CacheData(np.zeros((4, 2), np.float32), np.array([1, 0, 1, 0]), ids, np.zeros(4, np.int8), None, [], {},
-                     {"dataset_root": str(tmp_path), "dataset_format": "celeba"})  # a CelebA cache's rows
+    rows = CacheData(
+        np.zeros((4, 2), np.float32),
+        np.array([1, 0, 1, 0]),
+        ids,
+        np.zeros(4, np.int8),
+        None,
+        [],
+        {},
+        {"dataset_root": str(tmp_path), "dataset_format": "celeba"},
+    )  # a CelebA cache's rows
     mistakes = worst_mistakes(rows, scores)
-    assert mistakes == [{"image": images[2], "label": "male", "p_male": 0.05, "label_contradicted": False},
-                        {"image": images[1], "label": "female", "p_male": 0.7, "label_contradicted": False}]
+    assert mistakes == [
+        {"image": images[2], "label": "male", "p_male": 0.05, "label_contradicted": False},
+        {"image": images[1], "label": "female", "p_male": 0.7, "label_contradicted": False},
+    ]
     assert [m["label_contradicted"] for m in worst_mistakes(rows, scores, contradicted=["b.jpg"])] == [False, True]
     moved = {"image": str(tmp_path / "gone.jpg"), "label": "female", "p_male": 0.8}
     sheet = np.asarray(Image.open(contact_sheet(mistakes + [moved], tmp_path / "m.png", columns=2, side=64)))
     assert sheet.shape == (2 * (64 + 30), 128, 3)
-    first, second, gone = sheet[20:44, 20:44], sheet[20:44, 84:108], sheet[94 + 20:94 + 44, 20:44]
+    first, second, gone = sheet[20:44, 20:44], sheet[20:44, 84:108], sheet[94 + 20 : 94 + 44, 20:44]
     assert first[..., 0].mean() > first[..., 2].mean() + 50  # image c, a man's
     assert second[..., 2].mean() > second[..., 0].mean() + 50  # image b, a woman's
     assert np.all(gone == 160)  # unreadable: a grey tile
@@ -107,8 +125,16 @@ def test_labels_that_contradict_each_other_by_identity_are_kept_apart(tmp_path):
     (tmp_path / "identity_CelebA.txt").write_text("a.jpg 7\nb.jpg 7\nc.jpg 9\nd.jpg 9\ne.jpg 4\n\n")
     ids = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"]  # f.jpg: no identity listed
     labels, predicted = np.array([1, 1, 1, 0, 0, 1]), np.array([1, 0, 0, 0, 0, 1])
-    rows = CacheData(np.zeros((6, 2), np.float32), labels, ids, np.zeros(6, np.int8), None, [], {},
-                     {"dataset_root": str(tmp_path), "dataset_format": "celeba"})
+    rows = CacheData(
+        np.zeros((6, 2), np.float32),
+        labels,
+        ids,
+        np.zeros(6, np.int8),
+        None,
+        [],
+        {},
+        {"dataset_root": str(tmp_path), "dataset_format": "celeba"},
+    )
     audit = label_audit(rows, predicted, n_boot=50)
     assert audit["identities"] == 4 and audit["conflicting_identities"] == 1  # person 9: male and female
     assert audit["conflicting_images"] == ["c.jpg", "d.jpg"]
@@ -117,9 +143,24 @@ def test_labels_that_contradict_each_other_by_identity_are_kept_apart(tmp_path):
     assert 0 <= low <= 0.75 <= high <= 1
     result = {"split": "test", "n": 6, "confusion_matrix": [[2, 0], [2, 2]], "ci95": {}, "label_audit": audit}
     assert "1 of 4 people have images labelled both female and male (2 images: c.jpg, d.jpg)" in markdown_summary(
-        result, "t")
-    assert label_audit(CacheData(rows.features, labels, ids, rows.splits, None, [], {},
-                                 {"dataset_root": str(tmp_path), "dataset_format": "csv"}), predicted) is None
+        result, "t"
+    )
+    assert (
+        label_audit(
+            CacheData(
+                rows.features,
+                labels,
+                ids,
+                rows.splits,
+                None,
+                [],
+                {},
+                {"dataset_root": str(tmp_path), "dataset_format": "csv"},
+            ),
+            predicted,
+        )
+        is None
+    )
     (tmp_path / "identity_CelebA.txt").write_text("a.jpg 7\nb.jpg\n")
     with pytest.raises(FeatgenderError, match=r"identity_CelebA.txt:2: expected"):
         label_audit(rows, predicted)
@@ -259,8 +300,12 @@ def test_cnn_features_in_a_sklearn_pipeline(trained):
     paths = sorted(root.glob("*/*.jpg"))
     labels = [int(p.parent.name == "male") for p in paths]
     features = featgender.CNNFeatures("mobilenet_v3_small", weights="none", batch_size=16)
-    for check in (check_get_params_invariance, check_no_attributes_set_in_init,
-                  check_parameters_default_constructible, check_set_params):
+    for check in (
+        check_get_params_invariance,
+        check_no_attributes_set_in_init,
+        check_parameters_default_constructible,
+        check_set_params,
+    ):
         check("CNNFeatures", clone(features))
     pipeline = make_pipeline(features, StandardScaler(), LogisticRegression(max_iter=1000)).fit(paths[::2], labels[::2])
     assert (pipeline.predict(paths[1::2]) == labels[1::2]).mean() > 0.9

@@ -57,8 +57,9 @@ def test_cache_schema_opens_in_plain_h5py(celeba_official, small_backbone, tmp_p
 def test_cached_features_equal_a_direct_forward_pass(csv_dataset, small_backbone, tmp_path):
     dataset = load_dataset(csv_dataset, limit=12)
     out = tmp_path / "c.h5"
-    build_cache(dataset, small_backbone, out, batch_size=4, dtype="float32", precision="float32",
-                workers=0, progress=False)
+    build_cache(
+        dataset, small_backbone, out, batch_size=4, dtype="float32", precision="float32", workers=0, progress=False
+    )
     cached = read_cache(out)
     images = small_backbone.transform([load_image(path) for path in dataset.paths[:4]])
     with torch.inference_mode():
@@ -88,7 +89,7 @@ def test_broken_images_are_recorded_not_fatal(csv_dataset, small_backbone, tmp_p
     (csv_dataset / "images" / "001.jpg").write_bytes(b"this is not a jpeg")
     (csv_dataset / "images" / "002.jpg").write_bytes(b"")
     whole = (csv_dataset / "images" / "003.jpg").read_bytes()
-    (csv_dataset / "images" / "003.jpg").write_bytes(whole[:len(whole) // 2])  # truncated
+    (csv_dataset / "images" / "003.jpg").write_bytes(whole[: len(whole) // 2])  # truncated
     dataset = load_dataset(csv_dataset)
     out = tmp_path / "c.h5"
     result = build_cache(dataset, small_backbone, out, batch_size=4, progress=False)
@@ -142,8 +143,11 @@ def _start_held(data, out, hold: Path, after_chunks: int, workers: int = 0) -> s
     """An extraction of ``data`` into ``out`` in another process, held once ``after_chunks``
     chunks are on disk (:mod:`holding`); ``hold`` is a new folder for its signals."""
     hold.mkdir()
-    return subprocess.Popen([sys.executable, "-c", holding_code(hold, after_chunks) + EXTRACT_SCRIPT, str(data),
-                             str(out), str(workers)], stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", holding_code(hold, after_chunks) + EXTRACT_SCRIPT, str(data), str(out), str(workers)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _run_and_kill(data, out, hold: Path, chunks_before_kill: int) -> None:
@@ -225,8 +229,9 @@ def test_a_caller_between_batches_is_not_left_in_autocast(csv_dataset, small_bac
     a later extraction would otherwise run under the abandoned one's autocast state."""
     from featgender.extract import iter_features
 
-    batches = iter_features(small_backbone, load_dataset(csv_dataset).paths, batch_size=2, workers=0,
-                            precision="bfloat16", progress=False)
+    batches = iter_features(
+        small_backbone, load_dataset(csv_dataset).paths, batch_size=2, workers=0, precision="bfloat16", progress=False
+    )
     next(batches)
     assert not torch.is_autocast_enabled("cpu") and not torch.is_inference_mode_enabled()
     del batches
@@ -253,8 +258,9 @@ def test_a_second_extraction_of_the_same_cache_is_refused_while_the_first_runs(c
     assert (tmp_path / "busy.h5.lock").exists()  # left by the kill, but no longer locked
     result = build_cache(dataset, second, out, **options)
     assert result.status == "resumed"
-    np.testing.assert_array_equal(read_cache(out, include_failed=True).features,
-                                  read_cache(reference, include_failed=True).features)
+    np.testing.assert_array_equal(
+        read_cache(out, include_failed=True).features, read_cache(reference, include_failed=True).features
+    )
     assert not (tmp_path / "busy.h5.lock").exists()
 
 
@@ -305,7 +311,9 @@ def _how_it_ended(pid: int) -> int:
         time.sleep(0.005)
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="finds loader workers through /proc, adopts them by prctl")
+@pytest.mark.skipif(
+    not sys.platform.startswith("linux"), reason="finds loader workers through /proc, adopts them by prctl"
+)
 def test_kill_9_of_the_parent_alone_never_blocks_the_rerun_started_at_once(csv_dataset, tmp_path):
     """An OOM killer or a crashed shell kills the extracting process but not its loader
     workers. At several moments, each held while both workers are alive (:mod:`holding`):
@@ -332,8 +340,9 @@ def test_kill_9_of_the_parent_alone_never_blocks_the_rerun_started_at_once(csv_d
             assert [_how_it_ended(worker) for worker in workers] == [signal.SIGKILL] * 2
     result = build_cache(dataset, build_backbone(BACKBONE, weights="none"), out, **options)
     assert result.status == "resumed" and result.resumed_from >= 28
-    np.testing.assert_array_equal(read_cache(out, include_failed=True).features,
-                                  read_cache(reference, include_failed=True).features)
+    np.testing.assert_array_equal(
+        read_cache(out, include_failed=True).features, read_cache(reference, include_failed=True).features
+    )
 
 
 LOCK_THEN_FORK_SCRIPT = """
@@ -354,8 +363,9 @@ def test_the_writer_lock_belongs_to_its_process_not_to_the_children_it_forks(tmp
     from featgender.files import exclusive
 
     target = tmp_path / "c.h5"
-    holder = subprocess.Popen([sys.executable, "-c", LOCK_THEN_FORK_SCRIPT, str(target)], stdout=subprocess.PIPE,
-                              text=True)
+    holder = subprocess.Popen(
+        [sys.executable, "-c", LOCK_THEN_FORK_SCRIPT, str(target)], stdout=subprocess.PIPE, text=True
+    )
     child = int(holder.stdout.readline())
     try:
         with pytest.raises(FeatgenderError, match=rf"c.h5: \S+ pid {holder.pid} is writing it"):

@@ -71,8 +71,9 @@ def test_descriptors_equal_dlibs_own_within_1e_5(dlib_file, face_chips):
     with torch.inference_mode():
         ours = network(face_chips.float()).numpy()
     reference = dlib.face_recognition_model_v1(str(dlib_file))
-    theirs = np.array([reference.compute_face_descriptor(np.ascontiguousarray(chip.permute(1, 2, 0).numpy()))
-                       for chip in face_chips])
+    theirs = np.array(
+        [reference.compute_face_descriptor(np.ascontiguousarray(chip.permute(1, 2, 0).numpy())) for chip in face_chips]
+    )
     assert np.abs(ours - theirs).max() < 1e-5
     assert 1.0 < np.linalg.norm(theirs, axis=1).mean() < 2.5  # dlib's descriptors are not unit vectors
 
@@ -120,17 +121,20 @@ def test_a_head_fitted_on_one_datasets_cache_evaluates_another_datasets(shared_f
     from featgender.evaluate import evaluate_model, train_head
     from featgender.extraction import extract_to_cache
 
-    utk = extract_to_cache(shared_faces / "utkface", backbone="dlib_resnet", limit=300, out=tmp_path / "utk.h5",
-                           progress=False)
-    celeba = extract_to_cache(shared_faces / "celeba_mini", backbone="dlib_resnet", out=tmp_path / "celeba.h5",
-                              progress=False)
+    utk = extract_to_cache(
+        shared_faces / "utkface", backbone="dlib_resnet", limit=300, out=tmp_path / "utk.h5", progress=False
+    )
+    celeba = extract_to_cache(
+        shared_faces / "celeba_mini", backbone="dlib_resnet", out=tmp_path / "celeba.h5", progress=False
+    )
     boxes = [read_metadata(result.path)["preprocessing"] for result in (utk, celeba)]
     assert boxes[0] != boxes[1]  # the two datasets' calibrated face boxes differ
     train_head(utk.path, "logreg", eval_split=None, out=tmp_path / "utk.joblib")
     result = evaluate_model(tmp_path / "utk.joblib", celeba.path, split="train")
     assert result["n"] == 100 and result["accuracy"] > 0.85
-    flipped = extract_to_cache(shared_faces / "celeba_mini", backbone="dlib_resnet", flip=True,
-                               out=tmp_path / "celeba-flip.h5", progress=False)
+    flipped = extract_to_cache(
+        shared_faces / "celeba_mini", backbone="dlib_resnet", flip=True, out=tmp_path / "celeba-flip.h5", progress=False
+    )
     with pytest.raises(FeatgenderError, match="does not match the model's features \\(flip differs\\)"):
         evaluate_model(tmp_path / "utk.joblib", flipped.path, split="train")
 
@@ -140,15 +144,25 @@ def test_the_face_network_fine_tunes_end_to_end_and_predicts(shared_faces, tmp_p
     from featgender.finetune import finetune
 
     out = tmp_path / "dlib-ft.pt"
-    result = finetune(shared_faces / "utkface", backbone="dlib_resnet", limit=60, epochs=1, unfreeze_last=2,
-                      batch_size=16, workers=0, out=out, progress=False)
+    result = finetune(
+        shared_faces / "utkface",
+        backbone="dlib_resnet",
+        limit=60,
+        epochs=1,
+        unfreeze_last=2,
+        batch_size=16,
+        workers=0,
+        out=out,
+        progress=False,
+    )
     saved = torch.load(out, weights_only=True)
     assert saved["trainable_blocks"] == ["blocks.13", "descriptor"]
     assert saved["config"]["face_box"] is not None  # the dataset's calibrated box, kept for prediction
     frozen_before = build_backbone("dlib_resnet").model.body.conv1.weight
     assert torch.equal(saved["state_dict"]["embedding.conv1.weight"], frozen_before)  # frozen blocks unchanged
-    assert not torch.equal(saved["state_dict"]["embedding.descriptor.weight"],
-                           build_backbone("dlib_resnet").model.body.descriptor.weight)
+    assert not torch.equal(
+        saved["state_dict"]["embedding.descriptor.weight"], build_backbone("dlib_resnet").model.body.descriptor.weight
+    )
     test = load_dataset(shared_faces / "utkface", limit=60)
     test_paths = [path for path, split in zip(test.paths, test.splits, strict=True) if split == 2]
     predictions = featgender.load(out).predict(test_paths, faces="crop")
@@ -160,7 +174,10 @@ def test_the_face_network_fine_tunes_end_to_end_and_predicts(shared_faces, tmp_p
         canvas.paste(Image.open(path).convert("RGB").resize((150, 150)), (250, 160))
         reframed.append(tmp_path / Path(path).name)
         canvas.save(reframed[-1], quality=95)
-    gaps = [abs(a.probability - b.probability) for a, b in zip(predictions, featgender.load(out).predict(reframed, faces="crop"), strict=True)]
+    gaps = [
+        abs(a.probability - b.probability)
+        for a, b in zip(predictions, featgender.load(out).predict(reframed, faces="crop"), strict=True)
+    ]
     assert np.median(gaps) < 0.02
     # a face network finds faces in photos itself ('auto' is photo mode): each face with its box
     in_photos = featgender.load(out).predict(reframed[:3])

@@ -29,7 +29,9 @@ def test_registry_entry_and_offline_weights():
     assert weights_available(config)
     random_net = build_backbone("dlib_resnet", weights="none")  # seeded, as every backbone's
     assert random_net.weights.sha256 is None and random_net.model.layer == "descriptor"
-    assert torch.equal(random_net.model.body.conv1.weight, build_backbone("dlib_resnet", weights="none").model.body.conv1.weight)
+    assert torch.equal(
+        random_net.model.body.conv1.weight, build_backbone("dlib_resnet", weights="none").model.body.conv1.weight
+    )
 
 
 def test_descriptors_equal_dlibs_own_pipeline_and_are_deterministic(dlib_backbone, shared_faces):
@@ -66,7 +68,7 @@ def test_small_faces_that_hog_and_the_cnn_miss_are_found_upsampled(shared_faces)
     for name in ("000581.jpg", "004081.jpg", "008461.jpg"):
         picture = Image.open(shared_faces / "celeba_10k" / "img_align_celeba" / name).convert("RGB")
         assert not len(hog(np.asarray(picture), 1))
-        (left, top, right, bottom), = find_faces(picture, detector)
+        ((left, top, right, bottom),) = find_faces(picture, detector)
         assert 0 <= left < 44 < right <= 89 and 0 <= top < 60 < bottom <= 109, name  # around the face's centre
 
 
@@ -144,8 +146,9 @@ def test_a_group_photo_gives_one_prediction_per_face_with_its_box(dlib_model, gr
     assert wall.error == "no face found" and wall.label is None and wall.probability is None
     # dlib_resnet finds faces itself: 'auto' is photo mode, the largest face only
     assert len(predictor.predict([group_photo])) == 1
-    result = CliRunner().invoke(app, ["predict", "--model", str(model_path), "--all-faces",
-                                      str(group_photo), str(tmp_path / "wall.jpg")])
+    result = CliRunner().invoke(
+        app, ["predict", "--model", str(model_path), "--all-faces", str(group_photo), str(tmp_path / "wall.jpg")]
+    )
     assert result.exit_code == 0, result.output
     lines = [line for line in result.stdout.splitlines() if "box=" in line]
     assert len(lines) == 2 and "1 of 2 images: no face found" in result.stderr
@@ -171,8 +174,14 @@ def test_photo_datasets_go_through_the_face_step(shared_faces, tmp_path):
         rows.append((f"empty{i}.jpg", "female"))
     with open(tmp_path / "photos.csv", "w", newline="") as handle:
         csv.writer(handle).writerows([("image", "gender"), *rows])
-    result = extract_to_cache(tmp_path / "photos.csv", backbone="dlib_resnet", faces="photo",
-                              out=tmp_path / "photos.h5", progress=False, workers=0)
+    result = extract_to_cache(
+        tmp_path / "photos.csv",
+        backbone="dlib_resnet",
+        faces="photo",
+        out=tmp_path / "photos.h5",
+        progress=False,
+        workers=0,
+    )
     assert result.num_failed == 2
     with h5py.File(result.path) as h5:
         assert h5["failed/ids"].asstr()[:].tolist() == ["empty0.jpg", "empty1.jpg"]
@@ -206,12 +215,16 @@ def test_crops_framed_unlike_the_training_data_are_aligned_where_their_faces_are
     training_box = ",".join(map(str, json.loads(load_model(model_path).backbones[0]["preprocessing"])["face_box"]))
     stale = [p.probability for p in featgender.load(model_path, face_box=training_box).predict(reframed, faces="crop")]
     detected = [p.probability for p in featgender.load(model_path, face_box="detect").predict(reframed, faces="crop")]
-    gap = {name: np.abs(np.subtract(original, values)) for name, values in
-           (("found", found), ("stale", stale), ("detected", detected))}
+    gap = {
+        name: np.abs(np.subtract(original, values))
+        for name, values in (("found", found), ("stale", stale), ("detected", detected))
+    }
     assert np.median(gap["found"]) < 0.02 and np.median(gap["detected"]) < 0.02
     assert np.median(gap["stale"]) > 10 * np.median(gap["found"])  # what predict did before
-    accuracy = {name: float(np.mean((np.array(values) >= 0.5) == labels)) for name, values in
-                (("original", original), ("found", found), ("stale", stale))}
+    accuracy = {
+        name: float(np.mean((np.array(values) >= 0.5) == labels))
+        for name, values in (("original", original), ("found", found), ("stale", stale))
+    }
     assert accuracy["found"] >= accuracy["original"] - 0.05 > accuracy["stale"] + 0.1
     with pytest.raises(FeatgenderError, match="--face-box 'middle'"):
         featgender.load(model_path, face_box="middle")
@@ -235,7 +248,8 @@ def test_loader_workers_detect_faces_after_this_process_ran_dlibs_cnn(tmp_path):
         "print(len(errors), sum(map(bool, errors)))\n"
     )
     environment = {key: value for key, value in os.environ.items() if key != "DLIB_NUM_THREADS"}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600,
-                            env=environment, cwd=tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=environment, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["4", "0"]  # central-box chips of the face crops

@@ -20,8 +20,16 @@ from featgender.mixing import balance_weights, parse_balance, read_datasets
 def rows(labels, race, predicted_wrong, names=("black", "white")) -> tuple[CacheData, np.ndarray]:
     labels, race = np.array(labels), np.array(race)
     predicted = np.where(np.array(predicted_wrong, dtype=bool), 1 - labels, labels)
-    data = CacheData(np.zeros((len(labels), 2), np.float32), labels, [str(i) for i in range(len(labels))],
-                     np.zeros(len(labels), np.int8), race[:, None], ["race"], {"race": list(names)}, {})
+    data = CacheData(
+        np.zeros((len(labels), 2), np.float32),
+        labels,
+        [str(i) for i in range(len(labels))],
+        np.zeros(len(labels), np.int8),
+        race[:, None],
+        ["race"],
+        {"race": list(names)},
+        {},
+    )
     return data, predicted
 
 
@@ -41,8 +49,12 @@ def test_cells_count_each_gender_called_the_other_per_group():
     data, predicted = rows(labels, race, wrong)
     table = group_gender_errors(data, predicted, failed=failed)["race"]
     cells = {(cell["group"], cell["gender"]): cell for cell in table["cells"]}
-    assert [(cell["n"], cell["errors"], cell["failed"]) for cell in cells.values()] == \
-        [(12, 3, 1), (10, 1, 0), (10, 0, 0), (10, 2, 0)]
+    assert [(cell["n"], cell["errors"], cell["failed"]) for cell in cells.values()] == [
+        (12, 3, 1),
+        (10, 1, 0),
+        (10, 0, 0),
+        (10, 2, 0),
+    ]
     assert cells["black", "women"]["error_rate"] == 0.25
     assert cells["black", "women"]["ci95"] == wilson_interval(3, 12)
     assert table["worst"] == {"group": "black", "gender": "women", "n": 12, "error_rate": 0.25}
@@ -84,19 +96,23 @@ def two_datasets(tmp_path_factory):
         folder = root / name
         labels = [i % 2 for i in range(count)]
         write_images(folder, [f"images/{i:03d}.jpg" for i in range(count)], labels, seed=seed)
-        lines = ["image,gender,race"] + [f"images/{i:03d}.jpg,{'male' if label else 'female'},{['white', 'black'][i % 3 == 0]}"
-                                         for i, label in enumerate(labels)]
+        lines = ["image,gender,race"] + [
+            f"images/{i:03d}.jpg,{'male' if label else 'female'},{['white', 'black'][i % 3 == 0]}"
+            for i, label in enumerate(labels)
+        ]
         (folder / "labels.csv").write_text("\n".join(lines) + "\n")
         caches.append(root / f"{name}.h5")
-        build_cache(load_dataset(folder), build_backbone("mobilenet_v3_small", weights="none"), caches[-1],
-                    progress=False)
+        build_cache(
+            load_dataset(folder), build_backbone("mobilenet_v3_small", weights="none"), caches[-1], progress=False
+        )
     return root, caches
 
 
 def test_a_head_trained_on_two_datasets_is_evaluated_on_each(two_datasets):
     root, caches = two_datasets
-    model, evaluation = train_head(caches[0], "logreg", stack=[caches[1]], balance="dataset,gender",
-                                   eval_split="test", out=root / "mix.joblib")
+    model, evaluation = train_head(
+        caches[0], "logreg", stack=[caches[1]], balance="dataset,gender", eval_split="test", out=root / "mix.joblib"
+    )
     alone = [read_datasets([[cache]], "train")[0].rows for cache in caches]
     assert model.training["images"] == sum(len(data.labels) for data in alone)
     assert [d["name"] for d in model.training["datasets"]] == ["first", "second"]
@@ -125,8 +141,22 @@ def test_stacking_refuses_other_features_and_the_same_dataset_twice(two_datasets
 
 def test_fit_stack_prints_each_dataset_and_its_group_gender_table(two_datasets, tmp_path):
     root, caches = two_datasets
-    result = CliRunner().invoke(app, ["fit", "--cache", str(caches[0]), "--stack", str(caches[1]), "--balance",
-                                      "dataset", "--eval-split", "test", "--out", str(tmp_path / "m.joblib")])
+    result = CliRunner().invoke(
+        app,
+        [
+            "fit",
+            "--cache",
+            str(caches[0]),
+            "--stack",
+            str(caches[1]),
+            "--balance",
+            "dataset",
+            "--eval-split",
+            "test",
+            "--out",
+            str(tmp_path / "m.joblib"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert "test (6 images of 2 datasets, pooled)" in result.output
     assert "first, test (4 images)" in result.output and "second, test (2 images)" in result.output
@@ -155,8 +185,9 @@ def test_the_model_card_gives_the_mix_its_balance_and_each_datasets_errors(two_d
     from featgender.app import model_card
 
     root, caches = two_datasets
-    train_head(caches[0], "logreg", stack=[caches[1]], balance="dataset,gender", eval_split="test",
-               out=root / "card.joblib")
+    train_head(
+        caches[0], "logreg", stack=[caches[1]], balance="dataset,gender", eval_split="test", out=root / "card.joblib"
+    )
     card = model_card(featgender.load(root / "card.joblib"))
     assert "**Trained on** 52 images (train split of first (32) + second (20)); balanced by: dataset, gender." in card
     assert "**second**:" in card and "- errors per race x gender (" in card

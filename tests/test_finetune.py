@@ -54,8 +54,9 @@ def test_resume_continues_where_it_stopped(csv_dataset, tmp_path):
 
 def test_several_datasets_train_one_network_drawn_balanced_and_each_is_tested(csv_dataset, celeba_official, tmp_path):
     out = tmp_path / "mix.pt"
-    result = finetune([csv_dataset, celeba_official], epochs=1, balance="dataset,gender", samples_per_epoch=24,
-                      out=out, **OPTIONS)
+    result = finetune(
+        [csv_dataset, celeba_official], epochs=1, balance="dataset,gender", samples_per_epoch=24, out=out, **OPTIONS
+    )
     assert set(result.test["datasets"]) == {"csvset", "celeba"}
     assert result.test["n"] == sum(own["n"] for own in result.test["datasets"].values())
     assert "race" in result.test["datasets"]["csvset"]["group_gender"]
@@ -71,8 +72,9 @@ def test_balanced_draws_give_each_dataset_and_gender_the_same_share(csv_dataset,
     from featgender.mixing import balance_weights
 
     built = build_backbone("mobilenet_v3_small", weights="none")
-    parts = load_training_data([csv_dataset, celeba_official], built, face_box="auto", format="auto", limit=None,
-                               seed=0)
+    parts = load_training_data(
+        [csv_dataset, celeba_official], built, face_box="auto", format="auto", limit=None, seed=0
+    )
     train = [part.split("train") for part in parts]
     sizes = [len(rows.labels) for rows in train]
     assert sizes[0] != sizes[1]  # 24 and 18 training images

@@ -96,17 +96,24 @@ def test_standardized_pca_equals_scaler_then_pca_on_the_same_rows():
 
 def test_size_adaptive_classifier_picks_by_training_size():
     features, labels = separable(n=100)
-    chooser = SizeAdaptiveClassifier(small=LogisticRegression(C=1.0), large=LogisticRegression(C=0.01),
-                                     max_small_samples=50)
+    chooser = SizeAdaptiveClassifier(
+        small=LogisticRegression(C=1.0), large=LogisticRegression(C=0.01), max_small_samples=50
+    )
     assert chooser.fit(features, labels).estimator_.C == 0.01
     assert clone(chooser).set_params(max_small_samples=100).fit(features, labels).estimator_.C == 1.0
 
 
-@pytest.mark.parametrize("estimator", [FeatureNormalizer("l2"), FeatureNormalizer("power"),
-                                       SampledScaler(max_samples=20),
-                                       StandardizedPCA(2, max_samples=20),
-                                       NystroemSVM(n_pca=4, n_landmarks=20),
-                                       SizeAdaptiveClassifier(small=LogisticRegression(), large=LogisticRegression())])
+@pytest.mark.parametrize(
+    "estimator",
+    [
+        FeatureNormalizer("l2"),
+        FeatureNormalizer("power"),
+        SampledScaler(max_samples=20),
+        StandardizedPCA(2, max_samples=20),
+        NystroemSVM(n_pca=4, n_landmarks=20),
+        SizeAdaptiveClassifier(small=LogisticRegression(), large=LogisticRegression()),
+    ],
+)
 def test_our_estimators_pass_sklearn_checks(estimator):
     # Its PCA and landmarks are fitted unweighted (weights are for the SVM's loss), so weighted
     # rows are not the same as repeated ones there.
@@ -148,8 +155,11 @@ def test_svm_rbf_fits_a_face_network_sized_cache_above_its_real_switch():
 
 def test_a_fit_scikit_learn_refuses_is_one_line_naming_the_head():
     features, labels = separable(n=4)
-    with pytest.raises(FeatgenderError, match=r"^--head svm: scikit-learn could not fit it on 4 x 40 features: .*"
-                                              r"3-fold.*\(choose another --head or give it more rows"):
+    with pytest.raises(
+        FeatgenderError,
+        match=r"^--head svm: scikit-learn could not fit it on 4 x 40 features: .*"
+        r"3-fold.*\(choose another --head or give it more rows",
+    ):
         fit_head(features, np.array([0, 1, 1, 1]), "svm")
 
 
@@ -164,8 +174,9 @@ def test_search_tunes_the_key_parameter_on_train_only():
 def test_streaming_fit_matches_in_memory_accuracy():
     features, labels = separable(n=2000)
     test_features, test_labels = separable(n=500, seed=1)
+
     def chunks():
-        return ((features[i:i + 256], labels[i:i + 256]) for i in range(0, 2000, 256))
+        return ((features[i : i + 256], labels[i : i + 256]) for i in range(0, 2000, 256))
 
     before = features.copy()
     streamed = fit_head_streaming(chunks, "logreg")
@@ -207,8 +218,9 @@ def test_only_artifacts_written_here_open_without_trusted(tmp_path):
     from featgender.heads import HeadModel
 
     features, labels = separable()
-    model = HeadModel(make_head("logreg").fit(features, labels), head="logreg", params={},
-                      backbones=[{"backbone": "x"}], training={})
+    model = HeadModel(
+        make_head("logreg").fit(features, labels), head="logreg", params={}, backbones=[{"backbone": "x"}], training={}
+    )
     model.save(tmp_path / "ours.joblib")
     assert load_model(tmp_path / "ours.joblib").sha256 == file_sha256(tmp_path / "ours.joblib")
     shutil.copy(tmp_path / "ours.joblib", tmp_path / "copy.joblib")
@@ -239,16 +251,25 @@ def test_streaming_fit_over_a_label_sorted_cache_matches_in_memory(tmp_path):
     labels = np.repeat(np.array([0, 1], dtype=np.int8), n // 2)
     features = rng.normal(0, 1, (n, d)).astype(np.float32) + 0.15 * np.outer(2 * labels - 1, rng.normal(0, 1, d))
     splits = np.where(rng.random(n) < 0.25, 2, 0).astype(np.int8)
-    dataset = FaceDataset(root=tmp_path, format="generated", image_ids=[f"{i:05d}" for i in range(n)], paths=[],
-                          labels=labels, splits=splits, split_source="generated")
+    dataset = FaceDataset(
+        root=tmp_path,
+        format="generated",
+        image_ids=[f"{i:05d}" for i in range(n)],
+        paths=[],
+        labels=labels,
+        splits=splits,
+        split_source="generated",
+    )
     cache = tmp_path / "sorted.h5"
     write_cache(cache, dataset, [(features, [""] * n)], {"backbone": "generated", "feature_dim": d, "dtype": "float32"})
     train, test = read_cache(cache, "train"), read_cache(cache, "test")
 
     order = np.random.default_rng(0)
-    streamed = fit_head_streaming(lambda: iter_cache_chunks(cache, "train", rows=512, shuffle=order), "logreg",
-                                  overwrite_chunks=True)
+    streamed = fit_head_streaming(
+        lambda: iter_cache_chunks(cache, "train", rows=512, shuffle=order), "logreg", overwrite_chunks=True
+    )
     in_memory, _ = fit_head(train.features, train.labels, "logreg")
+
     def accuracy(model):
         return (model.predict(test.features) == test.labels).mean()
 

@@ -89,17 +89,21 @@ def test_readers_follow_a_running_extraction(csv_dataset, small_backbone, tmp_pa
     each snapshot holds exactly the chunks written so far."""
     out, hold = tmp_path / "c.h5", tmp_path / "hold"
     hold.mkdir()
-    script = holding_code(hold) + f"""
+    script = (
+        holding_code(hold)
+        + f"""
 import sys
 from featgender.backbones import build_backbone
 from featgender.data import load_dataset
 from featgender.extraction import build_cache
 build_cache(load_dataset(sys.argv[1]), build_backbone("{BACKBONE}", weights="none"), sys.argv[2], **{OPTIONS!r})
 """
+    )
     with pytest.raises(FeatgenderError, match="no extraction is writing it"):
         read_cache(out, in_progress=True)
-    process = subprocess.Popen([sys.executable, "-c", script, str(csv_dataset), str(out)], stderr=subprocess.PIPE,
-                               text=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", script, str(csv_dataset), str(out)], stderr=subprocess.PIPE, text=True
+    )
     snapshots = []
     try:
         for chunks in range(1, 11):
@@ -132,8 +136,9 @@ def test_torchrun_shards_in_progress_read_as_one_cache(csv_dataset, small_backbo
     assert cache_summary(out)["finished_rows"] == 28
 
 
-def test_a_reader_listing_chunks_while_the_writer_cleans_up_does_not_go_back(csv_dataset, small_backbone, tmp_path,
-                                                                               monkeypatch):
+def test_a_reader_listing_chunks_while_the_writer_cleans_up_does_not_go_back(
+    csv_dataset, small_backbone, tmp_path, monkeypatch
+):
     """The writer puts the finished file in place, then deletes its chunks. A reader that found
     no file yet and lists the chunks meanwhile sees only some: it must read the file instead of
     taking them for the rows done (seen once under load: a snapshot of 12 rows after one of 16)."""
