@@ -20,9 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from featgender.cache import read_caches
-from featgender.evaluate import bootstrap_ci, classification_metrics
+from featgender.evaluate import evaluate_images
 from featgender.heads import fit_head
-from featgender.predict import evaluate_images
+from featgender.metrics import bootstrap_ci, classification_metrics
 
 
 def accuracy_with_ci(labels: np.ndarray, scores: np.ndarray) -> str:

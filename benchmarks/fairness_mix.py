@@ -7,8 +7,9 @@ dataset. Printed per mix: each dataset's test accuracy (95% CI), and on the UTKF
 splits pooled, the error per race x gender with its worst cell and the black women's error
 (95% Wilson interval): our proxy for the held-out portrait benchmark (skin type x gender).
 
-``--finetuned LABEL=MODEL.pt`` adds the row of a network fine-tuned on several datasets
-(``featgender finetune --data A --data B ...``), from the test metrics its checkpoint holds.
+``--finetuned LABEL=MODEL.pt`` adds the row of a fine-tuned network (``featgender finetune
+--data A --data B ...``), scored from the images of each dataset's test split (the dataset a
+cache was extracted from), as ``featgender evaluate --data`` scores it.
 
     python benchmarks/fairness_mix.py --data utkface=cache/utkface-dlib_resnet.h5 \\
         --data celeba_10k=cache/celeba_10k-dlib_resnet.h5 \\
@@ -22,7 +23,10 @@ import time
 
 import torch
 
-from featgender.evaluate import evaluate_datasets, train_head, wilson_interval
+from featgender.cache import read_metadata
+from featgender.evaluate import evaluate_datasets, evaluate_images
+from featgender.metrics import wilson_interval
+from featgender.training import train_head
 
 
 def pooled_cells(evaluations: list[dict], attribute: str = "race") -> dict[tuple[str, str], list[int]]:
@@ -76,25 +80,16 @@ def main() -> None:
         )
     for entry in args.finetuned or []:
         label, path = entry.split("=", 1)
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        results = checkpoint["metrics"].get("datasets") or {
-            checkpoint["metrics"].get("data", label): checkpoint["metrics"]
+        settings = torch.load(path, map_location="cpu", weights_only=True)
+        started = time.perf_counter()
+        results = {
+            name: evaluate_images(path, read_metadata(cache)["dataset_root"], split="test", progress=False)
+            for name, cache in caches.items()
         }
-        settings = checkpoint["config"]
-        print(
-            row(
-                [
-                    label,
-                    ",".join(settings.get("balance") or []) or "none",
-                    f"fine-tuned (last {settings['unfreeze_last']} blocks, best epoch {checkpoint['best_epoch']})",
-                    "–",
-                ],
-                results,
-                list(caches),
-                utk,
-            ),
-            flush=True,
-        )
+        seconds = time.perf_counter() - started
+        how = f"fine-tuned (last {settings['config']['unfreeze_last']} blocks, best epoch {settings['best_epoch']})"
+        balance = ",".join(settings["config"].get("balance") or []) or "none"
+        print(row([label, balance, how, f"{seconds:.0f} (test)"], results, list(caches), utk), flush=True)
 
 
 def row(first: list[str], results: dict[str, dict], names: list[str], utk: list[str]) -> str:

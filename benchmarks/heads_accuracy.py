@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 
 from featgender.cache import iter_cache_chunks, read_caches
-from featgender.evaluate import bootstrap_ci, classification_metrics
 from featgender.heads import fit_head, fit_head_streaming, list_heads
+from featgender.metrics import bootstrap_ci, classification_metrics
 
 
 def scored(pipeline, data) -> str:

@@ -27,7 +27,8 @@ def peak_mb() -> float:
 
 def fit_once(cache: Path, out_of_core: bool) -> None:
     """The child: one fit, then its evaluation on the test split; one JSON line."""
-    from featgender.evaluate import evaluate_model, train_head
+    from featgender.evaluate import evaluate_model
+    from featgender.training import train_head
 
     imported_mb = peak_mb()
     model, _ = train_head(cache, "logreg", out_of_core=out_of_core, eval_split=None)

@@ -102,7 +102,7 @@ def model_card(predictor) -> str:
 
 def _metrics_card(metrics: dict) -> list[str]:
     """Markdown lines of one evaluation: metrics with CIs, accuracy gaps, errors per group x gender."""
-    from featgender.evaluate import group_gender_headline
+    from featgender.report import group_gender_headline
 
     ci = metrics.get("ci95", {})
     rows = [

@@ -231,14 +231,14 @@ def _print_metrics(evaluation: dict, dataset: str = "") -> None:
             f"  {attribute}: largest accuracy gap {slices['accuracy_gap']:.4f} "
             f"(lowest: {worst[0]} {worst[1]['accuracy']:.4f}, n={worst[1]['n']})"
         )
-    from featgender.evaluate import group_gender_headline, group_gender_lines
+    from featgender.report import group_gender_headline, group_gender_lines
 
     for attribute, table in evaluation.get("group_gender", {}).items():
         typer.echo(f"  errors per {attribute} x gender ({group_gender_headline(table)}):")
         for line in group_gender_lines(table):
             typer.echo(f"    {line}")
     if "label_audit" in evaluation:
-        from featgender.evaluate import audit_sentence
+        from featgender.report import audit_sentence
 
         typer.echo(f"  labels checked by identity: {audit_sentence(evaluation['label_audit'])}")
     for name, own in evaluation.get("datasets", {}).items():
@@ -295,7 +295,7 @@ def fit(
 ) -> None:
     """Train a scikit-learn head on the train split of a cache, or of several datasets' caches
     (--stack), print eval metrics per dataset and per group x gender, save the model."""
-    from featgender.evaluate import train_head
+    from featgender.training import train_head
 
     head_name = head or "logreg"
     out = out or Path("models") / f"{head_name}.joblib"
@@ -371,8 +371,8 @@ def evaluate(
 ) -> None:
     """Score a saved model on a split, of its cache(s) or of a dataset's images: metrics with
     bootstrap 95% CIs, subgroup gaps, labels checked by identity (CelebA)."""
-    from featgender.evaluate import evaluate_model, public_result
-    from featgender.predict import evaluate_images
+    from featgender.evaluate import evaluate_images, evaluate_model
+    from featgender.metrics import public_result
 
     if bool(cache) == (data is not None):
         raise FeatgenderError("evaluate: give --cache (a head on its cached features) or --data (a dataset's images)")

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from featgender.backbones import get_config, weights_available
-from featgender.evaluate import train_head
 from featgender.extraction import extract_to_cache
+from featgender.training import train_head
 
 # Most accurate first, on UTKFace and unseen CelebA faces (benchmarks/README.md); all offline.
 OFFLINE_BACKBONES = ("dlib_resnet", "efficientnet_lite0")

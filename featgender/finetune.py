@@ -26,11 +26,11 @@ from featgender.cache import library_versions
 from featgender.data import SPLITS, FaceDataset, load_dataset
 from featgender.defaults import DEFAULT_BACKBONE, MODELS_FOLDER
 from featgender.errors import FeatgenderError
-from featgender.evaluate import evaluate_scores, pool_evaluations, public_result
 from featgender.extract import default_workers, detects_on_loader, resolve_device, uses_bfloat16, worker_init
 from featgender.extraction import finding_faces_in
 from featgender.files import atomic_write
 from featgender.images import load_image
+from featgender.metrics import evaluate_scores, pool_evaluations, public_result
 from featgender.mixing import balance_weights, parse_balance
 
 logger = logging.getLogger(__name__)

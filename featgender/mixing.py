@@ -44,16 +44,16 @@ class DatasetRows:
 
 
 def read_datasets(
-    datasets: Sequence[Sequence[str | Path]], split: str | None, *, in_progress: bool = False
+    datasets: Sequence[Sequence[str | Path] | str | Path], split: str | None, *, in_progress: bool = False
 ) -> list[DatasetRows]:
-    """Read ``split`` of each dataset, given as its list of caches (joined by image id).
+    """Read ``split`` of each dataset, given as its cache or its list of caches (joined by image id).
 
     The datasets' features must mean the same (same backbone, layer, weights and flip, in the
     same order); a dataset named twice is refused, since its rows would count twice.
     """
     read = []
     for given in datasets:
-        caches = [Path(path) for path in given]
+        caches = cache_list(given)
         rows = read_caches(caches, split, in_progress=in_progress)
         read.append(DatasetRows(_dataset_name(rows, caches[0]), caches, rows))
     first = read[0]
@@ -74,6 +74,11 @@ def read_datasets(
         if names.count(dataset.name) > 1:
             dataset.name = f"{dataset.name} ({dataset.caches[0].name})"
     return read
+
+
+def cache_list(caches: Sequence[str | Path] | str | Path) -> list[Path]:
+    """One dataset's caches as a list of paths: one cache, or several joined by image id."""
+    return [Path(caches)] if isinstance(caches, (str, Path)) else [Path(path) for path in caches]
 
 
 def stack_rows(datasets: Sequence[DatasetRows]) -> tuple[np.ndarray, np.ndarray]:
@@ -153,6 +158,7 @@ __all__ = [
     "DatasetRows",
     "LabelledRows",
     "balance_weights",
+    "cache_list",
     "parse_balance",
     "read_datasets",
     "stack_rows",

@@ -19,9 +19,8 @@ import numpy as np
 from PIL import Image
 
 from featgender.backbones import Backbone, build_backbone, with_face_box
-from featgender.data import IMAGE_SUFFIXES, LABEL_NAMES, load_dataset, split_code
+from featgender.data import IMAGE_SUFFIXES, LABEL_NAMES
 from featgender.errors import FeatgenderError
-from featgender.evaluate import evaluate_scores, write_report, wrong_where_failed
 from featgender.extract import extract_features
 from featgender.extraction import parse_face_box, resolve_face_box
 from featgender.faces import BOX_IN_FACE_CROP
@@ -249,50 +248,6 @@ def load(path: str | Path, *, trusted: bool = False, **options) -> Predictor | F
     if Path(path).suffix in FINETUNED_SUFFIXES:
         return FinetunedPredictor(path, **options)
     return Predictor(load_model(path, trusted=trusted), **options)
-
-
-def evaluate_images(
-    model: str | Path,
-    data: str | Path,
-    *,
-    split: str = "test",
-    groups: list[str] | None = None,
-    report: str | Path | None = None,
-    trusted: bool = False,
-    count_failed: bool = False,
-    format: str = "auto",
-    face_box: str | tuple = "auto",
-    device: str = "auto",
-    batch_size: int | None = None,
-    workers: int | None = None,
-    progress: bool = True,
-) -> dict:
-    """Evaluate a saved model, a head (``.joblib``) or a fine-tuned network (``.pt``), on a split
-    of any dataset from its images, no cache needed: ``featgender evaluate --data``.
-
-    The model's own network embeds (a head's backbones, rebuilt) or classifies (a fine-tuned
-    network) the split's images, with faces aligned where they sit in them (``face_box``, as
-    ``predict --face-box``): another dataset than the training one measures domain shift, for
-    fine-tuned networks too. Failed images (unreadable, no face) are left out, or with
-    ``count_failed`` counted as wrong answers; ``failed`` says how many there were.
-    """
-    code = split_code(split)
-    dataset = load_dataset(data, format=format)
-    rows = dataset.subset(np.flatnonzero(dataset.splits == code))
-    if not len(rows):
-        raise FeatgenderError(f"--data {data}: no {split} images")
-    predictor = load(model, trusted=trusted, device=device, batch_size=batch_size, workers=workers, face_box=face_box)
-    scores, _ = predictor.probabilities(rows.paths, progress)
-    failed = np.isnan(scores)
-    if count_failed:
-        scores = wrong_where_failed(rows.labels, scores)
-        result = evaluate_scores(rows, scores, groups=groups, failed=failed)
-    else:
-        result = evaluate_scores(rows.subset(np.flatnonzero(~failed)), scores[~failed], groups=groups)
-    result.update(failed=int(failed.sum()), split=split, data=str(data))
-    if report is not None:
-        write_report(result, report, title=f"{Path(model).name} on {dataset.name}")
-    return result
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:

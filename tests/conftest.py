@@ -124,8 +124,8 @@ def dlib_model(shared_faces, tmp_path_factory):
     split's image paths, their labels)."""
     pytest.importorskip("dlib")
     from featgender.data import load_dataset
-    from featgender.evaluate import train_head
     from featgender.extraction import extract_to_cache
+    from featgender.training import train_head
 
     folder = tmp_path_factory.mktemp("dlib_model")
     dataset = load_dataset(shared_faces / "utkface", limit=300)

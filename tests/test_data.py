@@ -139,7 +139,7 @@ def test_real_celeba_mini(shared_faces):
 
 def test_real_celeba_10k_identities_show_contradicting_labels(shared_faces):
     from featgender.data import read_identities
-    from featgender.evaluate import label_audit
+    from featgender.metrics import label_audit
 
     dataset = load_dataset(shared_faces / "celeba_10k")
     identities = read_identities(dataset.root, dataset.format)

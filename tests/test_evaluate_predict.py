@@ -11,17 +11,12 @@ from featgender.backbones import build_backbone
 from featgender.cache import CacheData, read_caches
 from featgender.data import load_dataset
 from featgender.errors import FeatgenderError
-from featgender.evaluate import (
-    bootstrap_ci,
-    classification_metrics,
-    evaluate_model,
-    resampled_metrics,
-    subgroup_metrics,
-    train_head,
-)
+from featgender.evaluate import evaluate_model
 from featgender.extraction import build_cache
 from featgender.heads import load_model
+from featgender.metrics import bootstrap_ci, classification_metrics, resampled_metrics, subgroup_metrics
 from featgender.predict import expand_inputs, write_predictions_csv
+from featgender.training import train_head
 
 
 def test_metrics_match_sklearn_including_rank_auc_with_ties():
@@ -88,7 +83,8 @@ def test_subgroup_slices_and_gap():
 def test_the_worst_mistakes_are_the_surest_wrong_answers_on_a_contact_sheet(tmp_path):
     from conftest import write_images
 
-    from featgender.evaluate import contact_sheet, worst_mistakes
+    from featgender.metrics import worst_mistakes
+    from featgender.report import contact_sheet
 
     write_images(tmp_path / "img_align_celeba", ["a.jpg", "b.jpg", "c.jpg", "d.jpg"], [1, 0, 1, 0])  # men reddish
     ids = ["a.jpg", "b.jpg", "c.jpg", "d.jpg"]
@@ -120,7 +116,8 @@ def test_the_worst_mistakes_are_the_surest_wrong_answers_on_a_contact_sheet(tmp_
 
 
 def test_labels_that_contradict_each_other_by_identity_are_kept_apart(tmp_path):
-    from featgender.evaluate import label_audit, markdown_summary
+    from featgender.metrics import label_audit
+    from featgender.report import markdown_summary
 
     (tmp_path / "identity_CelebA.txt").write_text("a.jpg 7\nb.jpg 7\nc.jpg 9\nd.jpg 9\ne.jpg 4\n\n")
     ids = ["a.jpg", "b.jpg", "c.jpg", "d.jpg", "e.jpg", "f.jpg"]  # f.jpg: no identity listed
@@ -209,7 +206,7 @@ def test_evaluate_writes_a_report(trained, tmp_path):
 
 
 def test_a_head_scores_a_datasets_images_as_their_cache_and_leaves_out_or_counts_failures(csv_dataset, tmp_path):
-    from featgender.predict import evaluate_images
+    from featgender.evaluate import evaluate_images
 
     cache, model_path = tmp_path / "c.h5", tmp_path / "m.joblib"
     dataset = load_dataset(csv_dataset)

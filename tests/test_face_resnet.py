@@ -118,8 +118,9 @@ def test_a_head_fitted_on_one_datasets_cache_evaluates_another_datasets(shared_f
     """UTKFace's faces sit in one calibrated box, CelebA's in another: the chips, and so the
     features, mean the same, and a UTKFace model scores CelebA's cache (domain shift, not an error)."""
     from featgender.cache import read_metadata
-    from featgender.evaluate import evaluate_model, train_head
+    from featgender.evaluate import evaluate_model
     from featgender.extraction import extract_to_cache
+    from featgender.training import train_head
 
     utk = extract_to_cache(
         shared_faces / "utkface", backbone="dlib_resnet", limit=300, out=tmp_path / "utk.h5", progress=False

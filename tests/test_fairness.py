@@ -11,10 +11,12 @@ from featgender.cache import CacheData
 from featgender.cli import app
 from featgender.data import load_dataset
 from featgender.errors import FeatgenderError
-from featgender.evaluate import evaluate_model, group_gender_errors, train_head, wilson_interval
+from featgender.evaluate import evaluate_model
 from featgender.extraction import build_cache
 from featgender.heads import load_model
+from featgender.metrics import group_gender_errors, wilson_interval
 from featgender.mixing import balance_weights, parse_balance, read_datasets
+from featgender.training import train_head
 
 
 def rows(labels, race, predicted_wrong, names=("black", "white")) -> tuple[CacheData, np.ndarray]:

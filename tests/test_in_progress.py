@@ -14,8 +14,8 @@ from featgender.cli import app
 from featgender.data import load_dataset
 from featgender.distributed import shard_rows
 from featgender.errors import FeatgenderError
-from featgender.evaluate import train_head
 from featgender.extraction import build_cache
+from featgender.training import train_head
 
 BACKBONE = "mobilenet_v3_small"
 OPTIONS: dict = dict(batch_size=2, chunk_rows=4, workers=0, progress=False)
