@@ -24,7 +24,7 @@ from torchvision import transforms
 
 from featgender.backbones import build_backbone, get_config, weights_available
 from featgender.data import load_dataset
-from featgender.extraction import build_cache
+from featgender.extract import build_cache
 
 SHARED_UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "faces" / "utkface"
 

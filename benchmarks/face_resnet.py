@@ -24,7 +24,7 @@ import torch
 
 from featgender.backbones import build_backbone
 from featgender.data import load_dataset
-from featgender.extraction import extract_to_cache
+from featgender.extract import extract_to_cache
 from featgender.faces import calibrate_face_box, dlib_model_file
 from featgender.images import load_image
 

@@ -19,8 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featgender.cache import read_caches
-from featgender.cache_writer import write_cache
+from featgender.cache import read_caches, write_cache
 from featgender.data import FaceDataset
 from featgender.heads import fit_head
 

@@ -16,9 +16,9 @@ from featgender.errors import FeatgenderError
 from featgender.version import __version__
 
 _LAZY = {
-    "CNNFeatures": "featgender.extract",
+    "CNNFeatures": "featgender.embed",
     "build_backbone": "featgender.backbones",
-    "build_cache": "featgender.extraction",
+    "build_cache": "featgender.extract",
     "list_backbones": "featgender.backbones",
     "list_heads": "featgender.heads",
     "load": "featgender.predict",
@@ -33,8 +33,8 @@ if TYPE_CHECKING:
     from featgender.backbones import build_backbone, list_backbones, register_backbone
     from featgender.cache import read_cache
     from featgender.data import load_dataset
-    from featgender.extract import CNNFeatures
-    from featgender.extraction import build_cache
+    from featgender.embed import CNNFeatures
+    from featgender.extract import build_cache
     from featgender.heads import list_heads, load_model, make_head
     from featgender.predict import load
 

@@ -25,8 +25,8 @@ from featgender.backbones import build_backbone
 from featgender.cache import library_versions
 from featgender.data import FaceDataset, load_dataset
 from featgender.defaults import DEFAULT_BACKBONE
-from featgender.extract import default_batch_size, resolve_device, uses_bfloat16
-from featgender.extraction import build_cache, finding_faces_in
+from featgender.embed import default_batch_size, resolve_device, uses_bfloat16
+from featgender.extract import build_cache, finding_faces_in
 from featgender.heads import fit_head
 from featgender.images import load_image
 from featgender.metrics import classification_metrics, group_gender_errors

@@ -111,7 +111,7 @@ def extract(
     face_box: str | None = FaceBoxOption,
 ) -> None:
     """Embed every image of a dataset once into an HDF5 feature cache (resumable: rerun after a crash)."""
-    from featgender.extraction import extract_to_cache
+    from featgender.extract import extract_to_cache
 
     result = extract_to_cache(
         data,

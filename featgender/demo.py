@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from featgender.backbones import get_config, weights_available
-from featgender.extraction import extract_to_cache
+from featgender.extract import extract_to_cache
 from featgender.training import train_head
 
 # Most accurate first, on UTKFace and unseen CelebA faces (benchmarks/README.md); all offline.
@@ -42,7 +42,7 @@ def run_demo(
     its own cache, weighted by ``balance`` as ``fit --balance``, each evaluated on its own test
     split). ``backbone`` defaults to :func:`best_offline_backbone`. The model is saved to
     ``out`` (default ``models/demo-<backbone>-<head>.joblib``). Returns a dict with ``caches``
-    (the :class:`~featgender.extraction.CacheResult` of each dataset), ``model`` (the fitted
+    (the :class:`~featgender.extract.CacheResult` of each dataset), ``model`` (the fitted
     :class:`~featgender.heads.HeadModel`), ``model_path`` and ``test`` (its evaluation).
     """
     datasets = [data] if isinstance(data, (str, Path)) else list(data)

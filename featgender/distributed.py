@@ -1,11 +1,11 @@
-"""torch.distributed for extraction (torchrun): which rows a rank embeds, waiting for the other
-ranks, and joining the ranks' shards into one cache.
+"""torch.distributed for extraction (torchrun): which rows a rank embeds, and waiting for the
+other ranks (the shards are joined by :func:`featgender.cache.join_shards`).
 
 Under ``torchrun --nproc-per-node N [--nnodes M ...] -m featgender extract ...`` each rank
 embeds one contiguous block of the dataset's rows (rank r of W: rows r*N/W to (r+1)*N/W,
 :func:`shard_rows`) into its own cache file, ``<out>.shards/rank-RRRRR-of-WWWWW.h5``, with the
-ordinary crash-safe, resumable writer (:mod:`featgender.extraction` runs it). When every
-rank is done, rank 0 writes ``<out>`` (:func:`join_shards`): the labels, ids and splits of all
+ordinary crash-safe, resumable writer (:mod:`featgender.extract` runs it). When every
+rank is done, rank 0 writes ``<out>`` (:func:`featgender.cache.join_shards`): the labels, ids and splits of all
 rows, and ``features`` as an HDF5 virtual dataset over the shards' features (no copy), in the
 original image order. Readers see one ordinary cache; they refuse it when a shard file is
 missing.
@@ -16,21 +16,13 @@ and the joined file must be on a file system every node sees.
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta
-from pathlib import Path
 from typing import NamedTuple
 
-import h5py
-import numpy as np
 import torch
-
-from featgender.cache_writer import row_table_bytes, write_rows
-from featgender.errors import FeatgenderError
-from featgender.files import atomic_write
 
 # Ranks wait for the slowest one at the end of extraction, which may take hours.
 BARRIER_TIMEOUT = timedelta(hours=48)
@@ -77,46 +69,4 @@ def process_group(device: torch.device) -> Iterator[None]:
             dist.destroy_process_group()
 
 
-def join_shards(out: str | Path, dataset, shards: list[Path], metadata: dict) -> None:
-    """Write ``out`` for ``dataset`` from its complete shard caches, in order: features as a
-    virtual dataset over the shards', the rest as any cache (:func:`featgender.cache_writer.write_rows`).
-    Atomic, like every cache write."""
-    out = Path(out)
-    dim = metadata["feature_dim"]
-    layout = h5py.VirtualLayout(shape=(len(dataset), dim), dtype=metadata["dtype"])
-    errors: list[str] = []
-    for path in shards:
-        with h5py.File(path, "r") as shard:
-            ids = shard["ids"].asstr()[:].tolist()
-            first, rows = len(errors), len(ids)
-            if ids != dataset.image_ids[first : first + rows]:  # each rank listed the dataset itself
-                raise FeatgenderError(
-                    f"{path}: holds other images than rows {first}-{first + rows - 1} of the dataset "
-                    "(did it change while the job ran?); remove the shards and rerun"
-                )
-            reasons = (
-                dict(zip(shard["failed/ids"].asstr()[:], shard["failed/reasons"].asstr()[:], strict=True))
-                if "failed" in shard
-                else {}
-            )
-            errors += [reasons.get(image_id, "") for image_id in ids]
-        # relative to the joined file: the pair can be moved together
-        layout[len(errors) - rows : len(errors)] = h5py.VirtualSource(
-            os.path.relpath(path, out.parent), "features", shape=(rows, dim)
-        )
-    if len(errors) != len(dataset):
-        raise FeatgenderError(f"{out}: the shards hold {len(errors)} rows for {len(dataset)} images")
-    with (
-        atomic_write(out, size=row_table_bytes(dataset) + 1024 * len(shards)) as tmp,
-        h5py.File(tmp, "w", libver="latest") as h5,
-    ):
-        h5.create_virtual_dataset("features", layout, fillvalue=np.nan)
-        write_rows(
-            h5,
-            dataset,
-            errors,
-            {**metadata, "shards": json.dumps([os.path.relpath(path, out.parent) for path in shards])},
-        )
-
-
-__all__ = ["BARRIER_TIMEOUT", "Rank", "current_rank", "join_shards", "process_group", "shard_rows"]
+__all__ = ["BARRIER_TIMEOUT", "Rank", "current_rank", "process_group", "shard_rows"]

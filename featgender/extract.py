@@ -1,319 +1,281 @@
-"""Batched frozen forward pass: image files in, embedding rows out (as arrays; no files written).
+"""``featgender extract``: dataset → backbone → face box → one process or torchrun → cache.
 
-The fast path decodes images to uint8 on CPU loader workers (JPEGs are decoded at a reduced
-scale when they are much larger than needed), moves uint8 batches to the device (pinned,
-non-blocking on CUDA), and resizes, normalises and embeds them there, in channels_last
-layout under ``inference_mode`` and bf16 autocast where the hardware runs it natively
-(CUDA GPUs, and CPUs with AVX512-BF16 or AMX, where it halves the time per image for
-features whose cosine similarity to float32 ones stays above 0.999).
+The stage above :mod:`featgender.embed` (images in, arrays out, no files) and
+:mod:`featgender.cache.write` (rows in, files out): :func:`extract_to_cache` is ``featgender
+extract``; :func:`build_cache` embeds a dataset with a built backbone in this process and
+hands the rows to the resumable writer; under torchrun each rank builds its shard that way
+and rank 0 joins them (:mod:`featgender.distributed`).
 """
 
 from __future__ import annotations
 
-import ctypes
-import functools
 import logging
-import os
-import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from sklearn.base import BaseEstimator, TransformerMixin
-from sklearn.utils.validation import check_is_fitted
-from torch.utils.data import DataLoader, Dataset
 
-from featgender.backbones import Backbone
+from featgender.backbones import Backbone, build_backbone, get_config, with_face_box
+from featgender.cache import (
+    DEFAULT_CACHE_DIR,
+    CacheWriter,
+    cache_metadata,
+    default_cache_path,
+    identity_mismatch,
+    join_shards,
+    read_metadata,
+    shard_path,
+)
+from featgender.data import FaceDataset, load_dataset
 from featgender.defaults import DEFAULT_BACKBONE
+from featgender.distributed import Rank, current_rank, process_group, shard_rows
+from featgender.embed import default_batch_size, iter_features, resolve_device, resolve_precision
 from featgender.errors import FeatgenderError
-from featgender.images import load_image
+from featgender.files import exclusive
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
-DTYPES = {"float16": np.float16, "float32": np.float32}
-PRECISIONS = ("auto", "float32", "bfloat16")
-PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """'auto' picks CUDA when there is a GPU, else the CPU; 'cuda' without one is an error."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise FeatgenderError(f"--device {device!r}: use auto, cpu or cuda[:N]") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise FeatgenderError(f"--device {device}: no CUDA GPU is visible to torch here")
-    return resolved
-
-
-def default_workers(device: torch.device, loader_bound: bool = False) -> int:
-    """Loader workers: on GPU up to 8; on CPU one, as the cores run the forward pass, or one
-    per core where the loader does the heavy work (``loader_bound``: face detection)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if device.type == "cuda":
-        return min(8, max(1, cores - 1))
-    return cores if loader_bound else 1
-
-
-def detects_on_loader(backbone: Backbone) -> bool:
-    """Whether the loader workers detect faces for ``backbone`` (tens of ms per image, more than
-    a forward pass): photos through the face step, or face alignment without a fixed box."""
-    config = backbone.config
-    return bool(config.face_step) or (bool(config.alignment) and config.face_box is None)
-
-
-def default_batch_size(device: torch.device) -> int:
-    """Images per forward pass: small on CPU (cache-friendly, measured fastest), large on GPU."""
-    return 128 if device.type == "cuda" else 8
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """'auto' is bfloat16 where the device computes it natively, else float32."""
-    if precision not in PRECISIONS:
-        raise FeatgenderError(f"--precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    native_bf16 = (
-        getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-        or getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    )
-    return "bfloat16" if native_bf16 else "float32"
-
-
-def uses_bfloat16(precision: str, device: torch.device) -> bool:
-    """Whether ``precision`` ('auto' resolved for ``device``) computes under bfloat16 autocast:
-    the one decision extraction, fine-tuning and the benchmarks share."""
-    return resolve_precision(precision, device) == "bfloat16"
-
-
-def die_with_parent(parent_pid: int, worker_id: int = 0) -> None:
-    """A DataLoader ``worker_init_fn`` (with the loader's pid bound): the kernel kills this
-    worker the moment its parent dies (Linux ``PR_SET_PDEATHSIG``).
-
-    Otherwise a parent killed with ``kill -9`` (an OOM killer, a crashed shell) leaves its
-    forked workers running for seconds, until torch's watchdog notices, holding whatever they
-    inherited. Elsewhere this does nothing.
-    """
-    try:
-        prctl = ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):  # not Linux
-        return
-    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() != parent_pid:  # the parent died before the request was made
-        os._exit(1)
-
-
-def worker_init() -> functools.partial:
-    """The ``worker_init_fn`` for loaders started by this process: :func:`die_with_parent`."""
-    return functools.partial(die_with_parent, os.getpid())
-
-
-class ImageFiles(Dataset):
-    """Images by index, decoded to uint8; a file that cannot be decoded gives its error instead.
-
-    ``loader_step`` (a backbone transform's per-image CPU step, such as face alignment) runs
-    here, on the loader workers, after decoding.
-    """
-
-    def __init__(self, sources: Sequence, min_side: int | None, loader_step=None):
-        self.sources = sources
-        self.min_side = min_side
-        self.loader_step = loader_step
-
-    def __len__(self) -> int:
-        return len(self.sources)
-
-    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, str]:
-        try:
-            image = load_image(self.sources[index], self.min_side)
-            return index, image if self.loader_step is None else self.loader_step(image), ""
-        except FeatgenderError as error:
-            return index, None, str(error)
-        except Exception as error:  # PIL raises many types for broken files; each is reported
-            return index, None, f"{type(error).__name__}: {error}"
-
 
 @dataclass
-class ImageBatch:
-    """A collated batch: row indices, the decodable images, and an error per row ('' if fine)."""
+class CacheResult:
+    """What :func:`build_cache` did."""
 
-    indices: np.ndarray
-    images: torch.Tensor | list[torch.Tensor] | None
-    ok: np.ndarray
-    errors: list[str]
-
-    def pin_memory(self) -> ImageBatch:
-        if isinstance(self.images, torch.Tensor):
-            self.images = self.images.pin_memory()
-        return self
+    path: Path
+    status: str  # 'created', 'resumed' or 'up to date'
+    num_images: int
+    num_failed: int
+    resumed_from: int = 0
 
 
-def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> ImageBatch:
-    """Stack same-sized images into one tensor; keep a list when sizes differ."""
-    found = [image for _, image, _ in items if image is not None]
-    images: torch.Tensor | list[torch.Tensor] | None = found or None
-    if found and all(image.shape == found[0].shape for image in found):
-        images = torch.stack(found)
-    return ImageBatch(
-        indices=np.array([index for index, _, _ in items], dtype=np.int64),
-        images=images,
-        ok=np.array([image is not None for _, image, _ in items]),
-        errors=[error for _, _, error in items],
-    )
-
-
-def iter_features(
+def build_cache(
+    dataset: FaceDataset,
     backbone: Backbone,
-    sources: Sequence,
+    out: str | Path,
     *,
-    start: int = 0,
     batch_size: int | None = None,
     device: str | torch.device = "auto",
     workers: int | None = None,
     dtype: str = "float16",
     precision: str = "auto",
     flip: bool = False,
+    chunk_rows: int = 1024,
+    overwrite: bool = False,
+    strict: bool = False,
+    limit: int | None = None,
+    seed: int = 0,
     progress: bool = True,
-) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """Embed ``sources[start:]`` in order, one batch at a time.
+) -> CacheResult:
+    """Embed every image of ``dataset`` once into the HDF5 cache ``out``; resume if interrupted.
 
-    ``batch_size`` and ``workers`` default to what suits the device (see
-    :func:`default_batch_size`, :func:`default_workers`); ``precision`` is the autocast type
-    (see :func:`resolve_precision`); ``dtype`` is the type of the returned features.
-    ``flip`` averages each embedding with that of the mirrored image (test-time augmentation).
-
-    Yields
-    ------
-    indices : row numbers into ``sources``.
-    features : (len(indices), D) array of ``dtype``; NaN rows where an image failed.
-    errors : one message per row, '' where the image was embedded.
+    A finished cache with the same identity (backbone, weights, preprocessing, dtype, dataset
+    rows) is left as it is; one with another identity is refused unless ``overwrite``.
+    ``batch_size``, ``workers`` and ``precision`` default to what suits the device (see
+    :mod:`featgender.embed`); ``flip`` averages each embedding with the mirrored image's.
+    Progress is saved every ``chunk_rows`` images (rounded up to
+    whole batches, so that a resumed run feeds the network the very same batches).
+    Unreadable images are recorded in the cache (``failed/``) and skipped; with ``strict``
+    the first one stops the extraction (resumable once the file is fixed or removed).
+    A second extraction of the same ``out`` while this one runs is refused.
     """
-    if dtype not in DTYPES:
-        raise FeatgenderError(f"--dtype {dtype!r}: choose one of {', '.join(DTYPES)}")
+    out = Path(out)
     device = resolve_device(device)
     batch_size = default_batch_size(device) if batch_size is None else batch_size
-    if batch_size < 1:
-        raise FeatgenderError(f"--batch-size {batch_size}: must be at least 1")
-    if workers is None:
-        workers = default_workers(device, loader_bound=detects_on_loader(backbone))
-    autocast = uses_bfloat16(precision, device)
-    model = backbone.model.to(device).to(memory_format=torch.channels_last)
-    transform = backbone.transform.to(device)
-    on_cuda = device.type == "cuda"
-    rows = range(start, len(sources))
-    loader = DataLoader(
-        # photos for the face step decode whole: a face is a small part of them
-        ImageFiles(
-            [sources[i] for i in rows],
-            None if backbone.config.face_step else backbone.config.resize_size,
-            backbone.transform.loader_step,
-        ),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=on_cuda,
-        persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-        worker_init_fn=worker_init() if workers else None,
-    )
-    from tqdm.auto import tqdm
-
-    bar = tqdm(total=len(sources), initial=start, unit="img", disable=not progress, desc=backbone.config.name)
-    for batch in loader:
-        features = np.full((len(batch.indices), backbone.feature_dim), np.nan, dtype=DTYPES[dtype])
-        if batch.images is not None:
-            images = batch.images
-            if isinstance(images, torch.Tensor):
-                images = images.to(device, non_blocking=True)
-            else:
-                images = [image.to(device, non_blocking=True) for image in images]
-            # entered per batch, never held across a yield: autocast and inference mode are the
-            # thread's state, and a caller that stops iterating must not be left inside them
-            with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                batch_pixels = transform(images, torch.bfloat16 if autocast else torch.float32)
-                embedded = model(batch_pixels)
-                if flip:
-                    embedded = (embedded + model(batch_pixels.flip(-1))) / 2
-                features[batch.ok] = embedded.float().cpu().numpy().astype(DTYPES[dtype], copy=False)
-        bar.update(len(batch.indices))
-        yield batch.indices + start, features, batch.errors
-    bar.close()
-
-
-def extract_features(backbone: Backbone, sources: Sequence, **options) -> tuple[np.ndarray, list[str]]:
-    """All embeddings of ``sources`` at once (in memory): features and per-row errors."""
-    features, errors = [], []
-    for _, batch_features, batch_errors in iter_features(backbone, sources, **options):
-        features.append(batch_features)
-        errors.extend(batch_errors)
-    if not features:
-        return np.empty((0, backbone.feature_dim), dtype=DTYPES[options.get("dtype", "float16")]), []
-    return np.concatenate(features), errors
-
-
-class CNNFeatures(TransformerMixin, BaseEstimator):
-    """scikit-learn transformer: image paths or PIL images → frozen CNN embeddings (float32).
-
-    >>> from sklearn.pipeline import make_pipeline  # doctest: +SKIP
-    >>> model = make_pipeline(CNNFeatures("resnet50"), LogisticRegression())  # doctest: +SKIP
-    >>> model.fit(train_paths, train_labels).predict(test_paths)  # doctest: +SKIP
-
-    The backbone is built in ``fit`` (nothing is learned from the images); an image that cannot
-    be decoded is an error naming it.
-    """
-
-    def __init__(
-        self,
-        backbone: str = DEFAULT_BACKBONE,
-        *,
-        weights: str = "default",
-        layer: str | None = None,
-        batch_size: int | None = None,
-        device: str = "auto",
-        progress: bool = False,
-    ):
-        self.backbone = backbone
-        self.weights = weights
-        self.layer = layer
-        self.batch_size = batch_size
-        self.device = device
-        self.progress = progress
-
-    def fit(self, X=None, y=None) -> CNNFeatures:
-        from featgender.backbones import build_backbone
-
-        self.backbone_ = build_backbone(self.backbone, weights=self.weights, layer=self.layer)
-        self.n_features_out_ = self.backbone_.feature_dim
-        return self
-
-    def transform(self, X) -> np.ndarray:
-        check_is_fitted(self, "backbone_")
-        images = list(X)
-        features, errors = extract_features(
-            self.backbone_,
-            images,
-            batch_size=self.batch_size,
-            device=self.device,
-            dtype="float32",
-            workers=0,
-            progress=self.progress,
+    precision = resolve_precision(precision, device)
+    metadata = cache_metadata(dataset, backbone, precision, dtype, limit, seed, flip)
+    whole_batches = batch_size * -(-chunk_rows // max(batch_size, 1))
+    with CacheWriter(out, dataset, metadata, chunk_rows=whole_batches, overwrite=overwrite) as writer:
+        if writer.up_to_date:
+            found = read_metadata(out)
+            return CacheResult(out, "up to date", int(found["num_images"]), int(found.get("failed_count", 0)))
+        batches = iter_features(
+            backbone,
+            dataset.paths,
+            start=writer.start,
+            batch_size=batch_size,
+            device=device,
+            workers=workers,
+            dtype=dtype,
+            precision=precision,
+            flip=flip,
+            progress=progress,
         )
-        failed = next((i for i, error in enumerate(errors) if error), None)
-        if failed is not None:
-            raise FeatgenderError(f"{images[failed]}: cannot be read as an image ({errors[failed]})")
-        return features
+        writer.write(_stop_at_first_error(batches, dataset.paths) if strict else batches)
+        num_failed = writer.finish()
+    return CacheResult(out, "resumed" if writer.start else "created", len(dataset), num_failed, writer.start)
 
-    def get_feature_names_out(self, input_features=None) -> np.ndarray:
-        check_is_fitted(self, "n_features_out_")
-        return np.array([f"{self.backbone}_{i}" for i in range(self.n_features_out_)], dtype=object)
 
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.input_tags.two_d_array = False  # takes a list of images, not a numeric matrix
-        tags.requires_fit = True
-        return tags
+def _stop_at_first_error(batches: Iterable, paths: Sequence[Path]) -> Iterable:
+    for indices, features, errors in batches:
+        for index, error in zip(indices, errors, strict=True):
+            if error:
+                raise FeatgenderError(f"{paths[index]}: {error} (--strict: unreadable images are fatal)")
+        yield indices, features, errors
+
+
+def extract_to_cache(
+    data: str | Path,
+    *,
+    backbone: str = DEFAULT_BACKBONE,
+    weights: str = "default",
+    layer: str | None = None,
+    out: str | Path | None = None,
+    cache_dir: str | Path = DEFAULT_CACHE_DIR,
+    format: str = "auto",
+    limit: int | None = None,
+    seed: int = 0,
+    image_column: str | None = None,
+    label_column: str | None = None,
+    face_box: str | tuple = "auto",
+    faces: str = "crop",
+    **options,
+) -> CacheResult:
+    """Read a dataset, build a backbone and embed the dataset into a cache: ``featgender extract``.
+
+    ``face_box`` matters to face-aligning backbones (dlib_resnet) only: 'auto' finds where
+    the face sits in the dataset's aligned crops (:func:`featgender.faces.calibrate_face_box`)
+    and skips detection when it sits still, 'detect' detects in every image, or a relative
+    (left, top, right, bottom) box. ``options`` go to :func:`build_cache` (batch_size,
+    device, workers, dtype, overwrite, ...). ``faces='photo'``: the images are photos; each
+    goes through the face step (largest face found and cut), and one without a face is
+    recorded as failed ('no face found') and left out of training and metrics.
+
+    Examples
+    --------
+    >>> result = extract_to_cache("../shared/faces/utkface", limit=200)  # doctest: +SKIP
+    >>> result.path  # doctest: +SKIP
+    PosixPath('cache/utkface-efficientnet_lite0-limit200.h5')
+    """
+    dataset = load_dataset(
+        data, format=format, limit=limit, seed=seed, image_column=image_column, label_column=label_column
+    )
+    if faces not in ("crop", "photo"):
+        raise FeatgenderError(f"--faces {faces!r}: choose crop or photo")
+    if faces == "photo":
+        built = build_backbone(backbone, weights=weights, layer=layer, find_faces=True)
+    else:
+        built = build_backbone(
+            backbone,
+            weights=weights,
+            layer=layer,
+            face_box=resolve_face_box(face_box, backbone, dataset.paths, dataset.name),
+        )
+    if out is None:
+        out = default_cache_path(dataset, backbone, limit, cache_dir, options.get("flip", False))
+    rank = current_rank()
+    if rank is not None:  # under torchrun: this rank's shard, then the joined cache
+        return _extract_sharded(dataset, built, Path(out), rank, limit=limit, seed=seed, **options)
+    return build_cache(dataset, built, Path(out), limit=limit, seed=seed, **options)
+
+
+def parse_face_box(face_box: str | tuple) -> str | tuple | None:
+    """``--face-box`` as a value: 'auto', None ('detect') or a (left, top, right, bottom) tuple."""
+    if face_box in ("auto", "detect"):
+        return None if face_box == "detect" else face_box
+    if isinstance(face_box, str):
+        try:
+            face_box = tuple(float(value) for value in face_box.split(","))
+        except ValueError:
+            raise FeatgenderError(f"--face-box {face_box!r}: want auto, detect or left,top,right,bottom") from None
+    return face_box
+
+
+def resolve_face_box(
+    face_box: str | tuple, backbone: str, sources: Sequence, where: str = "the images"
+) -> tuple | None:
+    """The ``face_box`` for :func:`build_backbone` from ``--face-box`` ('auto', 'detect' or
+    'L,T,R,B'): None for detection (or a backbone that does not align faces), the given box,
+    or where faces sit in ``sources``, image paths or PIL images
+    (:func:`featgender.faces.calibrate_face_box`)."""
+    parsed = parse_face_box(face_box)
+    if not isinstance(parsed, str):  # None or a box; the one string left is 'auto'
+        return parsed
+    if not get_config(backbone).alignment:
+        return None
+    from featgender.faces import calibrate_face_box  # dlib, an optional extra
+
+    box = calibrate_face_box(sources)
+    logger.info("%s: %s", backbone, f"faces sit at {box} in {where}: no detection" if box else "faces move: detecting")
+    return box
+
+
+def finding_faces_in(
+    dataset: FaceDataset, backbone: Backbone, face_box: str | tuple = "auto"
+) -> tuple[Backbone, tuple | None]:
+    """``backbone`` finding faces in ``dataset``'s images per ``face_box`` (:func:`resolve_face_box`),
+    and the box: one network, each dataset of several aligned where its faces sit."""
+    box = resolve_face_box(face_box, backbone.config.name, dataset.paths, dataset.name)
+    return (with_face_box(backbone, box) if backbone.config.alignment else backbone), box
+
+
+def _extract_sharded(
+    dataset: FaceDataset,
+    backbone: Backbone,
+    out: Path,
+    rank: Rank,
+    *,
+    device: str | torch.device = "auto",
+    precision: str = "auto",
+    dtype: str = "float16",
+    flip: bool = False,
+    limit: int | None = None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    **options,
+) -> CacheResult:
+    """This rank's part of a torchrun extraction: its shard, then (rank 0) the joined cache.
+
+    Arguments are :func:`build_cache`'s. Returns the :class:`CacheResult` of the joined cache
+    (``status`` is this rank's shard's).
+    """
+    import torch
+    import torch.distributed as dist
+
+    if device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{rank.local_rank}"
+    device = resolve_device(device)
+    metadata = cache_metadata(dataset, backbone, resolve_precision(precision, device), dtype, limit, seed, flip)
+    if out.exists() and not overwrite and identity_mismatch(read_metadata(out, check_shards=False), metadata):
+        raise FeatgenderError(
+            f"{out}: holds a different cache; pass --overwrite to replace it or --out to write elsewhere"
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        device = torch.device("cuda", torch.cuda.current_device())
+    with process_group(device):
+        rows = shard_rows(len(dataset), rank.rank, rank.world_size)
+        shard = shard_path(out, rank.rank, rank.world_size)
+        shard.parent.mkdir(parents=True, exist_ok=True)
+        result = build_cache(
+            dataset.subset(np.arange(rows.start, rows.stop)),
+            backbone,
+            shard,
+            device=device,
+            precision=precision,
+            dtype=dtype,
+            flip=flip,
+            limit=limit,
+            seed=seed,
+            overwrite=overwrite,
+            progress=progress and rank.rank == 0,
+            **options,
+        )
+        dist.barrier()
+        if rank.rank == 0:
+            with exclusive(out):
+                join_shards(
+                    out, dataset, [shard_path(out, r, rank.world_size) for r in range(rank.world_size)], metadata
+                )
+        dist.barrier()
+    summary = read_metadata(out)
+    return CacheResult(
+        out, result.status, int(summary["num_images"]), int(summary.get("failed_count", 0)), result.resumed_from
+    )
+
+
+__all__ = ["CacheResult", "build_cache", "extract_to_cache", "parse_face_box", "resolve_face_box"]

@@ -25,9 +25,9 @@ from featgender.backbones import Backbone, EmbeddingModel, build_backbone
 from featgender.cache import library_versions
 from featgender.data import SPLITS, FaceDataset, load_dataset
 from featgender.defaults import DEFAULT_BACKBONE, MODELS_FOLDER
+from featgender.embed import default_workers, detects_on_loader, resolve_device, uses_bfloat16, worker_init
 from featgender.errors import FeatgenderError
-from featgender.extract import default_workers, detects_on_loader, resolve_device, uses_bfloat16, worker_init
-from featgender.extraction import finding_faces_in
+from featgender.extract import finding_faces_in
 from featgender.files import atomic_write
 from featgender.images import load_image
 from featgender.metrics import evaluate_scores, pool_evaluations, public_result
@@ -256,7 +256,7 @@ def finetune(
     the weights :func:`featgender.mixing.balance_weights` gives, ``samples_per_epoch`` of them per
     epoch (default: as many as there are training images). ``face_box``: for a face-aligning
     backbone (dlib_resnet), where to find the face in each dataset's images, as ``featgender
-    extract --face-box`` (:func:`featgender.extraction.resolve_face_box`).
+    extract --face-box`` (:func:`featgender.extract.resolve_face_box`).
     Writes ``out`` (default ``models/<backbone>-ft.pt``: the best epoch) and
     ``<out>.last.pt`` (the latest epoch): rerunning the same command resumes from it, and
     rerunning with more ``epochs`` trains on.

@@ -20,9 +20,9 @@ from PIL import Image
 
 from featgender.backbones import Backbone, build_backbone, with_face_box
 from featgender.data import IMAGE_SUFFIXES, LABEL_NAMES
+from featgender.embed import extract_features
 from featgender.errors import FeatgenderError
-from featgender.extract import extract_features
-from featgender.extraction import parse_face_box, resolve_face_box
+from featgender.extract import parse_face_box, resolve_face_box
 from featgender.faces import BOX_IN_FACE_CROP
 from featgender.files import atomic_write
 from featgender.heads import FINETUNED_SUFFIXES, HeadModel, load_model

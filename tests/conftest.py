@@ -124,7 +124,7 @@ def dlib_model(shared_faces, tmp_path_factory):
     split's image paths, their labels)."""
     pytest.importorskip("dlib")
     from featgender.data import load_dataset
-    from featgender.extraction import extract_to_cache
+    from featgender.extract import extract_to_cache
     from featgender.training import train_head
 
     folder = tmp_path_factory.mktemp("dlib_model")

@@ -21,7 +21,7 @@ HOLD_TIMEOUT_S = 600  # a bound for a hung run, never a guess of how fast a mach
 def holding_code(folder: Path, after_chunks: int = 0) -> str:
     return f"""
 import pathlib, time
-from featgender.cache_writer import CacheWriter
+from featgender.cache import CacheWriter
 _write_chunk = CacheWriter._write_chunk
 def _write_chunk_then_hold(self, *args):
     _write_chunk(self, *args)

@@ -17,7 +17,7 @@ from featgender.backbones import build_backbone
 from featgender.cache import read_cache
 from featgender.data import load_dataset
 from featgender.errors import FeatgenderError
-from featgender.extraction import build_cache
+from featgender.extract import build_cache
 from featgender.heads import HeadModel, make_head
 
 BACKBONE = "mobilenet_v3_small"

@@ -15,7 +15,7 @@ from holding import holding_code, wait_until_held
 from featgender.cache import cache_summary, read_cache, read_metadata, shard_path
 from featgender.distributed import shard_rows
 from featgender.errors import FeatgenderError
-from featgender.extraction import extract_to_cache
+from featgender.extract import extract_to_cache
 
 EXTRACT = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--precision", "float32", "--workers", "0"]
 
@@ -25,7 +25,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # with loader workers; each rank writes down its pid and how its shard went.
 API_SCRIPT = """
 import os, sys
-from featgender.extraction import extract_to_cache
+from featgender.extract import extract_to_cache
 open(sys.argv[2] + ".pid" + os.environ["RANK"], "w").write(str(os.getpid()))
 result = extract_to_cache(sys.argv[1], out=sys.argv[2], backbone="mobilenet_v3_small", weights="none",
                           precision="float32", workers=2, batch_size=1, chunk_rows=2, progress=False)
@@ -147,10 +147,9 @@ def test_shards_of_other_rows_are_refused_at_the_join(csv_dataset, tmp_path):
     """Each rank lists the dataset itself: if the listing changed between them, the shards hold
     other images than the joined rows would say, and the join refuses rather than mislabel."""
     from featgender.backbones import build_backbone
-    from featgender.cache import cache_metadata
+    from featgender.cache import cache_metadata, join_shards
     from featgender.data import load_dataset
-    from featgender.distributed import join_shards
-    from featgender.extraction import build_cache
+    from featgender.extract import build_cache
 
     dataset, backbone = load_dataset(csv_dataset), build_backbone("mobilenet_v3_small", weights="none")
     out = tmp_path / "joined.h5"

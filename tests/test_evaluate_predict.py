@@ -12,7 +12,7 @@ from featgender.cache import CacheData, read_caches
 from featgender.data import load_dataset
 from featgender.errors import FeatgenderError
 from featgender.evaluate import evaluate_model
-from featgender.extraction import build_cache
+from featgender.extract import build_cache
 from featgender.heads import load_model
 from featgender.metrics import bootstrap_ci, classification_metrics, resampled_metrics, subgroup_metrics
 from featgender.predict import expand_inputs, write_predictions_csv

@@ -17,9 +17,9 @@ from holding import HOLD_TIMEOUT_S, holding_code, wait_until_held
 from featgender.backbones import build_backbone
 from featgender.cache import cache_summary, read_cache
 from featgender.data import load_dataset
+from featgender.embed import extract_features
 from featgender.errors import FeatgenderError
-from featgender.extract import extract_features
-from featgender.extraction import build_cache
+from featgender.extract import build_cache
 from featgender.images import load_image
 
 BACKBONE = "mobilenet_v3_small"
@@ -132,7 +132,7 @@ def test_decompression_bombs_are_refused_and_recorded(csv_dataset, small_backbon
 EXTRACT_SCRIPT = f"""
 import sys
 from featgender.backbones import build_backbone
-from featgender.extraction import build_cache
+from featgender.extract import build_cache
 from featgender.data import load_dataset
 build_cache(load_dataset(sys.argv[1]), build_backbone("{BACKBONE}", weights="none"), sys.argv[2],
             batch_size=2, chunk_rows=4, workers=int(sys.argv[3]) if len(sys.argv) > 3 else 0, progress=False)
@@ -227,7 +227,7 @@ def test_kill_9_at_random_moments_never_leaves_a_wrong_cache(csv_dataset, tmp_pa
 def test_a_caller_between_batches_is_not_left_in_autocast(csv_dataset, small_backbone):
     """A caller that stops iterating (an error, a full disk) must get its thread back as it was:
     a later extraction would otherwise run under the abandoned one's autocast state."""
-    from featgender.extract import iter_features
+    from featgender.embed import iter_features
 
     batches = iter_features(
         small_backbone, load_dataset(csv_dataset).paths, batch_size=2, workers=0, precision="bfloat16", progress=False

@@ -95,7 +95,7 @@ def test_the_conversion_is_kept_and_loaded_weights_only(dlib_file, tmp_path, mon
 
 
 def test_the_backbone_batches_flips_and_autocasts_like_any_torch_backbone(shared_faces):
-    from featgender.extract import extract_features
+    from featgender.embed import extract_features
 
     paths = load_dataset(shared_faces / "utkface", limit=40).paths[:12]
     backbone = build_backbone("dlib_resnet", face_box=calibrate_face_box(paths))
@@ -119,7 +119,7 @@ def test_a_head_fitted_on_one_datasets_cache_evaluates_another_datasets(shared_f
     features, mean the same, and a UTKFace model scores CelebA's cache (domain shift, not an error)."""
     from featgender.cache import read_metadata
     from featgender.evaluate import evaluate_model
-    from featgender.extraction import extract_to_cache
+    from featgender.extract import extract_to_cache
     from featgender.training import train_head
 
     utk = extract_to_cache(

@@ -12,8 +12,8 @@ pytest.importorskip("dlib")
 
 from featgender.backbones import build_backbone, get_config, weights_available  # noqa: E402
 from featgender.data import load_dataset  # noqa: E402
+from featgender.embed import extract_features  # noqa: E402
 from featgender.errors import FeatgenderError  # noqa: E402
-from featgender.extract import extract_features  # noqa: E402
 from featgender.faces import FaceAligner, calibrate_face_box, dlib_model_file  # noqa: E402
 from featgender.images import load_image  # noqa: E402
 
@@ -102,7 +102,7 @@ def test_aligned_crops_get_a_fixed_face_box_and_skip_detection(shared_faces, tmp
 
 def test_face_features_beat_imagenet_features_with_the_same_head(shared_faces, tmp_path):
     from featgender.cache import read_cache
-    from featgender.extraction import build_cache
+    from featgender.extract import build_cache
     from featgender.heads import make_head
 
     dataset = load_dataset(shared_faces / "utkface", limit=1000)
@@ -160,7 +160,7 @@ def test_photo_datasets_go_through_the_face_step(shared_faces, tmp_path):
     from PIL import Image
 
     from featgender.cache import read_cache, read_metadata
-    from featgender.extraction import extract_to_cache
+    from featgender.extract import extract_to_cache
 
     utk = load_dataset(shared_faces / "utkface", limit=100)
     rows = []
@@ -240,7 +240,7 @@ def test_loader_workers_detect_faces_after_this_process_ran_dlibs_cnn(tmp_path):
     script = (
         "from PIL import Image\n"
         "from featgender.backbones import build_backbone\n"
-        "from featgender.extract import extract_features\n"
+        "from featgender.embed import extract_features\n"
         "from featgender.faces import default_detector, find_faces\n"
         "blank = Image.new('RGB', (300, 300), (100, 100, 100))\n"
         "assert find_faces(blank, default_detector()) == []  # HOG missed: the CNN ran in this process\n"

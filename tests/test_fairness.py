@@ -12,7 +12,7 @@ from featgender.cli import app
 from featgender.data import load_dataset
 from featgender.errors import FeatgenderError
 from featgender.evaluate import evaluate_model
-from featgender.extraction import build_cache
+from featgender.extract import build_cache
 from featgender.heads import load_model
 from featgender.metrics import group_gender_errors, wilson_interval
 from featgender.mixing import balance_weights, parse_balance, read_datasets

@@ -242,8 +242,7 @@ def test_fitted_pipelines_pickle():
 def test_streaming_fit_over_a_label_sorted_cache_matches_in_memory(tmp_path):
     """Class folders give caches sorted by label; chunks read in file order would hold one
     class each and ruin SGD. Shuffled blocks mix them: accuracy as in memory, each row once."""
-    from featgender.cache import iter_cache_chunks, read_cache
-    from featgender.cache_writer import write_cache
+    from featgender.cache import iter_cache_chunks, read_cache, write_cache
     from featgender.data import FaceDataset
 
     rng = np.random.default_rng(0)

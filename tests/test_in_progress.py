@@ -14,7 +14,7 @@ from featgender.cli import app
 from featgender.data import load_dataset
 from featgender.distributed import shard_rows
 from featgender.errors import FeatgenderError
-from featgender.extraction import build_cache
+from featgender.extract import build_cache
 from featgender.training import train_head
 
 BACKBONE = "mobilenet_v3_small"
@@ -95,7 +95,7 @@ def test_readers_follow_a_running_extraction(csv_dataset, small_backbone, tmp_pa
 import sys
 from featgender.backbones import build_backbone
 from featgender.data import load_dataset
-from featgender.extraction import build_cache
+from featgender.extract import build_cache
 build_cache(load_dataset(sys.argv[1]), build_backbone("{BACKBONE}", weights="none"), sys.argv[2], **{OPTIONS!r})
 """
     )

@@ -1,33 +1,5 @@
-"""The HDF5 feature cache: its schema, where its files lie, and every reader of it.
-
-Schema of a finished cache (plain HDF5; ``h5py`` or ``h5dump`` read it with no featgender code):
-
-=================  ==========================  ==========================================
-dataset            shape, dtype                meaning
-=================  ==========================  ==========================================
-``features``       (N, D) float16 or float32   one embedding per image, chunked by rows;
-                                               NaN rows for images that failed to decode
-``labels``         (N,) int8                   1 = male, 0 = female
-``split``          (N,) int8                   index into the attribute ``names``
-                                               (train, valid, test)
-``ids``            (N,) utf-8 strings          image names relative to the dataset root
-``valid``          (N,) bool                   False where the image failed to decode
-``attributes``     (N, K) int32, optional      CelebA's 40 attributes (0/1) or a CSV's extra
-                                               columns; attrs ``names`` and ``categories``
-                                               (JSON: codes of categorical columns)
-``failed/ids``     (F,) strings, optional      images that failed, with ``failed/reasons``
-=================  ==========================  ==========================================
-
-Root attributes: ``format_version``, ``complete``, ``backbone``, ``layer``, ``feature_dim``,
-``weights``, ``weights_sha256``, ``weights_path``, ``preprocessing`` (JSON), ``flip``, ``precision``,
-``dtype``, ``dataset_root``,
-``dataset_format``, ``dataset_fingerprint``, ``split_source``, ``limit``, ``seed``,
-``versions`` (JSON), ``created``.
-
-Files beside ``<out>``: ``<out>.partial/`` while an extraction writes it (:class:`PartialFolder`:
-``meta.json``, ``rows.h5`` with the dataset's rows, one ``.npz`` per finished chunk of
-features), and ``<out>.shards/rank-RRRRR-of-WWWWW.h5`` for a torchrun job (:func:`shard_path`),
-whose joined ``<out>`` refers to them. :mod:`featgender.cache_writer` writes all of these.
+"""Every reader of a cache: its metadata, its rows (finished, or those of an extraction still
+running), its splits as arrays, chunks for out-of-core fitting.
 
 Reading while writing (what HDF5's SWMR mode offers, without its single-file constraints):
 :func:`open_rows` with ``in_progress=True`` sees the finished chunks, alone or across a
@@ -37,7 +9,6 @@ torchrun job's shards, bit-identical to the rows of the cache to come.
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,153 +16,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featgender.backbones import Backbone
-from featgender.data import SPLITS, FaceDataset, split_code
+from featgender.cache.layout import PartialFolder, missing_shards, shards_in_progress
+from featgender.cache.schema import FORMAT_VERSION, identity_mismatch
+from featgender.data import SPLITS, split_code
 from featgender.errors import FeatgenderError
-from featgender.version import __version__
-
-FORMAT_VERSION = 1
-DEFAULT_CACHE_DIR = Path("cache")
-# Identity fields: a cache, or a partial one, is reused only when all of these match.
-IDENTITY_KEYS = (
-    "backbone",
-    "layer",
-    "weights",
-    "weights_sha256",
-    "preprocessing",
-    "flip",
-    "precision",
-    "dtype",
-    "dataset_fingerprint",
-)
-
-
-def default_cache_path(
-    dataset: FaceDataset,
-    backbone: str,
-    limit: int | None = None,
-    cache_dir: str | Path = DEFAULT_CACHE_DIR,
-    flip: bool = False,
-) -> Path:
-    """``cache/<dataset>-<backbone>[-limit<N>][-flip].h5``."""
-    suffix = (f"-limit{limit}" if limit else "") + ("-flip" if flip else "")
-    return Path(cache_dir) / f"{dataset.name}-{backbone}{suffix}.h5"
-
-
-def library_versions() -> dict:
-    """Versions of featgender and the libraries whose output it stores."""
-    import sklearn
-    import torch
-    import torchvision
-
-    versions = {
-        "featgender": __version__,
-        "torch": torch.__version__,
-        "torchvision": torchvision.__version__,
-        "numpy": np.__version__,
-        "h5py": h5py.__version__,
-        "scikit-learn": sklearn.__version__,
-    }
-    return {name: str(version) for name, version in versions.items()}  # TorchVersion is no plain str
-
-
-def cache_metadata(
-    dataset: FaceDataset,
-    backbone: Backbone,
-    precision: str,
-    dtype: str,
-    limit: int | None,
-    seed: int,
-    flip: bool = False,
-) -> dict:
-    """The root attributes a cache of ``dataset`` embedded by ``backbone`` carries."""
-    config = backbone.config
-    return {
-        "format_version": FORMAT_VERSION,
-        "backbone": config.name,
-        "layer": config.layer,
-        "feature_dim": backbone.feature_dim,
-        "input_kind": config.input_kind,
-        "weights": backbone.weights.name,
-        "weights_sha256": backbone.weights.sha256 or "",
-        "weights_path": backbone.weights.path or "",
-        "preprocessing": json.dumps(config.preprocessing(), sort_keys=True),
-        "flip": bool(flip),
-        "precision": precision,
-        "dtype": dtype,
-        "dataset_root": str(dataset.root.resolve()),
-        "dataset_format": dataset.format,
-        "dataset_fingerprint": dataset.fingerprint(),
-        "num_images": len(dataset),
-        "split_source": dataset.split_source,
-        "limit": limit if limit is not None else -1,
-        "seed": seed,
-        "versions": json.dumps(library_versions(), sort_keys=True),
-    }
-
-
-def identity_mismatch(found: dict, wanted: dict) -> list[str]:
-    """The identity fields (:data:`IDENTITY_KEYS`) in which two caches' metadata differ."""
-    return [key for key in IDENTITY_KEYS if str(found.get(key)) != str(wanted.get(key))]
-
-
-class PartialFolder:
-    """Where the files of an extraction in progress lie: ``<out>.partial/`` holds ``meta.json``
-    (what is being written), ``rows.h5`` (the dataset's rows: the schema less ``features``,
-    for readers) and one ``rows-<first row>.npz`` per finished chunk of rows."""
-
-    def __init__(self, out: Path):
-        self.out = out
-        self.folder = out.with_name(out.name + ".partial")
-        self.rows_path = self.folder / "rows.h5"
-        self.meta_path = self.folder / "meta.json"
-
-    def chunk_path(self, start: int) -> Path:
-        return self.folder / f"rows-{start:010d}.npz"
-
-    def chunk_starts(self) -> list[int]:
-        """First rows of the finished chunks, sorted."""
-        return sorted(int(path.stem[len("rows-") :]) for path in self.folder.glob("rows-" + "[0-9]" * 10 + ".npz"))
-
-    def read_meta(self) -> dict | None:
-        return json.loads(self.meta_path.read_text()) if self.meta_path.is_file() else None
-
-    def readable(self) -> bool:
-        """Whether readers can see this extraction's finished rows (it has started)."""
-        return self.rows_path.is_file() and self.meta_path.is_file()
-
-    def read_chunk(self, start: int, column: str) -> np.ndarray:
-        """'features' or 'errors' (one message per row, '' where embedded) of a finished chunk."""
-        with np.load(self.chunk_path(start), allow_pickle=False) as chunk:
-            return chunk[column]
-
-
-def shard_path(out: str | Path, rank: int, world_size: int) -> Path:
-    """``<out>.shards/rank-RRRRR-of-WWWWW.h5``: the cache rank ``rank`` of a torchrun job writes."""
-    out = Path(out)
-    return out.with_name(out.name + ".shards") / f"rank-{rank:05d}-of-{world_size:05d}.h5"
-
-
-def shards_in_progress(out: str | Path) -> list[Path]:
-    """The shard paths of the torchrun job writing ``out``, one per rank (finished or not), from
-    the names in ``<out>.shards/``; [] when there is none."""
-    folder = shard_path(out, 0, 1).parent
-    sizes = (
-        {int(name.split("-of-")[1][:5]) for name in os.listdir(folder) if "-of-" in name} if folder.is_dir() else set()
-    )
-    if len(sizes) > 1:
-        raise FeatgenderError(f"{folder}: shards of jobs with {sorted(sizes)} ranks; remove the ones of the old job")
-    return [shard_path(out, rank, size) for size in sizes for rank in range(size)]
-
-
-def missing_shards(path: Path, metadata: dict) -> list[Path]:
-    """Shard files a joined cache refers to that are not there."""
-    return [
-        path.parent / name for name in json.loads(metadata.get("shards") or "[]") if not (path.parent / name).is_file()
-    ]
-
-
-# --- reading ---------------------------------------------------------------------------
 
 
 def read_metadata(path: str | Path, *, check_shards: bool = True) -> dict:

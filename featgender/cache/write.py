@@ -1,4 +1,5 @@
-"""Writing caches: the one writer of the schema, and the crash-safe, resumable chunk writer.
+"""Writing caches: the one writer of the schema, the crash-safe, resumable chunk writer, and
+the join of a torchrun job's shards.
 
 An extraction writes through :class:`CacheWriter`: every chunk of rows is saved to its own
 file in ``<out>.partial/`` with write-to-temp + fsync + rename (:mod:`featgender.files`), so
@@ -6,14 +7,15 @@ a kill at any moment loses at most the chunk in flight; rerunning resumes at the
 missing chunk. The HDF5 file is assembled from the chunks into a temporary file that
 atomically replaces ``out`` at the end (:func:`write_cache`), so an existing cache is never
 half-overwritten. One writer per cache: a second one is refused while the first runs.
-
-The schema and the layout of these files are :mod:`featgender.cache`'s; so are the readers.
+:func:`join_shards` writes a torchrun job's ``<out>``: ``features`` as a virtual dataset over
+the shards' (no copy), the rest as any cache.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from collections.abc import Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,7 +26,9 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from featgender.cache import FORMAT_VERSION, PartialFolder, identity_mismatch, read_metadata
+from featgender.cache.layout import PartialFolder
+from featgender.cache.read import read_metadata
+from featgender.cache.schema import FORMAT_VERSION, identity_mismatch
 from featgender.data import SPLITS, FaceDataset
 from featgender.errors import FeatgenderError
 from featgender.files import atomic_write, exclusive
@@ -229,4 +233,43 @@ def write_row_table(h5: h5py.File, dataset: FaceDataset) -> None:
         attributes.attrs["categories"] = json.dumps(dataset.attribute_categories)
 
 
-__all__ = ["CacheWriter", "row_table_bytes", "write_cache", "write_row_table", "write_rows"]
+def join_shards(out: str | Path, dataset, shards: list[Path], metadata: dict) -> None:
+    """Write ``out`` for ``dataset`` from its complete shard caches, in order: features as a
+    virtual dataset over the shards', the rest as any cache (:func:`featgender.cache_writer.write_rows`).
+    Atomic, like every cache write."""
+    out = Path(out)
+    dim = metadata["feature_dim"]
+    layout = h5py.VirtualLayout(shape=(len(dataset), dim), dtype=metadata["dtype"])
+    errors: list[str] = []
+    for path in shards:
+        with h5py.File(path, "r") as shard:
+            ids = shard["ids"].asstr()[:].tolist()
+            first, rows = len(errors), len(ids)
+            if ids != dataset.image_ids[first : first + rows]:  # each rank listed the dataset itself
+                raise FeatgenderError(
+                    f"{path}: holds other images than rows {first}-{first + rows - 1} of the dataset "
+                    "(did it change while the job ran?); remove the shards and rerun"
+                )
+            reasons = (
+                dict(zip(shard["failed/ids"].asstr()[:], shard["failed/reasons"].asstr()[:], strict=True))
+                if "failed" in shard
+                else {}
+            )
+            errors += [reasons.get(image_id, "") for image_id in ids]
+        # relative to the joined file: the pair can be moved together
+        layout[len(errors) - rows : len(errors)] = h5py.VirtualSource(
+            os.path.relpath(path, out.parent), "features", shape=(rows, dim)
+        )
+    if len(errors) != len(dataset):
+        raise FeatgenderError(f"{out}: the shards hold {len(errors)} rows for {len(dataset)} images")
+    with (
+        atomic_write(out, size=row_table_bytes(dataset) + 1024 * len(shards)) as tmp,
+        h5py.File(tmp, "w", libver="latest") as h5,
+    ):
+        h5.create_virtual_dataset("features", layout, fillvalue=np.nan)
+        write_rows(
+            h5,
+            dataset,
+            errors,
+            {**metadata, "shards": json.dumps([os.path.relpath(path, out.parent) for path in shards])},
+        )
