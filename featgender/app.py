@@ -29,6 +29,7 @@ from collections import OrderedDict
 from pathlib import Path
 
 from featgender.data import IMAGE_SUFFIXES
+from featgender.defaults import SERVE_HOST, SERVE_PORT
 from featgender.errors import FeatgenderError
 from featgender.images import load_image
 from featgender.predict import NO_FACE, Prediction, load, write_predictions_csv
@@ -102,12 +103,13 @@ def model_card(predictor) -> str:
 
 def _metrics_card(metrics: dict) -> list[str]:
     """Markdown lines of one evaluation: metrics with CIs, accuracy gaps, errors per group x gender."""
+    from featgender.metrics import METRICS
     from featgender.report import group_gender_headline
 
     ci = metrics.get("ci95", {})
     rows = [
         f"| {name} | {metrics[name]:.4f} | {ci[name][0]:.4f} – {ci[name][1]:.4f} |"
-        for name in ("accuracy", "balanced_accuracy", "f1", "roc_auc")
+        for name in METRICS
         if name in metrics and name in ci
     ]
     lines = [
@@ -364,8 +366,8 @@ def build(
 def serve(
     model: str | Path,
     *,
-    host: str = "127.0.0.1",
-    port: int = 7860,
+    host: str = SERVE_HOST,
+    port: int = SERVE_PORT,
     share: bool = False,
     auth: tuple[str, str] | None = None,
     trusted: bool = False,

@@ -276,10 +276,14 @@ class EmbeddingModel(nn.Module):
         return super().train(False)  # frozen: batch-norm statistics and dropout stay in eval mode
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        embedding = self.body(images)["embedding"]
-        if embedding.ndim == 4:
-            embedding = F.adaptive_avg_pool2d(embedding, 1)
-        return embedding.flatten(1)
+        return pooled(self.body(images)["embedding"])
+
+
+def pooled(embedding: torch.Tensor) -> torch.Tensor:
+    """A layer's output as (N, D) rows: a feature map global-average pooled, then flattened."""
+    if embedding.ndim == 4:
+        embedding = F.adaptive_avg_pool2d(embedding, 1)
+    return embedding.flatten(1)
 
 
 class Transform(nn.Module):

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import typer
 
+from featgender.defaults import DEFAULT_BACKBONE, DEFAULT_HEAD, SERVE_HOST, SERVE_PORT, default_model_path
 from featgender.errors import FeatgenderError
 
 app = typer.Typer(
@@ -57,7 +58,7 @@ DataOption = typer.Option(
 FormatOption = typer.Option(None, "--format", help="auto (default), celeba, celeba-kaggle, folder or csv.")
 LimitOption = typer.Option(None, "--limit", help="Use a seeded subset of N images, stratified by split and label.")
 BackboneOption = typer.Option(
-    None, "--backbone", "-b", help="Backbone name (see `featgender backbones`); default efficientnet_lite0."
+    None, "--backbone", "-b", help=f"Backbone name (see `featgender backbones`); default {DEFAULT_BACKBONE}."
 )
 WeightsOption = typer.Option(
     None,
@@ -222,7 +223,9 @@ def _print_metrics(evaluation: dict, dataset: str = "") -> None:
         f"{dataset + ', ' if dataset else ''}{evaluation['split']} ({evaluation['n']} images"
         f"{' of ' + str(len(evaluation['datasets'])) + ' datasets, pooled' if 'datasets' in evaluation else ''}):"
     )
-    for name in ("accuracy", "balanced_accuracy", "precision", "recall", "f1", "roc_auc"):
+    from featgender.metrics import METRICS
+
+    for name in METRICS:
         if name in evaluation:
             typer.echo(f"  {name:<18} {evaluation[name]:.4f}  (95% CI {ci[name][0]:.4f} - {ci[name][1]:.4f})")
     for attribute, slices in evaluation["subgroups"].items():
@@ -297,8 +300,8 @@ def fit(
     (--stack), print eval metrics per dataset and per group x gender, save the model."""
     from featgender.training import train_head
 
-    head_name = head or "logreg"
-    out = out or Path("models") / f"{head_name}.joblib"
+    head_name = head or DEFAULT_HEAD
+    out = out or Path(default_model_path(head_name))
     model, evaluation = train_head(
         cache,
         head_name,
@@ -537,7 +540,7 @@ def bench(
         ),
     ),
     backbones: str | None = typer.Option(
-        None, "--backbones", help="Comma-separated backbones (default efficientnet_lite0)."
+        None, "--backbones", help=f"Comma-separated backbones (default {DEFAULT_BACKBONE})."
     ),
     heads: str | None = typer.Option(None, "--heads", help="Comma-separated heads (default logreg,svm)."),
     finetune: bool = typer.Option(False, "--finetune", help="Also time one fine-tune epoch of the first backbone."),
@@ -632,9 +635,9 @@ def serve(
         ..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."
     ),
     host: str = typer.Option(
-        "127.0.0.1", "--host", help="Address to bind (default: this machine only). Another needs --auth."
+        SERVE_HOST, "--host", help="Address to bind (default: this machine only). Another needs --auth."
     ),
-    port: int = typer.Option(7860, "--port", help="Port to listen on."),
+    port: int = typer.Option(SERVE_PORT, "--port", help="Port to listen on."),
     share: bool = typer.Option(
         False, "--share", help="Also open a public Gradio share link (needs --auth; faces are personal data)."
     ),

@@ -9,3 +9,8 @@ DEFAULT_HEAD = "logreg"
 MODELS_FOLDER = "models"  # where models are saved when no --out is given
 SERVE_HOST = "127.0.0.1"  # this machine only: another address needs --auth
 SERVE_PORT = 7860
+
+
+def default_model_path(head: str) -> str:
+    """Where ``featgender fit`` saves a head when no ``--out`` is given."""
+    return f"{MODELS_FOLDER}/{head}.joblib"

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from featgender.backbones import get_config, weights_available
+from featgender.defaults import DEFAULT_HEAD
 from featgender.extract import extract_to_cache
 from featgender.training import train_head
 
@@ -30,7 +31,7 @@ def run_demo(
     data: str | Path | Sequence[str | Path],
     *,
     backbone: str | None = None,
-    head: str = "logreg",
+    head: str = DEFAULT_HEAD,
     balance: str | None = DEMO_BALANCE,
     limit: int | None = None,
     out: str | Path | None = None,

@@ -204,22 +204,8 @@ def iter_features(
     autocast = uses_bfloat16(precision, device)
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
     transform = backbone.transform.to(device)
-    on_cuda = device.type == "cuda"
-    rows = range(start, len(sources))
-    loader = DataLoader(
-        # photos for the face step decode whole: a face is a small part of them
-        ImageFiles(
-            [sources[i] for i in rows],
-            None if backbone.config.face_step else backbone.config.resize_size,
-            backbone.transform.loader_step,
-        ),
-        batch_size=batch_size,
-        num_workers=workers,
-        collate_fn=collate,
-        pin_memory=on_cuda,
-        persistent_workers=False,
-        prefetch_factor=4 if workers else None,
-        worker_init_fn=worker_init() if workers else None,
+    loader = _image_loader(
+        backbone, [sources[i] for i in range(start, len(sources))], batch_size, workers, pin=device.type == "cuda"
     )
     from tqdm.auto import tqdm
 
@@ -227,22 +213,43 @@ def iter_features(
     for batch in loader:
         features = np.full((len(batch.indices), backbone.feature_dim), np.nan, dtype=DTYPES[dtype])
         if batch.images is not None:
-            images = batch.images
-            if isinstance(images, torch.Tensor):
-                images = images.to(device, non_blocking=True)
-            else:
-                images = [image.to(device, non_blocking=True) for image in images]
             # entered per batch, never held across a yield: autocast and inference mode are the
             # thread's state, and a caller that stops iterating must not be left inside them
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
-                batch_pixels = transform(images, torch.bfloat16 if autocast else torch.float32)
-                embedded = model(batch_pixels)
+                pixels = transform(_to_device(batch.images, device), torch.bfloat16 if autocast else torch.float32)
+                embedded = model(pixels)
                 if flip:
-                    embedded = (embedded + model(batch_pixels.flip(-1))) / 2
+                    embedded = (embedded + model(pixels.flip(-1))) / 2
                 features[batch.ok] = embedded.float().cpu().numpy().astype(DTYPES[dtype], copy=False)
         bar.update(len(batch.indices))
         yield batch.indices + start, features, batch.errors
     bar.close()
+
+
+def _image_loader(backbone: Backbone, sources: Sequence, batch_size: int, workers: int, pin: bool) -> DataLoader:
+    """Batches of ``sources`` decoded (and aligned, for face backbones) on ``workers`` processes."""
+    return DataLoader(
+        # photos for the face step decode whole: a face is a small part of them
+        ImageFiles(
+            sources,
+            None if backbone.config.face_step else backbone.config.resize_size,
+            backbone.transform.loader_step,
+        ),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=collate,
+        pin_memory=pin,
+        persistent_workers=False,
+        prefetch_factor=4 if workers else None,
+        worker_init_fn=worker_init() if workers else None,
+    )
+
+
+def _to_device(images: torch.Tensor | list[torch.Tensor], device: torch.device) -> torch.Tensor | list[torch.Tensor]:
+    """A batch (or a list of differently sized images) on ``device``, without blocking on CUDA."""
+    if isinstance(images, torch.Tensor):
+        return images.to(device, non_blocking=True)
+    return [image.to(device, non_blocking=True) for image in images]
 
 
 def extract_features(backbone: Backbone, sources: Sequence, **options) -> tuple[np.ndarray, list[str]]:

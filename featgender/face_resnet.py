@@ -24,6 +24,7 @@ result beside torch's other checkpoints, loaded with ``weights_only=True`` ever 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -135,72 +136,87 @@ def _file_layers() -> list[tuple]:
 def _read_layer(reader: DlibReader, layer: tuple) -> np.ndarray | None:
     """One layer's record; returns its parameter values (con: weights then biases; affine:
     gamma then beta; fc: the (inputs x outputs) matrix), None for layers without."""
+    return _LAYER_READERS[layer[0]](reader, layer)
+
+
+def _read_con(reader: DlibReader, layer: tuple) -> np.ndarray:
+    version = reader.expect("con_4", "con_5", "con_6")
+    params = reader.tensor()
+    filters, rows, cols, stride_y, stride_x, pad_y, pad_x = (reader.integer() for _ in range(7))
+    reader.alias_tensor(), reader.alias_tensor()
+    for _ in range(4):  # learning-rate and weight-decay multipliers
+        reader.real()
+    if version != "con_4":
+        reader.boolean()  # use_bias
+    if version == "con_6":
+        reader.boolean()  # use_relu
+    _, wanted_filters, size, stride = layer
+    padding = 0 if stride != 1 else size // 2
+    if (filters, rows, cols, stride_y, stride_x, pad_y, pad_x) != (
+        wanted_filters, size, size, stride, stride, padding, padding,
+    ):  # fmt: skip
+        raise reader.error(
+            f"a convolution of {filters} {rows}x{cols} filters, stride {stride_y}, where "
+            f"{wanted_filters} {size}x{size} filters, stride {stride} belong"
+        )
+    return params.ravel()
+
+
+def _read_affine(reader: DlibReader, layer: tuple) -> np.ndarray:
+    version = reader.expect("affine_", "affine_2")
+    params = reader.tensor()
+    reader.alias_tensor(), reader.alias_tensor()
+    reader.integer()  # mode
+    if version == "affine_2":
+        reader.boolean()  # disabled
+    return params.ravel()
+
+
+def _read_relu(reader: DlibReader, layer: tuple) -> None:
+    if reader.expect("relu_", "relu_2") == "relu_2":
+        reader.boolean()  # disabled
+
+
+def _read_pool(reader: DlibReader, layer: tuple) -> None:
     kind = layer[0]
-    if kind == "con":
-        version = reader.expect("con_4", "con_5", "con_6")
-        params = reader.tensor()
-        filters, rows, cols, stride_y, stride_x, pad_y, pad_x = (reader.integer() for _ in range(7))
-        reader.alias_tensor(), reader.alias_tensor()
-        for _ in range(4):  # learning-rate and weight-decay multipliers
-            reader.real()
-        if version != "con_4":
-            reader.boolean()  # use_bias
-        if version == "con_6":
-            reader.boolean()  # use_relu
-        _, wanted_filters, size, stride = layer
-        padding = 0 if stride != 1 else size // 2
-        if (filters, rows, cols, stride_y, stride_x, pad_y, pad_x) != (
-            wanted_filters,
-            size,
-            size,
-            stride,
-            stride,
-            padding,
-            padding,
-        ):
-            raise reader.error(
-                f"a convolution of {filters} {rows}x{cols} filters, stride {stride_y}, where "
-                f"{wanted_filters} {size}x{size} filters, stride {stride} belong"
-            )
-        return params.ravel()
-    if kind == "affine":
-        version = reader.expect("affine_", "affine_2")
-        params = reader.tensor()
-        reader.alias_tensor(), reader.alias_tensor()
-        reader.integer()  # mode
-        if version == "affine_2":
-            reader.boolean()  # disabled
-        return params.ravel()
-    if kind == "relu":
-        if reader.expect("relu_", "relu_2") == "relu_2":
-            reader.boolean()  # disabled
-        return None
-    if kind in ("max_pool", "avg_pool"):
-        reader.expect(f"{kind}_2")
-        rows, cols, stride_y, stride_x, pad_y, pad_x = (reader.integer() for _ in range(6))
-        if (rows, cols, stride_y, stride_x, pad_y, pad_x) != (layer[1], layer[1], layer[2], layer[2], 0, 0):
-            raise reader.error(
-                f"a {kind} of {rows}x{cols}, stride {stride_y} where {layer[1]}x{layer[1]}, stride {layer[2]} belongs"
-            )
-        return None
-    if kind == "add_prev":
-        reader.expect("add_prev_")
-        return None
-    if kind == "fc":
-        version = reader.expect("fc_2", "fc_3")
-        outputs, inputs = reader.integer(), reader.integer()
-        params = reader.tensor()
-        reader.alias_tensor(), reader.alias_tensor()
-        if reader.integer() != 1:  # fc_bias_mode FC_NO_BIAS
-            raise reader.error("a fully connected layer with a bias, where dlib's has none")
-        for _ in range(4):
-            reader.real()
-        if version == "fc_3":
-            reader.boolean()
-        if outputs != layer[1]:
-            raise reader.error(f"{outputs} descriptor values, want {layer[1]}")
-        return params.ravel().reshape(inputs, outputs)
-    raise AssertionError(kind)
+    reader.expect(f"{kind}_2")
+    rows, cols, stride_y, stride_x, pad_y, pad_x = (reader.integer() for _ in range(6))
+    if (rows, cols, stride_y, stride_x, pad_y, pad_x) != (layer[1], layer[1], layer[2], layer[2], 0, 0):
+        raise reader.error(
+            f"a {kind} of {rows}x{cols}, stride {stride_y} where {layer[1]}x{layer[1]}, stride {layer[2]} belongs"
+        )
+
+
+def _read_add_prev(reader: DlibReader, layer: tuple) -> None:
+    reader.expect("add_prev_")
+
+
+def _read_fc(reader: DlibReader, layer: tuple) -> np.ndarray:
+    version = reader.expect("fc_2", "fc_3")
+    outputs, inputs = reader.integer(), reader.integer()
+    params = reader.tensor()
+    reader.alias_tensor(), reader.alias_tensor()
+    if reader.integer() != 1:  # fc_bias_mode FC_NO_BIAS
+        raise reader.error("a fully connected layer with a bias, where dlib's has none")
+    for _ in range(4):
+        reader.real()
+    if version == "fc_3":
+        reader.boolean()
+    if outputs != layer[1]:
+        raise reader.error(f"{outputs} descriptor values, want {layer[1]}")
+    return params.ravel().reshape(inputs, outputs)
+
+
+# each kind of _file_layers' records, read the way dlib wrote it
+_LAYER_READERS: dict[str, Callable[[DlibReader, tuple], np.ndarray | None]] = {
+    "con": _read_con,
+    "affine": _read_affine,
+    "relu": _read_relu,
+    "max_pool": _read_pool,
+    "avg_pool": _read_pool,
+    "add_prev": _read_add_prev,
+    "fc": _read_fc,
+}
 
 
 def _read_layer_state(reader: DlibReader, version: int, next_to_input: bool) -> None:

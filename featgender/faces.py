@@ -169,7 +169,7 @@ def calibrate_face_box(sources: Sequence, samples: int = 64, max_spread: float =
         return None
     found = np.array(relative)
     median = np.median(found, axis=0)
-    if np.median(np.abs(boxes - median), axis=0).max() >= max_spread:
+    if np.median(np.abs(found - median), axis=0).max() >= max_spread:
         return None
     return tuple(round(float(value), 3) for value in median)
 

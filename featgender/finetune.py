@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 
-from featgender.backbones import Backbone, EmbeddingModel, build_backbone
+from featgender.backbones import Backbone, EmbeddingModel, build_backbone, pooled
 from featgender.cache import library_versions
 from featgender.data import SPLITS, FaceDataset, load_dataset
 from featgender.defaults import DEFAULT_BACKBONE, MODELS_FOLDER
@@ -51,10 +51,7 @@ class GenderNet(nn.Module):
         self.frozen: list[nn.Module] = []
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        embedding = self.embedding(images)["embedding"]
-        if embedding.ndim == 4:
-            embedding = nn.functional.adaptive_avg_pool2d(embedding, 1)
-        return self.logit(self.dropout(embedding.flatten(1))).squeeze(1)
+        return self.logit(self.dropout(pooled(self.embedding(images)["embedding"]))).squeeze(1)
 
     def train(self, mode: bool = True) -> GenderNet:
         super().train(mode)

@@ -46,6 +46,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featgender import trust
 from featgender.data import LABEL_NAMES
+from featgender.defaults import DEFAULT_HEAD
 from featgender.errors import FeatgenderError
 from featgender.files import atomic_write, file_sha256
 
@@ -352,7 +353,7 @@ def _mlp(random_state: int, alpha: float = 1e-3):
 def fit_head(
     features: np.ndarray,
     labels: np.ndarray,
-    head: str = "logreg",
+    head: str = DEFAULT_HEAD,
     *,
     search: bool = False,
     cv: int = 3,
@@ -424,7 +425,7 @@ STREAMING_LOSSES = {"logreg": "log_loss", "svm": "modified_huber"}
 
 def fit_head_streaming(
     chunks: Callable[[], Iterable[tuple[np.ndarray, np.ndarray]]],
-    head: str = "logreg",
+    head: str = DEFAULT_HEAD,
     *,
     epochs: int = 5,
     alpha: float = 1e-4,

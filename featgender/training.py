@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from featgender.cache import iter_cache_chunks, library_versions, open_rows
+from featgender.defaults import DEFAULT_HEAD
 from featgender.errors import FeatgenderError
 from featgender.evaluate import evaluate_datasets
 from featgender.heads import HeadModel, fit_head, fit_head_streaming
@@ -38,7 +39,7 @@ BACKBONE_KEYS = (
 
 def train_head(
     caches: Sequence[str | Path] | str | Path,
-    head: str = "logreg",
+    head: str = DEFAULT_HEAD,
     *,
     stack: Sequence[Sequence[str | Path] | str | Path] = (),
     balance: str | Sequence[str] | None = None,
@@ -73,30 +74,9 @@ def train_head(
         )
         trained_on = [{"name": Path(str(sources[0].get("dataset_root", ""))).name, "images": n_train}]
     else:
-        parts = read_datasets(datasets, train_split, in_progress=in_progress)
-        for part in parts:
-            if len(part.rows.labels) == 0:
-                raise FeatgenderError(f"--train-split {train_split}: no images in {part.caches[0]}")
-        features, labels = stack_rows(parts)
-        pipeline, search_result = fit_head(
-            features,
-            labels,
-            head,
-            search=search,
-            overwrite_features=True,
-            sample_weight=balance_weights(parts, balance),
-            **head_params,
+        pipeline, sources, n_train, search_result, trained_on = _fit_in_memory(
+            datasets, head, balance, search, train_split, in_progress, head_params
         )
-        sources, n_train = parts[0].rows.metadata["sources"], len(labels)
-        trained_on = [
-            {
-                "name": part.name,
-                "caches": [str(path.resolve()) for path in part.caches],
-                "images": len(part.rows.labels),
-                "dataset_fingerprints": [source.get("dataset_fingerprint") for source in part.rows.metadata["sources"]],
-            }
-            for part in parts
-        ]
     fit_seconds = time.perf_counter() - started
     model = HeadModel(
         pipeline,
@@ -123,6 +103,37 @@ def train_head(
     if out is not None:
         model.save(out)
     return model, evaluation
+
+
+def _fit_in_memory(
+    datasets: list[list[Path]], head: str, balance, search: bool, train_split: str, in_progress: bool, head_params: dict
+):
+    """The fit on the datasets' stacked train rows: (pipeline, sources, rows, search result,
+    what each dataset gave)."""
+    parts = read_datasets(datasets, train_split, in_progress=in_progress)
+    for part in parts:
+        if len(part.rows.labels) == 0:
+            raise FeatgenderError(f"--train-split {train_split}: no images in {part.caches[0]}")
+    features, labels = stack_rows(parts)
+    pipeline, search_result = fit_head(
+        features,
+        labels,
+        head,
+        search=search,
+        overwrite_features=True,
+        sample_weight=balance_weights(parts, balance),
+        **head_params,
+    )
+    trained_on = [
+        {
+            "name": part.name,
+            "caches": [str(path.resolve()) for path in part.caches],
+            "images": len(part.rows.labels),
+            "dataset_fingerprints": [source.get("dataset_fingerprint") for source in part.rows.metadata["sources"]],
+        }
+        for part in parts
+    ]
+    return pipeline, parts[0].rows.metadata["sources"], len(labels), search_result, trained_on
 
 
 def _fit_out_of_core(
