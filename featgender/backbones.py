@@ -200,25 +200,10 @@ def build_backbone(
     2048
     """
     if find_faces:
-        from featgender.faces import BOX_IN_FACE_CROP, PhotoFaceStep, default_detector
-
-        if face_box is None and get_config(name).alignment:
-            face_box = BOX_IN_FACE_CROP  # the face step already found the face: no second detection
-        backbone = build_backbone(name, weights=weights, layer=layer, face_box=face_box)
-        backbone.transform.loader_step = PhotoFaceStep(default_detector(), backbone.transform.loader_step)
-        return backbone._replace(config=replace(backbone.config, face_step="largest face, dlib HOG/CNN, crop 1.8x box"))
+        return _finding_faces_in_photos(name, weights=weights, layer=layer, face_box=face_box)
     config = _with_face_box(get_config(name), face_box)
-    weights = str(weights)
     transform = Preprocess(config) if config.make_transform is None else config.make_transform(config)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)  # 'none' gives the same random network every time
-        network = config.build()
-    if weights == "default":
-        info = _load_default_weights(network, config)
-    elif weights == "none":
-        info = WeightsInfo("none (random init, seed 0)", None, None)
-    else:
-        info = _load_weights_file(network, Path(weights).expanduser(), config)
+    network, info = _network_with_weights(config, str(weights))
     if layer is not None and layer != config.layer:
         config = replace(config, layer=layer, feature_dim=None)
     model = EmbeddingModel(network, config.layer)
@@ -227,6 +212,29 @@ def build_backbone(
             dim = model(torch.zeros(1, 3, config.input_size, config.input_size)).shape[1]
         config = replace(config, feature_dim=int(dim))
     return Backbone(model, transform, config, info)
+
+
+def _finding_faces_in_photos(name: str, *, weights, layer: str | None, face_box) -> Backbone:
+    """``name`` built behind the face step: each photo's largest face is found and cut first."""
+    from featgender.faces import BOX_IN_FACE_CROP, PhotoFaceStep, default_detector
+
+    if face_box is None and get_config(name).alignment:
+        face_box = BOX_IN_FACE_CROP  # the face step already found the face: no second detection
+    backbone = build_backbone(name, weights=weights, layer=layer, face_box=face_box)
+    backbone.transform.loader_step = PhotoFaceStep(default_detector(), backbone.transform.loader_step)
+    return backbone._replace(config=replace(backbone.config, face_step="largest face, dlib HOG/CNN, crop 1.8x box"))
+
+
+def _network_with_weights(config: BackboneConfig, weights: str) -> tuple[nn.Module, WeightsInfo]:
+    """The whole network of ``config`` holding ``weights`` ('default', 'none' or a file)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)  # 'none' gives the same random network every time
+        network = config.build()
+    if weights == "default":
+        return network, _load_default_weights(network, config)
+    if weights == "none":
+        return network, WeightsInfo("none (random init, seed 0)", None, None)
+    return network, _load_weights_file(network, Path(weights).expanduser(), config)
 
 
 def _with_face_box(config: BackboneConfig, face_box: tuple[float, float, float, float] | None) -> BackboneConfig:
@@ -350,7 +358,7 @@ def _state_dict_from(obj: object, path: Path) -> dict:
 
 
 def _load_state_dict(network: nn.Module, state_dict: dict, config: BackboneConfig, path: Path) -> None:
-    result = network.load_state_dict(state_dict, strict=True)
+    result = network.load_state_dict(state_dict, strict=False)  # the keys are checked below, naming the file
     unexpected = [key for key in result.unexpected_keys if not key.startswith(config.ignored_keys)]
     if result.missing_keys or unexpected:
         detail = f"missing {result.missing_keys[:3]}" if result.missing_keys else f"unexpected {unexpected[:3]}"
