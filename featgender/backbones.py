@@ -12,10 +12,9 @@ with torchvision's own weights and preprocessing and its penultimate layer.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
@@ -95,18 +94,6 @@ class BackboneConfig:
         return values
 
 
-# How the face was found (a dataset's calibrated box, detection, the photo face step) ends in
-# the same face crop or aligned chip: features that differ only in these fit the same heads.
-FACE_FINDING_KEYS = ("face_box", "face_step")
-
-
-def feature_preprocessing(preprocessing: str | dict) -> dict:
-    """The part of a cache's ``preprocessing`` (JSON or dict) that decides what its features
-    mean: all but how the face was found (:data:`FACE_FINDING_KEYS`)."""
-    values = json.loads(preprocessing or "{}") if isinstance(preprocessing, str) else dict(preprocessing)
-    return {key: value for key, value in values.items() if key not in FACE_FINDING_KEYS}
-
-
 class WeightsInfo(NamedTuple):
     """Identity of the weights a backbone was built with."""
 
@@ -127,6 +114,18 @@ class Backbone(NamedTuple):
     def feature_dim(self) -> int:
         """The embedding's width (a built backbone always knows it)."""
         return int(self.config.feature_dim)  # type: ignore[arg-type]
+
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The layers its model embeds in one pass (one, unless built with several)."""
+        return getattr(self.model, "layers", (self.config.layer,))
+
+    def at(self, layer: str) -> Backbone:
+        """This backbone as the one built for ``layer`` alone: what a cache of that layer records."""
+        if self.layers == (layer,):
+            return self
+        dims: dict[str, int] = getattr(self.model, "feature_dims", {})
+        return self._replace(config=replace(self.config, layer=layer, feature_dim=dims[layer]))
 
 
 _REGISTRY: dict[str, Callable[[], BackboneConfig]] = {}
@@ -175,7 +174,7 @@ def build_backbone(
     name: str,
     *,
     weights: str | os.PathLike = "default",
-    layer: str | None = None,
+    layer: str | Sequence[str] | None = None,
     face_box: tuple[float, float, float, float] | None = None,
     find_faces: bool = False,
 ) -> Backbone:
@@ -187,7 +186,9 @@ def build_backbone(
     weights : 'default' (the pretrained weights, downloaded and cached the usual torchvision
         way), 'none' (random init, seeded: for tests), or the path of a state_dict file
         (loaded with ``weights_only=True``).
-    layer : graph node to take the embedding from; default: the config's.
+    layer : graph node to take the embedding from; default: the config's. Several: one
+        pass computes them all (``model.forward_layers``); ``config`` describes the first, and
+        :meth:`Backbone.at` each of them (see :func:`featgender.layers.list_layers`).
     face_box : face-aligning backbones only (dlib_resnet): the relative box of the face in
         every image, instead of detecting it (see :func:`featgender.faces.calibrate_face_box`).
     find_faces : the images are photos: each goes through the face step first (dlib finds
@@ -203,18 +204,19 @@ def build_backbone(
         return _finding_faces_in_photos(name, weights=weights, layer=layer, face_box=face_box)
     config = _with_face_box(get_config(name), face_box)
     transform = Preprocess(config) if config.make_transform is None else config.make_transform(config)
-    network, info = _network_with_weights(config, str(weights))
-    if layer is not None and layer != config.layer:
-        config = replace(config, layer=layer, feature_dim=None)
-    model = EmbeddingModel(network, config.layer)
-    if config.feature_dim is None:
+    network, info = network_with_weights(config, str(weights))
+    layers = (config.layer,) if layer is None else (layer,) if isinstance(layer, str) else tuple(layer)
+    model = EmbeddingModel(network, layers)
+    if layers != (config.layer,) or config.feature_dim is None:
         with torch.inference_mode():
-            dim = model(torch.zeros(1, 3, config.input_size, config.input_size)).shape[1]
-        config = replace(config, feature_dim=int(dim))
+            embedded = model.forward_layers(torch.zeros(1, 3, config.input_size, config.input_size))
+        dims = {name: int(rows.shape[1]) for name, rows in embedded.items()}
+        model.feature_dims = dims
+        config = replace(config, layer=layers[0], feature_dim=dims[layers[0]])
     return Backbone(model, transform, config, info)
 
 
-def _finding_faces_in_photos(name: str, *, weights, layer: str | None, face_box) -> Backbone:
+def _finding_faces_in_photos(name: str, *, weights, layer: str | Sequence[str] | None, face_box) -> Backbone:
     """``name`` built behind the face step: each photo's largest face is found and cut first."""
     from featgender.faces import BOX_IN_FACE_CROP, PhotoFaceStep, default_detector
 
@@ -225,7 +227,7 @@ def _finding_faces_in_photos(name: str, *, weights, layer: str | None, face_box)
     return backbone._replace(config=replace(backbone.config, face_step="largest face, dlib HOG/CNN, crop 1.8x box"))
 
 
-def _network_with_weights(config: BackboneConfig, weights: str) -> tuple[nn.Module, WeightsInfo]:
+def network_with_weights(config: BackboneConfig, weights: str) -> tuple[nn.Module, WeightsInfo]:
     """The whole network of ``config`` holding ``weights`` ('default', 'none' or a file)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)  # 'none' gives the same random network every time
@@ -259,23 +261,28 @@ def with_face_box(backbone: Backbone, face_box: tuple[float, float, float, float
 
 
 class EmbeddingModel(nn.Module):
-    """A network cut at one graph node, pooled and flattened to (N, D), frozen in eval mode."""
+    """A network cut at one graph node, pooled and flattened to (N, D), frozen in eval mode;
+    or at several nodes computed in one pass (:meth:`forward_layers`, layer probing).
 
-    def __init__(self, network: nn.Module, layer: str):
+    ``layers``: graph nodes, or module names (e.g. ``layer3``: the last node inside it)."""
+
+    def __init__(self, network: nn.Module, layers: str | Sequence[str]):
         super().__init__()
         from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
         network.eval()
+        self.layers = (layers,) if isinstance(layers, str) else tuple(layers)
+        if len(set(self.layers)) < len(self.layers):
+            raise FeatgenderError(f"--layer {' --layer '.join(self.layers)}: a layer is given twice")
         _, eval_nodes = get_graph_node_names(network, suppress_diff_warning=True)
-        if layer not in eval_nodes:  # a module name (e.g. 'layer3') means the last node inside it
-            inside = [node for node in eval_nodes if node.startswith(layer + ".")]
-            if not inside:
-                raise FeatgenderError(
-                    f"--layer {layer!r}: not a node or module of this network; last nodes: {', '.join(eval_nodes[-8:])}"
-                )
-            layer = inside[-1]
-        self.layer = layer
-        self.body = create_feature_extractor(network, return_nodes={layer: "embedding"}, suppress_diff_warning=True)
+        nodes = [_node_of(layer, eval_nodes) for layer in self.layers]
+        self.layer = nodes[0]
+        self.feature_dims: dict[str, int] = {}  # of each layer, when built for several
+        # one layer keeps the output name 'embedding' (fine-tuning reads the body's output by it)
+        self._outputs = ("embedding",) if len(nodes) == 1 else tuple(f"layer{i}" for i in range(len(nodes)))
+        self.body = create_feature_extractor(
+            network, return_nodes=dict(zip(nodes, self._outputs, strict=True)), suppress_diff_warning=True
+        )
         self.body.eval()
         for parameter in self.body.parameters():
             parameter.requires_grad_(False)
@@ -284,7 +291,26 @@ class EmbeddingModel(nn.Module):
         return super().train(False)  # frozen: batch-norm statistics and dropout stay in eval mode
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return pooled(self.body(images)["embedding"])
+        """The (first) layer's embedding rows."""
+        return pooled(self.body(images)[self._outputs[0]])
+
+    def forward_layers(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Every layer's embedding rows, by the name it was given, from one forward pass."""
+        outputs = self.body(images)
+        return {layer: pooled(outputs[name]) for layer, name in zip(self.layers, self._outputs, strict=True)}
+
+
+def _node_of(layer: str, eval_nodes: list[str]) -> str:
+    """The graph node ``layer`` names: itself, or the last node inside the module it names."""
+    if layer in eval_nodes:
+        return layer
+    inside = [node for node in eval_nodes if node.startswith(layer + ".")]
+    if not inside:
+        raise FeatgenderError(
+            f"--layer {layer!r}: not a node or module of this network (featgender layers --backbone NAME lists "
+            f"them); last nodes: {', '.join(eval_nodes[-8:])}"
+        )
+    return inside[-1]
 
 
 def pooled(embedding: torch.Tensor) -> torch.Tensor:

@@ -79,10 +79,20 @@ def extract(
     data: Path = DataOption,
     backbone: str | None = BackboneOption,
     weights: str | None = WeightsOption,
-    layer: str | None = typer.Option(
-        None, "--layer", help="Graph node to embed from (default: pooled penultimate layer)."
+    layer: list[str] | None = typer.Option(
+        None,
+        "--layer",
+        help=(
+            "Graph node to embed from (default: the backbone's embedding layer; `featgender layers` lists them). "
+            "Repeat for several: one forward pass, one cache per layer."
+        ),
     ),
-    out: Path | None = typer.Option(None, "--out", "-o", help="Cache file (default cache/<dataset>-<backbone>.h5)."),
+    out: str | None = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Cache file (default cache/<dataset>-<backbone>[@<layer>].h5); with several --layer, put {layer} in it.",
+    ),
     format: str | None = FormatOption,
     limit: int | None = LimitOption,
     batch_size: int | None = BatchOption,
@@ -112,9 +122,9 @@ def extract(
     face_box: str | None = FaceBoxOption,
 ) -> None:
     """Embed every image of a dataset once into an HDF5 feature cache (resumable: rerun after a crash)."""
-    from featgender.extract import extract_to_cache
+    from featgender.extract import extract_layers
 
-    result = extract_to_cache(
+    results = extract_layers(
         data,
         overwrite=overwrite,
         strict=strict,
@@ -122,7 +132,7 @@ def extract(
         **_given(
             backbone=backbone,
             weights=weights,
-            layer=layer,
+            layers=layer or None,
             out=out,
             format=format,
             limit=limit,
@@ -137,11 +147,12 @@ def extract(
             faces=faces,
         ),
     )
-    if result.status == "up to date":
-        typer.echo(f"{result.path}: already complete ({result.num_images} images); nothing to do")
-    else:
-        resumed = f", resumed at image {result.resumed_from}" if result.resumed_from else ""
-        typer.echo(f"{result.path}: {result.num_images} images, {result.num_failed} failed{resumed}")
+    for result in results:
+        if result.status == "up to date":
+            typer.echo(f"{result.path}: already complete ({result.num_images} images); nothing to do")
+        else:
+            resumed = f", resumed at image {result.resumed_from}" if result.resumed_from else ""
+            typer.echo(f"{result.path}: {result.num_images} images, {result.num_failed} failed{resumed}")
 
 
 @_command
@@ -175,6 +186,30 @@ def backbones() -> None:
         config = get_config(name)
         here = "yes" if weights_available(config) else "no"
         typer.echo(f"{name:<20} {config.feature_dim:>5} {config.input_size:>6}  {here:<12} {config.weights}")
+
+
+@_command
+def layers(
+    backbone: str = typer.Option(
+        DEFAULT_BACKBONE, "--backbone", "-b", help="Backbone name (see `featgender backbones`)."
+    ),
+    all_nodes: bool = typer.Option(False, "--all", help="Every traced graph node, not only the blocks."),
+    as_json: bool = typer.Option(False, "--json", help="Print the list as JSON."),
+) -> None:
+    """List the layers one can embed from (--layer), in forward order: output shape per image,
+    pooled feature width; the default embedding layer marked with *."""
+    from dataclasses import asdict
+
+    from featgender.layers import list_layers
+
+    found = list_layers(backbone, all_nodes=all_nodes)
+    if as_json:
+        typer.echo(json.dumps([asdict(layer) for layer in found], indent=2))
+        return
+    typer.echo(f"  {'layer':<40} {'output per image':<20} {'dim':>6}")
+    for layer in found:
+        shape = " x ".join(map(str, layer.shape))
+        typer.echo(f"{'*' if layer.default else ' '} {layer.name:<40} {shape:<20} {layer.feature_dim:>6}")
 
 
 @_command

@@ -24,7 +24,7 @@ from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 from torch.utils.data import DataLoader, Dataset
 
-from featgender.backbones import Backbone
+from featgender.backbones import Backbone, EmbeddingModel
 from featgender.defaults import DEFAULT_BACKBONE
 from featgender.errors import FeatgenderError
 from featgender.images import load_image
@@ -168,6 +168,23 @@ def collate(items: list[tuple[int, torch.Tensor | None, str]]) -> ImageBatch:
 
 
 def iter_features(
+    backbone: Backbone, sources: Sequence, **options
+) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
+    """Embed ``sources[start:]`` in order, one batch at a time, at the backbone's layer.
+
+    Options are :func:`iter_layer_features`'. Yields (indices, features, errors): row numbers
+    into ``sources``; a (len(indices), D) array of ``dtype``, NaN rows where an image failed;
+    one message per row, '' where the image was embedded.
+    """
+    if len(backbone.layers) > 1:
+        raise FeatgenderError(
+            f"{backbone.config.name}: built for {len(backbone.layers)} layers; use iter_layer_features"
+        )
+    for indices, features, errors in iter_layer_features(backbone, sources, **options):
+        yield indices, features[backbone.layers[0]], errors
+
+
+def iter_layer_features(
     backbone: Backbone,
     sources: Sequence,
     *,
@@ -179,8 +196,9 @@ def iter_features(
     precision: str = "auto",
     flip: bool = False,
     progress: bool = True,
-) -> Iterator[tuple[np.ndarray, np.ndarray, list[str]]]:
-    """Embed ``sources[start:]`` in order, one batch at a time.
+) -> Iterator[tuple[np.ndarray, dict[str, np.ndarray], list[str]]]:
+    """Embed ``sources[start:]`` in order, one batch at a time, at every layer the backbone was
+    built for (``build_backbone(layer=[...])``), all from one forward pass per batch.
 
     ``batch_size`` and ``workers`` default to what suits the device (see
     :func:`default_batch_size`, :func:`default_workers`); ``precision`` is the autocast type
@@ -190,7 +208,7 @@ def iter_features(
     Yields
     ------
     indices : row numbers into ``sources``.
-    features : (len(indices), D) array of ``dtype``; NaN rows where an image failed.
+    features : per layer, a (len(indices), D) array of ``dtype``; NaN rows where an image failed.
     errors : one message per row, '' where the image was embedded.
     """
     if dtype not in DTYPES:
@@ -204,6 +222,7 @@ def iter_features(
     autocast = uses_bfloat16(precision, device)
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
     transform = backbone.transform.to(device)
+    dims = {layer: backbone.at(layer).feature_dim for layer in backbone.layers}
     loader = _image_loader(
         backbone, [sources[i] for i in range(start, len(sources))], batch_size, workers, pin=device.type == "cuda"
     )
@@ -211,19 +230,31 @@ def iter_features(
 
     bar = tqdm(total=len(sources), initial=start, unit="img", disable=not progress, desc=backbone.config.name)
     for batch in loader:
-        features = np.full((len(batch.indices), backbone.feature_dim), np.nan, dtype=DTYPES[dtype])
+        features = {
+            layer: np.full((len(batch.indices), dim), np.nan, dtype=DTYPES[dtype]) for layer, dim in dims.items()
+        }
         if batch.images is not None:
             # entered per batch, never held across a yield: autocast and inference mode are the
             # thread's state, and a caller that stops iterating must not be left inside them
             with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
                 pixels = transform(_to_device(batch.images, device), torch.bfloat16 if autocast else torch.float32)
-                embedded = model(pixels)
+                embedded = _forward(model, pixels, backbone.layers)
                 if flip:
-                    embedded = (embedded + model(pixels.flip(-1))) / 2
-                features[batch.ok] = embedded.float().cpu().numpy().astype(DTYPES[dtype], copy=False)
+                    mirrored = _forward(model, pixels.flip(-1), backbone.layers)
+                    embedded = {layer: (rows + mirrored[layer]) / 2 for layer, rows in embedded.items()}
+                for layer, rows in embedded.items():
+                    features[layer][batch.ok] = rows.float().cpu().numpy().astype(DTYPES[dtype], copy=False)
         bar.update(len(batch.indices))
         yield batch.indices + start, features, batch.errors
     bar.close()
+
+
+def _forward(model: torch.nn.Module, pixels: torch.Tensor, layers: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Each layer's embedding rows: an :class:`EmbeddingModel`'s, or the rows any other model
+    gives (a fine-tuned network's P(male), for prediction) as its one layer."""
+    if isinstance(model, EmbeddingModel):
+        return model.forward_layers(pixels)
+    return {layers[0]: model(pixels)}
 
 
 def _image_loader(backbone: Backbone, sources: Sequence, batch_size: int, workers: int, pin: bool) -> DataLoader:

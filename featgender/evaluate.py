@@ -12,8 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from featgender.backbones import feature_preprocessing
-from featgender.cache import CacheData, read_caches
+from featgender.cache import CacheData, features_mismatch, read_caches
 from featgender.data import load_dataset, split_code
 from featgender.errors import FeatgenderError
 from featgender.heads import HeadModel, load_model
@@ -78,16 +77,11 @@ def _check_caches_fit_model(model: HeadModel, data: CacheData) -> None:
     if len(model.backbones) != len(data.metadata["sources"]):
         raise FeatgenderError(f"the model expects {len(model.backbones)} cache(s), got {len(data.metadata['sources'])}")
     for expected, found in zip(model.backbones, data.metadata["sources"], strict=True):
-        for key in ("backbone", "layer", "weights_sha256", "flip", "preprocessing"):
-            same = (
-                feature_preprocessing(expected.get(key, "")) == feature_preprocessing(found.get(key, ""))
-                if key == "preprocessing"
-                else str(expected.get(key)) == str(found.get(key))
+        differing = features_mismatch(found, expected)
+        if differing:
+            raise FeatgenderError(
+                f"cache of {found.get('backbone')} does not match the model's features ({differing[0]} differs)"
             )
-            if not same:
-                raise FeatgenderError(
-                    f"cache of {found.get('backbone')} does not match the model's features ({key} differs)"
-                )
 
 
 def evaluate_datasets(

@@ -17,13 +17,12 @@ from typing import Protocol
 
 import numpy as np
 
-from featgender.cache import CacheData, read_caches
+from featgender.cache import CacheData, features_mismatch, read_caches
 from featgender.errors import FeatgenderError
 
 BALANCE_KEYS = ("dataset", "gender", "group")
 # The attribute that "group" balances, where a dataset has it; datasets without it are one group.
 BALANCE_GROUP = "race"
-FEATURE_KEYS = ("backbone", "layer", "weights_sha256", "flip")
 
 
 class LabelledRows(Protocol):
@@ -58,7 +57,8 @@ def read_datasets(
         read.append(DatasetRows(_dataset_name(rows, caches[0]), caches, rows))
     first = read[0]
     for index, other in enumerate(read[1:], start=1):
-        if _sources(other, _features_identity) != _sources(first, _features_identity):
+        theirs, ours = other.rows.metadata["sources"], first.rows.metadata["sources"]
+        if len(theirs) != len(ours) or any(features_mismatch(a, b) for a, b in zip(theirs, ours, strict=True)):
             raise FeatgenderError(
                 f"{other.caches[0]}: its features are not those of {first.caches[0]} "
                 f"({_describe(other)} against {_describe(first)}); stacked datasets need the same "
@@ -140,10 +140,6 @@ def _dataset_name(rows: CacheData, first_cache: Path) -> str:
 def _sources(dataset: DatasetRows, key) -> list:
     """``key`` of each cache's metadata of ``dataset``."""
     return [key(source) for source in dataset.rows.metadata["sources"]]
-
-
-def _features_identity(source: dict) -> tuple:
-    return tuple(str(source.get(key)) for key in FEATURE_KEYS)
 
 
 def _describe(dataset: DatasetRows) -> str:

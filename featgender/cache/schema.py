@@ -48,9 +48,11 @@ def default_cache_path(
     limit: int | None = None,
     cache_dir: str | Path = DEFAULT_CACHE_DIR,
     flip: bool = False,
+    layer: str | None = None,
 ) -> Path:
-    """``cache/<dataset>-<backbone>[-limit<N>][-flip].h5``."""
-    suffix = (f"-limit{limit}" if limit else "") + ("-flip" if flip else "")
+    """``cache/<dataset>-<backbone>[@<layer>][-limit<N>][-flip].h5``: ``layer`` when it is not
+    the backbone's default one."""
+    suffix = (f"@{layer}" if layer else "") + (f"-limit{limit}" if limit else "") + ("-flip" if flip else "")
     return Path(cache_dir) / f"{dataset.name}-{backbone}{suffix}.h5"
 
 
@@ -104,6 +106,30 @@ def cache_metadata(
         "seed": seed,
         "versions": json.dumps(library_versions(), sort_keys=True),
     }
+
+
+# What decides what features mean: caches (or a cache and the model fitted on one) that agree
+# on these hold features the same head uses. How the face was found (a dataset's calibrated box,
+# detection, the photo face step: preprocessing's FACE_FINDING_KEYS) is left out, since every
+# way ends in the same face crop or aligned chip.
+FEATURE_KEYS = ("backbone", "layer", "weights_sha256", "flip", "preprocessing")
+FACE_FINDING_KEYS = ("face_box", "face_step")
+
+
+def feature_preprocessing(preprocessing: str | dict) -> dict:
+    """The part of a cache's ``preprocessing`` (JSON or dict) that decides what its features
+    mean: all but how the face was found (:data:`FACE_FINDING_KEYS`)."""
+    values = json.loads(preprocessing or "{}") if isinstance(preprocessing, str) else dict(preprocessing)
+    return {key: value for key, value in values.items() if key not in FACE_FINDING_KEYS}
+
+
+def features_mismatch(found: dict, wanted: dict) -> list[str]:
+    """The :data:`FEATURE_KEYS` in which two caches' features (or a cache's and a model's) differ."""
+
+    def value(source: dict, key: str):
+        return feature_preprocessing(source.get(key) or "") if key == "preprocessing" else str(source.get(key))
+
+    return [key for key in FEATURE_KEYS if value(found, key) != value(wanted, key)]
 
 
 def identity_mismatch(found: dict, wanted: dict) -> list[str]:

@@ -17,9 +17,9 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -125,27 +125,40 @@ class CacheWriter:
 
     def write(self, batches: Iterable[tuple[np.ndarray, np.ndarray, list[str]]]) -> None:
         """Save the rows from ``start`` on, given in order as (indices, features, errors)
-        batches, in chunks of ``chunk_rows``, each on a writer thread while the next computes.
+        batches, in chunks of ``chunk_rows``, each on a writer thread while the next computes
+        (see :meth:`appending`)."""
+        with self.appending() as append:
+            for indices, features, errors in batches:
+                append(indices, features, errors)
+
+    @contextmanager
+    def appending(self) -> Iterator[Callable[[np.ndarray, np.ndarray, list[str]], None]]:
+        """A function that takes the next (indices, features, errors) batch, in row order: rows
+        before ``start`` (written by an earlier run) are skipped, the rest saved in chunks of
+        ``chunk_rows`` on a writer thread while the next batch computes. Several writers fed
+        by one loop write the layers of one forward pass (``extract --layer A --layer B``).
 
         At most one chunk is in flight: a slow disk holds the extraction back rather than piling
         chunks up in memory, and a write error (e.g. disk full) stops it at the next chunk."""
-        features, errors, rows, chunk_start, total = [], [], 0, self.start, len(self.dataset)
-        in_flight: Future | None = None
+        pending = _Pending(self.start)
+        total = len(self.dataset)
+        in_flight: list[Future] = []
+
+        def append(indices: np.ndarray, features: np.ndarray, errors: list[str]) -> None:
+            keep = np.asarray(indices) >= self.start
+            if not keep.all():
+                features, errors = features[keep], [error for error, kept in zip(errors, keep, strict=True) if kept]
+            pending.add(features, errors)
+            while pending.rows >= self.chunk_rows or (pending.rows and pending.start + pending.rows == total):
+                start, block, block_errors = pending.take(self.chunk_rows)
+                if in_flight:
+                    in_flight.pop().result()
+                in_flight.append(thread.submit(self._write_chunk, start, block, block_errors))
+
         with ThreadPoolExecutor(max_workers=1) as thread:
-            for _, batch_features, batch_errors in batches:
-                features.append(batch_features)
-                errors.extend(batch_errors)
-                rows += len(batch_features)
-                while rows >= self.chunk_rows or (rows and chunk_start + rows == total):
-                    block = np.concatenate(features) if len(features) > 1 else features[0]
-                    take = min(self.chunk_rows, rows)
-                    if in_flight is not None:
-                        in_flight.result()
-                    in_flight = thread.submit(self._write_chunk, chunk_start, block[:take], errors[:take])
-                    features = [block[take:]] if rows > take else []
-                    errors, rows, chunk_start = errors[take:], rows - take, chunk_start + take
-            if in_flight is not None:
-                in_flight.result()
+            yield append
+            if in_flight:
+                in_flight.pop().result()
 
     def _write_chunk(self, start: int, features: np.ndarray, errors: list[str]) -> None:
         with atomic_write(self.partial.chunk_path(start)) as tmp, open(tmp, "wb") as handle:
@@ -161,6 +174,29 @@ class CacheWriter:
         failed = write_cache(self.out, self.dataset, chunks, self.metadata)
         shutil.rmtree(self.partial.folder, ignore_errors=True)
         return failed
+
+
+class _Pending:
+    """Rows waiting to fill a chunk: their features and errors, from row ``start`` on."""
+
+    def __init__(self, start: int):
+        self.start, self.rows = start, 0
+        self.features: list[np.ndarray] = []
+        self.errors: list[str] = []
+
+    def add(self, features: np.ndarray, errors: list[str]) -> None:
+        self.features.append(features)
+        self.errors.extend(errors)
+        self.rows += len(features)
+
+    def take(self, count: int) -> tuple[int, np.ndarray, list[str]]:
+        """The first ``count`` rows (or all there are) as (first row, features, errors)."""
+        block = np.concatenate(self.features) if len(self.features) > 1 else self.features[0]
+        take = min(count, self.rows)
+        taken = (self.start, block[:take], self.errors[:take])
+        self.features = [block[take:]] if self.rows > take else []
+        self.errors, self.rows, self.start = self.errors[take:], self.rows - take, self.start + take
+        return taken
 
 
 def write_cache(
