@@ -43,7 +43,7 @@ def list_layers(name: str, *, all_nodes: bool = False) -> list[LayerInfo]:
     config = get_config(name)
     network, _ = network_with_weights(config, "none")
     network.eval()
-    nodes = get_graph_node_names(network, suppress_diff_warning=True)[1]
+    nodes = get_graph_node_names(network, suppress_diff_warning=True)[1][1:]  # the first is the input itself
     names = nodes if all_nodes else _blocks(nodes, config.layer)
     extractor = create_feature_extractor(
         network, return_nodes={node: node for node in names}, suppress_diff_warning=True
