@@ -60,17 +60,16 @@ def test_shards_are_contiguous_and_cover_every_row():
     assert [list(block) for block in blocks] == [[0, 1, 2], [3, 4, 5], [6, 7, 8, 9]]
 
 
+def single_process_cache(data, out) -> None:
+    """The cache one process writes: what a torchrun job's joined cache must equal."""
+    extract_to_cache(
+        data, backbone="mobilenet_v3_small", weights="none", precision="float32", workers=0, out=out, progress=False
+    )
+
+
 def test_two_gloo_ranks_give_the_single_process_cache(csv_dataset, tmp_path):
     single = tmp_path / "single.h5"
-    extract_to_cache(
-        csv_dataset,
-        backbone="mobilenet_v3_small",
-        weights="none",
-        precision="float32",
-        workers=0,
-        out=single,
-        progress=False,
-    )
+    single_process_cache(csv_dataset, single)
     joined = tmp_path / "joined.h5"
     run = torchrun(csv_dataset, joined)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -107,15 +106,7 @@ def test_a_rank_killed_mid_shard_is_resumed_by_the_rerun(csv_dataset, tmp_path, 
     stops the job, nothing is joined; the same job started at once is not refused, resumes
     that shard where it stopped and ends bit for bit equal to one process."""
     single, joined = tmp_path / "single.h5", tmp_path / "joined.h5"
-    extract_to_cache(
-        csv_dataset,
-        backbone="mobilenet_v3_small",
-        weights="none",
-        precision="float32",
-        workers=0,
-        out=single,
-        progress=False,
-    )
+    single_process_cache(csv_dataset, single)
     hold = tmp_path / "hold"
     hold.mkdir()
     script = tmp_path / "api.py"
