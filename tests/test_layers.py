@@ -11,7 +11,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
-from holding import holding_code, wait_until_held
+from holding import wait_until_held
 from test_cli import invoke
 
 from featgender.backbones import build_backbone
@@ -74,17 +74,40 @@ extract_layers(sys.argv[1], layers={LAYERS!r}, out=sys.argv[2], **{OPTIONS!r})
 """
 
 
+def uneven_hold(folder) -> str:
+    """Python for the extraction's process: the first layer's writer writes two chunks and says
+    so (``held-2``), the other layers' writers never write their second: the layers stand at
+    2 and 1 chunks, whatever the threads' timing, when the test kills the process."""
+    return f"""
+import pathlib, time
+from featgender.cache import CacheWriter
+_write_chunk = CacheWriter._write_chunk
+def _uneven(self, start, *args):
+    first_layer = "@{LAYERS[0]}." in self.out.name
+    if start >= 4 and not first_layer:
+        while True:
+            time.sleep(1)
+    _write_chunk(self, start, *args)
+    if start >= 4 and first_layer:
+        while len(list(self.out.parent.glob("*.partial/rows-0000000000.npz"))) < {len(LAYERS)}:
+            time.sleep(0.01)  # every layer's first chunk on disk
+        (pathlib.Path({str(folder)!r}) / "held-2").touch()
+        while True:
+            time.sleep(1)
+CacheWriter._write_chunk = _uneven
+"""
+
+
 def test_a_killed_multi_layer_extraction_resumes_where_each_layer_stopped(csv_dataset, tmp_path):
-    """Killed right after the first layer's second chunk: the first layer has 2 chunks on
-    disk, the others 1. The rerun feeds the network from the first missing row of any layer
-    and each writer skips what it has; every cache equals an uninterrupted run's."""
+    """Killed with the first layer 2 chunks on disk and the others 1: the rerun feeds the
+    network from the first row any layer lacks, each writer skips what it has, and every cache
+    equals an uninterrupted run's."""
     hold, out = tmp_path / "hold", str(tmp_path / "ft@{layer}.h5")
     hold.mkdir()
     process = subprocess.Popen(
-        [sys.executable, "-c", holding_code(hold, after_chunks=2) + EXTRACT_LAYERS, str(csv_dataset), out],
+        [sys.executable, "-c", uneven_hold(hold) + EXTRACT_LAYERS, str(csv_dataset), out],
         stderr=subprocess.PIPE,
         text=True,
-        cwd=os.path.dirname(__file__),
     )
     try:
         wait_until_held(process, hold, 2)
@@ -94,9 +117,9 @@ def test_a_killed_multi_layer_extraction_resumes_where_each_layer_stopped(csv_da
         if process.poll() is None:
             process.kill()
     chunks = [len(list((tmp_path / f"ft@{layer}.h5.partial").glob("rows-*.npz"))) for layer in LAYERS]
-    assert max(chunks) == 2 and min(chunks) < 2  # the layers stopped unevenly
+    assert chunks == [2, 1, 1, 1]
     resumed = extract_layers(csv_dataset, layers=LAYERS, out=out, **OPTIONS)
-    assert [result.resumed_from for result in resumed] == [4 * count for count in chunks]  # 4 rows a chunk
+    assert [result.resumed_from for result in resumed] == [8, 4, 4, 4]  # 4 rows a chunk
     straight = extract_layers(csv_dataset, layers=LAYERS, out=tmp_path / "straight@{layer}.h5", **OPTIONS)
     for mine, theirs in zip(resumed, straight, strict=True):
         assert np.array_equal(_features(mine.path)[0], _features(theirs.path)[0])
