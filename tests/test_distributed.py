@@ -15,7 +15,7 @@ from holding import holding_code, wait_until_held
 from featgender.cache import cache_summary, read_cache, read_metadata, shard_path
 from featgender.distributed import shard_rows
 from featgender.errors import FeatgenderError
-from featgender.extract import extract_to_cache
+from featgender.extract import extract_layers, extract_to_cache
 
 EXTRACT = ["--backbone", "mobilenet_v3_small", "--weights", "none", "--precision", "float32", "--workers", "0"]
 
@@ -25,7 +25,7 @@ TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
 # with loader workers; each rank writes down its pid and how its shard went.
 API_SCRIPT = """
 import os, sys
-from featgender.extract import extract_to_cache
+from featgender.extract import extract_layers, extract_to_cache
 open(sys.argv[2] + ".pid" + os.environ["RANK"], "w").write(str(os.getpid()))
 result = extract_to_cache(sys.argv[1], out=sys.argv[2], backbone="mobilenet_v3_small", weights="none",
                           precision="float32", workers=2, batch_size=1, chunk_rows=2, progress=False)
@@ -33,7 +33,7 @@ open(sys.argv[2] + ".status" + os.environ["RANK"], "w").write(f"{result.status} 
 """
 
 
-def torchrun(data, out, nproc=2):
+def torchrun(data, out, nproc=2, extra=()):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(
         [
@@ -47,12 +47,37 @@ def torchrun(data, out, nproc=2):
             "--out",
             str(out),
             *EXTRACT,
+            *extra,
         ],
         env=env,
         capture_output=True,
         text=True,
         timeout=600,
     )
+
+
+def test_two_gloo_ranks_write_every_layer_as_one_process_does(csv_dataset, tmp_path):
+    """extract --layer A --layer B under torchrun: each layer's shards joined into its own cache,
+    bit for bit the cache one process writes for that layer."""
+    layers = ["features.3", "flatten"]
+    alone = extract_layers(
+        csv_dataset,
+        layers=layers,
+        out=tmp_path / "single@{layer}.h5",
+        backbone="mobilenet_v3_small",
+        weights="none",
+        precision="float32",
+        workers=0,
+        progress=False,
+    )
+    run = torchrun(
+        csv_dataset, tmp_path / "joined@{layer}.h5", extra=[part for name in layers for part in ("--layer", name)]
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    for layer, single in zip(layers, alone, strict=True):
+        joined = tmp_path / f"joined@{layer}.h5"
+        assert read_metadata(joined)["layer"] == layer
+        np.testing.assert_array_equal(read_cache(joined).features, read_cache(single.path).features)  # bit for bit
 
 
 def test_shards_are_contiguous_and_cover_every_row():
