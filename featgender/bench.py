@@ -137,8 +137,8 @@ def bench_head(caches: Sequence[Path], head: str, repeats: int, balance: str | N
     """Fit time, prediction time and test accuracy of one head trained on the train splits of
     ``caches`` (one per dataset, stacked, weighted per ``balance``); with several datasets, each
     one's test accuracy too. The worst group x gender cell of each attribute, per dataset."""
-    train = read_datasets([[cache] for cache in caches], "train")
-    test = read_datasets([[cache] for cache in caches], "test")
+    train = read_datasets(caches, "train")
+    test = read_datasets(caches, "test")
     features, labels = stack_rows(train)
     weights = balance_weights(train, balance)
     test_features, test_labels = stack_rows(test)

@@ -21,7 +21,7 @@ from featgender.metrics import (
     pool_evaluations,
     wrong_where_failed,
 )
-from featgender.mixing import read_datasets
+from featgender.mixing import cache_list, read_datasets
 from featgender.predict import load
 from featgender.report import write_report
 
@@ -54,7 +54,7 @@ def evaluate_model(
     finished so far of caches still being extracted.
     """
     model = load_model(model, trusted=trusted) if isinstance(model, (str, Path)) else model
-    caches = [caches] if isinstance(caches, (str, Path)) else list(caches)
+    caches = cache_list(caches)
     data = read_caches(caches, split, include_failed=count_failed, in_progress=in_progress)
     _check_caches_fit_model(model, data)
     failed = ~np.isfinite(data.features).all(axis=1)

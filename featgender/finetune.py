@@ -23,7 +23,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomS
 
 from featgender.backbones import Backbone, EmbeddingModel, build_backbone, pooled
 from featgender.cache import library_versions
-from featgender.data import SPLITS, FaceDataset, load_dataset
+from featgender.data import FaceDataset, load_dataset, split_code
 from featgender.defaults import DEFAULT_BACKBONE, MODELS_FOLDER
 from featgender.embed import default_workers, detects_on_loader, resolve_device, uses_bfloat16, worker_init
 from featgender.errors import FeatgenderError
@@ -133,7 +133,7 @@ class TrainingData:
     face_box: tuple | None
 
     def split(self, name: str) -> FaceDataset:
-        return self.dataset.subset(np.flatnonzero(self.dataset.splits == SPLITS.index(name)))
+        return self.dataset.subset(np.flatnonzero(self.dataset.splits == split_code(name)))
 
     def images(self, name: str, augment: bool = False) -> TrainingImages:
         return TrainingImages(self.split(name), self.backbone, augment)
@@ -158,7 +158,7 @@ def load_training_data(
     read: list[TrainingData] = []
     for path in data:
         dataset = load_dataset(path, format=format, limit=limit, seed=seed)
-        if not all(np.any(dataset.splits == SPLITS.index(name)) for name in ("train", "valid")):
+        if not all(np.any(dataset.splits == split_code(name)) for name in ("train", "valid")):
             raise FeatgenderError(f"--data {path}: fine-tuning needs train and valid images")
         if any(done.dataset.fingerprint() == dataset.fingerprint() for done in read):
             raise FeatgenderError(f"--data {path}: the same dataset is given twice")
