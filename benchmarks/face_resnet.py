@@ -26,7 +26,7 @@ from featgender.backbones import build_backbone
 from featgender.data import load_dataset
 from featgender.extract import extract_to_cache
 from featgender.faces import calibrate_face_box, dlib_model_file
-from featgender.images import load_image
+from featgender.images import decode_image, load_image
 
 SHARED_UTKFACE = Path(__file__).resolve().parents[2] / "shared" / "faces" / "utkface"
 
@@ -39,7 +39,7 @@ def naive_loop(paths, box, out_dir: Path) -> float:
     network = dlib.face_recognition_model_v1(str(dlib_model_file("recognition")))
     start = time.perf_counter()
     for index, path in enumerate(paths):
-        pixels = np.ascontiguousarray(load_image(path).permute(1, 2, 0).numpy())
+        pixels = decode_image(path)
         height, width = pixels.shape[:2]
         rect = dlib.rectangle(int(box[0] * width), int(box[1] * height), int(box[2] * width), int(box[3] * height))
         chip = dlib.get_face_chip(pixels, landmarks(pixels, rect), size=150, padding=0.25)

@@ -21,7 +21,7 @@ _LAZY = {
     "build_cache": "featgender.extract",
     "list_backbones": "featgender.backbones",
     "list_heads": "featgender.heads",
-    "load": "featgender.predict",
+    "load": "featgender.models",
     "load_dataset": "featgender.data",
     "load_model": "featgender.heads",
     "make_head": "featgender.heads",
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     from featgender.embed import CNNFeatures
     from featgender.extract import build_cache
     from featgender.heads import list_heads, load_model, make_head
-    from featgender.predict import load
+    from featgender.models import load
 
 
 def __getattr__(name: str):

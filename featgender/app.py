@@ -31,8 +31,9 @@ from pathlib import Path
 from featgender.data import IMAGE_SUFFIXES
 from featgender.defaults import SERVE_HOST, SERVE_PORT
 from featgender.errors import FeatgenderError
-from featgender.images import load_image
-from featgender.predict import NO_FACE, Prediction, load, write_predictions_csv
+from featgender.images import decode_image
+from featgender.models import load
+from featgender.predictor import NO_FACE, Prediction, write_predictions_csv
 
 logger = logging.getLogger(__name__)
 
@@ -156,12 +157,12 @@ class FacePage:
             return {}, "Upload, paste or take a photo first."
         name, content = taken
         try:
-            pixels = load_image(io.BytesIO(content))
+            pixels = decode_image(io.BytesIO(content))
         except Exception as error:  # PIL's many reasons, decompression bombs included
             return {}, f"{name}: cannot be read as an image ({type(error).__name__}: {error})"
         from PIL import Image
 
-        picture = Image.fromarray(pixels.permute(1, 2, 0).numpy())
+        picture = Image.fromarray(pixels)
         predictions = self.predictor.predict([picture], faces="photo", all_faces=True)
         faces = [(list(p.box), p.probability) for p in predictions if p.box is not None and p.probability is not None]
         shown = {"image": _data_url(picture), "size": list(picture.size), "faces": faces}

@@ -25,6 +25,9 @@ app = typer.Typer(
 )
 
 
+TRAINING_STACK = ("torch", "torchvision", "sklearn", "h5py", "joblib")  # the 'train' extra's top-level modules
+
+
 def _command(function):
     """Register a command whose library errors print as one line instead of a traceback."""
 
@@ -34,6 +37,15 @@ def _command(function):
             return function(*args, **kwargs)
         except FeatgenderError as error:
             typer.echo(f"Error: {error}", err=True)
+            raise typer.Exit(1) from None
+        except ModuleNotFoundError as error:
+            if error.name not in TRAINING_STACK:
+                raise
+            typer.echo(
+                f"Error: {function.__name__.replace('_', '-')} needs {error.name}, which this install lacks: "
+                "pip install 'featgender[train]' (an install with only 'onnx' predicts and serves exported models)",
+                err=True,
+            )
             raise typer.Exit(1) from None
 
     return app.command()(run)
@@ -239,6 +251,15 @@ def _announce(model: Path) -> None:
         typer.echo(f"model {model}: sha256 {file_sha256(model)}", err=True)
 
 
+ModelOption = typer.Option(
+    ...,
+    "--model",
+    "-m",
+    help=(
+        "Model written by `featgender fit` (.joblib), `featgender finetune` (.pt) or `featgender export` (.onnx: "
+        "runs on onnxruntime, no torch needed)."
+    ),
+)
 TrustedOption = typer.Option(
     False,
     "--trusted",
@@ -368,9 +389,7 @@ def fit(
 
 @_command
 def evaluate(
-    model: Path = typer.Option(
-        ..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."
-    ),
+    model: Path = ModelOption,
     cache: list[Path] | None = typer.Option(
         None, "--cache", "-c", help="A head's feature cache(s) (repeat to join backbones, as in fit)."
     ),
@@ -439,9 +458,7 @@ def evaluate(
 @_command
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
-    model: Path = typer.Option(
-        ..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."
-    ),
+    model: Path = ModelOption,
     faces: str = typer.Option(
         "auto",
         "--faces",
@@ -467,15 +484,21 @@ def predict(
     ),
     device: str | None = DeviceOption,
     batch_size: int | None = BatchOption,
+    precision: str | None = PrecisionOption,
     trusted: bool = TrustedOption,
 ) -> None:
     """Classify raw images with a saved head: one line per image, or per face in photos
     (label, P(male), box); broken files and images without a face are reported, not guessed."""
-    from featgender.predict import NO_FACE, expand_inputs, load, write_predictions_csv
+    from featgender.models import load
+    from featgender.predictor import NO_FACE, expand_inputs, write_predictions_csv
 
     files = expand_inputs(images)
     _announce(model)
-    predictor = load(model, trusted=trusted, **_given(device=device, batch_size=batch_size, face_box=face_box))
+    predictor = load(
+        model,
+        trusted=trusted,
+        **_given(device=device, batch_size=batch_size, face_box=face_box, precision=precision),
+    )
     predictions = predictor.predict(files, faces=faces, all_faces=all_faces, progress=len(files) > 100)
     for prediction in predictions:
         if prediction.error:
@@ -665,10 +688,28 @@ def demo(
 
 
 @_command
-def serve(
+def export(
     model: Path = typer.Option(
-        ..., "--model", "-m", help="Model written by `featgender fit` (.joblib) or `featgender finetune` (.pt)."
+        ..., "--model", "-m", help="Model to export: `featgender fit`'s (.joblib) or `featgender finetune`'s (.pt)."
     ),
+    out: Path | None = typer.Option(None, "--out", "-o", help="ONNX file to write (default: the model's path, .onnx)."),
+    trusted: bool = TrustedOption,
+) -> None:
+    """Export a saved model as one ONNX graph (network, pooling and head; uint8 pixels in, P(male)
+    out, any batch size), with its model card in the metadata: predict and serve it on
+    onnxruntime, without torch (the 'onnx' extra)."""
+    from featgender.export import export_onnx
+
+    _announce(model)
+    written = export_onnx(model, out, trusted=trusted)
+    from featgender.files import file_sha256
+
+    typer.echo(f"exported: {written} ({written.stat().st_size / 1e6:.1f} MB, sha256 {file_sha256(written)})")
+
+
+@_command
+def serve(
+    model: Path = ModelOption,
     host: str = typer.Option(
         SERVE_HOST, "--host", help="Address to bind (default: this machine only). Another needs --auth."
     ),
@@ -698,5 +739,6 @@ def serve(
 
 def main() -> None:
     """Console-script entry point."""
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("featgender").setLevel(logging.INFO)  # ours; the libraries below say only what is wrong
     app()

@@ -9,6 +9,9 @@ DEFAULT_HEAD = "logreg"
 MODELS_FOLDER = "models"  # where models are saved when no --out is given
 SERVE_HOST = "127.0.0.1"  # this machine only: another address needs --auth
 SERVE_PORT = 7860
+# model files by kind: a head artifact is any other file (``.joblib``)
+FINETUNED_SUFFIXES = (".pt", ".pth")  # `featgender finetune` checkpoints: networks, not head artifacts
+EXPORTED_SUFFIX = ".onnx"  # `featgender export`: one ONNX graph, run on onnxruntime
 
 
 def default_model_path(head: str) -> str:

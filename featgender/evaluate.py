@@ -22,7 +22,7 @@ from featgender.metrics import (
     wrong_where_failed,
 )
 from featgender.mixing import cache_list, read_datasets
-from featgender.predict import load
+from featgender.models import load
 from featgender.report import write_report
 
 logger = logging.getLogger(__name__)

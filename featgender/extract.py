@@ -34,6 +34,7 @@ from featgender.defaults import DEFAULT_BACKBONE
 from featgender.distributed import Rank, current_rank, process_group, shard_rows
 from featgender.embed import default_batch_size, iter_layer_features, resolve_device, resolve_precision
 from featgender.errors import FeatgenderError
+from featgender.faces import parse_face_box, resolve_face_box
 from featgender.files import exclusive
 
 if TYPE_CHECKING:
@@ -208,7 +209,7 @@ def extract_layers(
             backbone,
             weights=weights,
             layer=layers,
-            face_box=resolve_face_box(face_box, backbone, dataset.paths, dataset.name),
+            face_box=face_box_for(backbone, face_box, dataset.paths, dataset.name),
         )
     outs = _layer_paths(dataset, built, out, cache_dir, limit, options.get("flip", False))
     rank = current_rank()
@@ -238,43 +239,22 @@ def _layer_paths(
     }
 
 
-def parse_face_box(face_box: str | tuple) -> str | tuple | None:
-    """``--face-box`` as a value: 'auto', None ('detect') or a (left, top, right, bottom) tuple."""
-    if face_box in ("auto", "detect"):
-        return None if face_box == "detect" else face_box
-    if isinstance(face_box, str):
-        try:
-            face_box = tuple(float(value) for value in face_box.split(","))
-        except ValueError:
-            raise FeatgenderError(f"--face-box {face_box!r}: want auto, detect or left,top,right,bottom") from None
-    return face_box
-
-
-def resolve_face_box(
-    face_box: str | tuple, backbone: str, sources: Sequence, where: str = "the images"
-) -> tuple | None:
+def face_box_for(backbone: str, face_box: str | tuple, sources: Sequence, where: str = "the images") -> tuple | None:
     """The ``face_box`` for :func:`build_backbone` from ``--face-box`` ('auto', 'detect' or
-    'L,T,R,B'): None for detection (or a backbone that does not align faces), the given box,
-    or where faces sit in ``sources``, image paths or PIL images
-    (:func:`featgender.faces.calibrate_face_box`)."""
-    parsed = parse_face_box(face_box)
-    if not isinstance(parsed, str):  # None or a box; the one string left is 'auto'
-        return parsed
-    if not get_config(backbone).alignment:
+    'L,T,R,B'): None for a backbone that does not align faces, else
+    :func:`featgender.faces.resolve_face_box` (detection, the given box, or where faces sit in
+    ``sources``)."""
+    if parse_face_box(face_box) == "auto" and not get_config(backbone).alignment:
         return None
-    from featgender.faces import calibrate_face_box  # dlib, an optional extra
-
-    box = calibrate_face_box(sources)
-    logger.info("%s: %s", backbone, f"faces sit at {box} in {where}: no detection" if box else "faces move: detecting")
-    return box
+    return resolve_face_box(face_box, sources, f"{backbone}: {where}")
 
 
 def finding_faces_in(
     dataset: FaceDataset, backbone: Backbone, face_box: str | tuple = "auto"
 ) -> tuple[Backbone, tuple | None]:
-    """``backbone`` finding faces in ``dataset``'s images per ``face_box`` (:func:`resolve_face_box`),
+    """``backbone`` finding faces in ``dataset``'s images per ``face_box`` (:func:`face_box_for`),
     and the box: one network, each dataset of several aligned where its faces sit."""
-    box = resolve_face_box(face_box, backbone.config.name, dataset.paths, dataset.name)
+    box = face_box_for(backbone.config.name, face_box, dataset.paths, dataset.name)
     return (with_face_box(backbone, box) if backbone.config.alignment else backbone), box
 
 
@@ -367,6 +347,5 @@ __all__ = [
     "build_layer_caches",
     "extract_layers",
     "extract_to_cache",
-    "parse_face_box",
-    "resolve_face_box",
+    "face_box_for",
 ]

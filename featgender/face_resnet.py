@@ -35,11 +35,11 @@ from torch import nn
 
 from featgender.dlib_format import DlibReader
 from featgender.errors import FeatgenderError
+from featgender.faces import CHIP_SIZE
 from featgender.files import atomic_write, file_sha256
 
 logger = logging.getLogger(__name__)
 
-CHIP_SIZE = 150
 # (channels, down) of each residual block, input to output
 BLOCKS = (
     ((32, False),) * 3

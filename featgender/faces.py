@@ -12,22 +12,30 @@ box calibrated for a dataset of aligned crops), locate 5 landmarks, cut the alig
 
 Photos, for any backbone (``featgender predict --faces photo``): :class:`FaceDetector` finds
 the faces and :func:`crop_face` cuts each one the way dataset face crops are framed.
+
+numpy and dlib only (torch tensors only at the loader steps' edges): an exported model
+(:mod:`featgender.runtime`) aligns faces with the same code without torch.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from featgender.errors import FeatgenderError
-from featgender.face_resnet import CHIP_SIZE  # the chip the network takes
 
+if TYPE_CHECKING:
+    import torch
+
+logger = logging.getLogger(__name__)
+
+CHIP_SIZE = 150  # side of the aligned chip dlib's face network takes
 CHIP_PADDING = 0.25
 CROP_FALLBACK_BOX = (0.1, 0.1, 0.9, 0.9)  # fractions of width/height: a face crop's central box
 FACE_CROP_SCALE = 1.8  # side of a face crop cut from a photo, in detector boxes
@@ -150,18 +158,18 @@ def calibrate_face_box(sources: Sequence, samples: int = 64, max_spread: float =
     each side below ``max_spread``), returns their median (left, top, right, bottom) as
     fractions of width and height; a dataset whose faces move around gets None (detect).
     """
-    from featgender.images import load_image
+    from featgender.images import decode_image
 
     detector = FaceDetector()  # HOG only: fast, and the median needs no stragglers
     picks = np.unique(np.linspace(0, len(sources) - 1, min(samples, len(sources))).round().astype(int))
     relative = []
     for index in picks:
         try:
-            picture = load_image(sources[index])
+            picture = decode_image(sources[index])
         except Exception:  # unreadable files are extraction's to report
             continue
-        height, width = picture.shape[1:]
-        boxes = detector(np.ascontiguousarray(picture.permute(1, 2, 0).numpy()))
+        height, width = picture.shape[:2]
+        boxes = detector(picture)
         if boxes:
             left, top, right, bottom = boxes[0]
             relative.append((left / width, top / height, right / width, bottom / height))
@@ -187,13 +195,19 @@ class PhotoFaceStep:
         self.then = then
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        face = torch.from_numpy(self.face(image.permute(1, 2, 0).numpy())).permute(2, 0, 1)
+        return face if self.then is None else self.then(face)
+
+    def face(self, pixels: np.ndarray) -> np.ndarray:
+        """The largest face of a uint8 (H, W, 3) picture, cut as a uint8 (h, w, 3) crop."""
         from PIL import Image
 
-        faces = cut_faces(Image.fromarray(np.ascontiguousarray(image.permute(1, 2, 0).numpy())), self.detector)
+        faces = cut_faces(Image.fromarray(np.ascontiguousarray(pixels)), self.detector)
         if not faces:
             raise FeatgenderError("no face found")
-        face = torch.from_numpy(np.asarray(faces[0][1]).copy()).permute(2, 0, 1)
-        return face if self.then is None else self.then(face)
+        return np.array(faces[0][1])
 
 
 class FaceAligner:
@@ -224,10 +238,16 @@ class FaceAligner:
         return {**self.__dict__, "_landmarks": None}
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        return torch.from_numpy(self.chip(image.permute(1, 2, 0).numpy())).permute(2, 0, 1)
+
+    def chip(self, pixels: np.ndarray) -> np.ndarray:
+        """The aligned uint8 (150, 150, 3) chip of a uint8 (H, W, 3) image."""
         dlib = _dlib()
         if self._landmarks is None:
             self._landmarks = dlib.shape_predictor(self.landmarks_file)
-        pixels = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+        pixels = np.ascontiguousarray(pixels)
         boxes = [] if self.box is not None else self.detector(pixels)
         if not boxes:
             if self.box is None and not self.face_crop:
@@ -236,5 +256,28 @@ class FaceAligner:
             left, top, right, bottom = self.box or CROP_FALLBACK_BOX
             boxes = [(int(left * width), int(top * height), int(right * width), int(bottom * height))]
         shape = self._landmarks(pixels, dlib.rectangle(*boxes[0]))
-        chip = dlib.get_face_chip(pixels, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
-        return torch.from_numpy(np.ascontiguousarray(chip)).permute(2, 0, 1)
+        return np.ascontiguousarray(dlib.get_face_chip(pixels, shape, size=CHIP_SIZE, padding=CHIP_PADDING))
+
+
+def parse_face_box(face_box: str | tuple) -> str | tuple | None:
+    """``--face-box`` as a value: 'auto', None ('detect') or a (left, top, right, bottom) tuple."""
+    if face_box in ("auto", "detect"):
+        return None if face_box == "detect" else face_box
+    if isinstance(face_box, str):
+        try:
+            face_box = tuple(float(value) for value in face_box.split(","))
+        except ValueError:
+            raise FeatgenderError(f"--face-box {face_box!r}: want auto, detect or left,top,right,bottom") from None
+    return face_box
+
+
+def resolve_face_box(face_box: str | tuple, sources: Sequence, where: str = "the images") -> tuple | None:
+    """The box a face-aligning backbone finds faces in, from ``--face-box`` ('auto', 'detect'
+    or 'L,T,R,B'): None for detection, the given box, or where faces sit in ``sources``, image
+    paths or PIL images (:func:`calibrate_face_box`)."""
+    parsed = parse_face_box(face_box)
+    if not isinstance(parsed, str):  # None or a box; the one string left is 'auto'
+        return parsed
+    box = calibrate_face_box(sources)
+    logger.info("%s", f"faces sit at {box} in {where}: no detection" if box else f"faces move in {where}: detecting")
+    return box

@@ -253,7 +253,7 @@ def finetune(
     the weights :func:`featgender.mixing.balance_weights` gives, ``samples_per_epoch`` of them per
     epoch (default: as many as there are training images). ``face_box``: for a face-aligning
     backbone (dlib_resnet), where to find the face in each dataset's images, as ``featgender
-    extract --face-box`` (:func:`featgender.extract.resolve_face_box`).
+    extract --face-box`` (:func:`featgender.extract.face_box_for`).
     Writes ``out`` (default ``models/<backbone>-ft.pt``: the best epoch) and
     ``<out>.last.pt`` (the latest epoch): rerunning the same command resumes from it, and
     rerunning with more ``epochs`` trains on.

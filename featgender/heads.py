@@ -46,7 +46,7 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from featgender import trust
 from featgender.data import LABEL_NAMES
-from featgender.defaults import DEFAULT_HEAD
+from featgender.defaults import DEFAULT_HEAD, EXPORTED_SUFFIX, FINETUNED_SUFFIXES
 from featgender.errors import FeatgenderError
 from featgender.files import atomic_write, file_sha256
 
@@ -471,7 +471,6 @@ def _never_modifies_input(pipeline: Pipeline) -> Pipeline:
 
 # --- the model artifact ----------------------------------------------------------------------
 
-FINETUNED_SUFFIXES = (".pt", ".pth")  # `featgender finetune` checkpoints: networks, not head artifacts
 ARTIFACT_FORMAT = "featgender-head"
 ARTIFACT_VERSION = 1
 
@@ -549,6 +548,11 @@ def load_model(path: str | os.PathLike, *, trusted: bool = False) -> HeadModel:
         raise FeatgenderError(
             f"--model {path}: a fine-tuned network, not a head: it scores images "
             "(predict, serve, evaluate --data), not cached features"
+        )
+    if path.suffix == EXPORTED_SUFFIX:
+        raise FeatgenderError(
+            f"--model {path}: an exported ONNX graph: it scores images (predict, serve, evaluate --data), "
+            "not cached features; evaluate the .joblib it was exported from on a cache"
         )
     digest = file_sha256(path)
     if not trusted and not trust.is_trusted(digest):

@@ -1,8 +1,9 @@
-"""Image decoding: files (or PIL images) to uint8 RGB tensors, the same way everywhere.
+"""Image decoding: files (or PIL images) to uint8 RGB arrays, the same way everywhere.
 
-The ground floor of the package: extraction's loader workers, the face step, prediction,
-fine-tuning and benchmarks all decode through :func:`load_image`, so an image is read the
-same way when a cache is built and when a model trained on it predicts.
+The ground floor of the package: extraction's loader workers, the face step, prediction
+(in torch and on onnxruntime), fine-tuning and benchmarks all decode through
+:func:`decode_image`, so an image is read the same way when a cache is built and when a
+model trained on it predicts. Only :func:`load_image` (a torch tensor) needs torch.
 """
 
 from __future__ import annotations
@@ -12,14 +13,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
-import torch
 
 if TYPE_CHECKING:
     import PIL.Image
+    import torch
 
 
-def load_image(source: str | Path | BinaryIO | PIL.Image.Image, min_side: int | None = None) -> torch.Tensor:
-    """Decode an image file (or PIL image) to a uint8 (3, H, W) RGB tensor.
+def decode_image(source: str | Path | BinaryIO | PIL.Image.Image, min_side: int | None = None) -> np.ndarray:
+    """Decode an image file (or PIL image) to a uint8 (H, W, 3) RGB array.
 
     Grayscale (8- and 16-bit), palette, CMYK and alpha images are converted to RGB, EXIF
     orientation is applied, and JPEGs much larger than ``min_side`` are decoded at a reduced
@@ -44,8 +45,14 @@ def load_image(source: str | Path | BinaryIO | PIL.Image.Image, min_side: int | 
     if image.mode.startswith("I"):  # 16-bit (or 32-bit integer) grayscale: keep the top 8 bits
         depth = 16 if image.mode.startswith("I;16") or np.asarray(image).max() < 65536 else 32
         image = Image.fromarray((np.asarray(image).astype(np.uint32) >> (depth - 8)).astype(np.uint8))
-    array = np.asarray(image.convert("RGB"))
-    return torch.from_numpy(array.copy()).permute(2, 0, 1)
+    return np.array(image.convert("RGB"))
 
 
-__all__ = ["load_image"]
+def load_image(source: str | Path | BinaryIO | PIL.Image.Image, min_side: int | None = None) -> torch.Tensor:
+    """:func:`decode_image` as a uint8 (3, H, W) tensor, the layout torchvision works in."""
+    import torch
+
+    return torch.from_numpy(decode_image(source, min_side)).permute(2, 0, 1)
+
+
+__all__ = ["decode_image", "load_image"]

@@ -158,7 +158,7 @@ def contact_sheet(mistakes: list[dict], out: Path, *, columns: int = 6, side: in
     (an image that cannot be read gets a grey tile)."""
     from PIL import Image, ImageDraw
 
-    from featgender.images import load_image
+    from featgender.images import decode_image
 
     caption = 30
     rows = -(-len(mistakes) // columns)
@@ -167,7 +167,7 @@ def contact_sheet(mistakes: list[dict], out: Path, *, columns: int = 6, side: in
     for index, mistake in enumerate(mistakes):
         left, top = index % columns * side, index // columns * (side + caption)
         try:
-            tile = Image.fromarray(load_image(mistake["image"]).permute(1, 2, 0).numpy())
+            tile = Image.fromarray(decode_image(mistake["image"]))
             tile.thumbnail((side, side))
         except Exception:  # moved or unreadable: the caption still says what was wrong
             tile = Image.new("RGB", (side, side), (160, 160, 160))

@@ -31,6 +31,7 @@ def test_every_command_has_help_text():
         "finetune",
         "bench",
         "serve",
+        "export",
     }
     for command in commands:
         result = invoke(command.callback.__name__, "--help")

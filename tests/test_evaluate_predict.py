@@ -15,7 +15,7 @@ from featgender.evaluate import evaluate_model
 from featgender.extract import build_cache
 from featgender.heads import load_model
 from featgender.metrics import bootstrap_ci, classification_metrics, resampled_metrics, subgroup_metrics
-from featgender.predict import expand_inputs, write_predictions_csv
+from featgender.predictor import expand_inputs, write_predictions_csv
 from featgender.training import train_head
 
 

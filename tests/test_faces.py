@@ -15,7 +15,7 @@ from featgender.data import load_dataset  # noqa: E402
 from featgender.embed import extract_features  # noqa: E402
 from featgender.errors import FeatgenderError  # noqa: E402
 from featgender.faces import FaceAligner, calibrate_face_box, dlib_model_file  # noqa: E402
-from featgender.images import load_image  # noqa: E402
+from featgender.images import decode_image  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +48,7 @@ def test_descriptors_equal_dlibs_own_pipeline_and_are_deterministic(dlib_backbon
     detector = dlib.get_frontal_face_detector()
     landmarks = dlib.shape_predictor(str(dlib_model_file("landmarks")))
     network = dlib.face_recognition_model_v1(str(dlib_model_file("recognition")))
-    image = np.ascontiguousarray(load_image(paths[0], 400).permute(1, 2, 0).numpy())
+    image = decode_image(paths[0], 400)
     box = max(detector(image, 0), key=lambda rect: rect.area())
     chip = dlib.get_face_chip(image, landmarks(image, box), size=150, padding=0.25)
     reference = np.asarray(network.compute_face_descriptor(chip))

@@ -1,0 +1,170 @@
+"""What every predictor does with raw images, whatever runs the network (torch or onnxruntime):
+the face step for photos, one :class:`Prediction` per image or face, errors per image, the
+CSV. Torch-free: an exported model predicts with it on an install without torch.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from featgender.data import IMAGE_SUFFIXES, LABEL_NAMES
+from featgender.errors import FeatgenderError
+from featgender.faces import BOX_IN_FACE_CROP, parse_face_box, resolve_face_box
+from featgender.files import atomic_write
+from featgender.images import decode_image
+
+
+@dataclass
+class Prediction:
+    """One image's (or face's) result: label 'male'/'female' and P(male), or the error that
+    stopped it; ``box`` (left, top, right, bottom) when the face was found in a photo."""
+
+    image: str
+    label: str | None
+    probability: float | None
+    error: str = ""
+    box: tuple[int, int, int, int] | None = None
+
+
+FACE_MODES = ("auto", "crop", "photo")
+NO_FACE = "no face found"
+
+
+def _name(image, index: int) -> str:
+    return str(image) if isinstance(image, (str, os.PathLike)) else f"image {index}"
+
+
+def _prediction(name: str, probability: float, error: str, box=None) -> Prediction:
+    if error:
+        return Prediction(name, None, None, error, box)
+    return Prediction(name, LABEL_NAMES[int(probability >= 0.5)], float(probability), "", box)
+
+
+class ImagePredictor:
+    """What every predictor does with raw images; subclasses give ``probabilities``.
+
+    ``face_box``: where a face-aligning backbone (dlib_resnet) finds the face in face crops,
+    as ``featgender extract --face-box``: 'auto' (where faces sit in the images given, as
+    extract finds it for a dataset; detection where they move), 'detect', or a relative
+    (left, top, right, bottom) box. Never the training dataset's box by default: crops framed
+    otherwise would be aligned in the wrong place. ``precision``: torch's compute type
+    (:func:`featgender.embed.resolve_precision`); an exported graph computes in float32.
+    """
+
+    input_kind = "face crop"
+
+    def __init__(
+        self,
+        *,
+        device: str = "auto",
+        batch_size: int | None = None,
+        workers: int | None = None,
+        face_box: str | tuple = "auto",
+        precision: str = "auto",
+    ):
+        parse_face_box(face_box)  # a bad value fails now, not at the first images
+        self.face_box = face_box
+        self.options: dict[str, Any] = {
+            "device": device,
+            "batch_size": batch_size,
+            "workers": workers,
+            "precision": precision,
+        }
+
+    def face_box_for(self, images: list, face_crops: bool = False) -> tuple | None:
+        """Where a face-aligning network finds the faces of ``images`` (face crops): per
+        ``face_box``; in crops the face step cut (``face_crops``), where it put them."""
+        return BOX_IN_FACE_CROP if face_crops else resolve_face_box(self.face_box, images)
+
+    def probabilities(self, images: list, progress: bool, face_crops: bool = False) -> tuple[np.ndarray, list[str]]:
+        """P(male) per image (NaN where it failed) and the errors ('' where it worked);
+        ``face_crops``: the images are faces cut from photos by the face step."""
+        raise NotImplementedError
+
+    def predict(
+        self, images: Sequence, *, faces: str = "auto", all_faces: bool = False, progress: bool = False
+    ) -> list[Prediction]:
+        """Predictions for image paths or PIL images; a broken file gets an error, the rest run.
+
+        ``faces``: 'crop' classifies each image whole, as the training face crops were;
+        'photo' finds the faces first and classifies the largest (every one with
+        ``all_faces``), each with its box; an image without a face gets the error
+        'no face found' and no label. 'auto' is 'photo' with ``all_faces`` or when the model's
+        backbone finds faces itself (``input_kind`` 'photo'), else 'crop'.
+        """
+        if faces not in FACE_MODES:
+            raise FeatgenderError(f"--faces {faces!r}: choose one of {', '.join(FACE_MODES)}")
+        images = list(images)
+        if faces == "crop" or (faces == "auto" and not all_faces and self.input_kind != "photo"):
+            probabilities, errors = self.probabilities(images, progress)
+            return [
+                _prediction(_name(image, i), p, error)
+                for i, (image, p, error) in enumerate(zip(images, probabilities, errors, strict=True))
+            ]
+        return self._predict_faces(images, all_faces, progress)
+
+    def _predict_faces(self, images: list, all_faces: bool, progress: bool) -> list[Prediction]:
+        from featgender.faces import cut_faces, default_detector
+
+        detector = default_detector()
+        found: list[str | list] = []  # per image: an error, or [(box, crop), ...]
+        for image in images:
+            try:
+                picture = Image.fromarray(decode_image(image))
+            except Exception as error:  # the same reasons extraction reports
+                found.append(f"{type(error).__name__}: {error}")
+                continue
+            found.append(cut_faces(picture, detector, all_faces) or NO_FACE)
+        crops = [crop for faces in found if isinstance(faces, list) for _, crop in faces]
+        probabilities, errors = self.probabilities(crops, progress, face_crops=True) if crops else (np.empty(0), [])
+        results, next_crop = [], 0
+        for index, (image, faces) in enumerate(zip(images, found, strict=True)):
+            if isinstance(faces, str):
+                results.append(Prediction(_name(image, index), None, None, faces))
+                continue
+            for box, _ in faces:
+                results.append(_prediction(_name(image, index), probabilities[next_crop], errors[next_crop], box))
+                next_crop += 1
+        return results
+
+
+def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
+    """Files as given, and the image files under each folder (recursively, following symlinks)."""
+    files = []
+    for item in map(Path, inputs):
+        if item.is_dir():
+            found = [Path(root) / name for root, _, names in os.walk(item, followlinks=True) for name in names]
+            files += sorted(path for path in found if path.suffix.lower() in IMAGE_SUFFIXES)
+        elif item.exists():
+            files.append(item)
+        else:
+            raise FeatgenderError(f"{item}: no such file or folder")
+    return files
+
+
+def write_predictions_csv(predictions: list[Prediction], path: str | Path) -> int:
+    """Kaggle submission style: ``id,label`` (male/female) for every image that was classified.
+
+    Faces found in photos add a ``box`` column (left top right bottom).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with_boxes = any(p.box is not None for p in predictions)
+    rows = [
+        (Path(p.image).name, p.label) + ((" ".join(map(str, p.box or ())),) if with_boxes else ())
+        for p in predictions
+        if p.label is not None
+    ]
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["id", "label", "box"] if with_boxes else ["id", "label"])
+        writer.writerows(rows)
+    return len(rows)
