@@ -12,11 +12,9 @@ backbones and photos (``featgender[faces]``).
 from __future__ import annotations
 
 import json
-import os
-import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from functools import partial
+from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -26,7 +24,7 @@ from PIL import Image
 from featgender.errors import FeatgenderError
 from featgender.faces import BOX_IN_FACE_CROP, FaceAligner, PhotoFaceStep, default_detector, dlib_model_file
 from featgender.images import decode_image
-from featgender.predictor import ImagePredictor
+from featgender.predictor import ImagePredictor, map_in_threads
 
 EXPORT_FORMAT = "featgender-onnx"
 EXPORT_VERSION = 1
@@ -72,23 +70,30 @@ def read_metadata(path: str | Path, session) -> dict:
     return metadata
 
 
+def _providers(device: str, available: list[str]) -> list:
+    """onnxruntime's execution providers for ``--device``: 'auto' (CUDA where this onnxruntime
+    has it, else the CPU), 'cpu', or 'cuda[:N]' (``onnxruntime-gpu``)."""
+    if device == "auto":
+        return [name for name in ("CUDAExecutionProvider", "CPUExecutionProvider") if name in available]
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    kind, _, index = device.partition(":")
+    if kind != "cuda" or not (index == "" or index.isdigit()):
+        raise FeatgenderError(f"--device {device!r}: use auto, cpu or cuda[:N]")
+    if "CUDAExecutionProvider" not in available:
+        raise FeatgenderError(f"--device {device}: this onnxruntime has no CUDA (pip install onnxruntime-gpu)")
+    return [("CUDAExecutionProvider", {"device_id": int(index or 0)})]
+
+
 def _session(path: Path, device: str):
-    """An onnxruntime session on ``device`` ('auto': CUDA where onnxruntime has it, else CPU)."""
+    """An onnxruntime session of the file on ``device``."""
     try:
         import onnxruntime
     except ImportError:
         raise FeatgenderError(f"--model {path}: running an ONNX model needs pip install 'featgender[onnx]'") from None
-    available = onnxruntime.get_available_providers()
-    wanted = {"auto": ["CUDAExecutionProvider", "CPUExecutionProvider"], "cpu": ["CPUExecutionProvider"]}
-    providers = wanted.get(device.split(":")[0] if device.startswith("cuda") else device)
-    if providers is None and device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in available:
-            raise FeatgenderError(f"--device {device}: this onnxruntime has no CUDA (pip install onnxruntime-gpu)")
-        providers = ["CUDAExecutionProvider"]
-    if providers is None:
-        raise FeatgenderError(f"--device {device!r}: use auto, cpu or cuda[:N]")
+    providers = _providers(device, onnxruntime.get_available_providers())
     try:
-        return onnxruntime.InferenceSession(str(path), providers=[name for name in providers if name in available])
+        return onnxruntime.InferenceSession(str(path), providers=providers)
     except Exception as error:  # onnxruntime's Fail / InvalidProtobuf / NoSuchFile
         raise FeatgenderError(f"--model {path}: onnxruntime cannot load it ({str(error).splitlines()[0]})") from None
 
@@ -115,7 +120,7 @@ class OnnxPredictor(ImagePredictor):
             self.model = SimpleNamespace(**self.metadata["model"], sha256=self.metadata["source"]["sha256"])
         self.input_kind = "photo" if all(spec.get("alignment") for spec in self.inputs) else "face crop"
         self.batch_size = self.options["batch_size"] or DEFAULT_BATCH
-        self.workers = self.options["workers"] or _cores()
+        self.workers = self.options["workers"]
 
     def _steps(self, images: list, face_crops: bool) -> list[tuple[bool, tuple | None]]:
         """Per input: whether the face step runs first, and the box a face chip is aligned in."""
@@ -141,7 +146,7 @@ class OnnxPredictor(ImagePredictor):
             preparers.append(_after(PhotoFaceStep(default_detector()).face, cut) if face_step else cut)
         return preparers
 
-    def _prepare(self, image, preparers: list[Prepare]) -> tuple[list[np.ndarray] | None, str]:
+    def _prepare(self, preparers: list[Prepare], image) -> tuple[list[np.ndarray] | None, str]:
         """One image's inputs (channels first), or the error that stopped it."""
         try:
             decoded: dict[int | None, np.ndarray] = {}
@@ -160,35 +165,31 @@ class OnnxPredictor(ImagePredictor):
     def probabilities(self, images: list, progress: bool, face_crops: bool = False) -> tuple[np.ndarray, list[str]]:
         from tqdm.auto import tqdm
 
-        steps, own = self._steps(images, face_crops), threading.local()
-
-        def prepare(image) -> tuple[list[np.ndarray] | None, str]:
-            if not hasattr(own, "preparers"):
-                own.preparers = self._preparers(steps)
-            return self._prepare(image, own.preparers)
-
+        steps = self._steps(images, face_crops)
         probabilities, errors = np.full(len(images), np.nan), [""] * len(images)
         bar = tqdm(total=len(images), unit="img", disable=not progress, desc="onnxruntime")
-        with ThreadPoolExecutor(self.workers) as pool:
-            for start in range(0, len(images), self.batch_size):
-                batch = list(pool.map(prepare, images[start : start + self.batch_size]))
-                errors[start : start + len(batch)] = [error for _, error in batch]
-                ok = [i for i, (prepared, _) in enumerate(batch) if prepared is not None]
-                if ok:
-                    feeds = {spec["name"]: np.stack([batch[i][0][k] for i in ok]) for k, spec in enumerate(self.inputs)}  # type: ignore[index]
-                    (output,) = self.session.run([OUTPUT], feeds)
-                    probabilities[[start + i for i in ok]] = output
-                bar.update(len(batch))
+        # the next batch is cut while onnxruntime runs this one
+        prepared = map_in_threads(
+            self._prepare, images, partial(self._preparers, steps), self.workers, ahead=2 * self.batch_size
+        )
+        for start in range(0, len(images), self.batch_size):
+            batch = list(islice(prepared, self.batch_size))
+            errors[start : start + len(batch)] = [error for _, error in batch]
+            ok = [i for i, (inputs, _) in enumerate(batch) if inputs is not None]
+            if ok:
+                feeds = {
+                    spec["name"]: np.stack([batch[i][0][k] for i in ok])  # type: ignore[index]
+                    for k, spec in enumerate(self.inputs)
+                }
+                (output,) = self.session.run([OUTPUT], feeds)
+                probabilities[[start + i for i in ok]] = output
+            bar.update(len(batch))
         bar.close()
         return probabilities, errors
 
 
 def _after(first: Prepare, then: Prepare) -> Prepare:
     return lambda pixels: then(first(pixels))
-
-
-def _cores() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 __all__ = ["EXPORT_FORMAT", "METADATA_KEY", "OnnxPredictor", "read_metadata", "resize_crop"]

@@ -103,7 +103,14 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(dlib_model, tmp_path)
     (tmp_path / "broken.onnx").write_bytes(b"\x00not a graph")
     with pytest.raises(FeatgenderError, match="broken.onnx: onnxruntime cannot load it"):
         load(tmp_path / "broken.onnx")
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.onnx", "notes.joblib"]
+    exported = export_onnx(model, tmp_path / "m.onnx")
+    with pytest.raises(FeatgenderError, match="--device 'tpu': use auto, cpu or cuda"):
+        load(exported, device="tpu")
+    from featgender.heads import load_model
+
+    with pytest.raises(FeatgenderError, match="an exported ONNX graph: it scores images"):
+        load_model(exported)  # evaluate --cache: the graph holds no head to feed features
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.onnx", "m.onnx", "notes.joblib"]
 
 
 def test_predict_and_the_page_run_from_the_onnx_without_torch(dlib_model, group_photo, tmp_path):
