@@ -487,7 +487,7 @@ def predict(
     precision: str | None = PrecisionOption,
     trusted: bool = TrustedOption,
 ) -> None:
-    """Classify raw images with a saved head: one line per image, or per face in photos
+    """Classify raw images with a saved model: one line per image, or per face in photos
     (label, P(male), box); broken files and images without a face are reported, not guessed."""
     from featgender.models import load
     from featgender.predictor import NO_FACE, expand_inputs, write_predictions_csv

@@ -34,6 +34,24 @@ def write_images(folder: Path, names: list[str], labels: list[int], seed: int = 
         face_image(label, rng).save(path, quality=90)
 
 
+def photo_dataset(folder: Path, faces: list, labels, *, size=(640, 480), step=(15, 10), empty: int = 1) -> Path:
+    """photos.csv (image,gender) beside photos: each face crop pasted on its own coloured
+    canvas of ``size``, a ``step`` further right and down than the last, then ``empty``
+    photos without a face (labelled female)."""
+    rows = []
+    for i, (path, label) in enumerate(zip(faces, labels, strict=True)):
+        photo = Image.new("RGB", size, (70 + 5 * i, 110, 90))
+        photo.paste(Image.open(path).convert("RGB"), (40 + step[0] * i, 30 + step[1] * i))
+        photo.save(folder / f"photo{i}.jpg", quality=95)
+        rows.append((f"photo{i}.jpg", "male" if label else "female"))
+    for i in range(empty):
+        Image.new("RGB", size, (200, 190, 180 - 40 * i)).save(folder / f"empty{i}.jpg")
+        rows.append((f"empty{i}.jpg", "female"))
+    with open(folder / "photos.csv", "w", newline="") as handle:
+        csv.writer(handle).writerows([("image", "gender"), *rows])
+    return folder / "photos.csv"
+
+
 def celeba_rows(count: int) -> tuple[list[str], np.ndarray, list[int]]:
     """Image names, a -1/1 attribute matrix (Male alternating) and partitions 0/1/2."""
     rng = np.random.default_rng(1)

@@ -178,27 +178,17 @@ def test_other_backbones_and_heads_export(csv_dataset, tmp_path, backbone, head)
 def test_a_model_of_a_photo_cache_runs_the_face_step_in_the_graphs_runtime_too(shared_faces, tmp_path):
     """A head fitted on photos (extract --faces photo, EfficientNet-Lite0): the exported model
     finds and cuts each photo's face as torch does; photos without one fail the same way."""
-    import csv
-
-    from PIL import Image
+    from conftest import photo_dataset
 
     from featgender.data import load_dataset
     from featgender.extract import extract_to_cache
 
     utk = load_dataset(shared_faces / "utkface", limit=200)
-    rows = []
-    for i, (path, label) in enumerate(zip(utk.paths[:24], utk.labels[:24], strict=True)):
-        photo = Image.new("RGB", (640, 480), (70 + 5 * i, 110, 90))
-        photo.paste(Image.open(path).convert("RGB"), (40 + 15 * i, 30 + 10 * i))
-        photo.save(tmp_path / f"photo{i}.jpg", quality=95)
-        rows.append((f"photo{i}.jpg", "male" if label else "female"))
-    Image.new("RGB", (640, 480), (200, 190, 180)).save(tmp_path / "empty.jpg")
-    with open(tmp_path / "photos.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([("image", "gender"), *rows, ("empty.jpg", "female")])
+    photo_dataset(tmp_path, utk.paths[:24], utk.labels[:24])
     cache = tmp_path / "photos.h5"
     extract_to_cache(tmp_path / "photos.csv", backbone="efficientnet_lite0", faces="photo", out=cache, progress=False)
     train_head(cache, "logreg", eval_split=None, out=tmp_path / "m.joblib")
     photos = [tmp_path / f"photo{i}.jpg" for i in range(6)]
     _check_parity(tmp_path / "m.joblib", photos, tmp_path, 1e-3)
-    _, errors = load(tmp_path / "m.onnx").probabilities([tmp_path / "empty.jpg"], progress=False)
+    _, errors = load(tmp_path / "m.onnx").probabilities([tmp_path / "empty0.jpg"], progress=False)
     assert errors == ["no face found"]

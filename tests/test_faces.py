@@ -155,25 +155,13 @@ def test_a_group_photo_gives_one_prediction_per_face_with_its_box(dlib_model, gr
 
 
 def test_photo_datasets_go_through_the_face_step(shared_faces, tmp_path):
-    import csv
-
-    from PIL import Image
+    from conftest import photo_dataset
 
     from featgender.cache import read_cache, read_metadata
     from featgender.extract import extract_to_cache
 
     utk = load_dataset(shared_faces / "utkface", limit=100)
-    rows = []
-    for i, (path, label) in enumerate(zip(utk.paths[:6], utk.labels[:6], strict=True)):
-        photo = Image.new("RGB", (800, 600), (70 + 20 * i, 110, 90))
-        photo.paste(Image.open(path).convert("RGB"), (60 + 90 * i, 40 + 50 * i))
-        photo.save(tmp_path / f"photo{i}.jpg", quality=95)
-        rows.append((f"photo{i}.jpg", "male" if label else "female"))
-    for i in range(2):
-        Image.new("RGB", (640, 480), (200, 190, 180 - 40 * i)).save(tmp_path / f"empty{i}.jpg")
-        rows.append((f"empty{i}.jpg", "female"))
-    with open(tmp_path / "photos.csv", "w", newline="") as handle:
-        csv.writer(handle).writerows([("image", "gender"), *rows])
+    photo_dataset(tmp_path, utk.paths[:6], utk.labels[:6], size=(800, 600), step=(90, 50), empty=2)
     result = extract_to_cache(
         tmp_path / "photos.csv",
         backbone="dlib_resnet",
