@@ -103,11 +103,14 @@ class OnnxPredictor(ImagePredictor):
 
     ``model`` (head models) or ``checkpoint`` (fine-tuned ones) hold what the source model
     recorded of itself, as the torch predictors do, for the model card. ``options`` are
-    :class:`ImagePredictor`'s; ``workers`` threads cut the images (default: one per core).
+    :class:`ImagePredictor`'s; ``workers`` threads cut the images (default: one per core);
+    the graph computes in float32 (``precision`` 'auto' or 'float32').
     """
 
     def __init__(self, path: str | Path, **options):
         super().__init__(**options)
+        if self.options["precision"] not in ("auto", "float32"):
+            raise FeatgenderError(f"--precision {self.options['precision']}: an exported graph computes in float32")
         path = Path(path)
         if not path.is_file():
             raise FeatgenderError(f"--model {path}: no such file")

@@ -106,6 +106,8 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(dlib_model, tmp_path)
     exported = export_onnx(model, tmp_path / "m.onnx")
     with pytest.raises(FeatgenderError, match="--device 'tpu': use auto, cpu or cuda"):
         load(exported, device="tpu")
+    with pytest.raises(FeatgenderError, match="--precision bfloat16: an exported graph computes in float32"):
+        load(exported, precision="bfloat16")
     from featgender.heads import load_model
 
     with pytest.raises(FeatgenderError, match="an exported ONNX graph: it scores images"):
