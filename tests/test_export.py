@@ -166,13 +166,18 @@ def test_export_and_evaluate_data_on_the_command_line(dlib_model, shared_faces, 
     assert evaluation["n"] + evaluation["failed"] == 800 and evaluation["accuracy"] > 0.9  # the test split
 
 
-@pytest.mark.parametrize(("backbone", "head"), [("resnet18", "gbm"), ("googlenet", "mlp"), ("vggface2", "svm-rbf")])
-def test_other_backbones_and_heads_export(csv_dataset, tmp_path, backbone, head):
-    """Random-weight torchvision and face backbones (googlenet transforms its input inside,
-    vggface2 normalises its embedding) behind the heads the real-face tests leave out."""
+@pytest.mark.parametrize(
+    ("backbone", "layer", "head"),
+    [("resnet18", "layer3", "gbm"), ("googlenet", None, "mlp"), ("vggface2", None, "svm-rbf")],
+)
+def test_other_backbones_and_heads_export(csv_dataset, tmp_path, backbone, layer, head):
+    """Random-weight torchvision and face backbones (a probed inner layer, pooled; googlenet
+    transforms its input inside, vggface2 normalises its embedding) behind the heads the
+    real-face tests leave out."""
     from featgender.extract import extract_to_cache
 
-    extract_to_cache(csv_dataset, backbone=backbone, weights="none", out=tmp_path / "c.h5", progress=False, workers=0)
+    options = dict(weights="none", layer=layer, out=tmp_path / "c.h5", progress=False, workers=0)
+    extract_to_cache(csv_dataset, backbone=backbone, **options)
     train_head(tmp_path / "c.h5", head, eval_split=None, out=tmp_path / "m.joblib")
     _check_parity(tmp_path / "m.joblib", sorted((csv_dataset / "images").glob("*.jpg")), tmp_path, 1e-3)
 
