@@ -26,16 +26,24 @@ def _probabilities(model: Path, images: list, **options) -> np.ndarray:
     return probabilities
 
 
-def _check_parity(model: Path, images: list, tmp_path: Path, tolerance: float) -> np.ndarray:
-    """P(male) of the exported graph against the torch predictor in float32; labels equal
-    except within ``tolerance`` of the threshold."""
-    exported = export_onnx(model, tmp_path / f"{model.stem}.onnx")
+def _check_parity(
+    model: Path, images: list, tmp_path: Path, tolerance: float, exported: Path | None = None
+) -> np.ndarray:
+    """P(male) of the (given, or here) exported graph against the torch predictor in float32;
+    labels equal except within ``tolerance`` of the threshold."""
+    exported = exported or export_onnx(model, tmp_path / f"{model.stem}.onnx")
     in_torch = _probabilities(model, images, precision="float32")
     on_onnxruntime = _probabilities(exported, images)
     np.testing.assert_allclose(on_onnxruntime, in_torch, atol=tolerance, rtol=0)
     near = np.abs(in_torch - 0.5) < tolerance
     assert ((on_onnxruntime >= 0.5) == (in_torch >= 0.5))[~near].all()
     return on_onnxruntime
+
+
+@pytest.fixture(scope="module")
+def dlib_onnx(dlib_model) -> Path:
+    """``dlib_model`` exported, once for the tests that only read it."""
+    return export_onnx(dlib_model[0], dlib_model[0].with_suffix(".onnx"))
 
 
 @pytest.fixture(scope="module")
@@ -48,9 +56,9 @@ def lite0_cache(dlib_model, shared_faces) -> Path:
     return out
 
 
-def test_dlib_logreg_export_gives_torch_probabilities_within_1e4(dlib_model, tmp_path):
+def test_dlib_logreg_export_gives_torch_probabilities_within_1e4(dlib_model, dlib_onnx, tmp_path):
     model, paths, labels = dlib_model
-    probabilities = _check_parity(model, paths, tmp_path, 1e-4)
+    probabilities = _check_parity(model, paths, tmp_path, 1e-4, dlib_onnx)
     assert ((probabilities >= 0.5) == labels).mean() > 0.85  # it still classifies faces
 
 
@@ -75,13 +83,13 @@ def test_a_fine_tuned_network_exports_too(csv_dataset, tmp_path):
     assert load(tmp_path / "ft.onnx").checkpoint["backbone"] == "mobilenet_v3_small"
 
 
-def test_the_file_alone_rebuilds_the_model_card_and_any_batch_size_runs(dlib_model, tmp_path):
+def test_the_file_alone_rebuilds_the_model_card_and_any_batch_size_runs(dlib_model, dlib_onnx):
     import onnx
 
     from featgender.app import model_card
 
     model, paths, _ = dlib_model
-    exported = export_onnx(model, tmp_path / "m.onnx")
+    exported = dlib_onnx
     assert model_card(load(exported)) == model_card(load(model))
     graph = onnx.load(str(exported))
     metadata = json.loads({entry.key: entry.value for entry in graph.metadata_props}["featgender"])
@@ -91,7 +99,7 @@ def test_the_file_alone_rebuilds_the_model_card_and_any_batch_size_runs(dlib_mod
     np.testing.assert_allclose(one_at_a_time, _probabilities(exported, paths[:5]), atol=1e-6)
 
 
-def test_bad_inputs_are_one_line_errors_that_write_nothing(dlib_model, tmp_path):
+def test_bad_inputs_are_one_line_errors_that_write_nothing(dlib_model, dlib_onnx, tmp_path):
     model = dlib_model[0]
     with pytest.raises(FeatgenderError, match="no such file"):
         export_onnx(tmp_path / "missing.joblib")
@@ -103,24 +111,23 @@ def test_bad_inputs_are_one_line_errors_that_write_nothing(dlib_model, tmp_path)
     (tmp_path / "broken.onnx").write_bytes(b"\x00not a graph")
     with pytest.raises(FeatgenderError, match="broken.onnx: onnxruntime cannot load it"):
         load(tmp_path / "broken.onnx")
-    exported = export_onnx(model, tmp_path / "m.onnx")
     with pytest.raises(FeatgenderError, match="--device 'tpu': use auto, cpu or cuda"):
-        load(exported, device="tpu")
+        load(dlib_onnx, device="tpu")
     with pytest.raises(FeatgenderError, match="--precision bfloat16: an exported graph computes in float32"):
-        load(exported, precision="bfloat16")
+        load(dlib_onnx, precision="bfloat16")
     from featgender.heads import load_model
 
     with pytest.raises(FeatgenderError, match="an exported ONNX graph: it scores images"):
-        load_model(exported)  # evaluate --cache: the graph holds no head to feed features
-    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.onnx", "m.onnx", "notes.joblib"]
+        load_model(dlib_onnx)  # evaluate --cache: the graph holds no head to feed features
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["broken.onnx", "notes.joblib"]
 
 
-def test_predict_and_the_page_run_from_the_onnx_without_torch(dlib_model, group_photo, tmp_path):
+def test_predict_and_the_page_run_from_the_onnx_without_torch(dlib_model, dlib_onnx, group_photo, tmp_path):
     """In a process where torch, scikit-learn, scipy and h5py cannot be imported (an install
     with only the 'onnx', 'faces' and 'app' extras): the CLI predicts face crops, the page finds
     both faces of a photo, and a .joblib model is refused with the install line."""
     model, paths, _ = dlib_model
-    exported = export_onnx(model, tmp_path / "m.onnx")
+    exported = dlib_onnx
     expected = _probabilities(exported, paths[:4])
     blocker = "import sys\n" + "".join(f"sys.modules[{name!r}] = None\n" for name in TRAINING_STACK)
     page = (
