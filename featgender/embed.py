@@ -25,7 +25,7 @@ from sklearn.utils.validation import check_is_fitted
 from torch.utils.data import DataLoader, Dataset
 
 from featgender.backbones import Backbone, EmbeddingModel
-from featgender.defaults import DEFAULT_BACKBONE
+from featgender.defaults import DEFAULT_BACKBONE, cores
 from featgender.errors import FeatgenderError
 from featgender.images import load_image
 
@@ -52,10 +52,9 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 def default_workers(device: torch.device, loader_bound: bool = False) -> int:
     """Loader workers: on GPU up to 8; on CPU one, as the cores run the forward pass, or one
     per core where the loader does the heavy work (``loader_bound``: face detection)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if device.type == "cuda":
-        return min(8, max(1, cores - 1))
-    return cores if loader_bound else 1
+        return min(8, max(1, cores() - 1))
+    return cores() if loader_bound else 1
 
 
 def detects_on_loader(backbone: Backbone) -> bool:

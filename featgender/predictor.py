@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image
 
 from featgender.data import IMAGE_SUFFIXES, LABEL_NAMES
+from featgender.defaults import cores
 from featgender.errors import FeatgenderError
 from featgender.faces import BOX_IN_FACE_CROP, parse_face_box, resolve_face_box
 from featgender.files import atomic_write
@@ -137,11 +138,6 @@ class ImagePredictor:
                 results.append(_prediction(_name(image, index), probabilities[next_crop], errors[next_crop], box))
                 next_crop += 1
         return results
-
-
-def cores() -> int:
-    """The CPU cores this process may run on."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def map_in_threads(

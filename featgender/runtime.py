@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from functools import partial
+from functools import cache, partial
 from itertools import islice
 from pathlib import Path
 from types import SimpleNamespace
@@ -127,12 +127,13 @@ class OnnxPredictor(ImagePredictor):
 
     def _steps(self, images: list, face_crops: bool) -> list[tuple[bool, tuple | None]]:
         """Per input: whether the face step runs first, and the box a face chip is aligned in."""
+        box_in_images = cache(partial(self.face_box_for, images))  # calibrated once, for every input that needs it
         steps = []
         for spec in self.inputs:
             cut_by_face_step = face_crops or bool(spec.get("face_step"))  # here, or before these images came
             box = None
             if spec.get("alignment"):
-                box = BOX_IN_FACE_CROP if cut_by_face_step else self.face_box_for(images)
+                box = BOX_IN_FACE_CROP if cut_by_face_step else box_in_images()
             steps.append((bool(spec.get("face_step")) and not face_crops, box))
         return steps
 
