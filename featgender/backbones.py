@@ -605,20 +605,21 @@ def _dlib_file(kind: str) -> Path:
 
 
 def _convert_dlib_file(path: Path) -> dict:
-    from featgender.face_resnet import converted_state_dict
+    from featgender.faces.resnet import converted_state_dict
 
     return converted_state_dict(path, Path(torch.hub.get_dir()) / "checkpoints")
 
 
 def _face_resnet() -> nn.Module:
-    from featgender.face_resnet import FaceResNet
+    from featgender.faces.resnet import FaceResNet
 
     return FaceResNet()
 
 
 def _face_chips(config: BackboneConfig) -> FaceChips:
     """dlib_resnet's transform: each image's aligned chip is cut on the loader workers."""
-    from featgender.faces import FaceAligner, _dlib
+    from featgender.faces.align import FaceAligner
+    from featgender.faces.detect import _dlib
 
     _dlib()  # the alignment needs it: say so now, not on the loader workers
     # Datasets are face crops: where no detector finds the face, its central box is used.

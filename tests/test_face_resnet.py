@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from featgender.errors import FeatgenderError
-from featgender.face_resnet import FaceResNet, add_zero_filled, converted_state_dict, read_dlib_model
+from featgender.faces.resnet import FaceResNet, add_zero_filled, converted_state_dict, read_dlib_model
 
 dlib = pytest.importorskip("dlib")
 
@@ -87,7 +87,7 @@ def test_the_conversion_is_kept_and_loaded_weights_only(dlib_file, tmp_path, mon
     def no_parsing(path):
         raise AssertionError("dlib's file was parsed again")
 
-    monkeypatch.setattr("featgender.face_resnet.read_dlib_model", no_parsing)
+    monkeypatch.setattr("featgender.faces.resnet.read_dlib_model", no_parsing)
     second = converted_state_dict(dlib_file, tmp_path)
     assert all(torch.equal(first[key], second[key]) for key in first)
     # and a converted file works as --weights PATH, like any state_dict

@@ -16,7 +16,7 @@ at the end of each dimension. Stride-2 layers have no padding, stride-1 3x3 conv
 pad 1. dlib's affine layers are batch norm already folded to a scale and shift; here they
 are folded into the convolution before them.
 
-:func:`read_dlib_model` reads the ``.dat`` file (:mod:`featgender.dlib_format`) into this
+:func:`read_dlib_model` reads the ``.dat`` file (:mod:`featgender.faces.dlib_format`) into this
 module's ``state_dict``; :func:`converted_state_dict` does it once per file and keeps the
 result beside torch's other checkpoints, loaded with ``weights_only=True`` ever after.
 """
@@ -24,7 +24,6 @@ result beside torch's other checkpoints, loaded with ``weights_only=True`` ever 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from featgender.dlib_format import DlibReader
 from featgender.errors import FeatgenderError
-from featgender.faces import CHIP_SIZE
+from featgender.faces.align import CHIP_SIZE
+from featgender.faces.dlib_format import DlibReader, folded_convolutions, read_layers
 from featgender.files import atomic_write, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -133,103 +132,6 @@ def _file_layers() -> list[tuple]:
     return layers + [("avg_pool", 0, 1), ("fc", DESCRIPTOR_DIM)]
 
 
-def _read_layer(reader: DlibReader, layer: tuple) -> np.ndarray | None:
-    """One layer's record; returns its parameter values (con: weights then biases; affine:
-    gamma then beta; fc: the (inputs x outputs) matrix), None for layers without."""
-    return _LAYER_READERS[layer[0]](reader, layer)
-
-
-def _read_con(reader: DlibReader, layer: tuple) -> np.ndarray:
-    version = reader.expect("con_4", "con_5", "con_6")
-    params = reader.tensor()
-    filters, rows, cols, stride_y, stride_x, pad_y, pad_x = (reader.integer() for _ in range(7))
-    reader.alias_tensor(), reader.alias_tensor()
-    for _ in range(4):  # learning-rate and weight-decay multipliers
-        reader.real()
-    if version != "con_4":
-        reader.boolean()  # use_bias
-    if version == "con_6":
-        reader.boolean()  # use_relu
-    _, wanted_filters, size, stride = layer
-    padding = 0 if stride != 1 else size // 2
-    if (filters, rows, cols, stride_y, stride_x, pad_y, pad_x) != (
-        wanted_filters, size, size, stride, stride, padding, padding,
-    ):  # fmt: skip
-        raise reader.error(
-            f"a convolution of {filters} {rows}x{cols} filters, stride {stride_y}, where "
-            f"{wanted_filters} {size}x{size} filters, stride {stride} belong"
-        )
-    return params.ravel()
-
-
-def _read_affine(reader: DlibReader, layer: tuple) -> np.ndarray:
-    version = reader.expect("affine_", "affine_2")
-    params = reader.tensor()
-    reader.alias_tensor(), reader.alias_tensor()
-    reader.integer()  # mode
-    if version == "affine_2":
-        reader.boolean()  # disabled
-    return params.ravel()
-
-
-def _read_relu(reader: DlibReader, layer: tuple) -> None:
-    if reader.expect("relu_", "relu_2") == "relu_2":
-        reader.boolean()  # disabled
-
-
-def _read_pool(reader: DlibReader, layer: tuple) -> None:
-    kind = layer[0]
-    reader.expect(f"{kind}_2")
-    rows, cols, stride_y, stride_x, pad_y, pad_x = (reader.integer() for _ in range(6))
-    if (rows, cols, stride_y, stride_x, pad_y, pad_x) != (layer[1], layer[1], layer[2], layer[2], 0, 0):
-        raise reader.error(
-            f"a {kind} of {rows}x{cols}, stride {stride_y} where {layer[1]}x{layer[1]}, stride {layer[2]} belongs"
-        )
-
-
-def _read_add_prev(reader: DlibReader, layer: tuple) -> None:
-    reader.expect("add_prev_")
-
-
-def _read_fc(reader: DlibReader, layer: tuple) -> np.ndarray:
-    version = reader.expect("fc_2", "fc_3")
-    outputs, inputs = reader.integer(), reader.integer()
-    params = reader.tensor()
-    reader.alias_tensor(), reader.alias_tensor()
-    if reader.integer() != 1:  # fc_bias_mode FC_NO_BIAS
-        raise reader.error("a fully connected layer with a bias, where dlib's has none")
-    for _ in range(4):
-        reader.real()
-    if version == "fc_3":
-        reader.boolean()
-    if outputs != layer[1]:
-        raise reader.error(f"{outputs} descriptor values, want {layer[1]}")
-    return params.ravel().reshape(inputs, outputs)
-
-
-# each kind of _file_layers' records, read the way dlib wrote it
-_LAYER_READERS: dict[str, Callable[[DlibReader, tuple], np.ndarray | None]] = {
-    "con": _read_con,
-    "affine": _read_affine,
-    "relu": _read_relu,
-    "max_pool": _read_pool,
-    "avg_pool": _read_pool,
-    "add_prev": _read_add_prev,
-    "fc": _read_fc,
-}
-
-
-def _read_layer_state(reader: DlibReader, version: int, next_to_input: bool) -> None:
-    """What dlib's add_layer writes after its layer's record: flags and (empty) work tensors."""
-    for _ in range(3):  # setup called, gradient input stale, output and gradient input disabled
-        reader.boolean()
-    reader.tensor(), reader.tensor()  # x_grad, cached_output
-    if next_to_input or version >= 2:
-        reader.tensor()  # grad_final (next to the input) or params_grad
-    if next_to_input and version >= 3:
-        reader.integer()  # sample expansion factor
-
-
 def read_dlib_model(path: str | Path) -> dict[str, torch.Tensor]:
     """The :class:`FaceResNet` ``state_dict`` held in dlib's ``.dat`` model file ``path``."""
     reader = DlibReader.open(path)
@@ -238,39 +140,25 @@ def read_dlib_model(path: str | Path) -> dict[str, torch.Tensor]:
     if reader.expect("loss_metric_", "loss_metric_2") == "loss_metric_2":
         reader.real(), reader.real()  # margin, distance threshold: training only
     layers = _file_layers()
-    # every layer wrapper writes its version, then what it wraps: from the output down to the input
-    versions = [reader.integer() for _ in layers][::-1]
-    reader.expect("input_rgb_image_sized")
-    input_mean = [reader.real() for _ in range(3)]
-    if (reader.integer(), reader.integer()) != (CHIP_SIZE, CHIP_SIZE):
-        raise reader.error(f"an input of another size than {CHIP_SIZE}x{CHIP_SIZE}")
-    values = []
-    for index, (layer, version) in enumerate(zip(layers, versions, strict=True)):
-        if layer[0] in ("tag", "skip"):
-            continue
-        values.append((layer, _read_layer(reader, layer)))
-        _read_layer_state(reader, version, next_to_input=index == 0)
-    if not reader.at_end():
-        raise reader.error("more data after the network")
+    input_mean: list[float] = []
+
+    def read_input(reader: DlibReader) -> None:
+        reader.expect("input_rgb_image_sized")
+        input_mean.extend(reader.real() for _ in range(3))
+        if (reader.integer(), reader.integer()) != (CHIP_SIZE, CHIP_SIZE):
+            raise reader.error(f"an input of another size than {CHIP_SIZE}x{CHIP_SIZE}")
+
+    values = read_layers(reader, layers, read_input)
     return _state_dict(values, input_mean)
 
 
 def _state_dict(values: list[tuple[tuple, Any]], input_mean: list[float]) -> dict[str, torch.Tensor]:
-    """Fold each affine into the convolution before it and name the tensors as FaceResNet does."""
+    """Name the tensors as FaceResNet does, each affine folded into the convolution before it."""
     names = ["conv1"] + [f"blocks.{i}.conv{j}" for i in range(len(BLOCKS)) for j in (1, 2)]
-    convolutions, in_channels = [], 3
     state = {"input_mean": torch.tensor(input_mean, dtype=torch.float32).view(1, 3, 1, 1)}
-    for (layer, params), (next_layer, next_params) in zip(values, values[1:] + [((None,), None)], strict=True):
-        if layer[0] == "con":
-            _, filters, size, _ = layer
-            if next_layer[0] != "affine" or next_params.size != 2 * filters:
-                raise FeatgenderError("dlib model: a convolution not followed by its affine layer")
-            weights = params[: filters * in_channels * size * size].reshape(filters, in_channels, size, size)
-            biases = params[filters * in_channels * size * size :]
-            gamma, beta = next_params[:filters].astype(np.float64), next_params[filters:].astype(np.float64)
-            convolutions.append((weights * gamma[:, None, None, None], biases * gamma + beta))
-            in_channels = filters
-        elif layer[0] == "fc":
+    convolutions = folded_convolutions(values)
+    for layer, params in values:
+        if layer[0] == "fc":
             state["descriptor.weight"] = torch.from_numpy(np.ascontiguousarray(params.T, dtype=np.float32))
     for name, (weights, biases) in zip(names, convolutions, strict=True):
         state[f"{name}.weight"] = torch.from_numpy(weights.astype(np.float32))

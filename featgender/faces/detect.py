@@ -1,0 +1,193 @@
+"""Finding faces in pictures, with dlib: the HOG detector, then dlib's CNN (MMOD) detector, and
+the crops cut around the faces found (the face step of ``predict --faces photo``).
+
+dlib's models come from the ``face_recognition_models`` package and run with ``dlib-bin``
+(prebuilt wheels): ``pip install 'featgender[faces]'``; no network needed. numpy and dlib
+only: an exported model (:mod:`featgender.runtime`) finds faces with the same code without torch.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from featgender.errors import FeatgenderError
+
+if TYPE_CHECKING:
+    import torch
+
+FACE_CROP_SCALE = 1.8  # side of a face crop cut from a photo, in detector boxes
+DETECTION_MAX_SIDE = 1280
+MODEL_FILES = {
+    "recognition": "dlib_face_recognition_resnet_model_v1.dat",
+    "landmarks": "shape_predictor_5_face_landmarks.dat",
+    "cnn_detector": "mmod_human_face_detector.dat",
+}
+
+
+def _dlib():
+    # dlib's CNN runs its layers on a thread pool made at first use; a loader worker forked
+    # after that inherits the pool without its threads and waits forever on its first CNN
+    # detection. No pool (its tasks run in the calling thread): every process stays forkable.
+    os.environ.setdefault("DLIB_NUM_THREADS", "0")
+    try:
+        import dlib
+    except ImportError:
+        raise FeatgenderError("dlib_resnet: dlib is missing; pip install 'featgender[faces]'") from None
+    return dlib
+
+
+def dlib_model_file(kind: str) -> Path:
+    """Path of one of the model files shipped by ``face_recognition_models``."""
+    spec = importlib.util.find_spec("face_recognition_models")  # its __init__ needs pkg_resources: not imported
+    if spec is None or not spec.submodule_search_locations:
+        raise FeatgenderError("dlib_resnet: face_recognition_models is missing; pip install 'featgender[faces]'")
+    return Path(spec.submodule_search_locations[0]) / "models" / MODEL_FILES[kind]
+
+
+Box = tuple[int, int, int, int]  # left, top, right, bottom, in pixels
+CNN_UPSAMPLE_MAX_SIDE = 800  # head-and-shoulders portraits of 160-600 px are in
+
+
+class FaceDetector:
+    """Face boxes in a uint8 (H, W, 3) RGB array, largest first.
+
+    dlib's HOG detector; where it finds nothing, HOG on the 2x upsampled image (small faces);
+    then dlib's CNN (MMOD) detector when its model file is given (faces turned away, badly
+    lit, or filling the frame of a tight crop, where HOG finds nothing), and in pictures of at
+    most ``CNN_UPSAMPLE_MAX_SIDE`` pixels the CNN on the picture upsampled 2x (bilinear; small,
+    low-contrast faces: it found 13 of the 16 faces the steps before missed in 500 of
+    celeba_10k's 89 x 109 images). The CNN runs in torch where torch is installed
+    (:class:`featgender.faces.mmod.MMODDetector`, 8-16x dlib's on 2 cores), else in dlib: the
+    same boxes within a pixel. The models load lazily, once per process.
+    """
+
+    def __init__(self, cnn_detector_file: str | None = None):
+        self.cnn_detector_file = cnn_detector_file
+        self._models: tuple[Any, Any] | None = None  # HOG, and the CNN as a function of pixels, once loaded
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_models": None}  # dlib objects stay in the process that made them
+
+    def _load(self) -> tuple[Any, Any]:
+        if self._models is None:
+            dlib = _dlib()
+            self._models = (dlib.get_frontal_face_detector(), cnn_detector(self.cnn_detector_file))
+        return self._models
+
+    def __call__(self, pixels: np.ndarray) -> list[Box]:
+        hog, cnn = self._load()
+        small = max(pixels.shape[:2]) <= CNN_UPSAMPLE_MAX_SIDE
+
+        def rectangles(found) -> list[Box]:
+            return [(rect.left(), rect.top(), rect.right(), rect.bottom()) for rect in found]
+
+        for detect in (
+            lambda: rectangles(hog(pixels, 0)),
+            lambda: rectangles(hog(pixels, 1)),
+            lambda: cnn(pixels) if cnn is not None else [],
+            lambda: _halved(cnn(upsampled(pixels))) if cnn is not None and small else [],
+        ):
+            boxes = detect()
+            if boxes:
+                return sorted(boxes, key=lambda box: (box[2] - box[0] + 1) * (box[3] - box[1] + 1), reverse=True)
+        return []
+
+
+def cnn_detector(dat_file: str | None) -> Callable[[np.ndarray], list[Box]] | None:
+    """dlib's CNN face detector as a function of a uint8 (H, W, 3) picture: in torch where torch
+    is installed (one thread), else dlib's own; None without a model file."""
+    if not dat_file:
+        return None
+    if importlib.util.find_spec("torch") is not None:
+        from featgender.faces.mmod import MMODDetector
+
+        return MMODDetector(dat_file)
+    net = _dlib().cnn_face_detection_model_v1(dat_file)
+    return lambda pixels: [(d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()) for d in net(pixels, 0)]
+
+
+def upsampled(pixels: np.ndarray) -> np.ndarray:
+    """A uint8 (H, W, 3) picture at twice its size (bilinear), for the CNN's small faces."""
+    from PIL import Image
+
+    height, width = pixels.shape[:2]
+    return np.asarray(Image.fromarray(pixels).resize((2 * width, 2 * height), Image.Resampling.BILINEAR))
+
+
+def _halved(boxes: list[Box]) -> list[Box]:
+    return [tuple(value // 2 for value in box) for box in boxes]  # type: ignore[misc]
+
+
+def default_detector() -> FaceDetector:
+    """HOG, then dlib's CNN detector from ``face_recognition_models``."""
+    _dlib()
+    return FaceDetector(str(dlib_model_file("cnn_detector")))
+
+
+def find_faces(picture, detector: FaceDetector, max_side: int = DETECTION_MAX_SIDE) -> list[Box]:
+    """Face boxes in a PIL image, largest first, found on a copy at most ``max_side`` pixels
+    wide and high (HOG on a 12-megapixel photo takes seconds; faces stay large enough)."""
+    scale = min(1.0, max_side / max(picture.size))
+    if scale < 1.0:
+        picture = picture.resize((round(picture.width * scale), round(picture.height * scale)))
+    boxes = detector(np.ascontiguousarray(np.asarray(picture.convert("RGB"))))
+    return [tuple(round(value / scale) for value in box) for box in boxes]
+
+
+# Where crop_face puts the detector's (square) box inside the crop it cuts.
+BOX_IN_FACE_CROP = ((FACE_CROP_SCALE - 1) / (2 * FACE_CROP_SCALE),) * 2 + (
+    (FACE_CROP_SCALE + 1) / (2 * FACE_CROP_SCALE),
+) * 2
+
+
+def crop_face(image, box: Box, scale: float = FACE_CROP_SCALE):
+    """The square around ``box`` with side ``scale`` times its larger side, as a PIL image.
+
+    Detector boxes hug the inner face; dataset face crops (CelebA, UTKFace) also show hair,
+    ears and chin, about ``FACE_CROP_SCALE`` times the box. Outside the image is black.
+    """
+    left, top, right, bottom = box
+    half = scale * max(right - left, bottom - top) / 2
+    x, y = (left + right) / 2, (top + bottom) / 2
+    return image.crop(tuple(round(value) for value in (x - half, y - half, x + half, y + half)))
+
+
+def cut_faces(picture, detector: FaceDetector, all_faces: bool = False) -> list[tuple[Box, object]]:
+    """The face step: (box, face crop as a PIL image) for the largest face found in a PIL
+    picture, or for every face with ``all_faces``; [] when there is none."""
+    boxes = find_faces(picture, detector)[: None if all_faces else 1]
+    return [(box, crop_face(picture, box)) for box in boxes]
+
+
+class PhotoFaceStep:
+    """Loader step for photo datasets: find the largest face, cut it as dataset crops are
+    framed (:func:`crop_face`), then run ``then`` (the backbone's own loader step, if any).
+
+    A photo without a face raises :class:`FeatgenderError` 'no face found': extraction
+    records it among the failed images, which stay out of training and metrics.
+    """
+
+    def __init__(self, detector: FaceDetector, then=None):
+        self.detector = detector
+        self.then = then
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        import torch
+
+        face = torch.from_numpy(self.face(image.permute(1, 2, 0).numpy())).permute(2, 0, 1)
+        return face if self.then is None else self.then(face)
+
+    def face(self, pixels: np.ndarray) -> np.ndarray:
+        """The largest face of a uint8 (H, W, 3) picture, cut as a uint8 (h, w, 3) crop."""
+        from PIL import Image
+
+        faces = cut_faces(Image.fromarray(np.ascontiguousarray(pixels)), self.detector)
+        if not faces:
+            raise FeatgenderError("no face found")
+        return np.array(faces[0][1])

@@ -1,0 +1,95 @@
+"""dlib's CNN face detector in torch (featgender.faces.mmod) against dlib's own, on real faces
+from ../shared (skips without dlib or ../shared)."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("dlib")
+
+from featgender.errors import FeatgenderError  # noqa: E402
+from featgender.faces import dlib_model_file  # noqa: E402
+from featgender.faces.mmod import MMODDetector, pyramid_tiles, read_mmod_model  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def detector():
+    return MMODDetector()
+
+
+@pytest.fixture(scope="module")
+def real_pictures(shared_faces, group_photo):
+    """Pictures of several kinds and sizes: CelebA's 178 x 218 aligned faces, UTKFace's 200 x 200
+    crops, the same cut tight (the face fills the frame), a two-face photo, a portrait in a
+    larger scene, and a picture of no face."""
+    celeba = sorted((shared_faces / "celeba_15k" / "img_align_celeba").glob("*.jpg"))[:8]
+    utk = sorted((shared_faces / "utkface" / "images").glob("*.jpg"))[:8]
+    pictures = [np.asarray(Image.open(path).convert("RGB")) for path in celeba + utk]
+    pictures += [
+        np.asarray(Image.open(path).convert("RGB").crop((40, 40, 160, 160)).resize((224, 224))) for path in utk
+    ]
+    pictures.append(np.asarray(Image.open(group_photo).convert("RGB")))
+    scene = Image.open(utk[0]).convert("RGB").resize((480, 640))
+    scene.paste(Image.open(utk[1]).convert("RGB").resize((180, 180)), (150, 200))
+    pictures.append(np.asarray(scene))
+    pictures.append(np.full((300, 400, 3), 128, dtype=np.uint8))
+    return [np.ascontiguousarray(picture) for picture in pictures]
+
+
+def dlib_detections(pictures):
+    import dlib
+
+    net = dlib.cnn_face_detection_model_v1(str(dlib_model_file("cnn_detector")))
+    return [
+        [((d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()), d.confidence) for d in net(picture, 0)]
+        for picture in pictures
+    ]
+
+
+def test_same_boxes_and_scores_as_dlibs_own_detector(detector, real_pictures):
+    ours = detector.detect(real_pictures)
+    theirs = dlib_detections(real_pictures)
+    assert sum(map(len, theirs)) >= len(real_pictures) - 3  # faces found: the comparison is not of empty lists
+    assert ours[-1] == [] and ours[-4] != []  # no face in the grey picture; the group photo's found
+    assert len(ours[-3]) == 2
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert len(mine) == len(reference)
+        for (box, score), (their_box, their_score) in zip(
+            sorted(mine, key=lambda found: found[0]), sorted(reference, key=lambda found: found[0]), strict=True
+        ):
+            assert max(abs(a - b) for a, b in zip(box, their_box, strict=True)) <= 1
+            assert score == pytest.approx(their_score, abs=1e-3)
+
+
+def test_a_batch_finds_what_each_picture_finds_alone(detector, real_pictures):
+    same_size = [picture for picture in real_pictures if picture.shape == real_pictures[0].shape]
+    assert len(same_size) >= 4
+    batched = MMODDetector(batch_size=3).detect(same_size)
+    alone = [detector.detect([picture])[0] for picture in same_size]
+    for together, single in zip(batched, alone, strict=True):
+        assert [box for box, _ in together] == [box for box, _ in single]
+        np.testing.assert_allclose([s for _, s in together], [s for _, s in single], atol=1e-4)
+
+
+def test_the_tiled_pyramid_is_laid_out_as_dlibs():
+    # a 200 x 200 picture: every level fits in one column; a wide one doubles back beside the first
+    tiles, rows, cols = pyramid_tiles(200, 200)
+    assert tiles[0] == (11, 11, 210, 210) and cols == 222
+    assert all(bottom < next_top for (_, _, _, bottom), (_, next_top, _, _) in zip(tiles, tiles[1:], strict=False))
+    assert tiles[1] == (11, 221, 176, 386)  # floor(200 * 5 / 6) = 166 rows, 10 pixels below the first
+    wide, _, wide_cols = pyramid_tiles(400, 1200)
+    assert wide_cols == 1222 and any(left > 11 for left, _, _, _ in wide[1:])  # a second column
+    assert min(bottom - top + 1 for _, top, _, bottom in tiles) >= 5
+
+
+def test_a_broken_detector_file_is_one_clear_error(tmp_path):
+    data = dlib_model_file("cnn_detector").read_bytes()
+    truncated = tmp_path / "mmod.dat"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(FeatgenderError, match="mmod.dat: not a dlib model file"):
+        read_mmod_model(truncated)
+    other = dlib_model_file("landmarks")  # a dlib file, of another kind
+    with pytest.raises(FeatgenderError, match="not a dlib"):
+        read_mmod_model(other)
+    with pytest.raises(FeatgenderError, match="missing"):
+        MMODDetector(tmp_path / "absent.dat").load()
