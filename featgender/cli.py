@@ -67,7 +67,7 @@ FaceBoxOption = typer.Option(
 DataOption = typer.Option(
     ..., "--data", help="Dataset: CelebA folder (official or Kaggle layout), class folders, or a CSV file/folder."
 )
-FormatOption = typer.Option(None, "--format", help="auto (default), celeba, celeba-kaggle, folder or csv.")
+FormatOption = typer.Option(None, "--format", help="auto (default), celeba, celeba-kaggle, fairface, folder or csv.")
 LimitOption = typer.Option(None, "--limit", help="Use a seeded subset of N images, stratified by split and label.")
 BackboneOption = typer.Option(
     None, "--backbone", "-b", help=f"Backbone name (see `featgender backbones`); default {DEFAULT_BACKBONE}."
@@ -464,7 +464,10 @@ def predict(
         "--faces",
         help=(
             "crop: each image is a face crop, classified whole; photo: find faces first (dlib, extra 'faces') and "
-            "print each with its box; auto: photo for --all-faces or face-finding backbones (dlib_resnet), else crop."
+            "print each with its box; auto (default): photo for --all-faces; with a face-finding backbone "
+            "(dlib_resnet) each image by its size: crops of at most 512 px whole, larger pictures as photos; "
+            "else crop. "
+            "Each line says which way its image went."
         ),
     ),
     all_faces: bool = typer.Option(
@@ -505,7 +508,8 @@ def predict(
             typer.echo(f"{prediction.image}: error: {prediction.error}", err=True)
         else:
             box = "" if prediction.box is None else "\tbox=" + ",".join(map(str, prediction.box))
-            typer.echo(f"{prediction.image}\t{prediction.label}\t{prediction.probability:.4f}{box}")
+            line = f"{prediction.image}\t{prediction.label}\t{prediction.probability:.4f}\t{prediction.route}{box}"
+            typer.echo(line)
     if csv is not None:
         typer.echo(f"wrote {write_predictions_csv(predictions, csv)} rows to {csv}", err=True)
     no_face = sum(1 for p in predictions if p.error == NO_FACE)

@@ -11,7 +11,8 @@ import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,27 +30,55 @@ from featgender.images import decode_image
 @dataclass
 class Prediction:
     """One image's (or face's) result: label 'male'/'female' and P(male), or the error that
-    stopped it; ``box`` (left, top, right, bottom) when the face was found in a photo."""
+    stopped it; ``box`` (left, top, right, bottom) when the face was found in a photo;
+    ``route``: how the image went, 'crop' (a face crop, classified whole) or 'photo' (its
+    faces found first)."""
 
     image: str
     label: str | None
     probability: float | None
     error: str = ""
     box: tuple[int, int, int, int] | None = None
+    route: str = "crop"
 
 
 FACE_MODES = ("auto", "crop", "photo")
 NO_FACE = "no face found"
+# 'auto' on a face-finding model: an image at most this large (its longer side, in pixels) is
+# a face crop, classified whole as `--faces crop` does (dataset crops: CelebA 178 x 218,
+# UTKFace 200, FairFace 224, LFW 250, and 256 or 512 crops); a larger one is a photo
+CROP_MAX_SIDE = 512
 
 
 def _name(image, index: int) -> str:
     return str(image) if isinstance(image, (str, os.PathLike)) else f"image {index}"
 
 
-def _prediction(name: str, probability: float, error: str, box=None) -> Prediction:
+def _prediction(name: str, probability: float, error: str, box=None, route: str = "crop") -> Prediction:
     if error:
-        return Prediction(name, None, None, error, box)
-    return Prediction(name, LABEL_NAMES[int(probability >= 0.5)], float(probability), "", box)
+        return Prediction(name, None, None, error, box, route)
+    return Prediction(name, LABEL_NAMES[int(probability >= 0.5)], float(probability), "", box, route)
+
+
+def image_size(image) -> tuple[int, int] | None:
+    """(width, height) of an image path (from its header, nothing decoded) or PIL image; None
+    for a file that does not open (its error is reported where it is decoded)."""
+    if isinstance(image, Image.Image):
+        return image.size
+    try:
+        with Image.open(image) as opened:
+            return opened.size
+    except Exception:
+        return None
+
+
+def route(image) -> str:
+    """'crop' or 'photo': how ``predict(faces='auto')`` takes an image on a face-finding model,
+    decided from its size alone (:data:`CROP_MAX_SIDE`): no pixel is decoded twice, and a crop
+    costs what `extract` spends on it. A crop is aligned where its face sits (``face_box``); a
+    photo goes through the face step."""
+    size = image_size(image)
+    return "photo" if size is not None and max(size) > CROP_MAX_SIDE else "crop"
 
 
 class ImagePredictor:
@@ -101,21 +130,34 @@ class ImagePredictor:
         ``faces``: 'crop' classifies each image whole, as the training face crops were;
         'photo' finds the faces first and classifies the largest (every one with
         ``all_faces``), each with its box; an image without a face gets the error
-        'no face found' and no label. 'auto' is 'photo' with ``all_faces`` or when the model's
-        backbone finds faces itself (``input_kind`` 'photo'), else 'crop'.
+        'no face found' and no label. 'auto' is 'photo' with ``all_faces``; on a model whose
+        backbone finds faces itself (``input_kind`` 'photo'), each image is decided by its
+        size (:func:`route`): crops of at most :data:`CROP_MAX_SIDE` pixels whole, larger
+        pictures as photos; else 'crop'. Each prediction says its ``route``.
         """
         if faces not in FACE_MODES:
             raise FeatgenderError(f"--faces {faces!r}: choose one of {', '.join(FACE_MODES)}")
         images = list(images)
-        if faces == "crop" or (faces == "auto" and not all_faces and self.input_kind != "photo"):
-            probabilities, errors = self.probabilities(images, progress)
-            return [
-                _prediction(_name(image, i), p, error)
-                for i, (image, p, error) in enumerate(zip(images, probabilities, errors, strict=True))
-            ]
-        return self._predict_faces(images, all_faces, progress)
+        if faces == "auto":
+            if all_faces:
+                routes = ["photo"] * len(images)
+            else:
+                routes = [route(image) if self.input_kind == "photo" else "crop" for image in images]
+        else:
+            routes = [faces] * len(images)
+        results: list[list[Prediction]] = [[] for _ in images]
+        for kind, predict in (("crop", self._predict_crops), ("photo", partial(self._predict_faces, all_faces))):
+            indices = [index for index, image_route in enumerate(routes) if image_route == kind]
+            if indices:
+                for index, found in zip(indices, predict([images[i] for i in indices], progress), strict=True):
+                    results[index] = [replace(prediction, image=_name(images[index], index)) for prediction in found]
+        return [prediction for found in results for prediction in found]
 
-    def _predict_faces(self, images: list, all_faces: bool, progress: bool) -> list[Prediction]:
+    def _predict_crops(self, images: list, progress: bool) -> list[list[Prediction]]:
+        probabilities, errors = self.probabilities(images, progress)
+        return [[_prediction("", p, error)] for p, error in zip(probabilities, errors, strict=True)]
+
+    def _predict_faces(self, all_faces: bool, images: list, progress: bool) -> list[list[Prediction]]:
         from featgender.faces import cut_faces, default_detector
 
         def faces_in(detector, image) -> str | list:  # an error, or [(box, crop), ...]
@@ -130,12 +172,13 @@ class ImagePredictor:
         crops = [crop for faces in found if isinstance(faces, list) for _, crop in faces]
         probabilities, errors = self.probabilities(crops, progress, face_crops=True) if crops else (np.empty(0), [])
         results, next_crop = [], 0
-        for index, (image, faces) in enumerate(zip(images, found, strict=True)):
+        for faces in found:
             if isinstance(faces, str):
-                results.append(Prediction(_name(image, index), None, None, faces))
+                results.append([Prediction("", None, None, faces, route="photo")])
                 continue
+            results.append([])
             for box, _ in faces:
-                results.append(_prediction(_name(image, index), probabilities[next_crop], errors[next_crop], box))
+                results[-1].append(_prediction("", probabilities[next_crop], errors[next_crop], box, "photo"))
                 next_crop += 1
         return results
 

@@ -154,6 +154,38 @@ def test_a_group_photo_gives_one_prediction_per_face_with_its_box(dlib_model, gr
     assert len(lines) == 2 and "1 of 2 images: no face found" in result.stderr
 
 
+def test_by_default_each_image_is_routed_as_a_crop_or_a_photo_and_says_which(dlib_model, group_photo, tmp_path):
+    """On a face-finding model, 'auto' takes crops whole (as --faces crop: same P(male)) and
+    finds the faces of larger pictures first (as --faces photo); each prediction says which."""
+    from typer.testing import CliRunner
+
+    import featgender
+    from featgender.cli import app
+    from featgender.predictor import CROP_MAX_SIDE, route
+
+    model_path, paths, _ = dlib_model
+    Image.new("RGB", (800, 600), (200, 200, 200)).save(tmp_path / "wall.jpg")
+    tight = tmp_path / "tight.jpg"  # the face fills the frame: HOG misses it
+    Image.open(paths[0]).convert("RGB").crop((40, 40, 160, 160)).resize((224, 224)).save(tight, quality=95)
+    images = [*paths[:6], tight, group_photo, tmp_path / "wall.jpg"]
+    assert [route(image) for image in images] == ["crop"] * 7 + ["photo"] * 2
+    assert route(Image.new("RGB", (CROP_MAX_SIDE, 300))) == "crop" and route(tmp_path / "absent.jpg") == "crop"
+    predictor = featgender.load(model_path)
+    auto = predictor.predict(images)
+    crop = predictor.predict(images[:7], faces="crop")
+    photo = predictor.predict(images[7:], faces="photo")
+    assert [p.route for p in auto] == ["crop"] * 7 + ["photo"] * 2 and [p.image for p in auto] == list(map(str, images))
+    assert [p.probability for p in auto[:7]] == pytest.approx([p.probability for p in crop], abs=1e-6)
+    assert auto[7].box == photo[0].box and auto[7].probability == pytest.approx(photo[0].probability, abs=1e-6)
+    assert auto[8].error == "no face found" and auto[8].label is None
+    assert all(p.box is None and p.label for p in auto[:7])
+    assert {p.route for p in predictor.predict(images[:3], all_faces=True)} == {"photo"}
+    result = CliRunner().invoke(app, ["predict", "--model", str(model_path), str(tight), str(group_photo)])
+    assert result.exit_code == 0, result.output
+    tight_line, group_line = [line for line in result.stdout.splitlines() if "\t" in line]
+    assert tight_line.split("\t")[3] == "crop" and group_line.split("\t")[3] == "photo" and "box=" in group_line
+
+
 def test_photo_datasets_go_through_the_face_step(shared_faces, tmp_path):
     from conftest import photo_dataset
 
