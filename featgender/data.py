@@ -23,7 +23,7 @@ logger = logging.getLogger(__name__)
 
 LABEL_NAMES = ("female", "male")
 SPLITS = ("train", "valid", "test")
-FORMATS = ("celeba", "celeba-kaggle", "folder", "csv")
+FORMATS = ("celeba", "celeba-kaggle", "fairface", "folder", "csv")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 
 _LABEL_WORDS = {
@@ -138,7 +138,7 @@ def parse_label(value: str, where: str) -> int:
 
 
 def detect_format(path: Path) -> str:
-    """Which layout ``path`` holds: 'celeba', 'celeba-kaggle', 'csv' or 'folder'."""
+    """Which layout ``path`` holds: 'celeba', 'celeba-kaggle', 'fairface', 'csv' or 'folder'."""
     path = Path(path)
     if not path.exists():
         raise FeatgenderError(f"--data {path}: no such file or folder")
@@ -152,13 +152,16 @@ def detect_format(path: Path) -> str:
         return "celeba-kaggle"
     if (path / "celeba" / "list_attr_celeba.txt").is_file():  # torchvision's download layout
         return "celeba"
+    if any((path / name).is_file() for name in FAIRFACE_LABELS.values()):
+        return "fairface"
     if len(list(path.glob("*.csv"))) == 1:
         return "csv"
     if _class_folders(path) or any(_class_folders(path / s) for s in _split_folders(path)):
         return "folder"
     raise FeatgenderError(
-        f"--data {path}: not a recognised dataset (CelebA list_attr_celeba.txt/.csv, "
-        "<class>/ image folders, or one CSV of image paths and labels)"
+        f"--data {path}: not a recognised dataset (CelebA list_attr_celeba.txt/.csv, FairFace's "
+        "fairface_label_train.csv and fairface_label_val.csv, <class>/ image folders, or one CSV of image paths "
+        "and labels)"
     )
 
 
@@ -178,7 +181,8 @@ def load_dataset(
     path : dataset folder, or a CSV file.
     format : 'auto' (detect) or one of :data:`FORMATS`.
     limit : keep a seeded subset of this many images, stratified by split and label.
-    seed : seed of the subset and of the 80/10/10 split of datasets that have none.
+    seed : seed of the subset, of the 80/10/10 split of datasets that have none, and of
+        FairFace's valid carve-out.
     image_column, label_column : CSV columns, when not recognised by name.
 
     Examples
@@ -193,6 +197,7 @@ def load_dataset(
     readers = {
         "celeba": _read_celeba,
         "celeba-kaggle": _read_celeba_kaggle,
+        "fairface": lambda p: _read_fairface(p, seed),
         "folder": _read_folder,
         "csv": lambda p: _read_csv(p, image_column, label_column),
     }
@@ -245,6 +250,75 @@ def _make(root, format, image_ids, paths, labels, splits, split_source, **attrib
         splits=np.asarray(splits, dtype=np.int8),
         split_source=split_source,
         **attributes,
+    )
+
+
+# --- FairFace -----------------------------------------------------------------------
+
+FAIRFACE_LABELS = {"train": "fairface_label_train.csv", "val": "fairface_label_val.csv"}
+FAIRFACE_COLUMNS = ("file", "age", "gender", "race")
+FAIRFACE_AGES = ("0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70")
+FAIRFACE_VALID_FRACTION = 0.1
+
+
+def _read_fairface(root: Path, seed: int) -> FaceDataset:
+    """FairFace's own layout (Karkkainen & Joo 2021): ``fairface_label_train.csv`` and
+    ``fairface_label_val.csv`` (file,age,gender,race[,service_test]; ``file`` like
+    ``train/12.jpg``, relative to ``root``), either margin's download, whole or a subset.
+
+    Splits as the literature reports FairFace: test = FairFace's val, never trained or tuned
+    on; train = FairFace's train less a seeded valid carve-out (a tenth, stratified by race x
+    gender). Rows whose image is not here are left out (a subset of the images with the full
+    label files). Attributes: age (FairFace's bins, in age order), race, service_test.
+    """
+    rows: list[tuple[str, dict]] = []
+    for part, name in FAIRFACE_LABELS.items():
+        label_file = root / name
+        if not label_file.is_file():
+            raise FeatgenderError(
+                f"{label_file}: missing (FairFace layout: both {' and '.join(FAIRFACE_LABELS.values())})"
+            )
+        with open(label_file, newline="") as handle:
+            reader = csv.DictReader(handle)
+            missing = [column for column in FAIRFACE_COLUMNS if column not in (reader.fieldnames or [])]
+            if missing:
+                raise FeatgenderError(
+                    f"{label_file}: no column {missing[0]!r} (FairFace's are {','.join(FAIRFACE_COLUMNS)})"
+                )
+            rows += [(part, row) for row in reader]
+    rows = [(part, row) for part, row in rows if (root / row["file"]).is_file()]
+    if not rows:
+        raise FeatgenderError(f"--data {root}: FairFace label files, but none of their images (train/, val/) are here")
+    image_ids = [row["file"] for _, row in rows]
+    _refuse_duplicates(image_ids, root / FAIRFACE_LABELS["train"], 2)
+    labels = [parse_label(row["gender"], f"{root}: {row['file']}") for _, row in rows]
+    ages = [row["age"].strip() for _, row in rows]
+    unknown = sorted(set(ages) - set(FAIRFACE_AGES))
+    if unknown:
+        raise FeatgenderError(f"{root}: age {unknown[0]!r} is not one of FairFace's bins ({', '.join(FAIRFACE_AGES)})")
+    races = sorted({row["race"].strip() for _, row in rows})
+    columns = [
+        [FAIRFACE_AGES.index(age) for age in ages],
+        [races.index(row["race"].strip()) for _, row in rows],
+        [int(row.get("service_test", "").strip().lower() == "true") for _, row in rows],
+    ]
+    splits = np.array([2 if part == "val" else 0 for part, _ in rows], dtype=np.int8)
+    rng = np.random.default_rng(seed)
+    for stratum in set(zip(labels, columns[1], strict=True)):
+        members = [i for i, key in enumerate(zip(labels, columns[1], strict=True)) if key == stratum and splits[i] == 0]
+        carved = rng.permutation(members)[: round(FAIRFACE_VALID_FRACTION * len(members))]
+        splits[carved] = 1
+    return _make(
+        root,
+        "fairface",
+        image_ids,
+        [root / image_id for image_id in image_ids],
+        labels,
+        splits,
+        f"FairFace val as test; valid: a seeded tenth of FairFace train by race x gender, seed={seed}",
+        attributes=np.array(columns, dtype=np.int32).T,
+        attribute_names=["age", "race", "service_test"],
+        attribute_categories={"age": list(FAIRFACE_AGES), "race": races},
     )
 
 

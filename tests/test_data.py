@@ -156,3 +156,68 @@ def test_real_utkface_csv(shared_faces):
     assert set(dataset.attribute_categories["race"]) == {"white", "black", "asian", "indian", "other"}
     assert dataset.paths[0].is_file()
     assert np.bincount(dataset.splits).tolist() == [6400, 800, 800]
+
+
+def fairface_layout(root, train: int = 60, val: int = 20, absent: int = 5):
+    """FairFace's own layout with generated images: label CSVs as published (file,age,gender,
+    race,service_test), ``absent`` rows of each whose image is not here (a subset download)."""
+    from conftest import face_image
+
+    rng = np.random.default_rng(0)
+    races = ["Black", "East Asian", "Indian", "Latino_Hispanic", "Middle Eastern", "Southeast Asian", "White"]
+    ages = ["0-2", "3-9", "10-19", "20-29", "30-39", "40-49", "50-59", "60-69", "more than 70"]
+    for part, count in (("train", train), ("val", val)):
+        (root / part).mkdir(parents=True, exist_ok=True)
+        lines = ["file,age,gender,race,service_test"]
+        for number in range(1, count + absent + 1):
+            gender = ("Female", "Male")[number % 2]
+            lines.append(f"{part}/{number}.jpg,{ages[number % 9]},{gender},{races[number % 7]},{number % 3 == 0}")
+            if number <= count:
+                face_image(number % 2, rng).save(root / part / f"{number}.jpg")
+        (root / f"fairface_label_{part}.csv").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_fairface_layout_val_is_test_and_train_gives_a_seeded_valid_carve_out(tmp_path):
+    root = fairface_layout(tmp_path / "fairface", train=140, val=30)
+    assert detect_format(root) == "fairface"
+    dataset = load_dataset(root)
+    assert len(dataset) == 170 and dataset.format == "fairface"  # rows whose image is absent are left out
+    is_val = np.array([image_id.startswith("val/") for image_id in dataset.image_ids])
+    np.testing.assert_array_equal(dataset.splits == 2, is_val)  # FairFace val is the test split, all of it
+    valid = dataset.splits == 1
+    assert 10 <= valid.sum() <= 18 and not (valid & is_val).any()  # about a tenth of train
+    race = dataset.attributes[:, dataset.attribute_names.index("race")]
+    assert len(np.unique(race[valid])) >= 5  # carved from every race x gender cell
+    np.testing.assert_array_equal(load_dataset(root).splits, dataset.splits)  # seeded
+    assert not np.array_equal(load_dataset(root, seed=1).splits, dataset.splits)
+    assert dataset.attribute_categories["age"][:3] == ["0-2", "3-9", "10-19"]  # in age order, not text order
+    first = dataset.image_ids.index("train/4.jpg")
+    age, race_code, service = dataset.attributes[first]
+    assert (dataset.attribute_categories["age"][age], dataset.attribute_categories["race"][race_code]) == (
+        "30-39",
+        "Middle Eastern",
+    )
+    assert dataset.labels[first] == 0 and service == 0
+    from featgender.metrics import default_groups
+
+    assert default_groups(dataset) == ["age", "race"]  # race x gender and age x gender in every report
+
+
+def test_a_fairface_layout_it_cannot_read_is_one_clear_line(tmp_path):
+    root = fairface_layout(tmp_path / "fairface")
+    (root / "fairface_label_val.csv").unlink()
+    with pytest.raises(FeatgenderError, match="fairface_label_val.csv: missing"):
+        load_dataset(root)
+    root = fairface_layout(tmp_path / "other")
+    (root / "fairface_label_train.csv").write_text("file,gender\ntrain/1.jpg,Male\n")
+    with pytest.raises(FeatgenderError, match="fairface_label_train.csv: no column 'age'"):
+        load_dataset(root)
+    root = fairface_layout(tmp_path / "ages")
+    text = (root / "fairface_label_val.csv").read_text().replace("20-29", "twenty")
+    (root / "fairface_label_val.csv").write_text(text)
+    with pytest.raises(FeatgenderError, match="age 'twenty' is not one of FairFace's bins"):
+        load_dataset(root)
+    root = fairface_layout(tmp_path / "empty", train=0, val=0)
+    with pytest.raises(FeatgenderError, match="none of their images"):
+        load_dataset(root)

@@ -179,7 +179,7 @@ ROOT_ATTRIBUTES = (
     SchemaEntry("precision", "str", "float32 or bfloat16 (autocast) of the forward pass"),
     SchemaEntry("dtype", "str", "float16 or float32 of `features`"),
     SchemaEntry("dataset_root", "str", "the dataset's folder"),
-    SchemaEntry("dataset_format", "str", "celeba, celeba-kaggle, folder or csv"),
+    SchemaEntry("dataset_format", "str", "celeba, celeba-kaggle, fairface, folder or csv"),
     SchemaEntry("dataset_fingerprint", "str", "sha256 of the ids, labels and splits"),
     SchemaEntry("num_images", "int", "N"),
     SchemaEntry("split_source", "str", "the dataset's own splits, or the seeded split used"),
