@@ -53,6 +53,13 @@ def per_second(detect, images: list[np.ndarray], threads: int) -> tuple[float, l
     return len(images) / (time.perf_counter() - start), found
 
 
+def within_a_pixel(boxes: list, other: list) -> bool:
+    return len(boxes) == len(other) and all(
+        max(abs(a - b) for a, b in zip(box, other_box, strict=True)) <= 1
+        for box, other_box in zip(boxes, other, strict=True)
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pictures", type=int, default=64)
@@ -82,12 +89,9 @@ def main() -> None:
         torch.set_num_threads(threads)
         ours.detect(images[:2])
         start = time.perf_counter()
-        batched = ours.detect(images)
+        ours.detect(images)
         batched_rate = len(images) / (time.perf_counter() - start)
-        agree = sum(
-            len(a) == len(b) and all(max(abs(x - y) for x, y in zip(p, q, strict=True)) <= 1 for p, q in zip(a, b))
-            for a, b in zip(dlib_found, torch_found, strict=True)
-        )
+        agree = sum(map(within_a_pixel, dlib_found, torch_found))
         best = max(torch_rate, batched_rate)
         print(
             f"| {kind} | {dlib_rate:.1f} | {torch_rate:.1f} | {batched_rate:.1f} | {best / dlib_rate:.1f}x "

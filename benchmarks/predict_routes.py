@@ -108,15 +108,16 @@ def main() -> None:
     featgender = [sys.executable, "-m", "featgender"]
     with tempfile.TemporaryDirectory() as tmp:
         folders = make_folders(Path(tmp), args.images)
-        print("| folder | images | extract | predict (defaults) | routes | accuracy | predict --faces crop | accuracy |")
-        print("|---|---|---|---|---|---|---|---|")
+        columns = ("folder", "images", "extract", "predict (defaults)", "routes", "accuracy", "predict --faces crop")
+        print("| " + " | ".join(columns) + " | accuracy |")
+        print("|---" * (len(columns) + 1) + "|")
         for kind in args.kinds.split(","):
             folder = folders[kind]
             count = sum(1 for _ in folder.rglob("*.jpg"))
-            faces = ["--faces", "photo"] if kind == "group" else []
-            extract, _ = _timed(
-                featgender + ["extract", "-b", "dlib_resnet", "--data", str(folder), "--out", f"{tmp}/{kind}.h5"] + faces
-            )
+            extract_options = ["-b", "dlib_resnet", "--data", str(folder), "-o", f"{tmp}/{kind}.h5"]
+            if kind == "group":
+                extract_options += ["--faces", "photo"]
+            extract, _ = _timed(featgender + ["extract", *extract_options])
             predicted, stdout = _timed(featgender + ["predict", "--model", args.model, str(folder)])
             right, _, routes = _accuracy(stdout)
             crop, crop_stdout = _timed(featgender + ["predict", "--model", args.model, "--faces", "crop", str(folder)])

@@ -31,9 +31,10 @@ from pathlib import Path
 from featgender.data import IMAGE_SUFFIXES
 from featgender.defaults import SERVE_HOST, SERVE_PORT
 from featgender.errors import FeatgenderError
+from featgender.faces.route import NO_FACE
 from featgender.images import decode_image
 from featgender.models import load
-from featgender.predictor import NO_FACE, Prediction, write_predictions_csv
+from featgender.predictor import Prediction, write_predictions_csv
 
 logger = logging.getLogger(__name__)
 

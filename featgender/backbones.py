@@ -619,7 +619,7 @@ def _face_resnet() -> nn.Module:
 def _face_chips(config: BackboneConfig) -> FaceChips:
     """dlib_resnet's transform: each image's aligned chip is cut on the loader workers."""
     from featgender.faces.align import FaceAligner
-    from featgender.faces.detect import _dlib
+    from featgender.faces.models import _dlib
 
     _dlib()  # the alignment needs it: say so now, not on the loader workers
     # Datasets are face crops: where no detector finds the face, its central box is used.

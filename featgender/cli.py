@@ -492,8 +492,9 @@ def predict(
 ) -> None:
     """Classify raw images with a saved model: one line per image, or per face in photos
     (label, P(male), box); broken files and images without a face are reported, not guessed."""
+    from featgender.faces.route import NO_FACE
     from featgender.models import load
-    from featgender.predictor import NO_FACE, expand_inputs, write_predictions_csv
+    from featgender.predictor import expand_inputs, write_predictions_csv
 
     files = expand_inputs(images)
     _announce(model)

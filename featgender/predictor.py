@@ -23,6 +23,12 @@ from featgender.data import IMAGE_SUFFIXES, LABEL_NAMES
 from featgender.defaults import cores
 from featgender.errors import FeatgenderError
 from featgender.faces import BOX_IN_FACE_CROP, parse_face_box, resolve_face_box
+from featgender.faces.route import (
+    CROP_FACE_FRACTION,
+    face_in_crop_or_photo,
+    faces_in_photo,
+    is_photo_sized,
+)
 from featgender.files import atomic_write
 from featgender.images import decode_image
 
@@ -43,11 +49,6 @@ class Prediction:
 
 
 FACE_MODES = ("auto", "crop", "photo")
-NO_FACE = "no face found"
-# 'auto' on a face-finding model: an image at most this large (its longer side, in pixels) is
-# a face crop, classified whole as `--faces crop` does (dataset crops: CelebA 178 x 218,
-# UTKFace 200, FairFace 224, LFW 250, and 256 or 512 crops); a larger one is a photo
-CROP_MAX_SIDE = 512
 
 
 def _name(image, index: int) -> str:
@@ -58,27 +59,6 @@ def _prediction(name: str, probability: float, error: str, box=None, route: str 
     if error:
         return Prediction(name, None, None, error, box, route)
     return Prediction(name, LABEL_NAMES[int(probability >= 0.5)], float(probability), "", box, route)
-
-
-def image_size(image) -> tuple[int, int] | None:
-    """(width, height) of an image path (from its header, nothing decoded) or PIL image; None
-    for a file that does not open (its error is reported where it is decoded)."""
-    if isinstance(image, Image.Image):
-        return image.size
-    try:
-        with Image.open(image) as opened:
-            return opened.size
-    except Exception:
-        return None
-
-
-def route(image) -> str:
-    """'crop' or 'photo': how ``predict(faces='auto')`` takes an image on a face-finding model,
-    decided from its size alone (:data:`CROP_MAX_SIDE`): no pixel is decoded twice, and a crop
-    costs what `extract` spends on it. A crop is aligned where its face sits (``face_box``); a
-    photo goes through the face step."""
-    size = image_size(image)
-    return "photo" if size is not None and max(size) > CROP_MAX_SIDE else "crop"
 
 
 class ImagePredictor:
@@ -105,6 +85,7 @@ class ImagePredictor:
     ):
         parse_face_box(face_box)  # a bad value fails now, not at the first images
         self.face_box = face_box
+        self._calibrated: tuple[list, tuple | None] | None = None
         self.options: dict[str, Any] = {
             "device": device,
             "batch_size": batch_size,
@@ -114,8 +95,14 @@ class ImagePredictor:
 
     def face_box_for(self, images: list, face_crops: bool = False) -> tuple | None:
         """Where a face-aligning network finds the faces of ``images`` (face crops): per
-        ``face_box``; in crops the face step cut (``face_crops``), where it put them."""
-        return BOX_IN_FACE_CROP if face_crops else resolve_face_box(self.face_box, images)
+        ``face_box``; in crops the face step cut (``face_crops``), where it put them. The last
+        images' box is kept: routing them and aligning them calibrate once."""
+        if face_crops:
+            return BOX_IN_FACE_CROP
+        key = [image if isinstance(image, (str, os.PathLike)) else id(image) for image in images]
+        if self._calibrated is None or self._calibrated[0] != key:
+            self._calibrated = (key, resolve_face_box(self.face_box, images))
+        return self._calibrated[1]
 
     def probabilities(self, images: list, progress: bool, face_crops: bool = False) -> tuple[np.ndarray, list[str]]:
         """P(male) per image (NaN where it failed) and the errors ('' where it worked);
@@ -130,55 +117,88 @@ class ImagePredictor:
         ``faces``: 'crop' classifies each image whole, as the training face crops were;
         'photo' finds the faces first and classifies the largest (every one with
         ``all_faces``), each with its box; an image without a face gets the error
-        'no face found' and no label. 'auto' is 'photo' with ``all_faces``; on a model whose
-        backbone finds faces itself (``input_kind`` 'photo'), each image is decided by its
-        size (:func:`route`): crops of at most :data:`CROP_MAX_SIDE` pixels whole, larger
-        pictures as photos; else 'crop'. Each prediction says its ``route``.
+        'no face found' and no label. 'auto' is 'photo' with ``all_faces``, 'crop' on models
+        whose backbone takes face crops; on a face-finding model (``input_kind`` 'photo') it
+        decides per image, cheaply: pictures larger than :data:`CROP_MAX_SIDE` are photos; the
+        others are face crops classified whole, as 'crop' does (at `extract`'s speed), when
+        their faces fill one place (``face_box``, or the calibrated box spanning
+        :data:`CROP_FACE_FRACTION`); elsewhere the face found in each decides: crop when it
+        spans that fraction of the picture or none is found (the central box, as 'crop'
+        would), photo otherwise. Each prediction says its ``route``.
         """
         if faces not in FACE_MODES:
             raise FeatgenderError(f"--faces {faces!r}: choose one of {', '.join(FACE_MODES)}")
         images = list(images)
         if faces == "auto":
-            if all_faces:
-                routes = ["photo"] * len(images)
-            else:
-                routes = [route(image) if self.input_kind == "photo" else "crop" for image in images]
+            faces = "photo" if all_faces else "routed" if self.input_kind == "photo" else "crop"
+        if faces == "routed":
+            photos = [is_photo_sized(image) for image in images]
+            small = [image for image, photo in zip(images, photos, strict=True) if not photo]
+            crops_sit_still = bool(small) and self._faces_fill_a_fixed_box(small)
+            parts: list[tuple[list[bool], Callable[[list, bool], list[list[Prediction]]]]] = [
+                (photos, partial(self._predict_faces, False)),
+                ([not photo for photo in photos], self._predict_crops if crops_sit_still else self._predict_routed),
+            ]
         else:
-            routes = [faces] * len(images)
+            parts = [
+                (
+                    [True] * len(images),
+                    self._predict_crops if faces == "crop" else partial(self._predict_faces, all_faces),
+                )
+            ]
         results: list[list[Prediction]] = [[] for _ in images]
-        for kind, predict in (("crop", self._predict_crops), ("photo", partial(self._predict_faces, all_faces))):
-            indices = [index for index, image_route in enumerate(routes) if image_route == kind]
+        for chosen, predict in parts:
+            indices = [index for index, take in enumerate(chosen) if take]
             if indices:
                 for index, found in zip(indices, predict([images[i] for i in indices], progress), strict=True):
                     results[index] = [replace(prediction, image=_name(images[index], index)) for prediction in found]
         return [prediction for found in results for prediction in found]
+
+    def _faces_fill_a_fixed_box(self, images: list) -> bool:
+        """Whether the faces of ``images`` sit at one place that makes them face crops: the box
+        given (``face_box``), or the one calibrated where it spans :data:`CROP_FACE_FRACTION`
+        (small faces at one place, as in a folder of portraits, are photos)."""
+        box = self.face_box_for(images)
+        if box is None or self.face_box != "auto":
+            return box is not None
+        left, top, right, bottom = box
+        return max(right - left, bottom - top) >= CROP_FACE_FRACTION
 
     def _predict_crops(self, images: list, progress: bool) -> list[list[Prediction]]:
         probabilities, errors = self.probabilities(images, progress)
         return [[_prediction("", p, error)] for p, error in zip(probabilities, errors, strict=True)]
 
     def _predict_faces(self, all_faces: bool, images: list, progress: bool) -> list[list[Prediction]]:
-        from featgender.faces import cut_faces, default_detector
+        return self._classify_faces(images, progress, partial(faces_in_photo, all_faces))
 
-        def faces_in(detector, image) -> str | list:  # an error, or [(box, crop), ...]
+    def _predict_routed(self, images: list, progress: bool) -> list[list[Prediction]]:
+        return self._classify_faces(images, progress, face_in_crop_or_photo)
+
+    def _classify_faces(self, images: list, progress: bool, find: Callable) -> list[list[Prediction]]:
+        """``find(detector, picture)`` gives each decoded image's route and (box, face crop)
+        pairs, found on threads; the crops are classified as the face step cuts them."""
+        from featgender.faces import default_detector
+
+        def found_in(detector, image) -> tuple[str, str | list]:  # route, and an error or [(box, crop), ...]
             try:
                 picture = Image.fromarray(decode_image(image))
             except Exception as error:  # the same reasons extraction reports
-                return f"{type(error).__name__}: {error}"
-            return cut_faces(picture, detector, all_faces) or NO_FACE
+                return "photo", f"{type(error).__name__}: {error}"
+            return find(detector, picture)
 
         default_detector()  # dlib missing: say so once, here
-        found = list(map_in_threads(faces_in, images, default_detector))
-        crops = [crop for faces in found if isinstance(faces, list) for _, crop in faces]
+        found = list(map_in_threads(found_in, images, default_detector))
+        crops = [crop for _, faces in found if isinstance(faces, list) for _, crop in faces]
         probabilities, errors = self.probabilities(crops, progress, face_crops=True) if crops else (np.empty(0), [])
         results, next_crop = [], 0
-        for faces in found:
+        for image_route, faces in found:
             if isinstance(faces, str):
-                results.append([Prediction("", None, None, faces, route="photo")])
+                results.append([Prediction("", None, None, faces, route=image_route)])
                 continue
             results.append([])
             for box, _ in faces:
-                results[-1].append(_prediction("", probabilities[next_crop], errors[next_crop], box, "photo"))
+                shown = box if image_route == "photo" else None
+                results[-1].append(_prediction("", probabilities[next_crop], errors[next_crop], shown, image_route))
                 next_crop += 1
         return results
 

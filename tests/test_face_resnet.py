@@ -180,7 +180,14 @@ def test_the_face_network_fine_tunes_end_to_end_and_predicts(shared_faces, tmp_p
         for a, b in zip(predictions, featgender.load(out).predict(reframed, faces="crop"), strict=True)
     ]
     assert np.median(gaps) < 0.02
-    # a face network finds faces in photos itself ('auto' is photo mode): each face with its box
-    in_photos = featgender.load(out).predict(reframed[:3])
-    assert all(p.box is not None and p.box[0] >= 240 for p in in_photos)  # found where it was pasted
+    # a face network finds faces in photos itself (pictures above 512 px are photos in 'auto'):
+    # each face with its box
+    photos = []
+    for path in test_paths[:3]:
+        canvas = Image.new("RGB", (640, 480), (120, 110, 100))
+        canvas.paste(Image.open(path).convert("RGB").resize((150, 150)), (250, 160))
+        photos.append(tmp_path / f"photo-{Path(path).name}")
+        canvas.save(photos[-1], quality=95)
+    in_photos = featgender.load(out).predict(photos)
+    assert all(p.route == "photo" and p.box is not None and p.box[0] >= 240 for p in in_photos)  # found there
     assert np.allclose([p.probability for p in in_photos], [p.probability for p in predictions[:3]], atol=0.1)

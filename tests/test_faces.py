@@ -161,15 +161,15 @@ def test_by_default_each_image_is_routed_as_a_crop_or_a_photo_and_says_which(dli
 
     import featgender
     from featgender.cli import app
-    from featgender.predictor import CROP_MAX_SIDE, route
+    from featgender.faces.route import CROP_MAX_SIDE, is_photo_sized
 
     model_path, paths, _ = dlib_model
     Image.new("RGB", (800, 600), (200, 200, 200)).save(tmp_path / "wall.jpg")
     tight = tmp_path / "tight.jpg"  # the face fills the frame: HOG misses it
     Image.open(paths[0]).convert("RGB").crop((40, 40, 160, 160)).resize((224, 224)).save(tight, quality=95)
     images = [*paths[:6], tight, group_photo, tmp_path / "wall.jpg"]
-    assert [route(image) for image in images] == ["crop"] * 7 + ["photo"] * 2
-    assert route(Image.new("RGB", (CROP_MAX_SIDE, 300))) == "crop" and route(tmp_path / "absent.jpg") == "crop"
+    assert [is_photo_sized(image) for image in images] == [False] * 7 + [True] * 2
+    assert not is_photo_sized(Image.new("RGB", (CROP_MAX_SIDE, 300))) and not is_photo_sized(tmp_path / "absent.jpg")
     predictor = featgender.load(model_path)
     auto = predictor.predict(images)
     crop = predictor.predict(images[:7], faces="crop")
@@ -184,6 +184,38 @@ def test_by_default_each_image_is_routed_as_a_crop_or_a_photo_and_says_which(dli
     assert result.exit_code == 0, result.output
     tight_line, group_line = [line for line in result.stdout.splitlines() if "\t" in line]
     assert tight_line.split("\t")[3] == "crop" and group_line.split("\t")[3] == "photo" and "box=" in group_line
+
+
+def test_where_small_pictures_frame_faces_differently_the_face_found_decides(dlib_model, tmp_path):
+    """Crop-sized pictures whose faces do not sit at one place: each is a crop when its face
+    fills it (or none is found: the central box, as --faces crop), a photo when its face is
+    small (boxed, as --faces photo)."""
+    import featgender
+
+    model_path, paths, labels = dlib_model
+    portrait = tmp_path / "portrait.jpg"  # a 120 px face in a 500 x 400 scene: HOG's box spans 0.3 of it
+    scene = Image.new("RGB", (500, 400), (120, 110, 100))
+    scene.paste(Image.open(paths[0]).convert("RGB").resize((120, 120)), (300, 200))
+    scene.save(portrait, quality=95)
+    blank = tmp_path / "blank.jpg"
+    Image.new("RGB", (200, 200), (128, 128, 128)).save(blank)
+    shifted = []
+    for index, path in enumerate(paths[1:7]):  # crops whose faces move about: a corner, then the middle
+        canvas = Image.new("RGB", (300, 300), (100, 100, 100))
+        canvas.paste(Image.open(path).convert("RGB").resize((220, 220)), (80 * (index % 2), 80 * (index % 2)))
+        shifted.append(tmp_path / f"shifted{index}.jpg")
+        canvas.save(shifted[-1], quality=95)
+    predictor = featgender.load(model_path)
+    assert predictor.face_box_for(shifted + [portrait, blank]) is None  # the faces move: no fixed box
+    auto = predictor.predict(shifted + [portrait, blank])
+    assert [p.route for p in auto] == ["crop"] * 6 + ["photo", "crop"]
+    assert auto[6].box is not None and all(p.box is None for p in auto[:6] + auto[7:])
+    assert auto[6].label == predictor.predict([portrait], faces="photo")[0].label
+    assert auto[7].label is not None and not auto[7].error  # a crop where nothing is found: the central box
+    crop = predictor.predict(shifted, faces="crop")
+    np.testing.assert_allclose([p.probability for p in auto[:6]], [p.probability for p in crop], atol=0.05)
+    assert [p.label for p in auto[:6]] == [p.label for p in crop]
+    assert np.mean([p.label == ("female", "male")[y] for p, y in zip(auto[:6], labels[1:7], strict=True)]) >= 0.8
 
 
 def test_photo_datasets_go_through_the_face_step(shared_faces, tmp_path):

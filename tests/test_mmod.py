@@ -72,14 +72,22 @@ def test_a_batch_finds_what_each_picture_finds_alone(detector, real_pictures):
 
 
 def test_the_tiled_pyramid_is_laid_out_as_dlibs():
-    # a 200 x 200 picture: every level fits in one column; a wide one doubles back beside the first
+    """dlib's layout of a 200 x 200 picture: the image and levels down a first column, 10 px
+    apart and 11 px in, then the smaller ones back up beside them, right-aligned."""
+    import math
+    from itertools import combinations
+
     tiles, rows, cols = pyramid_tiles(200, 200)
-    assert tiles[0] == (11, 11, 210, 210) and cols == 222
-    assert all(bottom < next_top for (_, _, _, bottom), (_, next_top, _, _) in zip(tiles, tiles[1:], strict=False))
-    assert tiles[1] == (11, 221, 176, 386)  # floor(200 * 5 / 6) = 166 rows, 10 pixels below the first
-    wide, _, wide_cols = pyramid_tiles(400, 1200)
-    assert wide_cols == 1222 and any(left > 11 for left, _, _, _ in wide[1:])  # a second column
-    assert min(bottom - top + 1 for _, top, _, bottom in tiles) >= 5
+    assert tiles[0] == (11, 11, 210, 210) and tiles[1] == (11, 221, 176, 386)  # floor(200 * 5 / 6) = 166
+    assert (rows, cols) == (776, 222)
+    heights = [bottom - top + 1 for _, top, _, bottom in tiles]
+    assert heights == [200] + [math.floor(5 / 6 * h) for h in heights[:-1]] and min(heights) >= 5
+    first_column = [tile for tile in tiles if tile[0] == 11]
+    assert all(b[1] - a[3] == 11 for a, b in zip(first_column, first_column[1:], strict=False))
+    beside = tiles[len(first_column) :]
+    assert beside and all(right == 210 for _, _, right, _ in beside)
+    for a, b in combinations(tiles, 2):  # no two tiles overlap
+        assert a[2] < b[0] or b[2] < a[0] or a[3] < b[1] or b[3] < a[1]
 
 
 def test_a_broken_detector_file_is_one_clear_error(tmp_path):
@@ -93,3 +101,42 @@ def test_a_broken_detector_file_is_one_clear_error(tmp_path):
         read_mmod_model(other)
     with pytest.raises(FeatgenderError, match="missing"):
         MMODDetector(tmp_path / "absent.dat").load()
+
+
+def test_a_torch_free_install_finds_the_same_faces_with_dlibs_own_detector(shared_faces, tmp_path):
+    """The face step where torch is not installed (an exported model on onnxruntime) runs
+    dlib's CNN where this one runs ours: tight crops, where HOG misses and the CNN decides,
+    give the same boxes within a pixel."""
+    import json
+    import subprocess
+    import sys
+
+    from featgender.faces import default_detector
+
+    utk = sorted((shared_faces / "utkface" / "images").glob("*.jpg"))[:12]
+    tight = []
+    for index, path in enumerate(utk):
+        tight.append(tmp_path / f"{index}.png")
+        Image.open(path).convert("RGB").crop((45, 45, 155, 155)).resize((224, 224)).save(tight[-1])
+    detector = default_detector()
+    ours = [detector(np.asarray(Image.open(path))) for path in tight]
+    script = (
+        "import json, sys\nimport numpy as np\nfrom PIL import Image\n"
+        "sys.modules['torch'] = None\n"
+        "from featgender.faces import default_detector\n"
+        "detector = default_detector()\n"
+        f"print(json.dumps([detector(np.asarray(Image.open(p))) for p in {list(map(str, tight))!r}]))\n"
+        "assert not [name for name, module in sys.modules.items() if module and name.split('.')[0] == 'torch']\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    theirs = json.loads(done.stdout)
+    import dlib
+
+    hog = dlib.get_frontal_face_detector()
+    assert sum(not len(hog(np.asarray(Image.open(path)), 1)) for path in tight) >= 3  # the CNN decided there
+    assert sum(map(bool, ours)) >= 10
+    for mine, reference in zip(ours, theirs, strict=True):
+        assert len(mine) == len(reference)
+        for box, their_box in zip(mine, reference, strict=True):
+            assert max(abs(a - b) for a, b in zip(box, their_box, strict=True)) <= 1

@@ -2,7 +2,8 @@
 its CNN detector; :mod:`~featgender.faces.mmod`, that CNN batched in torch), deciding per
 image whether it is a face crop or a photo (:mod:`~featgender.faces.route`), aligning a face
 to dlib's chip (:mod:`~featgender.faces.align`), and dlib's face network in torch
-(:mod:`~featgender.faces.resnet`, read by :mod:`~featgender.faces.dlib_format`).
+(:mod:`~featgender.faces.resnet`, read by :mod:`~featgender.faces.dlib_format`); dlib and
+its model files (:mod:`~featgender.faces.models`).
 
 ImageNet features are the weak link for faces; a network trained to recognise faces embeds
 them far better. This package's top level is numpy and dlib only: an exported model predicts
@@ -21,15 +22,14 @@ from featgender.faces.align import (
 from featgender.faces.detect import (
     BOX_IN_FACE_CROP,
     FACE_CROP_SCALE,
-    Box,
     FaceDetector,
     PhotoFaceStep,
     crop_face,
     cut_faces,
     default_detector,
-    dlib_model_file,
     find_faces,
 )
+from featgender.faces.models import Box, dlib_model_file
 
 __all__ = [
     "BOX_IN_FACE_CROP",

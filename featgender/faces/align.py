@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featgender.errors import FeatgenderError
-from featgender.faces.detect import FaceDetector, _dlib
+from featgender.faces.detect import FaceDetector
+from featgender.faces.models import _dlib
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +35,8 @@ def calibrate_face_box(sources: Sequence, samples: int = 64, max_spread: float =
     HOG-detects faces in ``samples`` images spread evenly over ``sources`` (deterministic).
     When at least half of them have a face and the boxes agree (median absolute deviation of
     each side below ``max_spread``), returns their median (left, top, right, bottom) as
-    fractions of width and height; a dataset whose faces move around gets None (detect).
+    fractions of width and height, within the image; a dataset whose faces move around gets
+    None (detect).
     """
     from featgender.images import decode_image
 
@@ -57,7 +59,7 @@ def calibrate_face_box(sources: Sequence, samples: int = 64, max_spread: float =
     median = np.median(found, axis=0)
     if np.median(np.abs(found - median), axis=0).max() >= max_spread:
         return None
-    return tuple(round(float(value), 3) for value in median)
+    return tuple(round(float(value), 3) for value in np.clip(median, 0, 1))  # HOG's box may cross the edges
 
 
 class FaceAligner:

