@@ -186,8 +186,10 @@ class ImagePredictor:
                 return "photo", f"{type(error).__name__}: {error}"
             return find(detector, picture)
 
-        default_detector()  # dlib missing: say so once, here
-        found = list(map_in_threads(found_in, images, default_detector))
+        # the CNN detector on the predictor's device (the GPU where there is one, under 'auto')
+        detector = partial(default_detector, str(self.options["device"]))
+        detector()  # dlib missing: say so once, here
+        found = list(map_in_threads(found_in, images, detector))
         crops = [crop for _, faces in found if isinstance(faces, list) for _, crop in faces]
         probabilities, errors = self.probabilities(crops, progress, face_crops=True) if crops else (np.empty(0), [])
         results, next_crop = [], 0

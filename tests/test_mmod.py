@@ -140,3 +140,14 @@ def test_a_torch_free_install_finds_the_same_faces_with_dlibs_own_detector(share
         assert len(mine) == len(reference)
         for box, their_box in zip(mine, reference, strict=True):
             assert max(abs(a - b) for a, b in zip(box, their_box, strict=True)) <= 1
+
+
+def test_the_face_step_runs_the_detector_on_the_predictors_device(real_pictures):
+    import torch
+
+    from featgender.faces.detect import cnn_detector
+
+    detect = cnn_detector(str(dlib_model_file("cnn_detector")), "auto")
+    assert isinstance(detect, MMODDetector)
+    assert detect.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert detect(real_pictures[0]) == MMODDetector(device="cpu")(real_pictures[0])

