@@ -96,12 +96,13 @@ class ImagePredictor:
     def face_box_for(self, images: list, face_crops: bool = False) -> tuple | None:
         """Where a face-aligning network finds the faces of ``images`` (face crops): per
         ``face_box``; in crops the face step cut (``face_crops``), where it put them. The last
-        images' box is kept: routing them and aligning them calibrate once."""
+        files' box is kept: routing them and aligning them calibrate once."""
         if face_crops:
             return BOX_IN_FACE_CROP
-        key = [image if isinstance(image, (str, os.PathLike)) else id(image) for image in images]
-        if self._calibrated is None or self._calibrated[0] != key:
-            self._calibrated = (key, resolve_face_box(self.face_box, images))
+        if not all(isinstance(image, (str, os.PathLike)) for image in images):  # pictures in memory: no key
+            return resolve_face_box(self.face_box, images)
+        if self._calibrated is None or self._calibrated[0] != images:
+            self._calibrated = (list(images), resolve_face_box(self.face_box, images))
         return self._calibrated[1]
 
     def probabilities(self, images: list, progress: bool, face_crops: bool = False) -> tuple[np.ndarray, list[str]]:
