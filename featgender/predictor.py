@@ -49,6 +49,7 @@ class Prediction:
 
 
 FACE_MODES = ("auto", "crop", "photo")
+FACE_STEP_CHUNK = 1024  # images whose faces are found, cut and classified together
 
 
 def _name(image, index: int) -> str:
@@ -177,7 +178,11 @@ class ImagePredictor:
 
     def _classify_faces(self, images: list, progress: bool, find: Callable) -> list[list[Prediction]]:
         """``find(detector, picture)`` gives each decoded image's route and (box, face crop)
-        pairs, found on threads; the crops are classified as the face step cuts them."""
+        pairs, found on threads; the crops are classified as the face step cuts them. Images
+        go :data:`FACE_STEP_CHUNK` at a time: a folder of 100,000 keeps one chunk's crops in
+        memory, under one progress bar."""
+        from tqdm.auto import tqdm
+
         from featgender.faces import default_detector
 
         def found_in(detector, image) -> tuple[str, str | list]:  # route, and an error or [(box, crop), ...]
@@ -190,10 +195,20 @@ class ImagePredictor:
         # the CNN detector on the predictor's device (the GPU where there is one, under 'auto')
         detector = partial(default_detector, str(self.options["device"]))
         detector()  # dlib missing: say so once, here
-        found = list(map_in_threads(found_in, images, detector))
+        results: list[list[Prediction]] = []
+        with tqdm(total=len(images), unit="img", desc="faces", disable=not progress) as bar:
+            for start in range(0, len(images), FACE_STEP_CHUNK):
+                chunk = images[start : start + FACE_STEP_CHUNK]
+                results += self._classify_found(list(map_in_threads(found_in, chunk, detector)))
+                bar.update(len(chunk))
+        return results
+
+    def _classify_found(self, found: list[tuple[str, str | list]]) -> list[list[Prediction]]:
+        """Each image's predictions from its route and its error or (box, face crop) pairs."""
         crops = [crop for _, faces in found if isinstance(faces, list) for _, crop in faces]
-        probabilities, errors = self.probabilities(crops, progress, face_crops=True) if crops else (np.empty(0), [])
-        results, next_crop = [], 0
+        probabilities, errors = self.probabilities(crops, False, face_crops=True) if crops else (np.empty(0), [])
+        results: list[list[Prediction]] = []
+        next_crop = 0
         for image_route, faces in found:
             if isinstance(faces, str):
                 results.append([Prediction("", None, None, faces, route=image_route)])

@@ -186,7 +186,7 @@ def test_by_default_each_image_is_routed_as_a_crop_or_a_photo_and_says_which(dli
     assert tight_line.split("\t")[3] == "crop" and group_line.split("\t")[3] == "photo" and "box=" in group_line
 
 
-def test_where_small_pictures_frame_faces_differently_the_face_found_decides(dlib_model, tmp_path):
+def test_where_small_pictures_frame_faces_differently_the_face_found_decides(dlib_model, tmp_path, monkeypatch):
     """Crop-sized pictures whose faces do not sit at one place: each is a crop when its face
     fills it (or none is found: the central box, as --faces crop), a photo when its face is
     small (boxed, as --faces photo)."""
@@ -216,6 +216,10 @@ def test_where_small_pictures_frame_faces_differently_the_face_found_decides(dli
     np.testing.assert_allclose([p.probability for p in auto[:6]], [p.probability for p in crop], atol=0.05)
     assert [p.label for p in auto[:6]] == [p.label for p in crop]
     assert np.mean([p.label == ("female", "male")[y] for p, y in zip(auto[:6], labels[1:7], strict=True)]) >= 0.8
+    monkeypatch.setattr("featgender.predictor.FACE_STEP_CHUNK", 3)  # a large folder goes a chunk at a time
+    chunked = predictor.predict(shifted + [portrait, blank])
+    assert [(p.image, p.route, p.box, p.label) for p in chunked] == [(p.image, p.route, p.box, p.label) for p in auto]
+    np.testing.assert_allclose([p.probability for p in chunked], [p.probability for p in auto], atol=1e-5)
 
 
 def test_photo_datasets_go_through_the_face_step(shared_faces, tmp_path):
