@@ -465,9 +465,8 @@ def predict(
         help=(
             "crop: each image is a face crop, classified whole; photo: find faces first (dlib, extra 'faces') and "
             "print each with its box; auto (default): photo for --all-faces; with a face-finding backbone "
-            "(dlib_resnet) each image by its size: crops of at most 512 px whole, larger pictures as photos; "
-            "else crop. "
-            "Each line says which way its image went."
+            "(dlib_resnet) per image: pictures above 512 px are photos, smaller ones crops where their faces fill "
+            "one place or the face found fills them (else photos); else crop. Each line says its image's route."
         ),
     ),
     all_faces: bool = typer.Option(
