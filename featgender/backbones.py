@@ -47,6 +47,8 @@ class BackboneConfig:
     alignment : how a face-aligning backbone (dlib_resnet) finds and aligns faces, in words.
     face_box : for face-aligning backbones, the face's relative (left, top, right, bottom) box
         in every image of a dataset of aligned crops: landmarks there, no detection.
+    check_box : with ``face_box``, an image whose face is not in it fails with
+        :data:`featgender.faces.align.OFF_BOX` (``predict --faces auto`` then finds its face).
     face_step : set when photos go through the face step first (find the largest face, crop).
     input_kind : what the backbone expects: 'face crop' (a cropped face, as in CelebA; photos
         need the face step of ``predict --faces photo`` first) or 'photo' (it finds and aligns
@@ -70,6 +72,7 @@ class BackboneConfig:
     ignored_keys: tuple[str, ...] = ()
     alignment: str = ""
     face_box: tuple[float, float, float, float] | None = None
+    check_box: bool = False
     face_step: str = ""
     # Weights files of a foreign format (dlib's .dat) -> state_dict, for files with this suffix.
     convert_weights: tuple[str, Callable[[Path], dict]] | None = field(default=None, repr=False, compare=False)
@@ -251,11 +254,14 @@ def _with_face_box(config: BackboneConfig, face_box: tuple[float, float, float, 
     return replace(config, face_box=box)
 
 
-def with_face_box(backbone: Backbone, face_box: tuple[float, float, float, float] | None) -> Backbone:
+def with_face_box(
+    backbone: Backbone, face_box: tuple[float, float, float, float] | None, check: bool = False
+) -> Backbone:
     """A face-aligning ``backbone`` finding the face in ``face_box`` of every image, or
     detecting it (None): the same network, for images framed unlike the dataset it was built
-    for (the box is where landmarks are sought; a wrong one gives a wrong chip)."""
-    config = _with_face_box(backbone.config, face_box)
+    for (the box is where landmarks are sought; a wrong one gives a wrong chip). ``check``:
+    an image whose face is elsewhere fails with :data:`featgender.faces.align.OFF_BOX`."""
+    config = replace(_with_face_box(backbone.config, face_box), check_box=check)
     transform = Preprocess(config) if config.make_transform is None else config.make_transform(config)
     return backbone._replace(config=config, transform=transform)
 
@@ -624,7 +630,11 @@ def _face_chips(config: BackboneConfig) -> FaceChips:
     _dlib()  # the alignment needs it: say so now, not on the loader workers
     # Datasets are face crops: where no detector finds the face, its central box is used.
     aligner = FaceAligner(
-        str(_dlib_file("landmarks")), str(_dlib_file("cnn_detector")), face_crop=True, box=config.face_box
+        str(_dlib_file("landmarks")),
+        str(_dlib_file("cnn_detector")),
+        face_crop=True,
+        box=config.face_box,
+        check=config.check_box,
     )
     return FaceChips(aligner)
 

@@ -465,8 +465,11 @@ def predict(
         help=(
             "crop: each image is a face crop, classified whole; photo: find faces first (dlib, extra 'faces') and "
             "print each with its box; auto (default): photo for --all-faces; with a face-finding backbone "
-            "(dlib_resnet) per image: pictures above 512 px are photos, smaller ones crops where their faces fill "
-            "one place or the face found fills them (else photos); else crop. Each line says its image's route."
+            "(dlib_resnet) per image: pictures above 512 px are photos; a smaller one is a crop, classified whole, "
+            "when most faces of the images given sit at one place and its own face is there (the landmarks "
+            "sought in that box hold it and the chip cut there looks like a face); else its face is found and "
+            "decides (crop when it fills the picture or none is found, photo when small); other backbones: crop. "
+            "Each line says its image's route."
         ),
     ),
     all_faces: bool = typer.Option(

@@ -53,12 +53,15 @@ def rebuild_backbone(entry: dict, *, face_crops: bool = False) -> Backbone:
     return backbone
 
 
-def aligned_for(predictor: ImagePredictor, backbone: Backbone, images: list, face_crops: bool = False) -> Backbone:
+def aligned_for(
+    predictor: ImagePredictor, backbone: Backbone, images: list, face_crops: bool = False, check_box: bool = False
+) -> Backbone:
     """``backbone`` finding the faces of ``images`` where ``predictor`` says they are (a
-    face-aligning backbone not behind the face step), else ``backbone`` itself."""
+    face-aligning backbone not behind the face step), else ``backbone`` itself; ``check_box``:
+    failing the images whose face is not there."""
     if not backbone.config.alignment or backbone.config.face_step:
         return backbone
-    return with_face_box(backbone, predictor.face_box_for(images, face_crops))
+    return with_face_box(backbone, predictor.face_box_for(images, face_crops), check=check_box and not face_crops)
 
 
 class Predictor(ImagePredictor):
@@ -71,11 +74,15 @@ class Predictor(ImagePredictor):
         kinds = {backbone.config.input_kind for backbone in self.backbones[False]}
         self.input_kind = "photo" if kinds == {"photo"} else "face crop"
 
-    def probabilities(self, images: list, progress: bool, face_crops: bool = False) -> tuple[np.ndarray, list[str]]:
+    def probabilities(
+        self, images: list, progress: bool, face_crops: bool = False, check_box: bool = False
+    ) -> tuple[np.ndarray, list[str]]:
         if face_crops not in self.backbones:
             self.backbones[face_crops] = [rebuild_backbone(entry, face_crops=True) for entry in self.model.backbones]
         blocks, errors = [], [""] * len(images)
-        backbones = [aligned_for(self, backbone, images, face_crops) for backbone in self.backbones[face_crops]]
+        backbones = [
+            aligned_for(self, backbone, images, face_crops, check_box) for backbone in self.backbones[face_crops]
+        ]
         for backbone, entry in zip(backbones, self.model.backbones, strict=True):
             features, block_errors = extract_features(
                 backbone, images, progress=progress, flip=bool(entry.get("flip")), dtype="float32", **self.options
@@ -105,7 +112,9 @@ class FinetunedPredictor(ImagePredictor):
         self.backbone = backbone._replace(model=probability, config=replace(backbone.config, feature_dim=1))
         self.input_kind = backbone.config.input_kind  # a fine-tuned face network finds faces in photos too
 
-    def probabilities(self, images: list, progress: bool, face_crops: bool = False) -> tuple[np.ndarray, list[str]]:
-        backbone = aligned_for(self, self.backbone, images, face_crops)
+    def probabilities(
+        self, images: list, progress: bool, face_crops: bool = False, check_box: bool = False
+    ) -> tuple[np.ndarray, list[str]]:
+        backbone = aligned_for(self, self.backbone, images, face_crops, check_box)
         probabilities, errors = extract_features(backbone, images, progress=progress, dtype="float32", **self.options)
         return probabilities[:, 0], errors

@@ -23,6 +23,7 @@ from featgender.data import IMAGE_SUFFIXES, LABEL_NAMES
 from featgender.defaults import cores
 from featgender.errors import FeatgenderError
 from featgender.faces import BOX_IN_FACE_CROP, parse_face_box, resolve_face_box
+from featgender.faces.align import OFF_BOX
 from featgender.faces.route import (
     CROP_FACE_FRACTION,
     face_in_crop_or_photo,
@@ -106,9 +107,13 @@ class ImagePredictor:
             self._calibrated = (list(images), resolve_face_box(self.face_box, images))
         return self._calibrated[1]
 
-    def probabilities(self, images: list, progress: bool, face_crops: bool = False) -> tuple[np.ndarray, list[str]]:
+    def probabilities(
+        self, images: list, progress: bool, face_crops: bool = False, check_box: bool = False
+    ) -> tuple[np.ndarray, list[str]]:
         """P(male) per image (NaN where it failed) and the errors ('' where it worked);
-        ``face_crops``: the images are faces cut from photos by the face step."""
+        ``face_crops``: the images are faces cut from photos by the face step; ``check_box``: a
+        face-aligning network fails an image whose face is not in the box it aligns in
+        (:data:`OFF_BOX`)."""
         raise NotImplementedError
 
     def predict(
@@ -121,12 +126,14 @@ class ImagePredictor:
         ``all_faces``), each with its box; an image without a face gets the error
         'no face found' and no label. 'auto' is 'photo' with ``all_faces``, 'crop' on models
         whose backbone takes face crops; on a face-finding model (``input_kind`` 'photo') it
-        decides per image, cheaply: pictures larger than :data:`CROP_MAX_SIDE` are photos; the
-        others are face crops classified whole, as 'crop' does (at `extract`'s speed), when
-        their faces fill one place (``face_box``, or the calibrated box spanning
-        :data:`CROP_FACE_FRACTION`); elsewhere the face found in each decides: crop when it
-        spans that fraction of the picture or none is found (the central box, as 'crop'
-        would), photo otherwise. Each prediction says its ``route``.
+        decides per image, cheaply: pictures larger than :data:`CROP_MAX_SIDE` are photos. When
+        the others' faces fill one place (``face_box``, or the calibrated box spanning
+        :data:`CROP_FACE_FRACTION`), each is a face crop classified whole, as 'crop' does (at
+        `extract`'s speed), if its own face is in that box: the landmarks the alignment seeks
+        there hold it (:func:`featgender.faces.align.face_stays_in_box`). Every other small
+        picture is decided by the face found in it: crop when it spans that fraction of the
+        picture or none is found (the central box, as 'crop' would), photo otherwise. Each
+        prediction says its ``route``.
         """
         if faces not in FACE_MODES:
             raise FeatgenderError(f"--faces {faces!r}: choose one of {', '.join(FACE_MODES)}")
@@ -139,7 +146,7 @@ class ImagePredictor:
             crops_sit_still = bool(small) and self._faces_fill_a_fixed_box(small)
             parts: list[tuple[list[bool], Callable[[list, bool], list[list[Prediction]]]]] = [
                 (photos, partial(self._predict_faces, False)),
-                ([not photo for photo in photos], self._predict_crops if crops_sit_still else self._predict_routed),
+                ([not photo for photo in photos], self._predict_boxed if crops_sit_still else self._predict_routed),
             ]
         else:
             parts = [
@@ -169,6 +176,17 @@ class ImagePredictor:
     def _predict_crops(self, images: list, progress: bool) -> list[list[Prediction]]:
         probabilities, errors = self.probabilities(images, progress)
         return [[_prediction("", p, error)] for p, error in zip(probabilities, errors, strict=True)]
+
+    def _predict_boxed(self, images: list, progress: bool) -> list[list[Prediction]]:
+        """Face crops classified whole where each one's face is in the box the crop path aligns
+        in; the faces of the others found (:meth:`_predict_routed`)."""
+        probabilities, errors = self.probabilities(images, progress, check_box=True)
+        results = [[_prediction("", p, error)] for p, error in zip(probabilities, errors, strict=True)]
+        off_box = [index for index, error in enumerate(errors) if error == OFF_BOX]
+        if off_box:
+            for index, found in zip(off_box, self._predict_routed([images[i] for i in off_box], progress), strict=True):
+                results[index] = found
+        return results
 
     def _predict_faces(self, all_faces: bool, images: list, progress: bool) -> list[list[Prediction]]:
         return self._classify_faces(images, progress, partial(faces_in_photo, all_faces))

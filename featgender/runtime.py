@@ -125,8 +125,9 @@ class OnnxPredictor(ImagePredictor):
         self.batch_size = self.options["batch_size"] or DEFAULT_BATCH
         self.workers = self.options["workers"]
 
-    def _steps(self, images: list, face_crops: bool) -> list[tuple[bool, tuple | None]]:
-        """Per input: whether the face step runs first, and the box a face chip is aligned in."""
+    def _steps(self, images: list, face_crops: bool, check_box: bool) -> list[tuple[bool, tuple | None, bool]]:
+        """Per input: whether the face step runs first, the box a face chip is aligned in, and
+        whether the face is checked to be in it (``check_box``; not where the face step put it)."""
         box_in_images = cache(partial(self.face_box_for, images))  # calibrated once, for every input that needs it
         steps = []
         for spec in self.inputs:
@@ -134,17 +135,17 @@ class OnnxPredictor(ImagePredictor):
             box = None
             if spec.get("alignment"):
                 box = BOX_IN_FACE_CROP if cut_by_face_step else box_in_images()
-            steps.append((bool(spec.get("face_step")) and not face_crops, box))
+            steps.append((bool(spec.get("face_step")) and not face_crops, box, check_box and not cut_by_face_step))
         return steps
 
-    def _preparers(self, steps: list[tuple[bool, tuple | None]]) -> list[Prepare]:
+    def _preparers(self, steps: list[tuple[bool, tuple | None, bool]]) -> list[Prepare]:
         """How one image becomes each input: the face step (photo models), then the chip or the crop.
         dlib's detectors keep state while they run: each thread makes its own."""
         preparers = []
-        for spec, (face_step, box) in zip(self.inputs, steps, strict=True):
+        for spec, (face_step, box, check) in zip(self.inputs, steps, strict=True):
             if spec.get("alignment"):
                 landmarks, detector = str(dlib_model_file("landmarks")), str(dlib_model_file("cnn_detector"))
-                cut: Prepare = FaceAligner(landmarks, detector, face_crop=True, box=box).chip
+                cut: Prepare = FaceAligner(landmarks, detector, face_crop=True, box=box, check=check).chip
             else:
                 cut = partial(resize_crop, **{key: spec[key] for key in ("resize_size", "input_size", "interpolation")})
             preparers.append(_after(PhotoFaceStep(default_detector()).face, cut) if face_step else cut)
@@ -166,10 +167,12 @@ class OnnxPredictor(ImagePredictor):
         except Exception as error:  # PIL raises many types for broken files; each is reported
             return None, f"{type(error).__name__}: {error}"
 
-    def probabilities(self, images: list, progress: bool, face_crops: bool = False) -> tuple[np.ndarray, list[str]]:
+    def probabilities(
+        self, images: list, progress: bool, face_crops: bool = False, check_box: bool = False
+    ) -> tuple[np.ndarray, list[str]]:
         from tqdm.auto import tqdm
 
-        steps = self._steps(images, face_crops)
+        steps = self._steps(images, face_crops, check_box)
         probabilities, errors = np.full(len(images), np.nan), [""] * len(images)
         bar = tqdm(total=len(images), unit="img", disable=not progress, desc="onnxruntime")
         # the next batch is cut while onnxruntime runs this one

@@ -155,8 +155,9 @@ def test_a_group_photo_gives_one_prediction_per_face_with_its_box(dlib_model, gr
 
 
 def test_by_default_each_image_is_routed_as_a_crop_or_a_photo_and_says_which(dlib_model, group_photo, tmp_path):
-    """On a face-finding model, 'auto' takes crops whole (as --faces crop: same P(male)) and
-    finds the faces of larger pictures first (as --faces photo); each prediction says which."""
+    """On a face-finding model, 'auto' takes crops whole (as --faces crop: same P(male) where
+    the face is in the folder's box) and finds the faces of larger pictures first (as --faces
+    photo); each prediction says which."""
     from typer.testing import CliRunner
 
     import featgender
@@ -175,7 +176,9 @@ def test_by_default_each_image_is_routed_as_a_crop_or_a_photo_and_says_which(dli
     crop = predictor.predict(images[:7], faces="crop")
     photo = predictor.predict(images[7:], faces="photo")
     assert [p.route for p in auto] == ["crop"] * 7 + ["photo"] * 2 and [p.image for p in auto] == list(map(str, images))
-    assert [p.probability for p in auto[:7]] == pytest.approx([p.probability for p in crop], abs=1e-6)
+    assert [p.probability for p in auto[:6]] == pytest.approx([p.probability for p in crop[:6]], abs=1e-6)
+    # the tight crop's face is not in the box calibrated on the others: its face is found, and fills it
+    assert auto[6].label == crop[6].label and auto[6].probability == pytest.approx(crop[6].probability, abs=0.05)
     assert auto[7].box == photo[0].box and auto[7].probability == pytest.approx(photo[0].probability, abs=1e-6)
     assert auto[8].error == "no face found" and auto[8].label is None
     assert all(p.box is None and p.label for p in auto[:7])
@@ -184,6 +187,59 @@ def test_by_default_each_image_is_routed_as_a_crop_or_a_photo_and_says_which(dli
     assert result.exit_code == 0, result.output
     tight_line, group_line = [line for line in result.stdout.splitlines() if "\t" in line]
     assert tight_line.split("\t")[3] == "crop" and group_line.split("\t")[3] == "photo" and "box=" in group_line
+
+
+def test_a_picture_whose_face_is_off_the_folders_box_is_not_taken_as_a_crop(dlib_model, boxed_portraits):
+    """Portraits framed mostly alike: a box is calibrated for the folder, and the pictures whose
+    face is in it go the crop way (as --faces crop: same P(male)); the ones framed otherwise
+    are not aligned in that box: their faces are found (as --faces photo: same P(male))."""
+    import featgender
+    from featgender.faces.route import CROP_FACE_FRACTION
+
+    model_path, _, _ = dlib_model
+    portraits, in_box = boxed_portraits
+    predictor = featgender.load(model_path)
+    box = predictor.face_box_for(portraits)
+    assert box is not None and box[2] - box[0] >= CROP_FACE_FRACTION  # the folder's faces fill one place
+    auto, crop, photo = (predictor.predict(portraits, faces=faces) for faces in ("auto", "crop", "photo"))
+    assert [p.route for p in auto[:in_box]] == ["crop"] * in_box and all(p.box is None for p in auto[:in_box])
+    assert [p.probability for p in auto[:in_box]] == pytest.approx([p.probability for p in crop[:in_box]], abs=1e-6)
+    off_box = auto[in_box:]
+    assert [p.probability for p in off_box] == pytest.approx([p.probability for p in photo[in_box:]], abs=1e-4)
+    # the crop way would have aligned them elsewhere: another chip, another P(male)
+    assert all(abs(a.probability - c.probability) > 1e-3 for a, c in zip(off_box, crop[in_box:], strict=True))
+
+
+def test_the_aligners_check_passes_faces_in_their_box_and_fails_faces_elsewhere(shared_faces):
+    """The check behind the crop route, on real crops: UTKFace's faces in the box calibrated
+    for them pass; the same faces moved a third of the picture off it, or shrunk into a
+    corner (nothing but background left in the box), fail with OFF_BOX."""
+    from PIL import ImageFilter
+
+    from featgender.faces.align import OFF_BOX
+
+    paths = load_dataset(shared_faces / "utkface", limit=60).paths[:30]
+    box = calibrate_face_box(paths)
+    aligner = FaceAligner(str(dlib_model_file("landmarks")), box=box, check=True)
+    passed, moved_off, cornered = 0, 0, 0
+    for path in paths:
+        face = Image.open(path).convert("RGB")
+        background = face.filter(ImageFilter.GaussianBlur(20))
+        moved, corner = background.copy(), background.copy()
+        moved.paste(face, (face.width // 3, face.height // 3))
+        corner.paste(face.resize((face.width // 2, face.height // 2)), (0, 0))
+        outcomes = []
+        for picture in (face, moved, corner):
+            try:
+                aligner.chip(np.asarray(picture))
+                outcomes.append(True)
+            except FeatgenderError as error:
+                assert str(error) == OFF_BOX
+                outcomes.append(False)
+        passed += outcomes[0]
+        moved_off += not outcomes[1]
+        cornered += not outcomes[2]
+    assert passed >= 29 and moved_off >= 27 and cornered >= 27, (passed, moved_off, cornered)
 
 
 def test_where_small_pictures_frame_faces_differently_the_face_found_decides(dlib_model, tmp_path, monkeypatch):

@@ -1,8 +1,10 @@
 """Which way an image goes in ``predict --faces auto`` on a face-finding model: a face crop,
 classified whole, or a photo, whose faces are found first. Decided per image, cheaply: by
-its size (read from the file's header), then, for small pictures whose faces do not sit at
-one place, by the face the detectors find in it (the detection the aligner would run anyway).
-numpy, PIL and dlib only: the torch-free runtime decides the same way.
+its size (read from the file's header); small pictures where faces sit at one place go the
+crop way when their own face is there (the aligner's check,
+:func:`featgender.faces.align.face_stays_in_box` and :func:`~featgender.faces.align.chip_face_score`);
+the others by the face the detectors find in each. numpy, PIL and dlib only: the torch-free
+runtime decides the same way.
 """
 
 from __future__ import annotations
