@@ -49,9 +49,15 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
     return resolved
 
 
-def default_workers(device: torch.device, loader_bound: bool = False) -> int:
+FEW_IMAGES = 32  # images embedded in this process, with no loader worker to start
+
+
+def default_workers(device: torch.device, loader_bound: bool = False, images: int | None = None) -> int:
     """Loader workers: on GPU up to 8; on CPU one, as the cores run the forward pass, or one
-    per core where the loader does the heavy work (``loader_bound``: face detection)."""
+    per core where the loader does the heavy work (``loader_bound``: face detection); none
+    for at most :data:`FEW_IMAGES` ``images`` (starting a worker costs more than they do)."""
+    if images is not None and images <= FEW_IMAGES:
+        return 0
     if device.type == "cuda":
         return min(8, max(1, cores() - 1))
     return cores() if loader_bound else 1
@@ -217,7 +223,7 @@ def iter_layer_features(
     if batch_size < 1:
         raise FeatgenderError(f"--batch-size {batch_size}: must be at least 1")
     if workers is None:
-        workers = default_workers(device, loader_bound=detects_on_loader(backbone))
+        workers = default_workers(device, loader_bound=detects_on_loader(backbone), images=len(sources) - start)
     autocast = uses_bfloat16(precision, device)
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
     transform = backbone.transform.to(device)

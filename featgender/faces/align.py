@@ -35,8 +35,8 @@ BOX_CHECK_STEPS = 3  # landmark passes, each from the box re-seated on the last 
 BOX_CHECK_IOU = 0.6  # ... the box they end in overlaps the one they started from at least this much
 BOX_HELD_IOU = 0.85  # landmarks this close to their box hold it: no further pass
 # Landmarks in a box with no face at all stay put: the chip cut there must look like a face to
-# dlib's HOG detector, at this side (the face then spans its 80 px window), scoring this much.
-CHIP_CHECK_SIDE = 96
+# dlib's HOG detector seen at this side (its one 80 px window: the whole chip), scoring this much.
+CHIP_CHECK_SIDE = 80
 CHIP_FACE_SCORE = -1.0
 OFF_BOX = "face not in the box"
 

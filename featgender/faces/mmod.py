@@ -29,6 +29,7 @@ Boxes are (left, top, right, bottom), inclusive, as dlib's rectangles; the same 
 from __future__ import annotations
 
 import math
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -233,6 +234,9 @@ def detections(scores: np.ndarray, tiles: list[Box], options: MMODOptions, thres
     return kept
 
 
+_LOADING = threading.Lock()
+
+
 class MMODDetector:
     """dlib's CNN face detector in torch: ``detect(images)`` gives each image's (box, score)
     list, best first; images of one size run as one batch.
@@ -251,14 +255,15 @@ class MMODDetector:
         return {**self.__dict__, "_loaded": None}
 
     def load(self) -> tuple[MMODNet, MMODOptions]:
-        if self._loaded is None:
-            path = self.dat_file or dlib_model_file("cnn_detector")
-            if not path.is_file():
-                raise FeatgenderError(f"{path}: dlib's CNN face detector file is missing")
-            state, options = read_mmod_model(path)
-            net = MMODNet()
-            net.load_state_dict(state)
-            self._loaded = (net.eval().to(self.device), options)
+        with _LOADING:  # threads sharing a detector wait for one load (1.3 s), not each make their own
+            if self._loaded is None:
+                path = self.dat_file or dlib_model_file("cnn_detector")
+                if not path.is_file():
+                    raise FeatgenderError(f"{path}: dlib's CNN face detector file is missing")
+                state, options = read_mmod_model(path)
+                net = MMODNet()
+                net.load_state_dict(state)
+                self._loaded = (net.eval().to(self.device), options)
         return self._loaded
 
     def scores(self, images: list[np.ndarray]) -> tuple[np.ndarray, list[Box]]:
