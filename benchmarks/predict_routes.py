@@ -9,7 +9,7 @@ never saw: it trains on utkface's own faces), in class folders (female/, male/):
   fill the frame, as FairFace's 0.25-margin crops; HOG misses most of them);
 - celeba_tight: CelebA's faces cut to 130 px and resized to 200;
 - portrait: a crop pasted at a third to half of a 480-800 px blurred scene;
-- portrait_framed: portraits of at most 512 px (200-512 wide, 3:4), the face at 30-60 % of
+- portrait_framed: portraits of at most 512 px (160-384 wide, 3:4), the face at 30-60 % of
   the width, framed mostly one way (two thirds: the face at 45 %, centred high) and otherwise
   another (smaller and higher, or larger and lower), with jitter: a folder where a box is
   calibrated that is wrong for a third of it (issue #33). Faces from celeba_15k's test split
@@ -20,7 +20,10 @@ never saw: it trains on utkface's own faces), in class folders (female/, male/):
 Each command runs as a whole process (start-up included), all in one run, one after another::
 
     python benchmarks/predict_routes.py --model models/demo-dlib_resnet-logreg.joblib [--images 400]
-    PYTHONPATH=/path/to/old/checkout python benchmarks/predict_routes.py ...   # the code before
+    cd /path/to/old/checkout && python /path/to/benchmarks/predict_routes.py --model ABSOLUTE/PATH ...
+
+The second line times the code before: ``python -m featgender`` runs the checkout it starts in
+(the working folder comes first on its path; PYTHONPATH does not beat an editable install).
 """
 
 from __future__ import annotations
@@ -73,8 +76,8 @@ def _framed_sources(images: int, rng: random.Random) -> list[tuple[str, Path, st
 
 def _framed_portrait(source: str, path: Path, rng: random.Random) -> Image.Image:
     face = Image.open(path).convert("RGB")
-    width = rng.randint(200, 512)
-    height = round(width * 4 / 3)
+    width = rng.randint(160, 384)
+    height = round(width * 4 / 3)  # at most 512: crop-sized, as most official portraits are
     draw = rng.random()
     shares = [sum(framing[0] for framing in FRAMINGS[: i + 1]) for i in range(len(FRAMINGS))]
     _, fraction, x, y = FRAMINGS[min(i for i, share in enumerate(shares) if draw < share or i == len(shares) - 1)]

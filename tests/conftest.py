@@ -168,14 +168,14 @@ def group_photo(dlib_model, tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def boxed_portraits(dlib_model, tmp_path_factory) -> tuple[list[Path], int]:
-    """300 x 400 portraits of test faces: the first 12 framed alike (a 150 px face at one
+    """300 x 400 portraits of test faces: the first 26 framed alike (a 150 px face at one
     place, give or take 6 px), so a face box is calibrated for the folder; the last 4 framed
-    otherwise (the face smaller or larger, elsewhere): (paths, 12)."""
+    otherwise (the face smaller or larger, elsewhere): (paths, 26)."""
     from PIL import ImageFilter
 
     _, paths, _ = dlib_model
     folder = tmp_path_factory.mktemp("portraits")
-    framings = [(150, 75 + 3 * (i % 5) - 6, 80 + 4 * (i % 4) - 6) for i in range(12)]
+    framings = [(150, 75 + 3 * (i % 5) - 6, 80 + 4 * (i % 4) - 6) for i in range(26)]
     framings += [(110, 180, 280), (110, 10, 10), (230, 35, 160), (120, 5, 200)]
     portraits = []
     for index, (side, left, top) in enumerate(framings):
@@ -184,4 +184,4 @@ def boxed_portraits(dlib_model, tmp_path_factory) -> tuple[list[Path], int]:
         scene.paste(face.resize((side, side)), (left, top))
         portraits.append(folder / f"{index:02d}.jpg")
         scene.save(portraits[-1], quality=95)
-    return portraits, 12
+    return portraits, 26

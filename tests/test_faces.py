@@ -190,9 +190,10 @@ def test_by_default_each_image_is_routed_as_a_crop_or_a_photo_and_says_which(dli
 
 
 def test_a_picture_whose_face_is_off_the_folders_box_is_not_taken_as_a_crop(dlib_model, boxed_portraits):
-    """Portraits framed mostly alike: a box is calibrated for the folder, and the pictures whose
-    face is in it go the crop way (as --faces crop: same P(male)); the ones framed otherwise
-    are not aligned in that box: their faces are found (as --faces photo: same P(male))."""
+    """Portraits framed alike but for a few: a box is calibrated for the folder, and the
+    pictures whose face is in it go the crop way (as --faces crop: same P(male)); the few framed
+    otherwise are not aligned in that box: their faces are found (as --faces photo: same
+    P(male)). Where a third are framed otherwise, no box is calibrated at all."""
     import featgender
     from featgender.faces.route import CROP_FACE_FRACTION
 
@@ -208,6 +209,13 @@ def test_a_picture_whose_face_is_off_the_folders_box_is_not_taken_as_a_crop(dlib
     assert [p.probability for p in off_box] == pytest.approx([p.probability for p in photo[in_box:]], abs=1e-4)
     # the crop way would have aligned them elsewhere: another chip, another P(male)
     assert all(abs(a.probability - c.probability) > 1e-3 for a, c in zip(off_box, crop[in_box:], strict=True))
+    # framed otherwise a third of the time, a folder has no one box: every face is found
+    mixed = portraits[in_box - 8 :]
+    assert predictor.face_box_for(mixed) is None
+    assert {p.route for p in predictor.predict(mixed)} == {"photo", "crop"}
+    assert [p.probability for p in predictor.predict(mixed)] == pytest.approx(
+        [p.probability for p in predictor.predict(mixed, faces="photo")], abs=1e-4
+    )
 
 
 def test_the_aligners_check_passes_faces_in_their_box_and_fails_faces_elsewhere(shared_faces):
