@@ -130,7 +130,8 @@ class ImagePredictor:
         the others' faces fill one place (``face_box``, or the calibrated box spanning
         :data:`CROP_FACE_FRACTION`), each is a face crop classified whole, as 'crop' does (at
         `extract`'s speed), if its own face is in that box: the landmarks the alignment seeks
-        there hold it (:func:`featgender.faces.align.face_stays_in_box`). Every other small
+        there hold it (:func:`featgender.faces.align.face_stays_in_box`) and the chip cut there
+        looks like a face (:func:`featgender.faces.align.chip_face_score`). Every other small
         picture is decided by the face found in it: crop when it spans that fraction of the
         picture or none is found (the central box, as 'crop' would), photo otherwise. Each
         prediction says its ``route``.
@@ -173,16 +174,15 @@ class ImagePredictor:
         left, top, right, bottom = box
         return max(right - left, bottom - top) >= CROP_FACE_FRACTION
 
-    def _predict_crops(self, images: list, progress: bool) -> list[list[Prediction]]:
-        probabilities, errors = self.probabilities(images, progress)
+    def _predict_crops(self, images: list, progress: bool, check_box: bool = False) -> list[list[Prediction]]:
+        probabilities, errors = self.probabilities(images, progress, check_box=check_box)
         return [[_prediction("", p, error)] for p, error in zip(probabilities, errors, strict=True)]
 
     def _predict_boxed(self, images: list, progress: bool) -> list[list[Prediction]]:
         """Face crops classified whole where each one's face is in the box the crop path aligns
         in; the faces of the others found (:meth:`_predict_routed`)."""
-        probabilities, errors = self.probabilities(images, progress, check_box=True)
-        results = [[_prediction("", p, error)] for p, error in zip(probabilities, errors, strict=True)]
-        off_box = [index for index, error in enumerate(errors) if error == OFF_BOX]
+        results = self._predict_crops(images, progress, check_box=True)
+        off_box = [index for index, (prediction,) in enumerate(results) if prediction.error == OFF_BOX]
         if off_box:
             for index, found in zip(off_box, self._predict_routed([images[i] for i in off_box], progress), strict=True):
                 results[index] = found

@@ -181,7 +181,7 @@ class FaceAligner:
             left, top, right, bottom = self.box or CROP_FALLBACK_BOX
             boxes = [(int(left * width), int(top * height), int(right * width), int(bottom * height))]
         shape = self._landmarks(pixels, dlib.rectangle(*boxes[0]))
-        if self.check and not face_stays_in_box(self._points, pixels, boxes[0], _points(shape)):
+        if self.check and not face_stays_in_box(self._landmarks_in, pixels, boxes[0], _points(shape)):
             raise FeatgenderError(OFF_BOX)
         chip = np.ascontiguousarray(dlib.get_face_chip(pixels, shape, size=CHIP_SIZE, padding=CHIP_PADDING))
         if self.check:
@@ -191,12 +191,13 @@ class FaceAligner:
                 raise FeatgenderError(OFF_BOX)
         return chip
 
-    def _points(self, pixels: np.ndarray, box) -> np.ndarray:
+    def _landmarks_in(self, pixels: np.ndarray, box) -> np.ndarray:
         """The five landmarks found in a (left, top, right, bottom) box, as a (5, 2) array."""
         return _points(self._landmarks(pixels, _dlib().rectangle(*(int(round(value)) for value in box))))
 
 
 def _points(shape) -> np.ndarray:
+    """dlib's landmarks (a full_object_detection) as a (parts, 2) float array."""
     return np.array([(shape.part(index).x, shape.part(index).y) for index in range(shape.num_parts)], dtype=float)
 
 

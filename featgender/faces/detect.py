@@ -36,8 +36,8 @@ class FaceDetector:
     low-contrast faces: it found 13 of the 16 faces the steps before missed in 500 of
     celeba_10k's 89 x 109 images). In those small pictures the CNN runs before HOG's
     upsampled pass: their faces are mostly large, and on 66 tight web crops HOG missed, the
-    upsampled HOG found none in 1.1 s where the CNN found 48 in 0.6 s. The CNN runs in torch where torch is installed
-    (:class:`featgender.faces.mmod.MMODDetector`, 12-17x dlib's on 2 cores; on ``device``: a
+    upsampled HOG found none in 1.1 s where the CNN found 48 in 0.6 s. The CNN runs in torch
+    where torch is installed (:class:`featgender.faces.mmod.MMODDetector`, 12-17x dlib's on 2 cores; on ``device``: a
     torch device, or 'auto' for the GPU where there is one), else in dlib: the same boxes
     within a pixel. The models load lazily, once per process.
     """
@@ -60,15 +60,19 @@ class FaceDetector:
         hog, cnn = self._load()
         small = max(pixels.shape[:2]) <= CNN_UPSAMPLE_MAX_SIDE
 
-        steps = [
-            lambda: _boxes(hog(pixels, 0)),
-            lambda: _boxes(hog(pixels, 1)),
-            lambda: cnn(pixels) if cnn is not None else [],
-            lambda: _halved(cnn(upsampled(pixels))) if cnn is not None and small else [],
-        ]
-        if small:
-            steps[1], steps[2] = steps[2], steps[1]
-        for detect in steps:
+        def hog_1x():
+            return _boxes(hog(pixels, 0))
+
+        def hog_2x():
+            return _boxes(hog(pixels, 1))
+
+        def cnn_1x():
+            return cnn(pixels) if cnn is not None else []
+
+        def cnn_2x():
+            return _halved(cnn(upsampled(pixels))) if cnn is not None else []
+
+        for detect in (hog_1x, cnn_1x, hog_2x, cnn_2x) if small else (hog_1x, hog_2x, cnn_1x):
             boxes = detect()
             if boxes:
                 return sorted(boxes, key=lambda box: (box[2] - box[0] + 1) * (box[3] - box[1] + 1), reverse=True)
