@@ -72,6 +72,30 @@ def test_small_faces_that_hog_and_the_cnn_miss_are_found_upsampled(shared_faces)
         assert 0 <= left < 44 < right <= 89 and 0 <= top < 60 < bottom <= 109, name  # around the face's centre
 
 
+def test_hogs_boxes_are_remembered_per_picture_for_the_face_step_after_calibration(dlib_model):
+    """A picture HOG has looked at (a calibration sample) gets the same boxes again without a
+    second look; a picture differing in one pixel is looked at anew."""
+    import dlib
+
+    from featgender.faces.detect import hog_boxes
+
+    _, paths, _ = dlib_model
+    detector = dlib.get_frontal_face_detector()
+    looked = []
+
+    def hog(pixels, upsample):
+        looked.append(pixels.shape)
+        return detector(pixels, upsample)
+
+    pixels = np.ascontiguousarray(decode_image(paths[0])[:, ::-1])  # mirrored: no test has looked at it
+    first = hog_boxes(hog, pixels)
+    assert first and first == [(r.left(), r.top(), r.right(), r.bottom()) for r in detector(pixels, 0)]
+    assert hog_boxes(hog, pixels.copy()) == first and len(looked) == 1
+    changed = pixels.copy()
+    changed[0, 0, 0] ^= 1
+    assert hog_boxes(hog, changed) == first and len(looked) == 2  # looked at again: a new picture
+
+
 def test_a_photo_without_a_face_is_reported_not_classified(tmp_path):
     blank = torch.full((3, 120, 160), 128, dtype=torch.uint8)
     aligner = FaceAligner(str(dlib_model_file("landmarks")), None, face_crop=False)

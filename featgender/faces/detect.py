@@ -8,7 +8,10 @@ only: an exported model (:mod:`featgender.runtime`) finds faces with the same co
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from functools import cache
 from typing import TYPE_CHECKING, Any
@@ -24,6 +27,7 @@ if TYPE_CHECKING:
 FACE_CROP_SCALE = 1.8  # side of a face crop cut from a photo, in detector boxes
 DETECTION_MAX_SIDE = 1280
 CNN_UPSAMPLE_MAX_SIDE = 800  # head-and-shoulders portraits of 160-600 px are in
+HOG_REMEMBERED = 256  # pictures whose HOG boxes are kept: a folder's calibration sample (64) fits
 
 
 class FaceDetector:
@@ -61,7 +65,7 @@ class FaceDetector:
         small = max(pixels.shape[:2]) <= CNN_UPSAMPLE_MAX_SIDE
 
         def hog_1x():
-            return _boxes(hog(pixels, 0))
+            return hog_boxes(hog, pixels)
 
         def hog_2x():
             return _boxes(hog(pixels, 1))
@@ -77,6 +81,30 @@ class FaceDetector:
             if boxes:
                 return sorted(boxes, key=lambda box: (box[2] - box[0] + 1) * (box[3] - box[1] + 1), reverse=True)
         return []
+
+
+_HOG_FOUND: OrderedDict[bytes, list[Box]] = OrderedDict()
+_HOG_FOUND_LOCK = threading.Lock()
+
+
+def hog_boxes(hog, pixels: np.ndarray) -> list[Box]:
+    """dlib's HOG detector's boxes in a uint8 (H, W, 3) picture, remembered for the last
+    :data:`HOG_REMEMBERED` pictures by a digest of their pixels: a folder's calibration
+    (:func:`featgender.faces.align.calibrate_face_box`) runs HOG on 64 of its pictures, and the
+    face step that follows when their faces move looks at the same pictures again."""
+    digest = hashlib.blake2b(str(pixels.shape).encode(), digest_size=16)
+    digest.update(np.ascontiguousarray(pixels))
+    key = digest.digest()
+    with _HOG_FOUND_LOCK:
+        if key in _HOG_FOUND:
+            _HOG_FOUND.move_to_end(key)
+            return list(_HOG_FOUND[key])
+    boxes = _boxes(hog(pixels, 0))
+    with _HOG_FOUND_LOCK:
+        _HOG_FOUND[key] = boxes
+        while len(_HOG_FOUND) > HOG_REMEMBERED:
+            _HOG_FOUND.popitem(last=False)
+    return list(boxes)
 
 
 def cnn_detector(dat_file: str | None, device: str = "cpu") -> Callable[[np.ndarray], list[Box]] | None:
