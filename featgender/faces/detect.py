@@ -93,7 +93,7 @@ def hog_boxes(hog, pixels: np.ndarray) -> list[Box]:
     (:func:`featgender.faces.align.calibrate_face_box`) runs HOG on 64 of its pictures, and the
     face step that follows when their faces move looks at the same pictures again."""
     digest = hashlib.blake2b(str(pixels.shape).encode(), digest_size=16)
-    digest.update(np.ascontiguousarray(pixels))
+    digest.update(np.ascontiguousarray(pixels).data)
     key = digest.digest()
     with _HOG_FOUND_LOCK:
         if key in _HOG_FOUND:
