@@ -554,6 +554,23 @@ def finetune(
         "--samples-per-epoch",
         help="Training images drawn per epoch, with replacement (default: each training image once, shuffled).",
     ),
+    augment: str | None = typer.Option(
+        None,
+        "--augment",
+        help="Augmentations: basic (zoom, flip, shear; default) or web (adds low resolution, rotation, "
+        "grayscale, exposure: web photos such as FairFace's).",
+    ),
+    layer_decay: float | None = typer.Option(
+        None,
+        "--layer-decay",
+        help="Each block down from the top trains at this factor of the rate of the one above (default 1).",
+    ),
+    schedule: str | None = typer.Option(
+        None, "--schedule", help="Learning rate: constant (default) or cosine (5% warm-up, then down to 0)."
+    ),
+    head_first: bool = typer.Option(
+        False, "--head-first", help="Start the logit from a logistic regression on the frozen embedding."
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Best checkpoint (default models/<backbone>-ft.pt)."),
     limit: int | None = LimitOption,
     device: str | None = DeviceOption,
@@ -561,8 +578,9 @@ def finetune(
     face_box: str | None = FaceBoxOption,
     precision: str | None = PrecisionOption,
 ) -> None:
-    """Fine-tune a backbone end to end on one dataset or several (the baseline for frozen
-    features + head); resumable."""
+    """Fine-tune a backbone end to end on one dataset or several; resumable. To keep what the
+    network knows (faces in the wild, issue #34): --unfreeze-last all --head-first --layer-decay 0.8
+    --schedule cosine --augment web; freeze the result again with extract --weights."""
     from featgender.finetune import finetune as run_finetune
 
     result = run_finetune(
@@ -577,6 +595,10 @@ def finetune(
             patience=patience,
             balance=balance,
             samples_per_epoch=samples_per_epoch,
+            augment=augment,
+            layer_decay=layer_decay,
+            schedule=schedule,
+            head_first=head_first or None,
             out=out,
             limit=limit,
             device=device,

@@ -2,18 +2,28 @@
 
 The backbone's classifier is replaced by dropout + one logit; all but the last N parameter
 blocks stay frozen (N=0: head only; 'all': everything). Training uses AdamW and
-BCEWithLogitsLoss on augmented images (flip, shear, RandomResizedCrop zoom), validates every
-epoch, stops when the valid loss has not improved for ``patience`` epochs and keeps the
-best epoch. A checkpoint after every epoch makes the run resumable. Checkpoints hold only
-tensors and plain values, so they load with ``torch.load(weights_only=True)``.
+BCEWithLogitsLoss on augmented images (:mod:`featgender.augment`: flip, shear, zoom; 'web'
+adds low resolution, rotation, grayscale, exposure), validates every epoch, stops when the
+valid loss has not improved for ``patience`` epochs and keeps the best epoch.
+
+Fine-tuning that keeps what the network knows (issue #34): ``head_first`` starts the logit
+from a logistic regression on the frozen embedding (no early steps spent undoing a random
+head), ``layer_decay`` gives each block down from the top that factor of the learning rate
+(the first layers, which see edges and skin, move least), and ``schedule='cosine'`` warms the
+rate up over the first :data:`WARMUP` of the steps, then lowers it to 0 along a cosine.
+
+A checkpoint after every epoch makes the run resumable. Checkpoints hold only tensors and plain
+values, so they load with ``torch.load(weights_only=True)``.
 """
 
 from __future__ import annotations
 
 import copy
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +31,7 @@ import torch
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 
+from featgender.augment import training_transform
 from featgender.backbones import Backbone, EmbeddingModel, build_backbone, pooled
 from featgender.cache import library_versions
 from featgender.data import FaceDataset, load_dataset, split_code
@@ -37,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "featgender-finetuned"
 CHECKPOINT_VERSION = 1
+SCHEDULES = ("constant", "cosine")
+WARMUP = 0.05  # share of a cosine schedule's steps spent warming the learning rate up
+HEAD_FIRST_SAMPLES = 8000  # training images whose frozen embeddings the first logit is fitted on
 
 
 class GenderNet(nn.Module):
@@ -89,12 +103,13 @@ def freeze_all_but_last(net: GenderNet, unfreeze_last: int | str) -> list[str]:
 
 
 class TrainingImages(Dataset):
-    """uint8 images with labels; training images get flip, shear and zoom augmentations.
+    """uint8 images with labels; training images get ``augment``'s augmentations
+    (:func:`featgender.augment.training_transform`; '' for none).
 
     ``backbone``'s loader step, if any (face alignment), runs first: its chips are the
     network's input size already, and are augmented as they are."""
 
-    def __init__(self, rows: FaceDataset, backbone: Backbone, augment: bool):
+    def __init__(self, rows: FaceDataset, backbone: Backbone, augment: str = ""):
         from torchvision.transforms import v2
 
         self.paths = rows.paths
@@ -104,13 +119,7 @@ class TrainingImages(Dataset):
         size = backbone.config.input_size
         resize = size if self.loader_step is not None else backbone.config.resize_size
         if augment:
-            self.transform = v2.Compose(
-                [
-                    v2.RandomResizedCrop(size, scale=(0.7, 1.0), antialias=True),
-                    v2.RandomHorizontalFlip(),
-                    v2.RandomAffine(degrees=0, shear=10),
-                ]
-            )
+            self.transform = training_transform(size, augment)
         else:
             self.transform = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size)])
 
@@ -135,7 +144,7 @@ class TrainingData:
     def split(self, name: str) -> FaceDataset:
         return self.dataset.subset(np.flatnonzero(self.dataset.splits == split_code(name)))
 
-    def images(self, name: str, augment: bool = False) -> TrainingImages:
+    def images(self, name: str, augment: str = "") -> TrainingImages:
         return TrainingImages(self.split(name), self.backbone, augment)
 
 
@@ -197,13 +206,16 @@ def _loader(
     )
 
 
-def _run_epoch(net, loader, device, normalise, autocast, optimizer=None) -> tuple[float, np.ndarray, np.ndarray]:
-    """One pass; trains when ``optimizer`` is given. Returns mean loss, labels, P(male)."""
+def _run_epoch(
+    net, loader, device, normalise, autocast, optimizer=None, lr_at: Callable[[int], float] | None = None
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """One pass; trains when ``optimizer`` is given, step i at ``lr_at(i)`` times each parameter
+    group's ``initial_lr`` when that is given. Returns mean loss, labels, P(male)."""
     loss_function = nn.BCEWithLogitsLoss(reduction="sum")
     net.train(optimizer is not None)
     total, label_batches, score_batches = 0.0, [], []
     with torch.set_grad_enabled(optimizer is not None):
-        for images, targets in loader:
+        for step, (images, targets) in enumerate(loader):
             images = normalise(images.to(device, non_blocking=True), torch.float32)
             targets = targets.to(device, non_blocking=True)
             # autocast per batch: it caches its bfloat16 copies of the weights until it exits, so one
@@ -212,6 +224,9 @@ def _run_epoch(net, loader, device, normalise, autocast, optimizer=None) -> tupl
                 logits = net(images).float()
             loss = loss_function(logits, targets)
             if optimizer is not None:
+                if lr_at is not None:
+                    for group in optimizer.param_groups:
+                        group["lr"] = group["initial_lr"] * lr_at(step)
                 optimizer.zero_grad(set_to_none=True)
                 (loss / len(targets)).backward()
                 optimizer.step()
@@ -220,6 +235,50 @@ def _run_epoch(net, loader, device, normalise, autocast, optimizer=None) -> tupl
             score_batches.append(torch.sigmoid(logits).detach().cpu().numpy())
     labels, scores = np.concatenate(label_batches), np.concatenate(score_batches)
     return total / max(len(labels), 1), labels.astype(int), scores
+
+
+def layerwise_groups(net: GenderNet, lr: float, layer_decay: float = 1.0) -> list[dict]:
+    """AdamW parameter groups of ``net``'s trainable parameters: the logit at ``lr``, each block
+    of the embedding at ``layer_decay`` times the rate of the block above it."""
+    groups = [{"params": list(net.logit.parameters()), "lr": lr, "initial_lr": lr}]
+    named = list(net.embedding.named_parameters())
+    for depth, block in enumerate(reversed(parameter_blocks(net.embedding)), start=1):
+        params = [p for name, p in named if p.requires_grad and (name == block or name.startswith(block + "."))]
+        if params:
+            rate = lr * layer_decay**depth
+            groups.append({"params": params, "lr": rate, "initial_lr": rate})
+    return groups
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning rate's factor at ``step`` of ``steps``: 1 ('constant'), or ('cosine') a
+    linear warm-up over the first :data:`WARMUP` of the steps times a cosine from 1 to 0."""
+    if schedule not in SCHEDULES:
+        raise FeatgenderError(f"--schedule {schedule!r}: choose one of {', '.join(SCHEDULES)}")
+    if schedule == "constant":
+        return 1.0
+    warmup = max(1, round(WARMUP * steps))
+    return min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps))
+
+
+@torch.no_grad()
+def fit_head_first(net: GenderNet, loader: DataLoader, run: _Run) -> float:
+    """Set ``net``'s logit to a logistic regression fitted on the frozen embedding of
+    ``loader``'s (unaugmented) training images; returns its training accuracy."""
+    from sklearn.linear_model import LogisticRegression
+
+    net.eval()
+    features, labels = [], []
+    for images, targets in loader:
+        images = run.normalise(images.to(run.device), torch.float32)
+        with torch.autocast(run.device.type, torch.bfloat16, enabled=run.autocast):
+            features.append(pooled(net.embedding(images)["embedding"]).float().cpu().numpy())
+        labels.append(targets.numpy())
+    embedded, truth = np.concatenate(features), np.concatenate(labels).astype(int)
+    head = LogisticRegression(max_iter=2000).fit(embedded, truth)
+    net.logit.weight.copy_(torch.from_numpy(head.coef_).to(net.logit.weight))
+    net.logit.bias.copy_(torch.from_numpy(head.intercept_).to(net.logit.bias))
+    return float(head.score(embedded, truth))
 
 
 def finetune(
@@ -236,6 +295,10 @@ def finetune(
     dropout: float = 0.2,
     balance: str | Sequence[str] | None = None,
     samples_per_epoch: int | None = None,
+    augment: str = "basic",
+    layer_decay: float = 1.0,
+    schedule: str = "constant",
+    head_first: bool = False,
     out: str | Path | None = None,
     device: str | torch.device = "auto",
     precision: str = "auto",
@@ -251,7 +314,9 @@ def finetune(
     ``data``: one dataset, or several trained on together (each evaluated on its own test
     split too). ``balance`` (none, or any of dataset, gender, group) draws training images with
     the weights :func:`featgender.mixing.balance_weights` gives, ``samples_per_epoch`` of them per
-    epoch (default: as many as there are training images). ``face_box``: for a face-aligning
+    epoch (default: as many as there are training images). ``augment``, ``layer_decay``,
+    ``schedule`` and ``head_first``: how much the network keeps of what it knew (the module's
+    docstring). ``face_box``: for a face-aligning
     backbone (dlib_resnet), where to find the face in each dataset's images, as ``featgender
     extract --face-box`` (:func:`featgender.extract.face_box_for`).
     Writes ``out`` (default ``models/<backbone>-ft.pt``: the best epoch) and
@@ -260,6 +325,10 @@ def finetune(
     """
     if samples_per_epoch is not None and samples_per_epoch < 1:
         raise FeatgenderError(f"--samples-per-epoch {samples_per_epoch}: want a positive number of images")
+    if not 0 < layer_decay <= 1:
+        raise FeatgenderError(f"--layer-decay {layer_decay}: want a factor in (0, 1]")
+    lr_factor(schedule, 0, 1)  # an unknown schedule fails now, not after the data is read
+    training_transform(1, augment)  # as does an unknown augmentation
     built = build_backbone(backbone, weights=weights, face_box=None)
     parts = load_training_data(
         [data] if isinstance(data, (str, Path)) else data,
@@ -282,7 +351,7 @@ def finetune(
         loader_bound=any(detects_on_loader(part.backbone) for part in parts),
     )
     net = net.to(run.device).to(memory_format=torch.channels_last)
-    optimizer = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(layerwise_groups(net, lr, layer_decay), lr=lr, weight_decay=weight_decay)
     out = Path(out) if out is not None else Path(MODELS_FOLDER) / f"{backbone}-ft.pt"
     last = out.with_name(out.name + ".last.pt")
     config = _run_config(
@@ -295,16 +364,28 @@ def finetune(
         seed=seed,
         balance=parse_balance(balance),
         samples_per_epoch=samples_per_epoch,
+        augment=augment,
+        layer_decay=layer_decay,
+        schedule=schedule,
+        head_first=head_first,
     )
     history, best = _resume(last, config, net, optimizer) if last.is_file() else ([], BestEpoch())
     start_epoch = len(history)
     train = [part.split("train") for part in parts]
     train_loader = run.loader(
-        ConcatDataset([part.images("train", augment=True) for part in parts]),
+        ConcatDataset([part.images("train", augment=augment) for part in parts]),
         shuffle=True,
         weights=balance_weights(train, balance),
         samples=samples_per_epoch,
     )
+    if head_first and not history:
+        first_draw = run.loader(
+            ConcatDataset([part.images("train") for part in parts]),
+            weights=balance_weights(train, balance),
+            samples=min(HEAD_FIRST_SAMPLES, samples_per_epoch or sum(len(rows) for rows in train)),
+        )
+        logger.info("head first: training accuracy %.4f", fit_head_first(net, first_draw, run))
+    steps = epochs * len(train_loader)
     valid_loader = run.loader(ConcatDataset([part.images("valid") for part in parts]))
     from tqdm.auto import tqdm
 
@@ -320,7 +401,9 @@ def finetune(
             break
         torch.manual_seed(seed + epoch)  # same draws and augmentations whether or not the run was resumed
         train_loader.generator.manual_seed(seed + epoch)
-        history.append(_epoch(net, run, train_loader, valid_loader, optimizer, epoch + 1))
+        done = epoch * len(train_loader)
+        lr_at = partial(_scheduled, schedule, done, steps)
+        history.append(_epoch(net, run, train_loader, valid_loader, optimizer, epoch + 1, lr_at))
         if history[-1]["valid_loss"] < best.loss:
             best = BestEpoch(history[-1]["valid_loss"], epoch + 1, copy.deepcopy(net.state_dict()))
         _save(
@@ -391,15 +474,29 @@ class _Run:
             images, self.batch_size, int(self.workers or 0), self.seed, self.device.type == "cuda", **sampling
         )
 
-    def scores(self, net: GenderNet, loader: DataLoader, optimizer=None) -> tuple[float, np.ndarray, np.ndarray]:
-        return _run_epoch(net, loader, self.device, self.normalise, self.autocast, optimizer)
+    def scores(
+        self, net: GenderNet, loader: DataLoader, optimizer=None, lr_at: Callable[[int], float] | None = None
+    ) -> tuple[float, np.ndarray, np.ndarray]:
+        return _run_epoch(net, loader, self.device, self.normalise, self.autocast, optimizer, lr_at)
+
+
+def _scheduled(schedule: str, done: int, steps: int, step: int) -> float:
+    """:func:`lr_factor` at step ``step`` of an epoch that starts after ``done`` steps."""
+    return lr_factor(schedule, done + step, steps)
 
 
 def _epoch(
-    net: GenderNet, run: _Run, train_loader: DataLoader, valid_loader: DataLoader, optimizer, number: int
+    net: GenderNet,
+    run: _Run,
+    train_loader: DataLoader,
+    valid_loader: DataLoader,
+    optimizer,
+    number: int,
+    lr_at: Callable[[int], float] | None = None,
 ) -> dict:
-    """One epoch of training, then validation: its row of the history."""
-    train_loss, _, _ = run.scores(net, train_loader, optimizer)
+    """One epoch of training (step i at ``lr_at(i)`` of each group's rate), then validation:
+    its row of the history."""
+    train_loss, _, _ = run.scores(net, train_loader, optimizer, lr_at)
     valid_loss, valid_labels, valid_scores = run.scores(net, valid_loader)
     return {
         "epoch": number,
@@ -447,7 +544,7 @@ def _test(net: GenderNet, parts: list[TrainingData], run: _Run) -> dict:
     for part in parts:
         rows = part.split("test")
         if len(rows):
-            _, _, scores = run.scores(net, run.loader(TrainingImages(rows, part.backbone, False)))
+            _, _, scores = run.scores(net, run.loader(TrainingImages(rows, part.backbone)))
             evaluations[part.dataset.name] = {**evaluate_scores(rows, scores), "split": "test"}
     if len(evaluations) <= 1:
         return next(iter(evaluations.values()), {})

@@ -112,3 +112,61 @@ def test_bfloat16_training_steps_run_on_the_weights_they_updated():
     during, _, _ = _run_epoch(net, batch * 8, device, same, autocast=True, optimizer=optimizer)
     after, _, _ = _run_epoch(net, batch, device, same, autocast=True)
     assert during < before - 0.05 and after < during
+
+
+def test_layerwise_rates_fall_block_by_block_and_the_cosine_schedule_warms_up_then_ends_at_zero():
+    from featgender.finetune import layerwise_groups, lr_factor
+
+    net = GenderNet(build_backbone("resnet18", weights="none"))
+    freeze_all_but_last(net, 2)
+    groups = layerwise_groups(net, 1e-3, 0.5)
+    assert [group["lr"] for group in groups] == pytest.approx([1e-3, 5e-4, 2.5e-4])  # logit, layer4.1, layer4.0
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    assert sum(len(group["params"]) for group in groups) == len(trainable)
+    factors = [lr_factor("cosine", step, 100) for step in range(100)]
+    assert factors[0] == pytest.approx(0.2) and max(factors) == factors[4] > 0.99
+    assert all(a >= b for a, b in zip(factors[4:], factors[5:], strict=False)) and factors[-1] < 0.001
+    assert {lr_factor("constant", step, 100) for step in range(100)} == {1.0}
+    with pytest.raises(FeatgenderError, match="--schedule 'steps'"):
+        lr_factor("steps", 0, 100)
+
+
+class Unchanged(torch.nn.Module):
+    """A backbone transform for images that are the network's input already."""
+
+    def forward(self, images, dtype=torch.float32):
+        return images
+
+
+def test_head_first_starts_the_logit_from_a_fit_on_the_frozen_embedding():
+    """Images whose class shows in their brightness: the logit fitted on the frozen embedding
+    tells them apart at once, where the random one does not."""
+    from featgender.finetune import _Run, fit_head_first
+
+    torch.manual_seed(0)
+    net = GenderNet(build_backbone("resnet18", weights="none"), dropout=0.0)  # its random features vary
+    freeze_all_but_last(net, 0)
+    labels = torch.arange(64) % 2
+    images = torch.rand(64, 3, 64, 64) * 0.5 + 0.4 * labels.view(-1, 1, 1, 1)
+    batches = [(images[i : i + 16], labels[i : i + 16].float()) for i in range(0, 64, 16)]
+    run = _Run(torch.device("cpu"), "float32", Unchanged(), 16, 0, 0, False)
+    before, _, _ = run.scores(net, batches)
+    assert fit_head_first(net, batches, run) == 1.0
+    after, _, scores = run.scores(net, batches)
+    assert after < before - 0.1 and np.array_equal(scores >= 0.5, labels.numpy() == 1)
+
+
+def test_web_augmentation_lowers_resolution_and_unknown_options_are_refused(csv_dataset, tmp_path):
+    from featgender.augment import LowResolution, training_transform
+
+    torch.manual_seed(0)
+    image = (torch.rand(3, 150, 150) * 255).to(torch.uint8)  # noise: all high frequencies
+    blurred = LowResolution(p=1.0, sides=(0.25, 0.25))(image)
+    assert blurred.shape == image.shape and blurred.dtype == torch.uint8
+    assert blurred.float().std() < 0.5 * image.float().std()
+    assert torch.equal(LowResolution(p=0.0)(image), image)
+    assert training_transform(112, "web")(image).shape == (3, 112, 112)
+    with pytest.raises(FeatgenderError, match="--augment 'noise'"):
+        finetune(csv_dataset, augment="noise", out=tmp_path / "ft.pt", **OPTIONS)
+    with pytest.raises(FeatgenderError, match="--layer-decay 0"):
+        finetune(csv_dataset, layer_decay=0, out=tmp_path / "ft.pt", **OPTIONS)
