@@ -29,6 +29,8 @@ from featgender.files import file_sha256
 
 logger = logging.getLogger(__name__)
 
+FINETUNED_FORMAT = "featgender-finetuned"  # what a checkpoint of featgender finetune says it is
+
 
 @dataclass(frozen=True)
 class BackboneConfig:
@@ -389,6 +391,17 @@ def _state_dict_from(obj: object, path: Path) -> dict:
     raise FeatgenderError(f"--weights {path}: not a state_dict (a dict of tensors)")
 
 
+def _finetuned_embedding(checkpoint: dict, network: nn.Module, path: Path, config: BackboneConfig) -> dict:
+    """``network``'s state_dict with the weights of a ``featgender finetune`` checkpoint (its
+    network up to the embedding: frozen again for extraction); layers past the embedding,
+    which the checkpoint does not hold and extraction does not run, keep their own."""
+    if checkpoint.get("backbone") != config.name:
+        raise FeatgenderError(f"--weights {path}: a fine-tuned {checkpoint.get('backbone')}, not {config.name}")
+    prefix = "embedding."
+    weights = {key[len(prefix) :]: value for key, value in checkpoint["state_dict"].items() if key.startswith(prefix)}
+    return {**network.state_dict(), **weights}
+
+
 def _load_state_dict(network: nn.Module, state_dict: dict, config: BackboneConfig, path: Path) -> None:
     result = network.load_state_dict(state_dict, strict=False)  # the keys are checked below, naming the file
     unexpected = [key for key in result.unexpected_keys if not key.startswith(config.ignored_keys)]
@@ -400,19 +413,22 @@ def _load_state_dict(network: nn.Module, state_dict: dict, config: BackboneConfi
 def _load_weights_file(network: nn.Module, path: Path, config: BackboneConfig) -> WeightsInfo:
     if not path.is_file():
         raise FeatgenderError(f"--weights {path}: no such file (use default, none, or a state_dict file)")
-    _load_state_dict(network, _read_weights(path, config), config, path)
+    _load_state_dict(network, _read_weights(path, config, network), config, path)
     return WeightsInfo(f"file:{path.name}", file_sha256(path), str(path.resolve()))
 
 
-def _read_weights(path: Path, config: BackboneConfig) -> dict:
-    """The state_dict in ``path``: a torch file (``weights_only=True``) or, for backbones that
-    read a foreign format, a file of that format."""
+def _read_weights(path: Path, config: BackboneConfig, network: nn.Module) -> dict:
+    """The state_dict in ``path`` for ``network``: a torch file (``weights_only=True``; a
+    ``featgender finetune`` checkpoint too) or, for backbones that read a foreign format, a file
+    of that format."""
     if config.convert_weights is not None and path.suffix == config.convert_weights[0]:
         return config.convert_weights[1](path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for foreign or corrupt files
         raise FeatgenderError(f"--weights {path}: cannot be read as a torch state_dict ({error})") from None
+    if isinstance(obj, dict) and obj.get("format") == FINETUNED_FORMAT:
+        return _finetuned_embedding(obj, network, path, config)
     return _state_dict_from(obj, path)
 
 
@@ -424,7 +440,7 @@ def _load_default_weights(network: nn.Module, config: BackboneConfig) -> Weights
         config.download()
     if not path.is_file():
         raise FeatgenderError(f"{config.name}: default weights file {path} is missing after download")
-    _load_state_dict(network, _read_weights(path, config), config, path)
+    _load_state_dict(network, _read_weights(path, config, network), config, path)
     return WeightsInfo(config.weights, file_sha256(path), str(path))
 
 

@@ -32,7 +32,7 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, WeightedRandomSampler
 
 from featgender.augment import training_transform
-from featgender.backbones import Backbone, EmbeddingModel, build_backbone, pooled
+from featgender.backbones import FINETUNED_FORMAT, Backbone, EmbeddingModel, build_backbone, pooled
 from featgender.cache import library_versions
 from featgender.data import FaceDataset, load_dataset, split_code
 from featgender.defaults import DEFAULT_BACKBONE, MODELS_FOLDER
@@ -46,7 +46,7 @@ from featgender.mixing import balance_weights, parse_balance
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = "featgender-finetuned"
+CHECKPOINT_FORMAT = FINETUNED_FORMAT
 CHECKPOINT_VERSION = 1
 SCHEDULES = ("constant", "cosine")
 WARMUP = 0.05  # share of a cosine schedule's steps spent warming the learning rate up

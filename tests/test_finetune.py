@@ -170,3 +170,22 @@ def test_web_augmentation_lowers_resolution_and_unknown_options_are_refused(csv_
         finetune(csv_dataset, augment="noise", out=tmp_path / "ft.pt", **OPTIONS)
     with pytest.raises(FeatgenderError, match="--layer-decay 0"):
         finetune(csv_dataset, layer_decay=0, out=tmp_path / "ft.pt", **OPTIONS)
+
+
+def test_a_fine_tuned_network_is_frozen_again_as_a_backbone_for_extraction(csv_dataset, tmp_path):
+    """``extract --weights models/ft.pt``: the backbone built from a fine-tune's checkpoint
+    embeds as the fine-tuned network does; another backbone refuses the file, naming it."""
+    from featgender.finetune import load_finetuned
+
+    out = tmp_path / "ft.pt"
+    finetune(csv_dataset, epochs=1, unfreeze_last="all", lr=0.01, out=out, **OPTIONS)
+    net, _, _ = load_finetuned(out, device="cpu")
+    refrozen = build_backbone("mobilenet_v3_small", weights=str(out))
+    untrained = build_backbone("mobilenet_v3_small", weights="none")
+    images = torch.rand(4, 3, 224, 224)
+    with torch.no_grad():
+        tuned = net.embedding(images)["embedding"].flatten(1)
+        assert torch.allclose(refrozen.model(images), tuned, atol=1e-5)
+        assert not torch.allclose(untrained.model(images), tuned, atol=1e-3)
+    with pytest.raises(FeatgenderError, match=r"ft\.pt: a fine-tuned mobilenet_v3_small, not resnet18"):
+        build_backbone("resnet18", weights=str(out))
