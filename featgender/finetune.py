@@ -64,8 +64,12 @@ class GenderNet(nn.Module):
         self.logit = nn.Linear(backbone.feature_dim, 1)
         self.frozen: list[nn.Module] = []
 
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """The pooled (N, D) embedding the logit reads."""
+        return pooled(self.embedding(images)["embedding"])
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.logit(self.dropout(pooled(self.embedding(images)["embedding"]))).squeeze(1)
+        return self.logit(self.dropout(self.features(images))).squeeze(1)
 
     def train(self, mode: bool = True) -> GenderNet:
         super().train(mode)
@@ -272,7 +276,7 @@ def fit_head_first(net: GenderNet, loader: DataLoader, run: _Run) -> float:
     for images, targets in loader:
         images = run.normalise(images.to(run.device), torch.float32)
         with torch.autocast(run.device.type, torch.bfloat16, enabled=run.autocast):
-            features.append(pooled(net.embedding(images)["embedding"]).float().cpu().numpy())
+            features.append(net.features(images).float().cpu().numpy())
         labels.append(targets.numpy())
     embedded, truth = np.concatenate(features), np.concatenate(labels).astype(int)
     head = LogisticRegression(max_iter=2000).fit(embedded, truth)

@@ -184,7 +184,7 @@ def test_a_fine_tuned_network_is_frozen_again_as_a_backbone_for_extraction(csv_d
     untrained = build_backbone("mobilenet_v3_small", weights="none")
     images = torch.rand(4, 3, 224, 224)
     with torch.no_grad():
-        tuned = net.embedding(images)["embedding"].flatten(1)
+        tuned = net.features(images)
         assert torch.allclose(refrozen.model(images), tuned, atol=1e-5)
         assert not torch.allclose(untrained.model(images), tuned, atol=1e-3)
     with pytest.raises(FeatgenderError, match=r"ft\.pt: a fine-tuned mobilenet_v3_small, not resnet18"):
