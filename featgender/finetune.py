@@ -21,7 +21,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -273,7 +273,7 @@ def fit_head_first(net: GenderNet, loader: DataLoader, run: _Run) -> float:
 
     net.eval()
     features, labels = [], []
-    for images, targets in loader:
+    for images, targets in run.batches(loader, "head first"):
         images = run.normalise(images.to(run.device), torch.float32)
         with torch.autocast(run.device.type, torch.bfloat16, enabled=run.autocast):
             features.append(net.features(images).float().cpu().numpy())
@@ -353,6 +353,7 @@ def finetune(
         seed=seed,
         workers=workers,
         loader_bound=any(detects_on_loader(part.backbone) for part in parts),
+        progress=progress,
     )
     net = net.to(run.device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(layerwise_groups(net, lr, layer_decay), lr=lr, weight_decay=weight_decay)
@@ -466,6 +467,7 @@ class _Run:
     seed: int
     workers: int | None
     loader_bound: bool
+    progress: bool = False  # a bar over each pass's batches (passes take minutes on CPU)
 
     def __post_init__(self):
         self.autocast = uses_bfloat16(self.precision, self.device)
@@ -481,7 +483,14 @@ class _Run:
     def scores(
         self, net: GenderNet, loader: DataLoader, optimizer=None, lr_at: Callable[[int], float] | None = None
     ) -> tuple[float, np.ndarray, np.ndarray]:
-        return _run_epoch(net, loader, self.device, self.normalise, self.autocast, optimizer, lr_at)
+        batches = self.batches(loader, "train" if optimizer else "score")
+        return _run_epoch(net, batches, self.device, self.normalise, self.autocast, optimizer, lr_at)
+
+    def batches(self, loader: DataLoader, what: str) -> Iterable:
+        """``loader``'s batches, under a progress bar that goes when the pass ends."""
+        from tqdm.auto import tqdm
+
+        return tqdm(loader, desc=what, unit="batch", leave=False, disable=not self.progress)
 
 
 def _scheduled(schedule: str, done: int, steps: int, step: int) -> float:

@@ -119,13 +119,22 @@ def test_download_without_network_says_which_files_to_place(tmp_path, monkeypatc
 
 
 def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
-    """Two datasets, one head: each dataset's test results with its race x gender table, and the
-    saved model's path, ready for predict."""
+    """Two datasets, one head: dlib's network fine-tuned on them and frozen again to embed them,
+    each dataset's test results with its race x gender table, and the saved model's path, ready
+    for predict."""
+    from featgender.heads import load_model
+
     monkeypatch.chdir(tmp_path)
     result = invoke(
         "demo", "--data", shared_faces / "utkface", "--data", shared_faces / "utkface_more", "--limit", "300"
     )
     assert result.exit_code == 0, result.output
+    assert "fine-tuned: models/demo-dlib_resnet-ft-limit300.pt (best epoch" in result.output
+    assert "cache: cache/demo-dlib_resnet-ft-limit300/utkface-dlib_resnet-limit300.h5 (created" in result.output
+    saved = load_model("models/demo-dlib_resnet-logreg.joblib")
+    assert (
+        Path(saved.backbones[0]["weights_path"]) == (tmp_path / "models" / "demo-dlib_resnet-ft-limit300.pt").resolve()
+    )
     assert "trained on 480 images" in result.output and "balanced by dataset, gender" in result.output
     assert "backbone dlib_resnet" in result.output
     for name in ("utkface", "utkface_more"):
