@@ -185,8 +185,10 @@ def bench_finetune(
     balance: str | None = None,
     epochs: int = 1,
 ) -> dict:
-    """Seconds per epoch and test accuracy of the fine-tune path (on every dataset of ``data``)."""
-    from featgender.finetune import finetune
+    """Seconds per epoch and test accuracy of the fine-tune path (on every dataset of ``data``):
+    the backbone's measured recipe where it has one (:func:`featgender.finetune.recipe`, the
+    quick start's), else ``epochs`` at ``finetune``'s defaults."""
+    from featgender.finetune import finetune, recipe
 
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
@@ -194,12 +196,12 @@ def bench_finetune(
             data,
             backbone=backbone,
             weights=weights,
-            epochs=epochs,
             device=device,
             limit=limit,
             balance=balance,
             out=Path(tmp) / "ft.pt",
             progress=False,
+            **{"epochs": epochs, **recipe(backbone, limit)},
         )
         seconds = time.perf_counter() - started
     return {

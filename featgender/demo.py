@@ -7,13 +7,12 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from featgender.backbones import get_config, weights_available
 from featgender.cache import DEFAULT_CACHE_DIR
 from featgender.defaults import DEFAULT_HEAD
 from featgender.extract import extract_to_cache
-from featgender.finetune import FinetuneResult, finetune
+from featgender.finetune import RECIPES, FinetuneResult, finetune, recipe
 from featgender.training import train_head
 
 # Most accurate first, on UTKFace and unseen CelebA faces (benchmarks/README.md); all offline.
@@ -21,24 +20,6 @@ OFFLINE_BACKBONES = ("dlib_resnet", "efficientnet_lite0")
 # What the weights even out when the demo trains on several datasets (benchmarks/README.md,
 # "Fair across skin tone and gender").
 DEMO_BALANCE = "dataset,gender"
-# The fine-tune that keeps what dlib's network knew and learns faces in the wild (benchmarks/
-# README.md, "A representation that learns FairFace"): every block, the head fitted first,
-# rates falling 0.8x per block down, cosine schedule, web-photo augmentation. Two epochs of
-# 12,000 draws scored as three of 16,000 on FairFace's valid carve-out (0.875) in a third less
-# time; one of 16,000 did not (0.863).
-DEMO_FINETUNE: dict[str, dict[str, Any]] = {
-    "dlib_resnet": {
-        "epochs": 2,
-        "samples_per_epoch": 12_000,
-        "unfreeze_last": "all",
-        "head_first": True,
-        "layer_decay": 0.8,
-        "schedule": "cosine",
-        "augment": "web",
-        "lr": 3e-4,
-        "batch_size": 64,
-    }
-}
 
 
 def best_offline_backbone() -> str:
@@ -66,7 +47,7 @@ def run_demo(
     ``data``: one dataset, or several whose rows train one head together (each embedded into
     its own cache, weighted by ``balance`` as ``fit --balance``, each evaluated on its own test
     split). ``backbone`` defaults to :func:`best_offline_backbone`. With ``fine_tune``, a
-    backbone with a recipe in :data:`DEMO_FINETUNE` is first fine-tuned on the datasets
+    backbone with a recipe (:data:`featgender.finetune.RECIPES`) is first fine-tuned on the datasets
     (balanced the same way) into ``models/demo-<backbone>-ft[-limit<N>].pt``, then frozen again to
     embed them (caches in the folder of that name under ``cache/``); others are embedded as they come. The model
     is saved to ``out`` (default ``models/demo-<backbone>-<head>.joblib``). Returns a dict with
@@ -78,7 +59,7 @@ def run_demo(
     backbone = backbone or best_offline_backbone()
     balance = balance if len(datasets) > 1 else None
     finetuned = None
-    if fine_tune and backbone in DEMO_FINETUNE:
+    if fine_tune and backbone in RECIPES:
         finetuned = _fine_tune(datasets, backbone, balance, limit, progress, **extract_options)
         extract_options = {
             **extract_options,
@@ -104,9 +85,7 @@ def run_demo(
 def _fine_tune(
     datasets: list, backbone: str, balance: str | None, limit: int | None, progress: bool, **options
 ) -> FinetuneResult:
-    """:data:`DEMO_FINETUNE`'s recipe for ``backbone`` on ``datasets`` (with ``limit``, each epoch
-    one pass over their few training faces); resumed, as ``finetune`` is, when rerun."""
-    recipe: dict[str, Any] = {**DEMO_FINETUNE[backbone], **({"samples_per_epoch": None} if limit is not None else {})}
+    """``backbone``'s recipe on ``datasets``; resumed, as ``finetune`` is, when rerun."""
     return finetune(
         datasets,
         backbone=backbone,
@@ -115,5 +94,5 @@ def _fine_tune(
         progress=progress,
         out=Path("models") / f"demo-{backbone}-ft{f'-limit{limit}' if limit else ''}.pt",
         **{key: options[key] for key in ("device", "precision", "format") if key in options},
-        **recipe,
+        **recipe(backbone, limit),
     )

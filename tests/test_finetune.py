@@ -172,6 +172,17 @@ def test_web_augmentation_lowers_resolution_and_unknown_options_are_refused(csv_
         finetune(csv_dataset, layer_decay=0, out=tmp_path / "ft.pt", **OPTIONS)
 
 
+def test_a_recipe_is_finetunes_options_and_a_pass_per_epoch_on_a_few_faces():
+    import inspect
+
+    from featgender.finetune import recipe
+
+    assert recipe("dlib_resnet")["samples_per_epoch"] == 12_000
+    assert recipe("dlib_resnet", limit=300)["samples_per_epoch"] is None
+    assert recipe("mobilenet_v3_small") == {}
+    inspect.signature(finetune).bind("data", **recipe("dlib_resnet"))  # every key an option
+
+
 def test_a_fine_tuned_network_is_frozen_again_as_a_backbone_for_extraction(csv_dataset, tmp_path):
     """``extract --weights models/ft.pt``: the backbone built from a fine-tune's checkpoint
     embeds as the fine-tuned network does; another backbone refuses the file, naming it."""
