@@ -204,13 +204,24 @@ def bench_finetune(
             **{"epochs": epochs, **recipe(backbone, limit)},
         )
         seconds = time.perf_counter() - started
-    return {
+    row = {
         "backbone": backbone,
         "epochs": len(result.history),
         "s_per_epoch": round(seconds / len(result.history), 2),
         "test_accuracy": result.test.get("accuracy"),
         **peak_memory_mb(),
     }
+    own = result.test.get("datasets", {"": result.test})
+    worst = {name: _worst_per_attribute(evaluation) for name, evaluation in own.items()}
+    row["worst_group_gender"] = worst[""] if "" in worst else worst
+    if "" not in own:
+        row["datasets_test_accuracy"] = {name: evaluation["accuracy"] for name, evaluation in own.items()}
+    return row
+
+
+def _worst_per_attribute(evaluation: dict) -> dict:
+    """An evaluation's worst group x gender cell of each attribute."""
+    return {attribute: table["worst"] for attribute, table in evaluation.get("group_gender", {}).items()}
 
 
 def run_bench(
@@ -293,8 +304,10 @@ def write_bench_report(results: dict, folder: str | Path) -> list[Path]:
     if "finetune" in results:
         ft = results["finetune"]
         accuracy = f"{ft['test_accuracy']:.4f}" if ft["test_accuracy"] is not None else "–"
+        accuracy += "".join(f"; {name} {value:.4f}" for name, value in ft.get("datasets_test_accuracy", {}).items())
         lines.append(
-            f"| {ft['backbone']} | fine-tuned end to end | {accuracy} | – | {ft['s_per_epoch']} per epoch | – | – |"
+            f"| {ft['backbone']} | fine-tuned end to end | {accuracy} | {_worst_cells(ft)} | "
+            f"{ft['s_per_epoch']} per epoch | – | – |"
         )
     lines += [
         "",

@@ -33,6 +33,7 @@ def test_bench_json_has_every_stage(csv_dataset, tmp_path):
     assert 0 <= head["test_accuracy"] <= 1 and head["cpu_peak_mb"] > 0
     assert set(head["worst_group_gender"]) == {"age", "race"}  # the worst cell of each (none of 10 faces here)
     assert written["finetune"]["s_per_epoch"] > 0 and written["finetune"]["epochs"] == 1
+    assert set(written["finetune"]["worst_group_gender"]) == {"age", "race"}  # frozen and fine-tuned side by side
     assert written["machine"]["cores"] >= 1 and "torch" in written["machine"]
     assert "| mobilenet_v3_small | logreg |" in (tmp_path / "bench" / "results.md").read_text()
     assert Image.open(tmp_path / "bench" / "accuracy_vs_cost.png").size[0] > 100
