@@ -424,17 +424,25 @@ def evaluate(
             "fractions."
         ),
     ),
+    faces: str | None = typer.Option(
+        None,
+        "--faces",
+        help="With --data: auto (default: each image routed as predict routes it), crop or photo (predict --faces).",
+    ),
     device: str | None = DeviceOption,
 ) -> None:
     """Score a saved model on a split, of its cache(s) or of a dataset's images: metrics with
-    bootstrap 95% CIs, subgroup gaps, labels checked by identity (CelebA)."""
+    bootstrap 95% CIs, subgroup gaps, labels checked by identity (CelebA). With --data, each
+    image goes the way predict sends it (--faces), so the figures are predict's."""
     from featgender.evaluate import evaluate_images, evaluate_model
     from featgender.metrics import public_result
 
     if bool(cache) == (data is not None):
         raise FeatgenderError("evaluate: give --cache (a head on its cached features) or --data (a dataset's images)")
     misplaced = (
-        {"--in-progress": in_progress} if data else {"--format": format, "--face-box": face_box, "--device": device}
+        {"--in-progress": in_progress}
+        if data
+        else {"--format": format, "--face-box": face_box, "--faces": faces, "--device": device}
     )
     if any(misplaced.values()):
         given = ", ".join(name for name, value in misplaced.items() if value)
@@ -444,7 +452,9 @@ def evaluate(
         report=report, groups=_split_groups(groups), trusted=trusted, count_failed=count_failed, **_given(split=split)
     )
     if data is not None:
-        evaluation = evaluate_images(model, data, **options, **_given(format=format, face_box=face_box, device=device))
+        evaluation = evaluate_images(
+            model, data, **options, **_given(format=format, face_box=face_box, faces=faces, device=device)
+        )
     else:
         evaluation = evaluate_model(model, cache or [], in_progress=in_progress, **options)
     if as_json:

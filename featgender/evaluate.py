@@ -120,6 +120,7 @@ def evaluate_images(
     count_failed: bool = False,
     format: str = "auto",
     face_box: str | tuple = "auto",
+    faces: str = "auto",
     device: str = "auto",
     batch_size: int | None = None,
     workers: int | None = None,
@@ -131,7 +132,9 @@ def evaluate_images(
     The model's own network embeds (a head's backbones, rebuilt) or classifies (a fine-tuned
     network) the split's images, with faces aligned where they sit in them (``face_box``, as
     ``predict --face-box``): another dataset than the training one measures domain shift, for
-    fine-tuned networks too. Failed images (unreadable, no face) are left out, or with
+    fine-tuned networks too. Each image goes the way ``predict`` sends it (``faces``, as
+    ``predict --faces``: by default its route, decided per image), so the figures are what
+    ``predict`` would score. Failed images (unreadable, no face) are left out, or with
     ``count_failed`` counted as wrong answers; ``failed`` says how many there were.
     """
     code = split_code(split)
@@ -140,7 +143,8 @@ def evaluate_images(
     if not len(rows):
         raise FeatgenderError(f"--data {data}: no {split} images")
     predictor = load(model, trusted=trusted, device=device, batch_size=batch_size, workers=workers, face_box=face_box)
-    scores, _ = predictor.probabilities(rows.paths, progress)
+    predictions = predictor.predict(rows.paths, faces=faces, progress=progress)
+    scores = np.array([np.nan if found.probability is None else found.probability for found in predictions])
     failed = np.isnan(scores)
     if count_failed:
         scores = wrong_where_failed(rows.labels, scores)

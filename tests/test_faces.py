@@ -213,6 +213,30 @@ def test_by_default_each_image_is_routed_as_a_crop_or_a_photo_and_says_which(dli
     assert tight_line.split("\t")[3] == "crop" and group_line.split("\t")[3] == "photo" and "box=" in group_line
 
 
+def test_evaluate_data_routes_each_image_as_predict_does(dlib_model, boxed_portraits, tmp_path):
+    """``evaluate --data`` scores what ``predict`` would: the off-box portraits' faces found,
+    not aligned in the folder's box (one route for every door)."""
+    import csv
+
+    import featgender
+    from featgender.evaluate import evaluate_images
+
+    model_path, paths, truth = dlib_model
+    portraits, _ = boxed_portraits
+    labels = [int(truth[index % len(paths)]) for index in range(len(portraits))]  # as the fixture pastes them
+    with open(tmp_path / "labels.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["image", "gender", "split"])
+        for path, label in zip(portraits, labels, strict=True):
+            writer.writerow([str(path), ("female", "male")[label], "test"])
+    predictor = featgender.load(model_path)
+    for faces in ("auto", "crop"):
+        predicted = [p.probability for p in predictor.predict(portraits, faces=faces)]
+        evaluated = evaluate_images(model_path, tmp_path, faces=faces, progress=False)
+        scores = np.array(evaluated["_curves"]["scores"])
+        assert scores == pytest.approx(np.array(predicted), abs=1e-6), faces
+
+
 def test_a_picture_whose_face_is_off_the_folders_box_is_not_taken_as_a_crop(dlib_model, boxed_portraits):
     """Portraits framed alike but for a few: a box is calibrated for the folder, and the
     pictures whose face is in it go the crop way (as --faces crop: same P(male)); the few framed
