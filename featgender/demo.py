@@ -47,10 +47,11 @@ def run_demo(
     ``data``: one dataset, or several whose rows train one head together (each embedded into
     its own cache, weighted by ``balance`` as ``fit --balance``, each evaluated on its own test
     split). ``backbone`` defaults to :func:`best_offline_backbone`. With ``fine_tune``, a
-    backbone with a recipe (:data:`featgender.finetune.RECIPES`) is first fine-tuned on the datasets
-    (balanced the same way) into ``models/demo-<backbone>-ft[-limit<N>].pt``, then frozen again to
-    embed them (caches in the folder of that name under ``cache/``); others are embedded as they come. The model
-    is saved to ``out`` (default ``models/demo-<backbone>-<head>.joblib``). Returns a dict with
+    backbone with a recipe (:data:`featgender.finetune.RECIPES`) is first fine-tuned on the
+    datasets (balanced the same way) into ``models/demo-<backbone>-ft[-limit<N>].pt``, then
+    frozen again to embed them (caches in the folder of that name under ``cache/``); others
+    embed them as they come. The model is saved to ``out`` (default
+    ``models/demo-<backbone>-<head>.joblib``). Returns a dict with
     ``finetuned`` (the :class:`~featgender.finetune.FinetuneResult`, or None), ``caches`` (the
     :class:`~featgender.extract.CacheResult` of each dataset), ``model`` (the fitted
     :class:`~featgender.heads.HeadModel`), ``model_path`` and ``test`` (its evaluation).
