@@ -1,8 +1,10 @@
 """`featgender predict` with its default options against `featgender extract` of the same
 images, per kind of folder, with accuracy beside each (issue #29).
 
-Folders are made from ../shared/faces/utkface_more and celeba_15k (people the model below
-never saw: it trains on utkface's own faces), in class folders (female/, male/):
+Folders are made from ../shared/faces/utkface_more and celeba_15k, in class folders (female/,
+male/). The quick start trains on both sets, so most of these faces are training faces for it
+(portrait_framed's are not): the folders compare routes, and models, on the same pictures;
+held-out accuracy is the test splits' (``featgender evaluate --data``).
 
 - aligned: UTKFace's own 200 x 200 crops;
 - tight: the central 55-75 % of those, shifted a little and resized to 96-260 px (faces that
