@@ -38,9 +38,15 @@ def rebuild_backbone(entry: dict, *, face_crops: bool = False) -> Backbone:
     trained on a photo cache must not run again (where to align them: :func:`aligned_for`).
     """
     preprocessing = json.loads(entry.get("preprocessing") or "{}")
+    weights = _weights_option(entry)
+    if weights not in ("none", "default") and not Path(weights).is_file():
+        raise FeatgenderError(
+            f"{entry['backbone']}: the model's weights file {weights} is missing: its features came from that "
+            "network (put the file back there, or use the model exported to ONNX, which carries it)"
+        )
     backbone = build_backbone(
         entry["backbone"],
-        weights=_weights_option(entry),
+        weights=weights,
         layer=entry["layer"],
         face_box=preprocessing.get("face_box"),
         find_faces=bool(preprocessing.get("face_step")) and not face_crops,

@@ -227,6 +227,25 @@ def test_a_head_scores_a_datasets_images_as_their_cache_and_leaves_out_or_counts
     assert (counted["n"], counted["failed"], counted["accuracy"]) == (4, 1, (left_out["accuracy"] * 3) / 4)
 
 
+def test_a_model_whose_weights_file_is_gone_says_which_file(csv_dataset, tmp_path):
+    """A head on a network from a weights file (the quick start's fine-tuned one) needs that file:
+    without it, predict names it rather than failing on an option the user never gave."""
+    import torch
+    from torchvision.models import mobilenet_v3_small
+
+    weights = tmp_path / "net.pt"
+    torch.save(mobilenet_v3_small().state_dict(), weights)
+    cache, model_path = tmp_path / "c.h5", tmp_path / "m.joblib"
+    network = build_backbone("mobilenet_v3_small", weights=str(weights))
+    build_cache(load_dataset(csv_dataset), network, cache, progress=False)
+    train_head(cache, "logreg", eval_split=None, out=model_path)
+    image = sorted((csv_dataset / "images").iterdir())[0]
+    assert featgender.load(model_path).predict([image])[0].label in ("female", "male")
+    weights.rename(tmp_path / "moved.pt")
+    with pytest.raises(FeatgenderError, match=f"the model's weights file {weights} is missing"):
+        featgender.load(model_path).predict([image])
+
+
 def test_caches_of_two_backbones_join_by_id(trained, tmp_path):
     root, caches, _, _, _ = trained
     joined = read_caches(caches, "train")
