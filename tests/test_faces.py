@@ -72,6 +72,25 @@ def test_small_faces_that_hog_and_the_cnn_miss_are_found_upsampled(shared_faces)
         assert 0 <= left < 44 < right <= 89 and 0 <= top < 60 < bottom <= 109, name  # around the face's centre
 
 
+def test_the_largest_face_is_sought_halved_first_and_every_face_on_the_whole_picture(shared_faces):
+    """Two web faces HOG misses on a 640 x 400 picture, one of 224 px, one of 80: asked for the
+    largest alone, the CNN finds it on the picture halved (where the small one is too small to
+    see) in the place it finds it whole; asked for every face, both are found."""
+    from featgender.faces import default_detector, find_faces
+    from featgender.faces.align import overlap
+
+    canvas = Image.new("RGB", (640, 400), (90, 100, 110))
+    canvas.paste(Image.open(shared_faces / "fairface" / "train" / "1001.jpg").convert("RGB"), (40, 80))
+    small = Image.open(shared_faces / "fairface" / "train" / "10068.jpg").convert("RGB").resize((80, 80))
+    canvas.paste(small, (420, 150))
+    detector = default_detector()
+    every = find_faces(canvas, detector)
+    assert len(every) == 2 and every[0][0] < 320 < every[1][0]  # the large face first, then the small one
+    (largest,) = find_faces(canvas, detector, largest=True)
+    assert all(value % 2 == 0 for value in largest)  # found halved: its box doubled
+    assert overlap(largest, every[0]) > 0.7
+
+
 def test_hogs_boxes_are_remembered_per_picture_for_the_face_step_after_calibration(dlib_model):
     """A picture HOG has looked at (a calibration sample) gets the same boxes again without a
     second look; a picture differing in one pixel is looked at anew."""
