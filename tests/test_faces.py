@@ -57,6 +57,26 @@ def test_descriptors_equal_dlibs_own_pipeline_and_are_deterministic(dlib_backbon
     assert 1.0 < np.linalg.norm(features.astype(np.float32), axis=1).mean() < 2.5
 
 
+def test_the_network_leaves_the_aligning_workers_their_cores(dlib_backbone, shared_faces):
+    """While loader workers align faces on the CPU, torch computes on the cores they leave (three
+    busy threads on two cores cost dlib's network a fifth to nearly half its speed), and gets
+    every core back after; a network fed decoded crops alone keeps them all throughout."""
+    from featgender.defaults import cores
+    from featgender.embed import iter_features
+
+    paths = load_dataset(shared_faces / "utkface", limit=40).paths[:40]
+    before = torch.get_num_threads()
+    during = [
+        torch.get_num_threads() for _ in iter_features(dlib_backbone, paths, workers=1, batch_size=8, progress=False)
+    ]
+    assert during == [max(1, cores() - 1)] * 5 and torch.get_num_threads() == before
+    in_process = [torch.get_num_threads() for _ in iter_features(dlib_backbone, paths[:8], workers=0, progress=False)]
+    assert in_process == [before]
+    crops = build_backbone("efficientnet_lite0")
+    fed = [torch.get_num_threads() for _ in iter_features(crops, paths[:16], workers=1, batch_size=8, progress=False)]
+    assert fed == [before] * 2
+
+
 def test_small_faces_that_hog_and_the_cnn_miss_are_found_upsampled(shared_faces):
     """Three of celeba_10k's 89 x 109 faces: HOG, HOG upsampled and the CNN miss them; the CNN
     on the upsampled picture finds each, where a person sees it at once."""
