@@ -180,11 +180,16 @@ class ImagePredictor:
 
     def _predict_boxed(self, images: list, progress: bool) -> list[list[Prediction]]:
         """Face crops classified whole where each one's face is in the box the crop path aligns
-        in; the faces of the others found (:meth:`_predict_routed`)."""
+        in; the faces of the others found as :meth:`_predict_routed` finds them, faces smaller
+        than the folder's framing allows left unsought."""
         results = self._predict_crops(images, progress, check_box=True)
         off_box = [index for index, (prediction,) in enumerate(results) if prediction.error == OFF_BOX]
         if off_box:
-            for index, found in zip(off_box, self._predict_routed([images[i] for i in off_box], progress), strict=True):
+            box = self.face_box_for(images)
+            find = partial(face_in_crop_or_photo, folder_face=box[2] - box[0] if box else None)
+            for index, found in zip(
+                off_box, self._classify_faces([images[i] for i in off_box], progress, find), strict=True
+            ):
                 results[index] = found
         return results
 

@@ -57,6 +57,23 @@ def test_descriptors_equal_dlibs_own_pipeline_and_are_deterministic(dlib_backbon
     assert 1.0 < np.linalg.norm(features.astype(np.float32), axis=1).mean() < 2.5
 
 
+def test_faces_smaller_than_the_folders_framing_allows_are_not_sought(shared_faces):
+    """A 400 px picture holding one of celeba_10k's 89 x 109 faces, which only the upsampled
+    passes find: sought for any face, it is a photo of that small face; as a picture of a folder
+    whose faces span half its width (200 px: none framed otherwise falls under 80 px), no face
+    is sought below the detectors' window, and it goes the crop way in the central box."""
+    from featgender.faces import default_detector
+    from featgender.faces.route import face_in_crop_or_photo
+
+    picture = Image.new("RGB", (400, 300), (90, 100, 110))
+    picture.paste(Image.open(shared_faces / "celeba_10k" / "img_align_celeba" / "000581.jpg").convert("RGB"), (150, 90))
+    detector = default_detector()
+    route, ((box, _),) = face_in_crop_or_photo(detector, picture)
+    assert route == "photo" and 150 <= box[0] < box[2] <= 239
+    route, ((box, _),) = face_in_crop_or_photo(detector, picture, folder_face=0.5)
+    assert route == "crop" and box == (40, 30, 360, 270)
+
+
 def test_the_network_leaves_the_aligning_workers_their_cores(dlib_backbone, shared_faces):
     """While loader workers align faces on the CPU, torch computes on the cores they leave (three
     busy threads on two cores cost dlib's network a fifth to nearly half its speed), and gets

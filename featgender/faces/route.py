@@ -21,6 +21,10 @@ CROP_MAX_SIDE = 512
 # ... and a smaller one is a face crop when its faces sit where the others' do, or when the
 # largest face found in it spans at least this fraction of its shorter side (or none is found)
 CROP_FACE_FRACTION = 0.35
+# A picture whose folder's faces are at least this wide (its calibrated box), in pixels, has no
+# face under the detectors' 80 px window to seek: a face framed otherwise is framed at most a
+# third smaller (portraits: 0.7-1.25x the folder's size), still 100 px or more
+SMALL_FACES_BELOW = 160
 
 
 def image_size(image) -> tuple[int, int] | None:
@@ -48,11 +52,14 @@ def faces_in_photo(all_faces: bool, detector, picture) -> tuple[str, str | list]
     return "photo", cut_faces(picture, detector, all_faces) or NO_FACE
 
 
-def face_in_crop_or_photo(detector, picture) -> tuple[str, list]:
+def face_in_crop_or_photo(detector, picture, folder_face: float | None = None) -> tuple[str, list]:
     """A small picture whose face is not where the others' are: a crop when its largest face
     spans :data:`CROP_FACE_FRACTION` of it, or when none is found (then the central box, as
-    ``--faces crop`` aligns such crops); a photo of a smaller face otherwise."""
-    faces = cut_faces(picture, detector)
+    ``--faces crop`` aligns such crops); a photo of a smaller face otherwise. ``folder_face``:
+    the width of the folder's faces as a fraction of its pictures' (its calibrated box), where
+    known: from :data:`SMALL_FACES_BELOW` pixels up, faces under 80 px are not sought."""
+    small_faces = folder_face is None or folder_face * picture.width < SMALL_FACES_BELOW
+    faces = cut_faces(picture, detector, small_faces=small_faces)
     if not faces:
         width, height = picture.size
         left, top, right, bottom = CROP_FALLBACK_BOX
