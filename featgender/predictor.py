@@ -186,18 +186,17 @@ class ImagePredictor:
         off_box = [index for index, (prediction,) in enumerate(results) if prediction.error == OFF_BOX]
         if off_box:
             box = self.face_box_for(images)
-            find = partial(face_in_crop_or_photo, folder_face=box[2] - box[0] if box else None)
-            for index, found in zip(
-                off_box, self._classify_faces([images[i] for i in off_box], progress, find), strict=True
-            ):
+            off_box_images = [images[i] for i in off_box]
+            routed = self._predict_routed(off_box_images, progress, folder_face=box[2] - box[0] if box else None)
+            for index, found in zip(off_box, routed, strict=True):
                 results[index] = found
         return results
 
     def _predict_faces(self, all_faces: bool, images: list, progress: bool) -> list[list[Prediction]]:
         return self._classify_faces(images, progress, partial(faces_in_photo, all_faces))
 
-    def _predict_routed(self, images: list, progress: bool) -> list[list[Prediction]]:
-        return self._classify_faces(images, progress, face_in_crop_or_photo)
+    def _predict_routed(self, images: list, progress: bool, folder_face: float | None = None) -> list[list[Prediction]]:
+        return self._classify_faces(images, progress, partial(face_in_crop_or_photo, folder_face=folder_face))
 
     def _classify_faces(self, images: list, progress: bool, find: Callable) -> list[list[Prediction]]:
         """``find(detector, picture)`` gives each decoded image's route and (box, face crop)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import threading
 from collections import OrderedDict
 from collections.abc import Callable
@@ -80,10 +81,10 @@ class FaceDetector:
             return cnn(pixels) if cnn is not None else []
 
         def cnn_2x():
-            return _halved(cnn(upsampled(pixels))) if cnn is not None else []
+            return _scaled_boxes(cnn(rescaled(pixels, 2)), 0.5) if cnn is not None else []
 
         def cnn_half():
-            return _doubled(cnn(halved(pixels))) if cnn is not None else []
+            return _scaled_boxes(cnn(rescaled(pixels, 0.5)), 2) if cnn is not None else []
 
         steps: tuple[Callable[[], list[Box]], ...]
         if not small:
@@ -152,28 +153,19 @@ def _boxes(rectangles) -> list[Box]:
     return [(rect.left(), rect.top(), rect.right(), rect.bottom()) for rect in rectangles]
 
 
-def upsampled(pixels: np.ndarray) -> np.ndarray:
-    """A uint8 (H, W, 3) picture at twice its size (bilinear), for the CNN's small faces."""
+def rescaled(pixels: np.ndarray, factor: float) -> np.ndarray:
+    """A uint8 (H, W, 3) picture ``factor`` times its size (PIL's bilinear, which averages as it
+    shrinks): doubled for the CNN's small faces, halved for a large face found fast."""
     from PIL import Image
 
     height, width = pixels.shape[:2]
-    return np.asarray(Image.fromarray(pixels).resize((2 * width, 2 * height), Image.Resampling.BILINEAR))
+    size = (int(width * factor), int(height * factor))
+    return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
 
 
-def halved(pixels: np.ndarray) -> np.ndarray:
-    """A uint8 (H, W, 3) picture at half its size (PIL's bilinear, which averages as it shrinks)."""
-    from PIL import Image
-
-    height, width = pixels.shape[:2]
-    return np.asarray(Image.fromarray(pixels).resize((width // 2, height // 2), Image.Resampling.BILINEAR))
-
-
-def _halved(boxes: list[Box]) -> list[Box]:
-    return [tuple(value // 2 for value in box) for box in boxes]  # type: ignore[misc]
-
-
-def _doubled(boxes: list[Box]) -> list[Box]:
-    return [tuple(2 * value for value in box) for box in boxes]  # type: ignore[misc]
+def _scaled_boxes(boxes: list[Box], factor: float) -> list[Box]:
+    """Boxes found on a rescaled picture, in the picture's own pixels (rounded down)."""
+    return [tuple(math.floor(value * factor) for value in box) for box in boxes]  # type: ignore[misc]
 
 
 def default_detector(device: str = "cpu") -> FaceDetector:
