@@ -24,7 +24,8 @@ from PIL import Image
 from featgender.errors import FeatgenderError
 from featgender.faces import BOX_IN_FACE_CROP, FaceAligner, PhotoFaceStep, default_detector, dlib_model_file
 from featgender.images import decode_image
-from featgender.predictor import ImagePredictor, map_in_threads
+from featgender.predictor import ImagePredictor
+from featgender.threads import map_in_threads
 
 EXPORT_FORMAT = "featgender-onnx"
 EXPORT_VERSION = 1

@@ -180,6 +180,23 @@ def test_aligned_crops_get_a_fixed_face_box_and_skip_detection(shared_faces, tmp
         build_backbone("resnet18", weights="none", face_box=box)
 
 
+def test_calibration_looks_upsampled_only_where_faces_are_too_small_to_find_at_their_size(shared_faces, tmp_path):
+    """Half-resolution CelebA's faces (about 40 px, under HOG's 80 px window) are found by the
+    upsampled look; where HOG finds most faces at their size, the few that only that look finds
+    do not count: ten UTKFace crops and four pictures of their size with a small face in a
+    corner calibrate to the crops' own box (counted, the four would have left it unagreed)."""
+    half_resolution = load_dataset(shared_faces / "celeba_10k", limit=16).paths  # 89 x 109
+    np.testing.assert_allclose(calibrate_face_box(half_resolution), (0.24, 0.38, 0.72, 0.82), atol=0.03)
+    crops = load_dataset(shared_faces / "utkface", limit=10).paths
+    small_faces = []
+    for index, path in enumerate(crops[:4]):
+        picture = Image.new("RGB", (200, 200), (90, 100, 110))
+        picture.paste(Image.open(path).convert("RGB").resize((50, 50)), (120, 120))
+        picture.save(tmp_path / f"{index}.png")
+        small_faces.append(tmp_path / f"{index}.png")
+    assert calibrate_face_box(list(crops) + small_faces) == calibrate_face_box(crops) is not None
+
+
 def test_face_features_beat_imagenet_features_with_the_same_head(shared_faces, tmp_path):
     from featgender.cache import read_cache
     from featgender.extract import build_cache

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from featgender.errors import FeatgenderError
 from featgender.faces.detect import FaceDetector
-from featgender.faces.models import _dlib
+from featgender.faces.models import _dlib, hog_detector
+from featgender.threads import map_in_threads
 
 if TYPE_CHECKING:
     import torch
@@ -50,7 +52,11 @@ def calibrate_face_box(
 ) -> tuple[float, ...] | None:
     """Where the face sits in a dataset of aligned face crops, as a relative box; else None.
 
-    HOG-detects faces in ``samples`` images spread evenly over ``sources`` (deterministic).
+    HOG-detects faces in ``samples`` images spread evenly over ``sources`` (deterministic), on
+    a thread per core; upsampled 2x (faces under its 80 px window) only in the images where it
+    finds none when it finds under half of them at their size (half-resolution CelebA's 40 px
+    faces): elsewhere the faces that only the upsampled look finds are stragglers the median
+    does without, and that look costs half the time (FairFace's 224 px crops: 0.33 of 0.55 s).
     When at least half of them have a face, the boxes agree (median absolute deviation of
     each side below ``max_spread``) and ``min_agreement`` of them overlap their median by
     :data:`CALIBRATION_IOU` (a folder framed one way for two thirds and otherwise for the rest
@@ -58,30 +64,39 @@ def calibrate_face_box(
     top, right, bottom) as fractions of width and height, within the image; a dataset whose
     faces move around gets None (detect).
     """
-    from featgender.images import decode_image
-
-    detector = FaceDetector()  # HOG only: fast, and the median needs no stragglers
     picks = np.unique(np.linspace(0, len(sources) - 1, min(samples, len(sources))).round().astype(int))
-    relative = []
-    for index in picks:
-        try:
-            picture = decode_image(sources[index])
-        except Exception:  # unreadable files are extraction's to report
-            continue
-        height, width = picture.shape[:2]
-        boxes = detector(picture)
-        if boxes:
-            left, top, right, bottom = boxes[0]
-            relative.append((left / width, top / height, right / width, bottom / height))
+    picked = [sources[index] for index in picks]
+    found = list(map_in_threads(partial(_largest_face, small_faces=False), picked, FaceDetector))  # HOG only
+    if sum(box is not None for box in found) < 0.5 * len(picks):
+        missed = [source for source, box in zip(picked, found, strict=True) if box is None]
+        found = [box for box in found if box is not None]
+        found += map_in_threads(partial(_largest_face, small_faces=True), missed, FaceDetector)
+    relative = np.array([box for box in found if box is not None])
     if len(relative) < 0.5 * len(picks):
         return None
-    found = np.array(relative)
-    median = np.median(found, axis=0)
-    if np.median(np.abs(found - median), axis=0).max() >= max_spread:
+    median = np.median(relative, axis=0)
+    if np.median(np.abs(relative - median), axis=0).max() >= max_spread:
         return None
-    if np.mean([overlap(box, median) >= CALIBRATION_IOU for box in found]) < min_agreement:
+    if np.mean([overlap(box, median) >= CALIBRATION_IOU for box in relative]) < min_agreement:
         return None
     return tuple(round(float(value), 3) for value in np.clip(median, 0, 1))  # HOG's box may cross the edges
+
+
+def _largest_face(detector: FaceDetector, source, small_faces: bool) -> tuple[float, ...] | None:
+    """The largest face a detector finds in an image, as fractions of its width and height;
+    None where it finds none, or the file does not open (extraction reports it)."""
+    from featgender.images import decode_image
+
+    try:
+        picture = decode_image(source)
+    except Exception:
+        return None
+    boxes = detector(picture, small_faces=small_faces)
+    if not boxes:
+        return None
+    height, width = picture.shape[:2]
+    left, top, right, bottom = boxes[0]
+    return left / width, top / height, right / width, bottom / height
 
 
 def box_on_landmarks(points: np.ndarray) -> np.ndarray:
@@ -186,7 +201,7 @@ class FaceAligner:
         chip = np.ascontiguousarray(dlib.get_face_chip(pixels, shape, size=CHIP_SIZE, padding=CHIP_PADDING))
         if self.check:
             if self._hog is None:
-                self._hog = dlib.get_frontal_face_detector()
+                self._hog = hog_detector()
             if chip_face_score(self._hog, chip) < CHIP_FACE_SCORE:
                 raise FeatgenderError(OFF_BOX)
         return chip

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featgender.errors import FeatgenderError
-from featgender.faces.models import Box, _dlib, dlib_model_file
+from featgender.faces.models import Box, _dlib, dlib_model_file, hog_detector
 
 if TYPE_CHECKING:
     import torch
@@ -63,8 +63,7 @@ class FaceDetector:
 
     def _load(self) -> tuple[Any, Any]:
         if self._models is None:
-            dlib = _dlib()
-            self._models = (dlib.get_frontal_face_detector(), cnn_detector(self.cnn_detector_file, self.device))
+            self._models = (hog_detector(), cnn_detector(self.cnn_detector_file, self.device))
         return self._models
 
     def __call__(self, pixels: np.ndarray, largest: bool = False, small_faces: bool = True) -> list[Box]:

