@@ -128,6 +128,22 @@ def test_the_largest_face_is_sought_halved_first_and_every_face_on_the_whole_pic
     assert overlap(largest, every[0]) > 0.7
 
 
+def test_a_folders_large_faces_are_sought_halved_before_hog_looks(shared_faces):
+    """A UTKFace face of 180 px on a 360 x 300 picture, which HOG finds: sought for any face,
+    HOG's box comes back; as a picture of a folder whose faces are large (no face under the
+    detectors' window), the CNN on the picture halved finds it first, in the same place."""
+    from featgender.faces import default_detector, find_faces
+    from featgender.faces.align import overlap
+
+    picture = Image.new("RGB", (360, 300), (90, 100, 110))
+    picture.paste(Image.open(load_dataset(shared_faces / "utkface", limit=1).paths[0]).convert("RGB"), (100, 50))
+    detector = default_detector()
+    (hogs,) = find_faces(picture, detector, largest=True)
+    (halved,) = find_faces(picture, detector, largest=True, small_faces=False)
+    assert any(value % 2 for value in hogs) and all(value % 2 == 0 for value in halved)  # found halved: doubled
+    assert overlap(hogs, halved) > 0.6
+
+
 def test_hogs_boxes_are_remembered_per_picture_for_the_face_step_after_calibration(dlib_model):
     """A picture HOG has looked at (a calibration sample) gets the same boxes again without a
     second look; a picture differing in one pixel is looked at anew."""
