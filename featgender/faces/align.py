@@ -67,9 +67,8 @@ def calibrate_face_box(
     picks = np.unique(np.linspace(0, len(sources) - 1, min(samples, len(sources))).round().astype(int))
     picked = [sources[index] for index in picks]
     found = list(map_in_threads(partial(_largest_face, small_faces=False), picked, FaceDetector))  # HOG only
-    if sum(box is not None for box in found) < 0.5 * len(picks):
+    if sum(box is not None for box in found) < 0.5 * len(picks):  # small faces: the misses looked at upsampled
         missed = [source for source, box in zip(picked, found, strict=True) if box is None]
-        found = [box for box in found if box is not None]
         found += map_in_threads(partial(_largest_face, small_faces=True), missed, FaceDetector)
     relative = np.array([box for box in found if box is not None])
     if len(relative) < 0.5 * len(picks):
