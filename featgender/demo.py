@@ -7,10 +7,12 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from featgender.backbones import get_config, weights_available
 from featgender.cache import DEFAULT_CACHE_DIR
 from featgender.defaults import DEFAULT_HEAD
+from featgender.errors import FeatgenderError
 from featgender.extract import extract_to_cache
 from featgender.finetune import RECIPES, FinetuneResult, finetune, recipe
 from featgender.training import train_head
@@ -39,6 +41,8 @@ def run_demo(
     limit: int | None = None,
     out: str | Path | None = None,
     fine_tune: bool = True,
+    join: Sequence[str] = (),
+    C: float | None = None,
     progress: bool = True,
     **extract_options,
 ) -> dict:
@@ -50,37 +54,63 @@ def run_demo(
     backbone with a recipe (:data:`featgender.finetune.RECIPES`) is first fine-tuned on the
     datasets (balanced the same way) into ``models/demo-<backbone>-ft[-limit<N>].pt``, then
     frozen again to embed them (caches in the folder of that name under ``cache/``); others
-    embed them as they come. The model is saved to ``out`` (default
-    ``models/demo-<backbone>-<head>.joblib``). Returns a dict with
-    ``finetuned`` (the :class:`~featgender.finetune.FinetuneResult`, or None), ``caches`` (the
-    :class:`~featgender.extract.CacheResult` of each dataset), ``model`` (the fitted
+    embed them as they come. ``join``: frozen backbones (as they come, caches under the default
+    folder) whose features join the first's side by side in the head, e.g. efficientnet_lite0
+    on the whole crop (hair and ears, which dlib's chip cuts off); ``C``: the head's. The model
+    is saved to ``out`` (default ``models/demo-<backbone>[+<joined>...]-<head>.joblib``).
+    Returns a dict with ``finetuned`` (the :class:`~featgender.finetune.FinetuneResult`, or
+    None), ``caches`` (the :class:`~featgender.extract.CacheResult` of each dataset),
+    ``joined`` (each dataset's joined backbones' caches), ``model`` (the fitted
     :class:`~featgender.heads.HeadModel`), ``model_path`` and ``test`` (its evaluation).
     """
     datasets = [data] if isinstance(data, (str, Path)) else list(data)
     backbone = backbone or best_offline_backbone()
+    for name in join:  # a wrong name fails now, not after the fine-tune
+        try:
+            get_config(name)
+        except FeatgenderError as error:
+            raise FeatgenderError(str(error).replace("--backbone", "--join", 1)) from None
     balance = balance if len(datasets) > 1 else None
     finetuned = None
+    first_options = extract_options
     if fine_tune and backbone in RECIPES:
         finetuned = _fine_tune(datasets, backbone, balance, limit, progress, **extract_options)
-        extract_options = {
+        first_options = {
             **extract_options,
             "weights": str(finetuned.checkpoint),
             "cache_dir": Path(extract_options.get("cache_dir", DEFAULT_CACHE_DIR)) / finetuned.checkpoint.stem,
         }
     caches = [
-        extract_to_cache(dataset, backbone=backbone, limit=limit, progress=progress, **extract_options)
+        extract_to_cache(dataset, backbone=backbone, limit=limit, progress=progress, **first_options)
         for dataset in datasets
     ]
-    out = Path(out) if out is not None else Path("models") / f"demo-{backbone}-{head}.joblib"
+    joined = [
+        [extract_to_cache(dataset, backbone=name, limit=limit, progress=progress, **extract_options) for name in join]
+        for dataset in datasets
+    ]
+    per_dataset = [
+        [cache.path, *(extra.path for extra in extras)] for cache, extras in zip(caches, joined, strict=True)
+    ]
+    name = "+".join([backbone, *join])
+    head_params: dict[str, Any] = {} if C is None else {"C": C}
+    out = Path(out) if out is not None else Path("models") / f"demo-{name}-{head}.joblib"
     model, evaluation = train_head(
-        caches[0].path,
+        per_dataset[0],
         head,
-        stack=[cache.path for cache in caches[1:]],
+        stack=per_dataset[1:],
         balance=balance,
         eval_split="test",
         out=out,
+        **head_params,
     )
-    return {"finetuned": finetuned, "caches": caches, "model": model, "model_path": out, "test": evaluation}
+    return {
+        "finetuned": finetuned,
+        "caches": caches,
+        "joined": joined,
+        "model": model,
+        "model_path": out,
+        "test": evaluation,
+    }
 
 
 def _fine_tune(

@@ -121,7 +121,8 @@ def test_download_without_network_says_which_files_to_place(tmp_path, monkeypatc
 def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
     """Two datasets, one head: dlib's network fine-tuned on them and frozen again to embed them,
     each dataset's test results with its race x gender table, and the saved model's path, ready
-    for predict."""
+    for predict; rerun with a frozen backbone joined, the fine-tune and its caches are reused and
+    the model holds both networks."""
     from featgender.heads import load_model
 
     monkeypatch.chdir(tmp_path)
@@ -149,6 +150,32 @@ def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
         sorted((shared_faces / "utkface" / "images").iterdir())[0],
     )
     assert predicted.exit_code == 0 and predicted.output.split("\t")[1] in ("male", "female"), predicted.output
+
+    joined = invoke(
+        "demo", "--data", shared_faces / "utkface", "--data", shared_faces / "utkface_more", "--limit", "300",
+        "--join", "efficientnet_lite0", "--C", "0.002",
+    )  # fmt: skip
+    assert joined.exit_code == 0, joined.output
+    assert "cache: cache/utkface_more-efficientnet_lite0-limit300.h5 (created" in joined.output
+    assert "cache: cache/demo-dlib_resnet-ft-limit300/utkface-dlib_resnet-limit300.h5 (up to date" in joined.output
+    both = load_model("models/demo-dlib_resnet+efficientnet_lite0-logreg.joblib")
+    assert [entry["backbone"] for entry in both.backbones] == ["dlib_resnet", "efficientnet_lite0"]
+    assert both.params["C"] == 0.002 and both.backbones[0]["weights_path"] == saved.backbones[0]["weights_path"]
+    assert float(joined.output.split("\nutkface, test (")[1].split("accuracy")[1].split()[0]) > 0.85
+    predicted = invoke(
+        "predict",
+        "--model",
+        "models/demo-dlib_resnet+efficientnet_lite0-logreg.joblib",
+        sorted((shared_faces / "utkface" / "images").iterdir())[0],
+    )
+    assert predicted.exit_code == 0 and predicted.output.split("\t")[1] in ("male", "female"), predicted.output
+
+
+def test_demo_refuses_an_unknown_joined_backbone_before_any_work(csv_dataset, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    result = invoke("demo", "--data", csv_dataset, "--join", "efficientnet_lite9", "--frozen")
+    assert result.exit_code != 0 and "--join 'efficientnet_lite9': unknown" in result.output
+    assert not (tmp_path / "models").exists() and not (tmp_path / "cache").exists()
 
 
 def test_help_and_import_do_not_load_torch_until_a_name_is_used():
