@@ -143,12 +143,8 @@ def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
         assert float(own.split("accuracy")[1].split()[0]) > 0.85
         assert "errors per race x gender (" in own and re.search(r"\n    black +women ", own)
     assert result.output.rstrip().endswith("model: models/demo-dlib_resnet-logreg.joblib")
-    predicted = invoke(
-        "predict",
-        "--model",
-        "models/demo-dlib_resnet-logreg.joblib",
-        sorted((shared_faces / "utkface" / "images").iterdir())[0],
-    )
+    face = sorted((shared_faces / "utkface" / "images").iterdir())[0]
+    predicted = invoke("predict", "--model", "models/demo-dlib_resnet-logreg.joblib", face)
     assert predicted.exit_code == 0 and predicted.output.split("\t")[1] in ("male", "female"), predicted.output
 
     joined = invoke(
@@ -162,12 +158,7 @@ def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
     assert [entry["backbone"] for entry in both.backbones] == ["dlib_resnet", "efficientnet_lite0"]
     assert both.params["C"] == 0.002 and both.backbones[0]["weights_path"] == saved.backbones[0]["weights_path"]
     assert float(joined.output.split("\nutkface, test (")[1].split("accuracy")[1].split()[0]) > 0.85
-    predicted = invoke(
-        "predict",
-        "--model",
-        "models/demo-dlib_resnet+efficientnet_lite0-logreg.joblib",
-        sorted((shared_faces / "utkface" / "images").iterdir())[0],
-    )
+    predicted = invoke("predict", "--model", "models/demo-dlib_resnet+efficientnet_lite0-logreg.joblib", face)
     assert predicted.exit_code == 0 and predicted.output.split("\t")[1] in ("male", "female"), predicted.output
 
 
