@@ -7,7 +7,6 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from featgender.backbones import get_config, weights_available
 from featgender.cache import DEFAULT_CACHE_DIR
@@ -92,7 +91,6 @@ def run_demo(
         [cache.path, *(extra.path for extra in extras)] for cache, extras in zip(caches, joined, strict=True)
     ]
     name = "+".join([backbone, *join])
-    head_params: dict[str, Any] = {} if C is None else {"C": C}
     out = Path(out) if out is not None else Path("models") / f"demo-{name}-{head}.joblib"
     model, evaluation = train_head(
         per_dataset[0],
@@ -101,7 +99,7 @@ def run_demo(
         balance=balance,
         eval_split="test",
         out=out,
-        **head_params,
+        C=C,  # None: the head's own (make_head drops None)
     )
     return {
         "finetuned": finetuned,
