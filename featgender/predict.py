@@ -77,8 +77,9 @@ class Predictor(ImagePredictor):
         super().__init__(**options)
         self.model = model
         self.backbones = {False: [rebuild_backbone(entry) for entry in model.backbones]}
+        # one face-finding backbone finds the faces for all: the others take the crop it cuts
         kinds = {backbone.config.input_kind for backbone in self.backbones[False]}
-        self.input_kind = "photo" if kinds == {"photo"} else "face crop"
+        self.input_kind = "photo" if "photo" in kinds else "face crop"
 
     def probabilities(
         self, images: list, progress: bool, face_crops: bool = False, check_box: bool = False

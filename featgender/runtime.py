@@ -122,7 +122,8 @@ class OnnxPredictor(ImagePredictor):
             self.checkpoint = self.metadata["checkpoint"]
         else:
             self.model = SimpleNamespace(**self.metadata["model"], sha256=self.metadata["source"]["sha256"])
-        self.input_kind = "photo" if all(spec.get("alignment") for spec in self.inputs) else "face crop"
+        # one face-aligning input finds the faces for all: the others take the crop the face step cuts
+        self.input_kind = "photo" if any(spec.get("alignment") for spec in self.inputs) else "face crop"
         self.batch_size = self.options["batch_size"] or DEFAULT_BATCH
         self.workers = self.options["workers"]
 

@@ -62,13 +62,42 @@ def test_dlib_logreg_export_gives_torch_probabilities_within_1e4(dlib_model, dli
     assert ((probabilities >= 0.5) == labels).mean() > 0.85  # it still classifies faces
 
 
-def test_lite0_svm_and_joined_exports_within_1e3(dlib_model, lite0_cache, tmp_path):
+@pytest.fixture(scope="module")
+def joined_model(dlib_model, lite0_cache) -> Path:
+    """A logreg head on ``dlib_model``'s dlib features joined to Lite0's of the same faces."""
+    out = dlib_model[0].parent / "joined.joblib"
+    train_head([dlib_model[0].parent / "utk.h5", lite0_cache], "logreg", eval_split=None, out=out)
+    return out
+
+
+def test_lite0_svm_and_joined_exports_within_1e3(dlib_model, lite0_cache, joined_model, tmp_path):
     _, paths, _ = dlib_model
     train_head(lite0_cache, "svm", eval_split=None, out=tmp_path / "lite0-svm.joblib")
     _check_parity(tmp_path / "lite0-svm.joblib", paths, tmp_path, 1e-3)
-    joined = tmp_path / "joined.joblib"
-    train_head([dlib_model[0].parent / "utk.h5", lite0_cache], "logreg", eval_split=None, out=joined)
-    _check_parity(joined, paths, tmp_path, 1e-3)
+    _check_parity(joined_model, paths, tmp_path, 1e-3, export_onnx(joined_model, tmp_path / "joined.onnx"))
+
+
+def test_a_joined_model_finds_the_faces_of_photos_and_runs_every_network_on_them(
+    dlib_model, joined_model, group_photo, tmp_path
+):
+    """dlib's face step serves the networks joined to it: a photo's largest face is found and
+    cut once, and Lite0 takes that cut as dlib does (in torch and in the exported graph)."""
+    from PIL import Image
+
+    from featgender.faces import default_detector
+    from featgender.faces.detect import cut_faces
+
+    _, paths, _ = dlib_model
+    images = [*paths[:3], group_photo]
+    (box, face), *_ = cut_faces(Image.open(group_photo).convert("RGB"), default_detector())
+    for model in (joined_model, export_onnx(joined_model, tmp_path / "joined.onnx")):
+        predictor = load(model, precision="float32")
+        assert predictor.input_kind == "photo"
+        found = predictor.predict(images)
+        assert [p.route for p in found] == ["crop"] * 3 + ["photo"] and found[3].box == box
+        (on_the_cut,), _ = predictor.probabilities([face], False, face_crops=True)
+        assert found[3].probability == pytest.approx(on_the_cut, abs=1e-6)
+        assert found[3].probability != pytest.approx(predictor.predict([group_photo], faces="crop")[0].probability)
 
 
 def test_a_fine_tuned_network_exports_too(csv_dataset, tmp_path):
