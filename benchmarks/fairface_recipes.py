@@ -1,0 +1,91 @@
+"""Recipes for faces in the wild side by side, one row each, from their caches (issue #34's table).
+
+A recipe is the five sets' caches: one backbone, or several joined by image id (``+``), each
+path with ``{set}`` where the set's name goes. A logistic head is fitted on the train splits,
+balanced by dataset x gender as the quick start's, at the C that FairFace's valid carve-out
+prefers (never its val), then scored on each test split from the cache rows (each face as
+extract cut it, the crop way): FairFace val with its under-20s apart and its worst race x gender
+cell, celeba_15k, and utkface_more with its worst race x gender cell and its Black women. Every
+worst cell comes with its 95% Wilson interval. Prints a markdown table::
+
+    python benchmarks/fairface_recipes.py \\
+        --recipe "quick start=cache/demo-dlib_resnet-ft/{set}-dlib_resnet.h5" \\
+        --recipe "joined=cache/demo-dlib_resnet-ft/{set}-dlib_resnet.h5+cache/{set}-efficientnet_lite0.h5"
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from featgender.evaluate import evaluate_datasets
+from featgender.training import train_head
+
+SETS = ("celeba_10k", "celeba_15k", "utkface", "utkface_more", "fairface")
+UNDER_20 = ("0-2", "3-9", "10-19")  # FairFace's age groups of children and teenagers
+
+
+def _recipe(text: str, sets: list[str]) -> tuple[str, list[list[str]]]:
+    """'name=a/{set}.h5+b/{set}.h5' as its name and each set's list of caches."""
+    name, _, patterns = text.partition("=")
+    if not patterns or "{set}" not in patterns:
+        raise SystemExit(f"--recipe {text!r}: give NAME=PATH with {{set}} in it (several joined by +)")
+    return name, [[pattern.format(set=each) for pattern in patterns.split("+")] for each in sets]
+
+
+def _cell(table: dict, group: str | None = None, gender: str | None = None) -> str:
+    """The worst cell of a group x gender table (or the one asked for) as 'who k of n (CI)'."""
+    cells = [cell for cell in table["cells"] if cell["n"] >= 10]
+    if group is None:
+        cell = max(cells, key=lambda cell: cell["error_rate"])
+    else:
+        cell = next(cell for cell in cells if cell["group"] == group and cell["gender"] == gender)
+    low, high = (100 * value for value in cell["ci95"])
+    who = f"{cell['group']} {cell['gender']} " if group is None else ""
+    return f"{who}{cell['errors']} of {cell['n']} ({low:.1f}-{high:.1f})"
+
+
+def _under_20(table: dict) -> str:
+    cells = [cell for cell in table["cells"] if cell["group"] in UNDER_20]
+    right = 1 - sum(cell["errors"] for cell in cells) / sum(cell["n"] for cell in cells)
+    return f"{right:.4f}"
+
+
+def recipe_row(name: str, datasets: list[list[str]], sets: list[str], grid: list[float]) -> str:
+    """The table row of one recipe: C chosen on FairFace valid, then every test split."""
+    fairface = sets.index("fairface")
+    first, *stack = datasets
+    fitted = {}
+    for C in grid:
+        model, valid = train_head(first, "logreg", stack=stack, balance="dataset,gender", C=C)
+        fitted[C] = (list(valid["datasets"].values())[fairface]["accuracy"], model)
+    C = max(grid, key=lambda value: (fitted[value][0], -value))  # the smaller C where valid ties
+    valid_accuracy, model = fitted[C]
+    tests = list(evaluate_datasets(model, datasets, "test", groups=["race", "age"])["datasets"].values())
+    by_set = dict(zip(sets, tests, strict=True))
+    ff, utk = by_set["fairface"], by_set["utkface_more"]
+    return (
+        f"| {name} | {C:g} | {valid_accuracy:.4f} | **{ff['accuracy']:.4f}** | {_under_20(ff['group_gender']['age'])} "
+        f"| {_cell(ff['group_gender']['race'])} | {by_set['celeba_15k']['accuracy']:.4f} | {utk['accuracy']:.4f} "
+        f"| {_cell(utk['group_gender']['race'])} | {_cell(utk['group_gender']['race'], 'black', 'women')} |"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--recipe", action="append", required=True, help="NAME=PATH{set}.h5[+PATH{set}.h5...]")
+    parser.add_argument("--sets", default=",".join(SETS), help="the sets the head trains on (fairface among them)")
+    parser.add_argument("--C", default="0.002,0.005,0.01", help="the head's C, chosen on FairFace's valid")
+    args = parser.parse_args()
+    sets = args.sets.split(",")
+    grid = [float(value) for value in args.C.split(",")]
+    print(
+        "| recipe | C | FairFace valid | FairFace val | under 20 | worst FairFace race x gender (95% CI) "
+        "| celeba_15k | utkface_more | its worst race x gender | its Black women |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for text in args.recipe:
+        print(recipe_row(*_recipe(text, sets), sets, grid), flush=True)
+
+
+if __name__ == "__main__":
+    main()
