@@ -70,15 +70,20 @@ def joined_model(dlib_model, lite0_cache) -> Path:
     return out
 
 
-def test_lite0_svm_and_joined_exports_within_1e3(dlib_model, lite0_cache, joined_model, tmp_path):
+@pytest.fixture(scope="module")
+def joined_onnx(joined_model) -> Path:
+    return export_onnx(joined_model, joined_model.with_suffix(".onnx"))
+
+
+def test_lite0_svm_and_joined_exports_within_1e3(dlib_model, lite0_cache, joined_model, joined_onnx, tmp_path):
     _, paths, _ = dlib_model
     train_head(lite0_cache, "svm", eval_split=None, out=tmp_path / "lite0-svm.joblib")
     _check_parity(tmp_path / "lite0-svm.joblib", paths, tmp_path, 1e-3)
-    _check_parity(joined_model, paths, tmp_path, 1e-3, export_onnx(joined_model, tmp_path / "joined.onnx"))
+    _check_parity(joined_model, paths, tmp_path, 1e-3, joined_onnx)
 
 
 def test_a_joined_model_finds_the_faces_of_photos_and_runs_every_network_on_them(
-    dlib_model, joined_model, group_photo, tmp_path
+    dlib_model, joined_model, joined_onnx, group_photo
 ):
     """dlib's face step serves the networks joined to it: a photo's largest face is found and
     cut once, and Lite0 takes that cut as dlib does (in torch and in the exported graph)."""
@@ -90,7 +95,7 @@ def test_a_joined_model_finds_the_faces_of_photos_and_runs_every_network_on_them
     _, paths, _ = dlib_model
     images = [*paths[:3], group_photo]
     (box, face), *_ = cut_faces(Image.open(group_photo).convert("RGB"), default_detector())
-    for model in (joined_model, export_onnx(joined_model, tmp_path / "joined.onnx")):
+    for model in (joined_model, joined_onnx):
         predictor = load(model, precision="float32")
         assert predictor.input_kind == "photo"
         found = predictor.predict(images)
