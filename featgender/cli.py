@@ -717,8 +717,8 @@ def demo(
         help="A frozen backbone whose features join the first's in the head (repeat for more), e.g. "
         "efficientnet_lite0: the whole crop, hair and ears that dlib's chip cuts off. predict then runs both "
         "networks on each face, dlib's face step finding the faces of photos for both (benchmarks/README.md: "
-        "about a point more on FairFace at C 0.002, twice the compute, framed portraits and group photos "
-        "a face or two worse).",
+        "about a point more on FairFace at C 0.002, up to twice the compute, and portraits and tight crops "
+        "worse: predict_routes' mix 0.967 -> 0.956).",
     ),
     c: float | None = typer.Option(None, "-C", "--C", help="The head's regularisation C (default the head's)."),
     out: Path | None = typer.Option(
