@@ -23,12 +23,18 @@ def map_in_threads(
     core), each with a ``state()`` of its own: dlib's detectors keep state while they run, and
     release the GIL while they do (two threads detect 1.9x as fast as one on 2 cores). At most
     ``ahead`` results wait to be taken: memory stays bounded, and the next ones are computed
-    while the caller works on the last."""
+    while the caller works on the last. The first state is made here, in the calling thread:
+    what a state loads once per process (dlib itself) loads before any thread decodes images;
+    dlib loading beside a JPEG decode on another thread crashed a test run (issue #34)."""
     own = threading.local()
+    made = [state()]
 
     def run(item):
         if not hasattr(own, "state"):
-            own.state = state()
+            try:
+                own.state = made.pop()  # one thread takes the state made above, the others make theirs
+            except IndexError:
+                own.state = state()
         return work(own.state, item)
 
     with ThreadPoolExecutor(threads or cores()) as pool:

@@ -60,6 +60,7 @@ class FaceDetector:
         self.cnn_detector_file = cnn_detector_file
         self.device = device
         self._models: tuple[Any, Any] | None = None  # HOG, and the CNN as a function of pixels, once loaded
+        hog_detector()  # dlib loads (once per process) in the thread that makes a detector, not at its first use
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_models": None}  # dlib objects stay in the process that made them
