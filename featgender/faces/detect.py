@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featgender.errors import FeatgenderError
-from featgender.faces.models import Box, _dlib, dlib_model_file, hog_detector
+from featgender.faces.models import Box, _dlib, _loaded_hog_detector, dlib_model_file, hog_detector
 
 if TYPE_CHECKING:
     import torch
@@ -60,7 +60,7 @@ class FaceDetector:
         self.cnn_detector_file = cnn_detector_file
         self.device = device
         self._models: tuple[Any, Any] | None = None  # HOG, and the CNN as a function of pixels, once loaded
-        hog_detector()  # dlib loads (once per process) in the thread that makes a detector, not at its first use
+        _loaded_hog_detector()  # dlib loads (once per process) in the thread that makes a detector, not at first use
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_models": None}  # dlib objects stay in the process that made them
