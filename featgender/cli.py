@@ -466,6 +466,43 @@ def evaluate(
 
 
 @_command
+def compare(
+    model: list[Path] = typer.Option(
+        ..., "--model", "-m", help="The two models to compare, first and second (any that evaluate --data takes)."
+    ),
+    data: Path = typer.Option(..., "--data", help="The dataset whose images both models score."),
+    split: str | None = typer.Option(None, "--split", help="Split to compare on (default test)."),
+    groups: str | None = GroupsOption,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    trusted: bool = TrustedOption,
+    format: str | None = FormatOption,
+    faces: str | None = typer.Option(
+        None, "--faces", help="auto (default: each image routed as predict routes it), crop or photo."
+    ),
+    device: str | None = DeviceOption,
+) -> None:
+    """Compare two saved models face by face on the same images: each one's accuracy, the
+    difference with a paired 95% CI, the faces only one gets right and the exact McNemar
+    p-value, overall and per group x gender. Paired, it tells apart differences that two
+    overlapping CIs cannot; a face a model fails to find counts as its wrong answer."""
+    from featgender.compare import compare_images, comparison_markdown
+
+    if len(model) != 2:
+        raise FeatgenderError(f"compare: give --model twice (got {len(model)})")
+    for each in model:
+        _announce(each)
+    result = compare_images(
+        model[0],
+        model[1],
+        data,
+        groups=_split_groups(groups),
+        trusted=trusted,
+        **_given(split=split, format=format, faces=faces, device=device),
+    )
+    typer.echo(json.dumps(result, indent=2) if as_json else comparison_markdown(result))
+
+
+@_command
 def predict(
     images: list[Path] = typer.Argument(..., help="Image files and/or folders (searched recursively)."),
     model: Path = ModelOption,

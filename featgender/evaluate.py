@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from featgender.cache import CacheData, features_mismatch, read_caches
-from featgender.data import load_dataset, split_code
+from featgender.data import FaceDataset, load_dataset, split_code
 from featgender.errors import FeatgenderError
 from featgender.heads import HeadModel, load_model
 from featgender.metrics import (
@@ -109,6 +109,34 @@ def evaluate_datasets(
     return pool_evaluations(evaluations, split)
 
 
+def split_rows(data: str | Path, split: str = "test", *, format: str = "auto") -> FaceDataset:
+    """A dataset's rows of one split, or the one-line error saying it has none."""
+    dataset = load_dataset(data, format=format)
+    rows = dataset.subset(np.flatnonzero(dataset.splits == split_code(split)))
+    if not len(rows):
+        raise FeatgenderError(f"--data {data}: no {split} images")
+    return rows
+
+
+def image_scores(
+    model: str | Path,
+    rows: FaceDataset,
+    *,
+    trusted: bool = False,
+    face_box: str | tuple = "auto",
+    faces: str = "auto",
+    device: str = "auto",
+    batch_size: int | None = None,
+    workers: int | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """P(male) of a saved model for each of ``rows``' images as ``predict`` scores them; NaN
+    where an image failed (unreadable, no face found)."""
+    predictor = load(model, trusted=trusted, device=device, batch_size=batch_size, workers=workers, face_box=face_box)
+    predictions = predictor.predict(rows.paths, faces=faces, progress=progress)
+    return np.array([np.nan if found.probability is None else found.probability for found in predictions])
+
+
 def evaluate_images(
     model: str | Path,
     data: str | Path,
@@ -137,14 +165,18 @@ def evaluate_images(
     ``predict`` would score. Failed images (unreadable, no face) are left out, or with
     ``count_failed`` counted as wrong answers; ``failed`` says how many there were.
     """
-    code = split_code(split)
-    dataset = load_dataset(data, format=format)
-    rows = dataset.subset(np.flatnonzero(dataset.splits == code))
-    if not len(rows):
-        raise FeatgenderError(f"--data {data}: no {split} images")
-    predictor = load(model, trusted=trusted, device=device, batch_size=batch_size, workers=workers, face_box=face_box)
-    predictions = predictor.predict(rows.paths, faces=faces, progress=progress)
-    scores = np.array([np.nan if found.probability is None else found.probability for found in predictions])
+    rows = split_rows(data, split, format=format)
+    scores = image_scores(
+        model,
+        rows,
+        trusted=trusted,
+        face_box=face_box,
+        faces=faces,
+        device=device,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+    )
     failed = np.isnan(scores)
     if count_failed:
         scores = wrong_where_failed(rows.labels, scores)
@@ -153,5 +185,5 @@ def evaluate_images(
         result = evaluate_scores(rows.subset(np.flatnonzero(~failed)), scores[~failed], groups=groups)
     result.update(failed=int(failed.sum()), split=split, data=str(data))
     if report is not None:
-        write_report(result, report, title=f"{Path(model).name} on {dataset.name}")
+        write_report(result, report, title=f"{Path(model).name} on {rows.name}")
     return result

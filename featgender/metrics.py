@@ -9,7 +9,8 @@ no model loaded. Heads (:mod:`featgender.evaluate`), fine-tuned networks
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from math import comb
 from pathlib import Path
 from typing import Any
 
@@ -88,23 +89,28 @@ def bootstrap_ci(
 ) -> dict[str, list[float]]:
     """Percentile bootstrap confidence intervals of every metric in :data:`METRICS`.
 
-    The images are resampled with replacement ``n_boot`` times (seeded), a batch of
-    resamples at a time: memory stays near 2**22 resampled images whatever the split's size.
+    The images are resampled with replacement ``n_boot`` times (seeded, :func:`_resamples`).
     """
-    rng = np.random.default_rng(seed)
     labels, predicted = np.asarray(labels), np.asarray(predicted)
     scores = None if scores is None else np.asarray(scores)
-    per_batch = max(1, 2**22 // len(labels))
-    batches = []
-    for done in range(0, n_boot, per_batch):
-        rows = rng.integers(0, len(labels), size=(min(per_batch, n_boot - done), len(labels)))
-        batches.append(resampled_metrics(labels[rows], predicted[rows], None if scores is None else scores[rows]))
+    batches = [
+        resampled_metrics(labels[rows], predicted[rows], None if scores is None else scores[rows])
+        for rows in _resamples(len(labels), n_boot, seed)
+    ]
     samples = {name: np.concatenate([batch[name] for batch in batches]) for name in batches[0]}
     tail = (1 - level) / 2 * 100
     return {
         name: [float(np.nanpercentile(values, tail)), float(np.nanpercentile(values, 100 - tail))]
         for name, values in samples.items()
     }
+
+
+def _resamples(size: int, n_boot: int, seed: int) -> Iterator[np.ndarray]:
+    """``n_boot`` seeded bootstrap resamples of ``size`` rows (row indices, resamples x rows), a
+    batch at a time: memory stays near 2**22 resampled rows whatever the split's size."""
+    rng, per_batch = np.random.default_rng(seed), max(1, 2**22 // size)
+    for done in range(0, n_boot, per_batch):
+        yield rng.integers(0, size, size=(min(per_batch, n_boot - done), size))
 
 
 def _group_values(data, name: str) -> tuple[np.ndarray, list[str]] | None:
@@ -190,24 +196,20 @@ def group_gender_errors(
     failed = np.zeros(len(data.labels), dtype=bool) if failed is None else np.asarray(failed, dtype=bool)
     result = {}
     for name in groups:
-        codes, group_names = _usable_groups(data, name)
         cells: list[dict[str, Any]] = []
-        for code, group in enumerate(group_names):
-            for gender, gender_name in ((0, "women"), (1, "men")):
-                members = (codes == code) & (data.labels == gender)
-                n, errors = int(members.sum()), int((predicted[members] != gender).sum())
-                if n:
-                    cells.append(
-                        {
-                            "group": group,
-                            "gender": gender_name,
-                            "n": n,
-                            "errors": errors,
-                            "error_rate": errors / n,
-                            "ci95": wilson_interval(errors, n),
-                            "failed": int(failed[members].sum()),
-                        }
-                    )
+        for group, gender, members in _group_gender_cells(data, name):
+            n, errors = int(members.sum()), int((predicted[members] != data.labels[members]).sum())
+            cells.append(
+                {
+                    "group": group,
+                    "gender": gender,
+                    "n": n,
+                    "errors": errors,
+                    "error_rate": errors / n,
+                    "ci95": wilson_interval(errors, n),
+                    "failed": int(failed[members].sum()),
+                }
+            )
         sized = [cell for cell in cells if cell["n"] >= min_size]
         worst = max(sized, key=lambda cell: cell["error_rate"], default=None)
         spreads = [
@@ -224,6 +226,68 @@ def group_gender_errors(
             "equalized_odds_gap": float(max(spreads, default=0.0)),
         }
     return result
+
+
+def mcnemar_exact(only_first_right: int, only_second_right: int) -> float:
+    """Two-sided exact McNemar p-value: how likely, were the two classifiers equally accurate,
+    a split of their discordant faces at least this uneven would be (the binomial test on the
+    faces one got right and the other wrong; the faces both got right or wrong say nothing)."""
+    n, fewer = only_first_right + only_second_right, min(only_first_right, only_second_right)
+    if n == 0:
+        return 1.0
+    tail = sum(comb(n, k) for k in range(fewer + 1))
+    return min(1.0, 2 * tail / 2**n)
+
+
+def paired_comparison(
+    data, first: np.ndarray, second: np.ndarray, groups: list[str] | None = None, *, n_boot: int = 1000, seed: int = 0
+) -> dict:
+    """Two classifiers' predictions (0/1) on the same rows, compared face by face.
+
+    Their accuracies; the difference (second - first) with its paired percentile bootstrap
+    95% CI (the same resampled faces for both); the discordant faces and the exact McNemar
+    p-value; and per group x gender cell (as :func:`group_gender_errors` makes them) each one's
+    errors and the cell's own McNemar p-value. Paired, a difference that unpaired CIs call
+    overlapping can be told from chance, and one that they call apart can be found not to be.
+    """
+    labels = np.asarray(data.labels)
+    right = np.stack([np.asarray(first) == labels, np.asarray(second) == labels]).astype(np.int8)
+    gained = right[1] - right[0]
+    sampled = np.concatenate([gained[rows].mean(1) for rows in _resamples(len(labels), n_boot, seed)])
+    first_only, second_only = right[0] > right[1], right[1] > right[0]
+    cells = {
+        name: [
+            {
+                "group": group,
+                "gender": gender,
+                "n": int(members.sum()),
+                "errors": [int((1 - right[0][members]).sum()), int((1 - right[1][members]).sum())],
+                "p_value": mcnemar_exact(int(first_only[members].sum()), int(second_only[members].sum())),
+            }
+            for group, gender, members in _group_gender_cells(data, name)
+        ]
+        for name in (default_groups(data) if groups is None else groups)
+    }
+    return {
+        "n": int(len(labels)),
+        "accuracy": [float(right[0].mean()), float(right[1].mean())],
+        "difference": float(right[1].mean() - right[0].mean()),
+        "difference_ci95": [float(np.percentile(sampled, 2.5)), float(np.percentile(sampled, 97.5))],
+        "only_first_right": int(first_only.sum()),
+        "only_second_right": int(second_only.sum()),
+        "p_value": mcnemar_exact(int(first_only.sum()), int(second_only.sum())),
+        "group_gender": cells,
+    }
+
+
+def _group_gender_cells(data, name: str) -> Iterator[tuple[str, str, np.ndarray]]:
+    """Each non-empty cell of attribute ``name`` x true gender: group, 'women' or 'men', rows."""
+    codes, group_names = _usable_groups(data, name)
+    for code, group in enumerate(group_names):
+        for gender, gender_name in ((0, "women"), (1, "men")):
+            members = (codes == code) & (data.labels == gender)
+            if members.any():
+                yield group, gender_name, members
 
 
 def _usable_groups(data, name: str) -> tuple[np.ndarray, list[str]]:

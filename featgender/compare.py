@@ -1,0 +1,72 @@
+"""``featgender compare``: two saved models on the same faces, face by face.
+
+Two models' accuracies on one test split, each with its own CI, overlap more often than their
+difference is chance: both err on most of the same hard faces. Scored on the same images (as
+``predict`` scores them, as ``evaluate --data`` does), the faces one gets right and the other
+wrong tell them apart: the exact McNemar test on those, and the accuracy difference with a
+paired bootstrap CI, overall and per group x gender (:func:`featgender.metrics.paired_comparison`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from featgender.evaluate import image_scores, split_rows
+from featgender.metrics import default_groups, paired_comparison, wrong_where_failed
+
+
+def compare_images(
+    first: str | Path,
+    second: str | Path,
+    data: str | Path,
+    *,
+    split: str = "test",
+    groups: list[str] | None = None,
+    trusted: bool = False,
+    format: str = "auto",
+    face_box: str | tuple = "auto",
+    faces: str = "auto",
+    device: str = "auto",
+    progress: bool = True,
+) -> dict:
+    """:func:`~featgender.metrics.paired_comparison` of two saved models on a split of a
+    dataset's images, each image routed as ``predict`` routes it for each model. An image that
+    fails for a model (unreadable, no face found) is that model's wrong answer, so that both are
+    judged on every face; ``failed`` says how many failed for each."""
+    rows = split_rows(data, split, format=format)
+    scores = [
+        image_scores(model, rows, trusted=trusted, face_box=face_box, faces=faces, device=device, progress=progress)
+        for model in (first, second)
+    ]
+    first_guess, second_guess = ((wrong_where_failed(rows.labels, each) >= 0.5).astype(int) for each in scores)
+    result = paired_comparison(rows, first_guess, second_guess, default_groups(rows) if groups is None else groups)
+    result.update(
+        models=[str(first), str(second)],
+        failed=[int(np.isnan(each).sum()) for each in scores],
+        split=split,
+        data=str(data),
+    )
+    return result
+
+
+def comparison_markdown(result: dict) -> str:
+    """The comparison as markdown: the overall line, then each group x gender cell."""
+    first, second = (Path(model).name for model in result["models"])
+    low, high = (100 * value for value in result["difference_ci95"])
+    lines = [
+        f"{result['n']} {result['split']} faces of {result['data']}: {first} {result['accuracy'][0]:.4f}, "
+        f"{second} {result['accuracy'][1]:.4f}; difference {100 * result['difference']:+.2f} points "
+        f"(paired 95% CI {low:+.2f} to {high:+.2f}); right only for {first}: {result['only_first_right']}, "
+        f"only for {second}: {result['only_second_right']}; McNemar exact p = {result['p_value']:.3g}",
+    ]
+    for name, cells in result["group_gender"].items():
+        header = f"| {name} | gender | n | errors {first} | errors {second} | McNemar p |"
+        lines += ["", header, "|---|---|---|---|---|---|"]
+        lines += [
+            f"| {cell['group']} | {cell['gender']} | {cell['n']} | {cell['errors'][0]} | {cell['errors'][1]} "
+            f"| {cell['p_value']:.3g} |"
+            for cell in cells
+        ]
+    return "\n".join(lines)
