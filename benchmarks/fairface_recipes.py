@@ -6,7 +6,9 @@ balanced by dataset x gender as the quick start's, at the C that FairFace's vali
 prefers (never its val), then scored on each test split from the cache rows (each face as
 extract cut it, the crop way): FairFace val with its under-20s apart and its worst race x gender
 cell, celeba_15k, and utkface_more with its worst race x gender cell and its Black women. Every
-worst cell comes with its 95% Wilson interval. Prints a markdown table::
+worst cell comes with its 95% Wilson interval; every recipe after the first is set against the
+first on FairFace val face by face (the faces only one of the two gets right, and the exact
+McNemar p-value: whether the difference is beyond chance). Prints a markdown table::
 
     python benchmarks/fairface_recipes.py \\
         --recipe "quick start=cache/demo-dlib_resnet-ft/{set}-dlib_resnet.h5" \\
@@ -17,7 +19,10 @@ from __future__ import annotations
 
 import argparse
 
+from featgender.cache import read_caches
 from featgender.evaluate import evaluate_datasets
+from featgender.heads import HeadModel
+from featgender.metrics import mcnemar_exact
 from featgender.training import train_head
 
 SETS = ("celeba_10k", "celeba_15k", "utkface", "utkface_more", "fairface")
@@ -50,8 +55,26 @@ def _under_20(table: dict) -> str:
     return f"{right:.4f}"
 
 
-def recipe_row(name: str, datasets: list[list[str]], sets: list[str], grid: list[float]) -> str:
-    """The table row of one recipe: C chosen on FairFace valid, then every test split."""
+def fairface_right(model: HeadModel, caches: list[str]) -> dict[str, bool]:
+    """Whether the model is right on each FairFace val face (its cache rows), by image id."""
+    rows = read_caches(caches, "test")
+    right = (model.predict_proba(rows.features) >= 0.5).astype(int) == rows.labels
+    return dict(zip(rows.ids, right.tolist(), strict=True))
+
+
+def paired(reference: dict[str, bool], right: dict[str, bool]) -> str:
+    """'only the reference / only this one right (McNemar p)' on the faces both scored."""
+    faces = reference.keys() & right.keys()
+    only_reference = sum(reference[face] and not right[face] for face in faces)
+    only_this = sum(right[face] and not reference[face] for face in faces)
+    return f"{only_reference} / {only_this} (p {mcnemar_exact(only_reference, only_this):.2g})"
+
+
+def recipe_row(
+    name: str, datasets: list[list[str]], sets: list[str], grid: list[float], reference: dict[str, bool] | None
+) -> tuple[str, dict[str, bool]]:
+    """The table row of one recipe (C chosen on FairFace valid, then every test split, then
+    FairFace val against the ``reference`` recipe's), and which FairFace val faces it gets right."""
     fairface = sets.index("fairface")
     first, *stack = datasets
     fitted = {}
@@ -63,11 +86,14 @@ def recipe_row(name: str, datasets: list[list[str]], sets: list[str], grid: list
     tests = list(evaluate_datasets(model, datasets, "test", groups=["race", "age"])["datasets"].values())
     by_set = dict(zip(sets, tests, strict=True))
     ff, utk = by_set["fairface"], by_set["utkface_more"]
-    return (
-        f"| {name} | {C:g} | {valid_accuracy:.4f} | **{ff['accuracy']:.4f}** | {_under_20(ff['group_gender']['age'])} "
+    right = fairface_right(model, datasets[fairface])
+    row = (
+        f"| {name} | {C:g} | {valid_accuracy:.4f} | **{ff['accuracy']:.4f}** "
+        f"| {'-' if reference is None else paired(reference, right)} | {_under_20(ff['group_gender']['age'])} "
         f"| {_cell(ff['group_gender']['race'])} | {by_set['celeba_15k']['accuracy']:.4f} | {utk['accuracy']:.4f} "
         f"| {_cell(utk['group_gender']['race'])} | {_cell(utk['group_gender']['race'], 'black', 'women')} |"
     )
+    return row, right
 
 
 def main() -> None:
@@ -79,12 +105,16 @@ def main() -> None:
     sets = args.sets.split(",")
     grid = [float(value) for value in args.C.split(",")]
     print(
-        "| recipe | C | FairFace valid | FairFace val | under 20 | worst FairFace race x gender (95% CI) "
-        "| celeba_15k | utkface_more | its worst race x gender | its Black women |"
+        "| recipe | C | FairFace valid | FairFace val | right only for the first row / this one (McNemar p) "
+        "| under 20 | worst FairFace race x gender (95% CI) | celeba_15k | utkface_more | its worst race x gender "
+        "| its Black women |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    reference = None
     for text in args.recipe:
-        print(recipe_row(*_recipe(text, sets), sets, grid), flush=True)
+        row, right = recipe_row(*_recipe(text, sets), sets, grid, reference)
+        reference = right if reference is None else reference
+        print(row, flush=True)
 
 
 if __name__ == "__main__":
