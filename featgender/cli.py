@@ -476,6 +476,9 @@ def compare(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     trusted: bool = TrustedOption,
     format: str | None = FormatOption,
+    face_box: str | None = typer.Option(
+        None, "--face-box", help="dlib_resnet: auto (default: where faces sit in the images), detect, or L,T,R,B."
+    ),
     faces: str | None = typer.Option(
         None, "--faces", help="auto (default: each image routed as predict routes it), crop or photo."
     ),
@@ -497,7 +500,7 @@ def compare(
         data,
         groups=_split_groups(groups),
         trusted=trusted,
-        **_given(split=split, format=format, faces=faces, device=device),
+        **_given(split=split, format=format, face_box=face_box, faces=faces, device=device),
     )
     typer.echo(json.dumps(result, indent=2) if as_json else comparison_markdown(result))
 
