@@ -470,7 +470,10 @@ def compare(
     model: list[Path] = typer.Option(
         ..., "--model", "-m", help="The two models to compare, first and second (any that evaluate --data takes)."
     ),
-    data: Path = typer.Option(..., "--data", help="The dataset whose images both models score."),
+    data: Path | None = typer.Option(None, "--data", help="The dataset whose images both models score."),
+    cache: list[Path] | None = typer.Option(
+        None, "--cache", "-c", help="Or the cache(s) both heads were trained on (repeat to join, as in fit): seconds."
+    ),
     split: str | None = typer.Option(None, "--split", help="Split to compare on (default test)."),
     groups: str | None = GroupsOption,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
@@ -487,21 +490,26 @@ def compare(
     """Compare two saved models face by face on the same images: each one's accuracy, the
     difference with a paired 95% CI, the faces only one gets right and the exact McNemar
     p-value, overall and per group x gender. Paired, it tells apart differences that two
-    overlapping CIs cannot; a face a model fails to find counts as its wrong answer."""
-    from featgender.compare import compare_images, comparison_markdown
+    overlapping CIs cannot; a face a model fails to find counts as its wrong answer. With
+    --cache instead of --data, two heads on the same cached features."""
+    from featgender.compare import compare_caches, compare_images, comparison_markdown
 
     if len(model) != 2:
         raise FeatgenderError(f"compare: give --model twice (got {len(model)})")
+    if bool(cache) == (data is not None):
+        raise FeatgenderError("compare: give --data (both models on its images) or --cache (two heads on it)")
+    image_options = {"--format": format, "--face-box": face_box, "--faces": faces, "--device": device}
+    if cache and any(image_options.values()):
+        raise FeatgenderError(f"{', '.join(name for name, value in image_options.items() if value)}: only with --data")
     for each in model:
         _announce(each)
-    result = compare_images(
-        model[0],
-        model[1],
-        data,
-        groups=_split_groups(groups),
-        trusted=trusted,
-        **_given(split=split, format=format, face_box=face_box, faces=faces, device=device),
-    )
+    options = dict(groups=_split_groups(groups), trusted=trusted, **_given(split=split))
+    if data is not None:
+        result = compare_images(
+            model[0], model[1], data, **options, **_given(format=format, face_box=face_box, faces=faces, device=device)
+        )
+    else:
+        result = compare_caches(model[0], model[1], cache or [], **options)
     typer.echo(json.dumps(result, indent=2) if as_json else comparison_markdown(result))
 
 

@@ -1,4 +1,5 @@
-"""``featgender compare``: two saved models on the same faces, face by face.
+"""``featgender compare``: two saved models on the same faces, face by face: from a dataset's
+images (any two models), or from cached features (two heads on the same caches).
 
 Two models' accuracies on one test split, each with its own CI, overlap more often than their
 difference is chance: both err on most of the same hard faces. Scored on the same images (as
@@ -9,12 +10,16 @@ paired bootstrap CI, overall and per group x gender (:func:`featgender.metrics.p
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
-from featgender.evaluate import image_scores, split_rows
+from featgender.cache import read_caches
+from featgender.evaluate import cache_scores, image_scores, split_rows
+from featgender.heads import load_model
 from featgender.metrics import default_groups, paired_comparison, wrong_where_failed
+from featgender.mixing import cache_list
 
 
 def compare_images(
@@ -40,15 +45,37 @@ def compare_images(
         image_scores(model, rows, trusted=trusted, face_box=face_box, faces=faces, device=device, progress=progress)
         for model in (first, second)
     ]
-    first_guess, second_guess = ((wrong_where_failed(rows.labels, each) >= 0.5).astype(int) for each in scores)
-    result = paired_comparison(rows, first_guess, second_guess, default_groups(rows) if groups is None else groups)
-    result.update(
-        models=[str(first), str(second)],
-        failed=[int(np.isnan(each).sum()) for each in scores],
-        split=split,
-        data=str(data),
-    )
-    return result
+    return {**_paired(rows, scores, groups), "models": [str(first), str(second)], "split": split, "data": str(data)}
+
+
+def compare_caches(
+    first: str | Path,
+    second: str | Path,
+    caches: Sequence[str | Path] | str | Path,
+    *,
+    split: str = "test",
+    groups: list[str] | None = None,
+    trusted: bool = False,
+) -> dict:
+    """The same for two heads on the same cache(s) (one backbone's, or several joined, as both
+    heads were trained on): seconds, where the images take minutes. Rows whose image failed at
+    extraction are both heads' wrong answers."""
+    caches = cache_list(caches)
+    rows = read_caches(caches, split, include_failed=True)
+    scores = [cache_scores(load_model(model, trusted=trusted), rows) for model in (first, second)]
+    return {
+        **_paired(rows, scores, groups),
+        "models": [str(first), str(second)],
+        "split": split,
+        "data": " + ".join(str(cache) for cache in caches),
+    }
+
+
+def _paired(rows, scores: list[np.ndarray], groups: list[str] | None) -> dict:
+    """The paired comparison of two P(male) columns for ``rows``, NaN (failed) made wrong."""
+    first, second = ((wrong_where_failed(rows.labels, each) >= 0.5).astype(int) for each in scores)
+    result = paired_comparison(rows, first, second, default_groups(rows) if groups is None else groups)
+    return {**result, "failed": [int(np.isnan(each).sum()) for each in scores]}
 
 
 def comparison_markdown(result: dict) -> str:

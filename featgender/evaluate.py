@@ -56,11 +56,8 @@ def evaluate_model(
     model = load_model(model, trusted=trusted) if isinstance(model, (str, Path)) else model
     caches = cache_list(caches)
     data = read_caches(caches, split, include_failed=count_failed, in_progress=in_progress)
-    _check_caches_fit_model(model, data)
-    failed = ~np.isfinite(data.features).all(axis=1)
-    scores = np.full(len(data.labels), np.nan)
-    if (~failed).any():
-        scores[~failed] = model.predict_proba(data.features[~failed] if failed.any() else data.features)
+    scores = cache_scores(model, data)
+    failed = np.isnan(scores)
     result = evaluate_scores(data, wrong_where_failed(data.labels, scores), groups=groups, failed=failed)
     result["failed_counted_as_errors"] = int(failed.sum())
     result["split"] = split
@@ -68,6 +65,17 @@ def evaluate_model(
     if report is not None:
         write_report(result, report, title=f"{model.head} on {' + '.join(b['backbone'] for b in model.backbones)}")
     return result
+
+
+def cache_scores(model: HeadModel, data: CacheData) -> np.ndarray:
+    """P(male) of a head for each cached row (caches checked to fit it); NaN where the image
+    failed at extraction (rows read with ``include_failed``)."""
+    _check_caches_fit_model(model, data)
+    failed = ~np.isfinite(data.features).all(axis=1)
+    scores = np.full(len(data.labels), np.nan)
+    if (~failed).any():
+        scores[~failed] = model.predict_proba(data.features[~failed] if failed.any() else data.features)
+    return scores
 
 
 def _check_caches_fit_model(model: HeadModel, data: CacheData) -> None:

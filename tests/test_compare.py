@@ -71,3 +71,32 @@ def test_two_real_heads_compare_on_a_datasets_images_as_evaluate_scores_each(csv
     assert json.loads(runner.invoke(app, [*both, "--json"]).stdout)["accuracy"] == result["accuracy"]
     alone = runner.invoke(app, both[:3] + both[5:])
     assert alone.exit_code != 0 and "compare: give --model twice (got 1)" in alone.output
+
+
+def test_two_heads_compare_on_their_cache_as_evaluate_scores_each_and_other_features_are_refused(csv_dataset, tmp_path):
+    from featgender.compare import compare_caches
+    from featgender.errors import FeatgenderError
+    from featgender.evaluate import evaluate_model
+
+    dataset = load_dataset(csv_dataset)
+    caches = {name: tmp_path / f"{name}.h5" for name in ("mobilenet_v3_small", "resnet18")}
+    for name, cache in caches.items():
+        build_cache(dataset, build_backbone(name, weights="none"), cache, dtype="float32", progress=False)
+    heads = [tmp_path / f"{head}.joblib" for head in ("logreg", "svm")]
+    for head, out in zip(("logreg", "svm"), heads, strict=True):
+        train_head(caches["mobilenet_v3_small"], head, eval_split=None, out=out)
+    result = compare_caches(*heads, caches["mobilenet_v3_small"], split="valid")
+    each = [evaluate_model(head, caches["mobilenet_v3_small"], split="valid") for head in heads]
+    assert result["accuracy"] == [evaluation["accuracy"] for evaluation in each] and result["n"] == each[0]["n"]
+    assert result["failed"] == [0, 0] and result["data"] == str(caches["mobilenet_v3_small"])
+    with pytest.raises(FeatgenderError, match="does not match the model's features"):
+        compare_caches(*heads, caches["resnet18"])
+
+    runner = CliRunner()
+    both = ["compare", "-m", str(heads[0]), "-m", str(heads[1])]
+    printed = runner.invoke(app, [*both, "--cache", str(caches["mobilenet_v3_small"]), "--split", "valid", "--json"])
+    assert printed.exit_code == 0 and json.loads(printed.stdout)["accuracy"] == result["accuracy"], printed.output
+    neither = runner.invoke(app, both)
+    assert neither.exit_code != 0 and "give --data (both models on its images) or --cache" in neither.output
+    misplaced = runner.invoke(app, [*both, "--cache", str(caches["resnet18"]), "--faces", "crop"])
+    assert misplaced.exit_code != 0 and "--faces: only with --data" in misplaced.output
