@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from featgender.cache import read_caches
+from featgender.errors import FeatgenderError
 from featgender.evaluate import cache_scores, image_scores, split_rows
 from featgender.heads import load_model
 from featgender.metrics import default_groups, paired_comparison, wrong_where_failed
@@ -62,13 +63,21 @@ def compare_caches(
     extraction are both heads' wrong answers."""
     caches = cache_list(caches)
     rows = read_caches(caches, split, include_failed=True)
-    scores = [cache_scores(load_model(model, trusted=trusted), rows) for model in (first, second)]
+    scores = [_cache_scores(model, rows, trusted) for model in (first, second)]
     return {
         **_paired(rows, scores, groups),
         "models": [str(first), str(second)],
         "split": split,
         "data": " + ".join(str(cache) for cache in caches),
     }
+
+
+def _cache_scores(model: str | Path, rows, trusted: bool) -> np.ndarray:
+    """:func:`cache_scores`, its error naming the model it is about (there are two)."""
+    try:
+        return cache_scores(load_model(model, trusted=trusted), rows)
+    except FeatgenderError as error:
+        raise FeatgenderError(f"--model {model}: {error}") from None
 
 
 def _paired(rows, scores: list[np.ndarray], groups: list[str] | None) -> dict:
