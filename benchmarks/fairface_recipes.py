@@ -37,13 +37,18 @@ def _recipe(text: str, sets: list[str]) -> tuple[str, list[list[str]]]:
     return name, [[pattern.format(set=each) for pattern in patterns.split("+")] for each in sets]
 
 
-def _cell(table: dict, group: str | None = None, gender: str | None = None) -> str:
-    """The worst cell of a group x gender table (or the one asked for) as 'who k of n (CI)'."""
+def cell_text(table: dict, group: str | None = None, gender: str | None = None) -> str:
+    """The worst cell of a group x gender table (or the one asked for, the group's name in any
+    case: FairFace writes 'Black', UTKFace 'black'; '-' where it has under 10 faces) as
+    'who k of n (CI)'."""
     cells = [cell for cell in table["cells"] if cell["n"] >= 10]
     if group is None:
         cell = max(cells, key=lambda cell: cell["error_rate"])
     else:
-        cell = next(cell for cell in cells if cell["group"] == group and cell["gender"] == gender)
+        asked = [cell for cell in cells if cell["group"].lower() == group.lower() and cell["gender"] == gender]
+        if not asked:
+            return "-"
+        cell = asked[0]
     low, high = (100 * value for value in cell["ci95"])
     who = f"{cell['group']} {cell['gender']} " if group is None else ""
     return f"{who}{cell['errors']} of {cell['n']} ({low:.1f}-{high:.1f})"
@@ -90,8 +95,8 @@ def recipe_row(
     row = (
         f"| {name} | {C:g} | {valid_accuracy:.4f} | **{ff['accuracy']:.4f}** "
         f"| {'-' if reference is None else paired(reference, right)} | {_under_20(ff['group_gender']['age'])} "
-        f"| {_cell(ff['group_gender']['race'])} | {by_set['celeba_15k']['accuracy']:.4f} | {utk['accuracy']:.4f} "
-        f"| {_cell(utk['group_gender']['race'])} | {_cell(utk['group_gender']['race'], 'black', 'women')} |"
+        f"| {cell_text(ff['group_gender']['race'])} | {by_set['celeba_15k']['accuracy']:.4f} | {utk['accuracy']:.4f} "
+        f"| {cell_text(utk['group_gender']['race'])} | {cell_text(utk['group_gender']['race'], 'black', 'women')} |"
     )
     return row, right
 

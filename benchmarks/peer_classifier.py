@@ -26,14 +26,15 @@ import h5py
 import numpy as np
 import torch
 import torch.nn.functional as F
+from fairface_recipes import cell_text  # the table's cells as issue #34's recipes table writes them
 from PIL import Image
 from torch import nn
 from tqdm import tqdm
 
-from featgender.data import FaceDataset, load_dataset, split_code
+from featgender.data import FaceDataset
 from featgender.defaults import cores
 from featgender.embed import uses_bfloat16
-from featgender.evaluate import evaluate_images
+from featgender.evaluate import evaluate_images, split_rows
 from featgender.images import decode_image
 from featgender.metrics import evaluate_scores
 
@@ -145,29 +146,12 @@ def peer_scores(network: PeerNetwork, paths: list[Path], margin: float, batch_si
     return np.concatenate(scores)
 
 
-def best_margin(network: PeerNetwork, dataset: FaceDataset, faces: int = 400) -> float:
+def best_margin(network: PeerNetwork, train: FaceDataset, faces: int = 400) -> float:
     """The peer's framing for a dataset: the margin right most often on ``faces`` of its training
-    split (the crops of each set are cut differently; its test faces are not looked at)."""
-    train = np.flatnonzero(dataset.splits == split_code("train"))
-    rows = dataset.subset(np.random.default_rng(0).choice(train, min(faces, len(train)), replace=False))
+    rows (the crops of each set are cut differently; its test faces are not looked at)."""
+    rows = train.subset(np.random.default_rng(0).choice(len(train), min(faces, len(train)), replace=False))
     right = {margin: ((peer_scores(network, rows.paths, margin) >= 0.5) == rows.labels).mean() for margin in MARGINS}
     return max(MARGINS, key=lambda margin: right[margin])
-
-
-def _cells(result: dict, group: str) -> tuple[str, str]:
-    """The worst cell of ``group`` x gender and Black women's, as 'k of n (CI)'."""
-    table = result["group_gender"].get(group)
-    if table is None:
-        return "-", "-"
-    cells = [cell for cell in table["cells"] if cell["n"] >= 10]
-
-    def text(cell: dict, who: str = "") -> str:
-        low, high = (100 * value for value in cell["ci95"])
-        return f"{who}{cell['errors']} of {cell['n']} ({low:.1f}-{high:.1f})"
-
-    worst = max(cells, key=lambda cell: cell["error_rate"])
-    black = next((cell for cell in cells if cell["group"].lower() == "black" and cell["gender"] == "women"), None)
-    return text(worst, f"{worst['group']} {worst['gender']} "), "-" if black is None else text(black)
 
 
 def main() -> None:
@@ -179,16 +163,16 @@ def main() -> None:
     peer = load_peer(args.weights or default_weights()).to(memory_format=torch.channels_last)
     rows = []
     for data in args.data:
-        dataset = load_dataset(data)
-        test = dataset.subset(np.flatnonzero(dataset.splits == split_code("test")))
-        groups = ["race"] if "race" in dataset.attribute_names else None
+        test = split_rows(data)
+        groups = ["race"] if "race" in test.attribute_names else None
         ours = evaluate_images(args.model, data, count_failed=True, groups=groups)
-        margin = best_margin(peer, dataset)
+        margin = best_margin(peer, split_rows(data, "train"))
         theirs = evaluate_scores(test, peer_scores(peer, test.paths, margin), groups=groups)
         for name, result in (("ours", ours), (f"peer, margin {margin:g}", theirs)):
-            worst, black = _cells(result, "race")
+            race = result["group_gender"].get("race")
+            worst, black = ("-", "-") if race is None else (cell_text(race), cell_text(race, "black", "women"))
             accuracy = result["accuracy"]
-            rows.append(f"| {dataset.name} | {name} | {len(test.labels)} | **{accuracy:.4f}** | {worst} | {black} |")
+            rows.append(f"| {test.name} | {name} | {len(test.labels)} | **{accuracy:.4f}** | {worst} | {black} |")
     print("| test split | model | faces | accuracy | worst race x gender (95% CI) | Black women |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
