@@ -387,6 +387,18 @@ def fit(
     typer.echo(f"saved {out}")
 
 
+def _cache_or_data(
+    cache: list[Path] | None, data: Path | None, either: str, *, cache_only: dict, data_only: dict
+) -> None:
+    """Exactly one of --cache and --data (``either`` says what each does), and none of the
+    options that only the other takes."""
+    if bool(cache) == (data is not None):
+        raise FeatgenderError(either)
+    misplaced = [name for name, value in (cache_only if data is not None else data_only).items() if value]
+    if misplaced:
+        raise FeatgenderError(f"{', '.join(misplaced)}: only with {'--cache' if data is not None else '--data'}")
+
+
 @_command
 def evaluate(
     model: Path = ModelOption,
@@ -437,16 +449,13 @@ def evaluate(
     from featgender.evaluate import evaluate_images, evaluate_model
     from featgender.metrics import public_result
 
-    if bool(cache) == (data is not None):
-        raise FeatgenderError("evaluate: give --cache (a head on its cached features) or --data (a dataset's images)")
-    misplaced = (
-        {"--in-progress": in_progress}
-        if data
-        else {"--format": format, "--face-box": face_box, "--faces": faces, "--device": device}
+    _cache_or_data(
+        cache,
+        data,
+        "evaluate: give --cache (a head on its cached features) or --data (a dataset's images)",
+        cache_only={"--in-progress": in_progress},
+        data_only={"--format": format, "--face-box": face_box, "--faces": faces, "--device": device},
     )
-    if any(misplaced.values()):
-        given = ", ".join(name for name, value in misplaced.items() if value)
-        raise FeatgenderError(f"{given}: only with {'--cache' if data else '--data'}")
     _announce(model)
     options = dict(
         report=report, groups=_split_groups(groups), trusted=trusted, count_failed=count_failed, **_given(split=split)
@@ -496,11 +505,13 @@ def compare(
 
     if len(model) != 2:
         raise FeatgenderError(f"compare: give --model twice (got {len(model)})")
-    if bool(cache) == (data is not None):
-        raise FeatgenderError("compare: give --data (both models on its images) or --cache (two heads on it)")
-    image_options = {"--format": format, "--face-box": face_box, "--faces": faces, "--device": device}
-    if cache and any(image_options.values()):
-        raise FeatgenderError(f"{', '.join(name for name, value in image_options.items() if value)}: only with --data")
+    _cache_or_data(
+        cache,
+        data,
+        "compare: give --data (both models on its images) or --cache (two heads on it)",
+        cache_only={},
+        data_only={"--format": format, "--face-box": face_box, "--faces": faces, "--device": device},
+    )
     for each in model:
         _announce(each)
     options = dict(groups=_split_groups(groups), trusted=trusted, **_given(split=split))
