@@ -46,7 +46,7 @@ def compare_images(
         image_scores(model, rows, trusted=trusted, face_box=face_box, faces=faces, device=device, progress=progress)
         for model in (first, second)
     ]
-    return {**_paired(rows, scores, groups), "models": [str(first), str(second)], "split": split, "data": str(data)}
+    return _paired(rows, scores, groups, models=(first, second), split=split, source=str(data))
 
 
 def compare_caches(
@@ -64,12 +64,7 @@ def compare_caches(
     caches = cache_list(caches)
     rows = read_caches(caches, split, include_failed=True)
     scores = [_cache_scores(model, rows, trusted) for model in (first, second)]
-    return {
-        **_paired(rows, scores, groups),
-        "models": [str(first), str(second)],
-        "split": split,
-        "data": " + ".join(str(cache) for cache in caches),
-    }
+    return _paired(rows, scores, groups, models=(first, second), split=split, source=" + ".join(map(str, caches)))
 
 
 def _cache_scores(model: str | Path, rows, trusted: bool) -> np.ndarray:
@@ -80,11 +75,15 @@ def _cache_scores(model: str | Path, rows, trusted: bool) -> np.ndarray:
         raise FeatgenderError(f"--model {model}: {error}") from None
 
 
-def _paired(rows, scores: list[np.ndarray], groups: list[str] | None) -> dict:
-    """The paired comparison of two P(male) columns for ``rows``, NaN (failed) made wrong."""
+def _paired(
+    rows, scores: list[np.ndarray], groups: list[str] | None, *, models: tuple, split: str, source: str
+) -> dict:
+    """The paired comparison of two models' P(male) columns for ``rows`` (NaN: failed, made
+    wrong), with what was compared: the models, the split and its source (``data``)."""
     first, second = ((wrong_where_failed(rows.labels, each) >= 0.5).astype(int) for each in scores)
     result = paired_comparison(rows, first, second, default_groups(rows) if groups is None else groups)
-    return {**result, "failed": [int(np.isnan(each).sum()) for each in scores]}
+    failed = [int(np.isnan(each).sum()) for each in scores]
+    return {**result, "failed": failed, "models": [str(model) for model in models], "split": split, "data": source}
 
 
 def comparison_markdown(result: dict) -> str:
