@@ -640,6 +640,12 @@ def finetune(
     head_first: bool = typer.Option(
         False, "--head-first", help="Start the logit from a logistic regression on the frozen embedding."
     ),
+    batch_norm: str | None = typer.Option(
+        None,
+        "--batch-norm",
+        help="Batch-norm statistics: train (default: updated in the blocks that train) or frozen (kept as "
+        "pretrained; their scale and shift still train): for ImageNet networks on small CPU batches.",
+    ),
     out: Path | None = typer.Option(None, "--out", "-o", help="Best checkpoint (default models/<backbone>-ft.pt)."),
     limit: int | None = LimitOption,
     device: str | None = DeviceOption,
@@ -668,6 +674,7 @@ def finetune(
             layer_decay=layer_decay,
             schedule=schedule,
             head_first=head_first or None,
+            batch_norm=batch_norm,
             out=out,
             limit=limit,
             device=device,

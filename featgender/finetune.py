@@ -11,6 +11,9 @@ from a logistic regression on the frozen embedding (no early steps spent undoing
 head), ``layer_decay`` gives each block down from the top that factor of the learning rate
 (the first layers, which see edges and skin, move least), and ``schedule='cosine'`` warms the
 rate up over the first :data:`WARMUP` of the steps, then lowers it to 0 along a cosine.
+``batch_norm='frozen'`` keeps every batch-norm layer's pretrained statistics (its scale and
+shift still train): an ImageNet network trained whole on small CPU batches with live statistics
+unlearned faster than it learned (benchmarks/README.md, session 15).
 
 A checkpoint after every epoch makes the run resumable. Checkpoints hold only tensors and plain
 values, so they load with ``torch.load(weights_only=True)``.
@@ -50,6 +53,7 @@ logger = logging.getLogger(__name__)
 CHECKPOINT_FORMAT = FINETUNED_FORMAT
 CHECKPOINT_VERSION = 1
 SCHEDULES = ("constant", "cosine")
+BATCH_NORM = ("train", "frozen")  # batch-norm statistics: updated by the blocks that train, or kept
 WARMUP = 0.05  # share of a cosine schedule's steps spent warming the learning rate up
 HEAD_FIRST_SAMPLES = 8000  # training images whose frozen embeddings the first logit is fitted on
 # Per backbone, the fine-tune measured to keep what the network knew while it learns faces in
@@ -82,6 +86,7 @@ class GenderNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.logit = nn.Linear(backbone.feature_dim, 1)
         self.frozen: list[nn.Module] = []
+        self.frozen_statistics = False  # True: every batch-norm layer keeps its running statistics
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The pooled (N, D) embedding the logit reads."""
@@ -94,6 +99,10 @@ class GenderNet(nn.Module):
         super().train(mode)
         for module in self.frozen:  # frozen blocks keep their batch-norm statistics
             module.eval()
+        if self.frozen_statistics:
+            for module in self.embedding.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         return self
 
 
@@ -332,6 +341,7 @@ def finetune(
     layer_decay: float = 1.0,
     schedule: str = "constant",
     head_first: bool = False,
+    batch_norm: str = "train",
     out: str | Path | None = None,
     device: str | torch.device = "auto",
     precision: str = "auto",
@@ -348,8 +358,8 @@ def finetune(
     split too). ``balance`` (none, or any of dataset, gender, group) draws training images with
     the weights :func:`featgender.mixing.balance_weights` gives, ``samples_per_epoch`` of them per
     epoch (default: as many as there are training images). ``augment``, ``layer_decay``,
-    ``schedule`` and ``head_first``: how much the network keeps of what it knew (the module's
-    docstring). ``face_box``: for a face-aligning
+    ``schedule``, ``head_first`` and ``batch_norm``: how much the network keeps of what it knew
+    (the module's docstring). ``face_box``: for a face-aligning
     backbone (dlib_resnet), where to find the face in each dataset's images, as ``featgender
     extract --face-box`` (:func:`featgender.extract.face_box_for`).
     Writes ``out`` (default ``models/<backbone>-ft.pt``: the best epoch) and
@@ -361,6 +371,8 @@ def finetune(
     if not 0 < layer_decay <= 1:
         raise FeatgenderError(f"--layer-decay {layer_decay}: want a factor in (0, 1]")
     lr_factor(schedule, 0, 1)  # an unknown schedule fails now, not after the data is read
+    if batch_norm not in BATCH_NORM:
+        raise FeatgenderError(f"--batch-norm {batch_norm!r}: choose one of {', '.join(BATCH_NORM)}")
     training_transform(1, augment)  # as does an unknown augmentation
     built = build_backbone(backbone, weights=weights, face_box=None)
     parts = load_training_data(
@@ -374,6 +386,7 @@ def finetune(
     torch.manual_seed(seed)
     net = GenderNet(built, dropout)
     trainable = freeze_all_but_last(net, unfreeze_last)
+    net.frozen_statistics = batch_norm == "frozen"
     run = _Run(
         device=resolve_device(device),
         precision=precision,
@@ -402,6 +415,8 @@ def finetune(
         layer_decay=layer_decay,
         schedule=schedule,
         head_first=head_first,
+        # absent where the statistics train, as in checkpoints written before the option
+        **({"batch_norm": batch_norm} if batch_norm != "train" else {}),
     )
     history, best = _resume(last, config, net, optimizer) if last.is_file() else ([], BestEpoch())
     start_epoch = len(history)

@@ -114,6 +114,28 @@ def test_bfloat16_training_steps_run_on_the_weights_they_updated():
     assert during < before - 0.05 and after < during
 
 
+def test_frozen_batch_norm_keeps_the_pretrained_statistics_while_scale_and_shift_train():
+    """One training step of every block: live statistics move towards the batch's, frozen ones
+    stay where they were, and in both the batch-norm layers' affine weights learn."""
+    from featgender.finetune import _run_epoch
+
+    batch = [(torch.rand(8, 3, 64, 64) * 3 + 2, (torch.arange(8) % 2).float())]  # far from the init statistics
+    device, same = torch.device("cpu"), lambda images, dtype: images
+    moved = {}
+    for frozen in (False, True):
+        torch.manual_seed(0)
+        net = GenderNet(build_backbone("mobilenet_v3_small", weights="none"))
+        freeze_all_but_last(net, "all")
+        net.frozen_statistics = frozen
+        norm = next(m for m in net.embedding.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        mean, weight = norm.running_mean.clone(), norm.weight.detach().clone()
+        optimizer = torch.optim.AdamW(net.parameters(), lr=0.01)
+        _run_epoch(net, batch, device, same, autocast=False, optimizer=optimizer)
+        assert not torch.equal(norm.weight, weight)
+        moved[frozen] = not torch.equal(norm.running_mean, mean)
+    assert moved == {False: True, True: False}
+
+
 def test_layerwise_rates_fall_block_by_block_and_the_cosine_schedule_warms_up_then_ends_at_zero():
     from featgender.finetune import layerwise_groups, lr_factor
 
@@ -170,6 +192,8 @@ def test_web_augmentation_lowers_resolution_and_unknown_options_are_refused(csv_
         finetune(csv_dataset, augment="noise", out=tmp_path / "ft.pt", **OPTIONS)
     with pytest.raises(FeatgenderError, match="--layer-decay 0"):
         finetune(csv_dataset, layer_decay=0, out=tmp_path / "ft.pt", **OPTIONS)
+    with pytest.raises(FeatgenderError, match="--batch-norm 'fixed'"):
+        finetune(csv_dataset, batch_norm="fixed", out=tmp_path / "ft.pt", **OPTIONS)
 
 
 def test_a_recipe_is_finetunes_options_and_a_pass_per_epoch_on_a_few_faces():
