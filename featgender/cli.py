@@ -655,7 +655,8 @@ def finetune(
 ) -> None:
     """Fine-tune a backbone end to end on one dataset or several; resumable. To keep what the
     network knows (faces in the wild, issue #34): --unfreeze-last all --head-first --layer-decay 0.8
-    --schedule cosine --augment web; freeze the result again with extract --weights."""
+    --schedule cosine --augment web, and --batch-norm frozen for batch-norm networks (Lite0); freeze
+    the result again with extract --weights."""
     from featgender.finetune import finetune as run_finetune
 
     result = run_finetune(
