@@ -371,9 +371,9 @@ def finetune(
     if not 0 < layer_decay <= 1:
         raise FeatgenderError(f"--layer-decay {layer_decay}: want a factor in (0, 1]")
     lr_factor(schedule, 0, 1)  # an unknown schedule fails now, not after the data is read
+    training_transform(1, augment)  # as does an unknown augmentation
     if batch_norm not in BATCH_NORM:
         raise FeatgenderError(f"--batch-norm {batch_norm!r}: choose one of {', '.join(BATCH_NORM)}")
-    training_transform(1, augment)  # as does an unknown augmentation
     built = build_backbone(backbone, weights=weights, face_box=None)
     parts = load_training_data(
         [data] if isinstance(data, (str, Path)) else data,
