@@ -86,7 +86,6 @@ class GenderNet(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.logit = nn.Linear(backbone.feature_dim, 1)
         self.frozen: list[nn.Module] = []
-        self.frozen_statistics = False  # True: every batch-norm layer keeps its running statistics
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """The pooled (N, D) embedding the logit reads."""
@@ -99,10 +98,6 @@ class GenderNet(nn.Module):
         super().train(mode)
         for module in self.frozen:  # frozen blocks keep their batch-norm statistics
             module.eval()
-        if self.frozen_statistics:
-            for module in self.embedding.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                    module.eval()
         return self
 
 
@@ -132,6 +127,12 @@ def freeze_all_but_last(net: GenderNet, unfreeze_last: int | str) -> list[str]:
     for name, parameter in net.embedding.named_parameters():
         parameter.requires_grad_(any(name == block or name.startswith(block + ".") for block in trainable))
     return trainable
+
+
+def freeze_batch_norm_statistics(net: GenderNet) -> None:
+    """Keep every batch-norm layer's running statistics, as frozen blocks keep theirs; the
+    layers' scale and shift still train where their block does."""
+    net.frozen += [module for module in net.embedding.modules() if isinstance(module, nn.modules.batchnorm._BatchNorm)]
 
 
 class TrainingImages(Dataset):
@@ -386,7 +387,8 @@ def finetune(
     torch.manual_seed(seed)
     net = GenderNet(built, dropout)
     trainable = freeze_all_but_last(net, unfreeze_last)
-    net.frozen_statistics = batch_norm == "frozen"
+    if batch_norm == "frozen":
+        freeze_batch_norm_statistics(net)
     run = _Run(
         device=resolve_device(device),
         precision=precision,

@@ -117,7 +117,7 @@ def test_bfloat16_training_steps_run_on_the_weights_they_updated():
 def test_frozen_batch_norm_keeps_the_pretrained_statistics_while_scale_and_shift_train():
     """One training step of every block: live statistics move towards the batch's, frozen ones
     stay where they were, and in both the batch-norm layers' affine weights learn."""
-    from featgender.finetune import _run_epoch
+    from featgender.finetune import _run_epoch, freeze_batch_norm_statistics
 
     batch = [(torch.rand(8, 3, 64, 64) * 3 + 2, (torch.arange(8) % 2).float())]  # far from the init statistics
     device, same = torch.device("cpu"), lambda images, dtype: images
@@ -126,7 +126,8 @@ def test_frozen_batch_norm_keeps_the_pretrained_statistics_while_scale_and_shift
         torch.manual_seed(0)
         net = GenderNet(build_backbone("mobilenet_v3_small", weights="none"))
         freeze_all_but_last(net, "all")
-        net.frozen_statistics = frozen
+        if frozen:
+            freeze_batch_norm_statistics(net)
         norm = next(m for m in net.embedding.modules() if isinstance(m, torch.nn.BatchNorm2d))
         mean, weight = norm.running_mean.clone(), norm.weight.detach().clone()
         optimizer = torch.optim.AdamW(net.parameters(), lr=0.01)
