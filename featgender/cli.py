@@ -8,6 +8,7 @@ one-line ``Error: ...`` and exit status 1, in one place: :func:`_command`.
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import logging
 from pathlib import Path
@@ -22,6 +23,7 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode="rich",
 )
 
 
@@ -48,7 +50,13 @@ def _command(function):
             )
             raise typer.Exit(1) from None
 
+    run.__doc__ = _unwrapped(function.__doc__ or "")
     return app.command()(run)
+
+
+def _unwrapped(docstring: str) -> str:
+    """A docstring's paragraphs each on one line: rich keeps a source line break in `--help`'s command list."""
+    return "\n\n".join(" ".join(paragraph.split()) for paragraph in inspect.cleandoc(docstring).split("\n\n"))
 
 
 def _given(**options) -> dict:

@@ -39,6 +39,14 @@ def test_every_command_has_help_text():
         assert command.callback.__doc__.split("\n")[0][:30] in " ".join(result.output.split())
 
 
+def test_the_command_list_shows_each_summary_unbroken():
+    """Rich keeps a docstring's source line breaks in `--help`'s command list unless they are undone."""
+    lines = runner.invoke(app, ["--help"], env={"COLUMNS": "1000"}).output.splitlines()
+    for command in app.registered_commands:
+        summary = " ".join(command.callback.__doc__.split("\n\n")[0].split())
+        assert any(summary in line for line in lines), command.callback.__name__
+
+
 def test_cli_py_at_the_root_of_a_checkout_runs_the_same_app(csv_dataset, tmp_path):
     """``python cli.py`` (the layout's entry beside featgender/) is the installed command."""
     root = Path(__file__).resolve().parents[1]
