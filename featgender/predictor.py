@@ -241,12 +241,18 @@ class ImagePredictor:
 
 
 def expand_inputs(inputs: Sequence[str | Path]) -> list[Path]:
-    """Files as given, and the image files under each folder (recursively, following symlinks)."""
+    """Files as given, and the image files under each folder (recursively, following symlinks).
+
+    A folder without any is refused: predicting nothing and exiting 0 would hide a wrong path.
+    """
     files = []
     for item in map(Path, inputs):
         if item.is_dir():
             found = [Path(root) / name for root, _, names in os.walk(item, followlinks=True) for name in names]
-            files += sorted(path for path in found if path.suffix.lower() in IMAGE_SUFFIXES)
+            images = sorted(path for path in found if path.suffix.lower() in IMAGE_SUFFIXES)
+            if not images:
+                raise FeatgenderError(f"{item}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder or below")
+            files += images
         elif item.exists():
             files.append(item)
         else:

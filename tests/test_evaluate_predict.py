@@ -282,6 +282,10 @@ def test_predict_images_with_broken_files_and_odd_modes(trained, tmp_path):
     (folder / "sub").symlink_to(tmp_path / "linked")
     files = expand_inputs([folder])
     assert [f.name for f in files] == ["broken.jpg", "man.jpg", "link.jpg", "woman_cmyk.jpg", "woman_gray_alpha.png"]
+    (tmp_path / "no_images").mkdir()
+    (tmp_path / "no_images" / "notes.txt").write_text("not an image")
+    with pytest.raises(FeatgenderError, match="no_images: no image files"):
+        expand_inputs([folder, tmp_path / "no_images"])
     predictor = featgender.load(model_path)
     predictions = predictor.predict(files)
     by_name = {p.image.split("/")[-1]: p for p in predictions}
