@@ -25,6 +25,7 @@ hyper-parameter by cross-validation (:func:`search_grid`).
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -282,6 +283,11 @@ def make_head(
     """
     _check_name(name)
     params = {key: value for key, value in params.items() if value is not None}
+    accepted = set(inspect.signature(_HEADS[name]).parameters) - {"random_state"}
+    for key in params.keys() - accepted:
+        raise FeatgenderError(f"--{key}: --head {name} has no such parameter (it takes {', '.join(sorted(accepted))})")
+    if "C" in params and not params["C"] > 0:
+        raise FeatgenderError(f"--C {params['C']}: the regularisation C must be above 0")
     classifier, default_pca = _HEADS[name](random_state=random_state, **params)
     pca = default_pca if pca is None else pca
     # The power and l2 normalisers return their own array, which the scaler may then standardise
