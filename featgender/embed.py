@@ -54,10 +54,17 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 FEW_IMAGES = 32  # images embedded in this process, with no loader worker to start
 
 
-def default_workers(device: torch.device, loader_bound: bool = False, images: int | None = None) -> int:
-    """Loader workers: on GPU up to 8; on CPU one, as the cores run the forward pass, or one
-    per core where the loader does the heavy work (``loader_bound``: face detection); none
-    for at most :data:`FEW_IMAGES` ``images`` (starting a worker costs more than they do)."""
+def resolve_workers(
+    workers: int | None, device: torch.device, loader_bound: bool = False, images: int | None = None
+) -> int:
+    """Loader workers: ``workers`` as given, else on GPU up to 8; on CPU one, as the cores run
+    the forward pass, or one per core where the loader does the heavy work (``loader_bound``:
+    face detection); none for at most :data:`FEW_IMAGES` ``images`` (starting a worker costs
+    more than they do)."""
+    if workers is not None:
+        if workers < 0:
+            raise FeatgenderError(f"--workers {workers}: use 0 (decode in this process) or more")
+        return workers
     if images is not None and images <= FEW_IMAGES:
         return 0
     if device.type == "cuda":
@@ -244,7 +251,7 @@ def iter_layer_features(
     built for (``build_backbone(layer=[...])``), all from one forward pass per batch.
 
     ``batch_size`` and ``workers`` default to what suits the device (see
-    :func:`default_batch_size`, :func:`default_workers`); ``precision`` is the autocast type
+    :func:`default_batch_size`, :func:`resolve_workers`); ``precision`` is the autocast type
     (see :func:`resolve_precision`); ``dtype`` is the type of the returned features.
     ``flip`` averages each embedding with that of the mirrored image (test-time augmentation).
 
@@ -260,8 +267,7 @@ def iter_layer_features(
     batch_size = default_batch_size(device) if batch_size is None else batch_size
     if batch_size < 1:
         raise FeatgenderError(f"--batch-size {batch_size}: must be at least 1")
-    if workers is None:
-        workers = default_workers(device, loader_bound=detects_on_loader(backbone), images=len(sources) - start)
+    workers = resolve_workers(workers, device, loader_bound=detects_on_loader(backbone), images=len(sources) - start)
     autocast = uses_bfloat16(precision, device)
     model = backbone.model.to(device).to(memory_format=torch.channels_last)
     transform = backbone.transform.to(device)

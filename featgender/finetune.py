@@ -40,7 +40,7 @@ from featgender.backbones import FINETUNED_FORMAT, Backbone, EmbeddingModel, bui
 from featgender.cache import library_versions
 from featgender.data import FaceDataset, load_dataset, split_code
 from featgender.defaults import DEFAULT_BACKBONE, MODELS_FOLDER
-from featgender.embed import default_workers, detects_on_loader, resolve_device, uses_bfloat16, worker_init
+from featgender.embed import detects_on_loader, resolve_device, resolve_workers, uses_bfloat16, worker_init
 from featgender.errors import FeatgenderError
 from featgender.extract import finding_faces_in
 from featgender.files import atomic_write
@@ -118,7 +118,7 @@ def freeze_all_but_last(net: GenderNet, unfreeze_last: int | str) -> list[str]:
     if unfreeze_last == "all":
         trainable = blocks
     else:
-        count = int(unfreeze_last)
+        count = int(unfreeze_last) if str(unfreeze_last).isdigit() else -1
         if count < 0:
             raise FeatgenderError(f"--unfreeze-last {unfreeze_last}: use 0, a positive number or all")
         trainable = blocks[len(blocks) - count :] if count else []
@@ -367,6 +367,10 @@ def finetune(
     ``<out>.last.pt`` (the latest epoch): rerunning the same command resumes from it, and
     rerunning with more ``epochs`` trains on.
     """
+    bounds = (("--epochs", epochs, 1), ("--batch-size", batch_size, 1), ("--patience", patience, 1), ("--lr", lr, 0))
+    for option, value, least in bounds:
+        if not value >= least:
+            raise FeatgenderError(f"{option} {value}: must be at least {least}")
     if samples_per_epoch is not None and samples_per_epoch < 1:
         raise FeatgenderError(f"--samples-per-epoch {samples_per_epoch}: want a positive number of images")
     if not 0 < layer_decay <= 1:
@@ -518,8 +522,7 @@ class _Run:
     def __post_init__(self):
         self.autocast = uses_bfloat16(self.precision, self.device)
         self.normalise = self.normalise.to(self.device)
-        if self.workers is None:
-            self.workers = default_workers(self.device, loader_bound=self.loader_bound)
+        self.workers = resolve_workers(self.workers, self.device, loader_bound=self.loader_bound)
 
     def loader(self, images: ConcatDataset | TrainingImages, **sampling) -> DataLoader:
         return _loader(

@@ -286,6 +286,8 @@ def make_head(
     accepted = set(inspect.signature(_HEADS[name]).parameters) - {"random_state"}
     for key in params.keys() - accepted:
         raise FeatgenderError(f"--{key}: --head {name} has no such parameter (it takes {', '.join(sorted(accepted))})")
+    if pca is not None and pca < 0:
+        raise FeatgenderError(f"--pca {pca}: use 0 (no PCA) or a number of components")
     if "C" in params and not params["C"] > 0:
         raise FeatgenderError(f"--C {params['C']}: the regularisation C must be above 0")
     classifier, default_pca = _HEADS[name](random_state=random_state, **params)

@@ -195,6 +195,17 @@ def test_web_augmentation_lowers_resolution_and_unknown_options_are_refused(csv_
         finetune(csv_dataset, layer_decay=0, out=tmp_path / "ft.pt", **OPTIONS)
     with pytest.raises(FeatgenderError, match="--batch-norm 'fixed'"):
         finetune(csv_dataset, batch_norm="fixed", out=tmp_path / "ft.pt", **OPTIONS)
+    for option, bad in (
+        ("epochs", 0),
+        ("batch_size", 0),
+        ("patience", 0),
+        ("lr", -1.0),
+        ("unfreeze_last", "x"),
+        ("workers", -1),
+    ):
+        with pytest.raises(FeatgenderError, match=f"--{option.replace('_', '-')} {bad}: "):
+            finetune(csv_dataset, out=tmp_path / "ft.pt", **{**OPTIONS, option: bad})
+    assert not list(tmp_path.glob("ft.pt*"))
 
 
 def test_a_recipe_is_finetunes_options_and_a_pass_per_epoch_on_a_few_faces():

@@ -58,11 +58,13 @@ def test_pca_and_normalisation_are_pipeline_steps():
     assert make_head("logreg", C=0.5).named_steps["classifier"].C == 0.5
 
 
-def test_a_parameter_the_head_lacks_or_a_c_not_above_0_is_refused_by_name():
+def test_a_parameter_the_head_lacks_or_out_of_range_is_refused_by_name():
     with pytest.raises(FeatgenderError, match="--C: --head gbm has no such parameter .*learning_rate"):
         make_head("gbm", C=1.0)
     with pytest.raises(FeatgenderError, match="--C -1.0: the regularisation C must be above 0"):
         make_head("logreg", C=-1.0)
+    with pytest.raises(FeatgenderError, match="--pca -5: use 0"):
+        make_head("logreg", pca=-5)
 
 
 def test_power_normalisation_is_signed_sqrt_then_unit_length():
