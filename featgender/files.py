@@ -53,6 +53,7 @@ def atomic_write(target: str | os.PathLike, *, size: int | None = None) -> Itera
     no room for them."""
     target = Path(target)
     tmp = target.with_name(target.name + ".tmp")
+    check_writable(target)
     if size is not None:
         _check_room(target, size)
     try:
@@ -66,6 +67,21 @@ def atomic_write(target: str | os.PathLike, *, size: int | None = None) -> Itera
         if code:
             raise _no_room_error(target, os.strerror(code)) from None
         raise
+
+
+def check_writable(target: str | os.PathLike) -> None:
+    """Refuse, in one line naming ``target``, a path no file can be written to (a folder, a
+    read-only place), before the work whose result goes there: its ``.tmp`` is made and removed."""
+    target = Path(target)
+    if target.is_dir():
+        raise FeatgenderError(f"{target}: is a folder; name the file to write")
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.touch()
+        tmp.unlink()
+    except OSError as error:
+        raise FeatgenderError(f"{target}: cannot be written ({error.strerror})") from None
 
 
 def _no_room_error(target: Path, why: str) -> FeatgenderError:

@@ -43,7 +43,7 @@ from featgender.defaults import DEFAULT_BACKBONE, MODELS_FOLDER
 from featgender.embed import detects_on_loader, resolve_device, resolve_workers, uses_bfloat16, worker_init
 from featgender.errors import FeatgenderError
 from featgender.extract import finding_faces_in
-from featgender.files import atomic_write
+from featgender.files import atomic_write, check_writable
 from featgender.images import load_image
 from featgender.metrics import evaluate_scores, pool_evaluations, public_result
 from featgender.mixing import balance_weights, parse_balance
@@ -379,6 +379,10 @@ def finetune(
     training_transform(1, augment)  # as does an unknown augmentation
     if batch_norm not in BATCH_NORM:
         raise FeatgenderError(f"--batch-norm {batch_norm!r}: choose one of {', '.join(BATCH_NORM)}")
+    out = Path(out) if out is not None else Path(MODELS_FOLDER) / f"{backbone}-ft.pt"
+    last = out.with_name(out.name + ".last.pt")
+    for path in (out, last):
+        check_writable(path)
     built = build_backbone(backbone, weights=weights, face_box=None)
     parts = load_training_data(
         [data] if isinstance(data, (str, Path)) else data,
@@ -405,8 +409,6 @@ def finetune(
     )
     net = net.to(run.device).to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(layerwise_groups(net, lr, layer_decay), lr=lr, weight_decay=weight_decay)
-    out = Path(out) if out is not None else Path(MODELS_FOLDER) / f"{backbone}-ft.pt"
-    last = out.with_name(out.name + ".last.pt")
     config = _run_config(
         parts,
         built,

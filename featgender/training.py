@@ -15,6 +15,7 @@ from featgender.cache import iter_cache_chunks, library_versions, open_rows
 from featgender.defaults import DEFAULT_HEAD
 from featgender.errors import FeatgenderError
 from featgender.evaluate import evaluate_datasets
+from featgender.files import check_writable
 from featgender.heads import HeadModel, fit_head, fit_head_streaming
 from featgender.metrics import public_result
 from featgender.mixing import balance_weights, cache_list, parse_balance, read_datasets, stack_rows
@@ -66,6 +67,8 @@ def train_head(
 
     Returns the model and the evaluation (also stored in ``model.metrics``).
     """
+    if out is not None:
+        check_writable(out)
     datasets = [cache_list(caches), *map(cache_list, stack)]
     started = time.perf_counter()
     if out_of_core:

@@ -230,6 +230,18 @@ def test_fit_command(head_model, tmp_path):
     assert set(summary["metrics"]["ci95"]) >= {"accuracy", "roc_auc"} and model.is_file()
 
 
+def test_fit_refuses_a_model_path_no_file_can_take_before_fitting(head_model, tmp_path):
+    cache, _ = head_model
+    folder = tmp_path / "out"
+    folder.mkdir()
+    (folder / "a_file").write_text("")
+    for out, why in ((folder, "is a folder"), (folder / "a_file" / "m.joblib", "cannot be written")):
+        result = invoke("fit", "--cache", cache, "--head", "logreg", "--out", out)
+        assert result.exit_code == 1 and f"Error: {out}: {why}" in result.output, result.output
+        assert "accuracy" not in result.output  # refused before the fit
+    assert [path.name for path in folder.iterdir()] == ["a_file"]
+
+
 def test_evaluate_command_on_a_cache(head_model, tmp_path):
     cache, model = head_model
     evaluated = invoke("evaluate", "--model", model, "--cache", cache, "--report", tmp_path / "report")

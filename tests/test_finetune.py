@@ -205,7 +205,9 @@ def test_web_augmentation_lowers_resolution_and_unknown_options_are_refused(csv_
     ):
         with pytest.raises(FeatgenderError, match=f"--{option.replace('_', '-')} {bad}: "):
             finetune(csv_dataset, out=tmp_path / "ft.pt", **{**OPTIONS, option: bad})
-    assert not list(tmp_path.glob("ft.pt*"))
+    with pytest.raises(FeatgenderError, match=f"{tmp_path}: is a folder"):
+        finetune(csv_dataset, out=tmp_path, **OPTIONS)
+    assert not list(tmp_path.glob("ft.pt*")) and not list(tmp_path.glob("*.tmp"))
 
 
 def test_a_recipe_is_finetunes_options_and_a_pass_per_epoch_on_a_few_faces():
