@@ -122,10 +122,11 @@ class FaceDataset:
         return digest.hexdigest()
 
 
-def split_code(split: str) -> int:
-    """The code of a split's name in :data:`SPLITS` (how splits are stored), or a clear error."""
+def split_code(split: str, option: str = "--split") -> int:
+    """The code of a split's name in :data:`SPLITS` (how splits are stored), or a clear error
+    naming ``option``."""
     if split not in SPLITS:
-        raise FeatgenderError(f"--split {split!r}: choose one of {', '.join(SPLITS)}")
+        raise FeatgenderError(f"{option} {split!r}: choose one of {', '.join(SPLITS)}")
     return SPLITS.index(split)
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from featgender.cache import iter_cache_chunks, library_versions, open_rows
+from featgender.data import split_code
 from featgender.defaults import DEFAULT_HEAD
 from featgender.errors import FeatgenderError
 from featgender.evaluate import evaluate_datasets
@@ -67,6 +68,9 @@ def train_head(
 
     Returns the model and the evaluation (also stored in ``model.metrics``).
     """
+    split_code(train_split, "--train-split")
+    if eval_split is not None:
+        split_code(eval_split, "--eval-split")
     if out is not None:
         check_writable(out)
     datasets = [cache_list(caches), *map(cache_list, stack)]

@@ -230,7 +230,7 @@ def test_fit_command(head_model, tmp_path):
     assert set(summary["metrics"]["ci95"]) >= {"accuracy", "roc_auc"} and model.is_file()
 
 
-def test_fit_refuses_a_model_path_no_file_can_take_before_fitting(head_model, tmp_path):
+def test_fit_refuses_a_model_path_no_file_can_take_or_an_unknown_split_before_fitting(head_model, tmp_path):
     cache, _ = head_model
     folder = tmp_path / "out"
     folder.mkdir()
@@ -240,6 +240,8 @@ def test_fit_refuses_a_model_path_no_file_can_take_before_fitting(head_model, tm
         assert result.exit_code == 1 and f"Error: {out}: {why}" in result.output, result.output
         assert "accuracy" not in result.output  # refused before the fit
     assert [path.name for path in folder.iterdir()] == ["a_file"]
+    unknown = invoke("fit", "--cache", cache, "--eval-split", "tset", "--out", folder / "m.joblib")
+    assert unknown.exit_code == 1 and "Error: --eval-split 'tset': choose one of train, valid, test" in unknown.output
 
 
 def test_evaluate_command_on_a_cache(head_model, tmp_path):
