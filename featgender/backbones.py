@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -425,9 +426,14 @@ def _read_weights(path: Path, config: BackboneConfig, network: nn.Module) -> dic
     if config.convert_weights is not None and path.suffix == config.convert_weights[0]:
         return config.convert_weights[1](path)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch warns of a pickle protocol on its way to refusing a foreign pickle
+            warnings.simplefilter("ignore", UserWarning)
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for foreign or corrupt files
-        raise FeatgenderError(f"--weights {path}: cannot be read as a torch state_dict ({error})") from None
+        raise FeatgenderError(
+            f"--weights {path}: cannot be read as a torch state_dict ({type(error).__name__}: not a torch file, "
+            "or one holding more than tensors)"
+        ) from None
     if isinstance(obj, dict) and obj.get("format") == FINETUNED_FORMAT:
         return _finetuned_embedding(obj, network, path, config)
     return _state_dict_from(obj, path)

@@ -1,8 +1,10 @@
 import sys
 
+import joblib
 import numpy as np
 import pytest
 import torch
+from sklearn.linear_model import LogisticRegression
 
 from featgender.backbones import (
     Preprocess,
@@ -100,6 +102,11 @@ def test_bad_weights_files_are_named(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(FeatgenderError, match="junk.pth: cannot be read"):
         build_backbone("resnet18", weights=junk)
+    pickled = tmp_path / "model.joblib"  # a pickle of more than tensors, such as a saved head
+    joblib.dump({"head": LogisticRegression()}, pickled)
+    with pytest.raises(FeatgenderError, match="model.joblib: cannot be read as a torch state_dict") as refused:
+        build_backbone("resnet18", weights=pickled)
+    assert "\n" not in str(refused.value) and len(str(refused.value)) < 250  # one line, not torch's essay
     other = tmp_path / "other.pth"
     torch.save(torch.nn.Linear(2, 2).state_dict(), other)
     with pytest.raises(FeatgenderError, match="other.pth: does not fit resnet18"):
