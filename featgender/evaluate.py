@@ -23,7 +23,7 @@ from featgender.metrics import (
 )
 from featgender.mixing import cache_list, read_datasets
 from featgender.models import load
-from featgender.report import write_report
+from featgender.report import check_report_folder, write_report
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,8 @@ def evaluate_model(
     written here (see :func:`featgender.heads.load_model`). ``in_progress``: score the images
     finished so far of caches still being extracted.
     """
+    if report is not None:
+        check_report_folder(report)
     model = load_model(model, trusted=trusted) if isinstance(model, (str, Path)) else model
     caches = cache_list(caches)
     data = read_caches(caches, split, include_failed=count_failed, in_progress=in_progress)
@@ -173,6 +175,8 @@ def evaluate_images(
     ``predict`` would score. Failed images (unreadable, no face) are left out, or with
     ``count_failed`` counted as wrong answers; ``failed`` says how many there were.
     """
+    if report is not None:
+        check_report_folder(report)
     rows = split_rows(data, split, format=format)
     scores = image_scores(
         model,

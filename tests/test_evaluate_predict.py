@@ -203,6 +203,11 @@ def test_evaluate_writes_a_report(trained, tmp_path):
         assert Image.open(tmp_path / "report" / "roc.png").size[0] > 100
     with pytest.raises(FeatgenderError, match="does not match the model"):
         evaluate_model(model_path, caches[1])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(FeatgenderError, match="--report .*a_file: is a file; name a folder"):
+        evaluate_model(model_path, caches[0], report=tmp_path / "a_file")
+    with pytest.raises(FeatgenderError, match="a_file/report/metrics.json: cannot be written"):
+        evaluate_model(model_path, caches[0], report=tmp_path / "a_file" / "report")
 
 
 def test_a_head_scores_a_datasets_images_as_their_cache_and_leaves_out_or_counts_failures(csv_dataset, tmp_path):
