@@ -869,7 +869,7 @@ def serve(
     host: str = typer.Option(
         SERVE_HOST, "--host", help="Address to bind (default: this machine only). Another needs --auth."
     ),
-    port: int = typer.Option(SERVE_PORT, "--port", help="Port to listen on."),
+    port: int = typer.Option(SERVE_PORT, "--port", min=1, max=65535, help="Port to listen on."),
     share: bool = typer.Option(
         False, "--share", help="Also open a public Gradio share link (needs --auth; faces are personal data)."
     ),

@@ -316,9 +316,11 @@ def test_bench_command_on_two_datasets(csv_dataset, celeba_official, tmp_path):
     assert "balance: dataset,gender" in report and "; csvset " in report and "; celeba " in report
 
 
-def test_serve_refuses_to_expose_the_page_without_a_password(tmp_path):
+def test_serve_refuses_to_expose_the_page_without_a_password_or_a_port_that_is_none(tmp_path):
     exposed = invoke("serve", "--model", tmp_path / "m.joblib", "--host", "0.0.0.0")
     assert exposed.exit_code == 1 and "give --auth USER:PASSWORD" in exposed.output
     malformed = invoke("serve", "--model", tmp_path / "m.joblib", "--auth", "nopassword")
     assert malformed.exit_code == 1 and "Error: --auth: want USER:PASSWORD" in malformed.output
+    no_port = invoke("serve", "--model", tmp_path / "m.joblib", "--port", "-5")
+    assert no_port.exit_code == 2 and "Invalid value for '--port'" in no_port.output
     assert not list(tmp_path.iterdir())
