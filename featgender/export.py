@@ -146,7 +146,7 @@ def export_onnx(model: str | Path, out: str | Path | None = None, *, trusted: bo
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata, default=str)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(out) as tmp:
+    with atomic_write(out, kind="an ONNX graph") as tmp:
         tmp.write_bytes(proto.SerializeToString())
     return out
 

@@ -35,7 +35,7 @@ from featgender.distributed import Rank, current_rank, process_group, shard_rows
 from featgender.embed import default_batch_size, iter_layer_features, resolve_device, resolve_precision
 from featgender.errors import FeatgenderError
 from featgender.faces import parse_face_box, resolve_face_box
-from featgender.files import exclusive
+from featgender.files import CACHE, check_writable, exclusive
 
 if TYPE_CHECKING:
     import torch
@@ -293,6 +293,7 @@ def _extract_sharded(
         for layer in outs
     }
     for layer, out in outs.items():
+        check_writable(out, CACHE)
         if (
             out.exists()
             and not overwrite

@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import socket
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -45,15 +46,16 @@ NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @contextmanager
-def atomic_write(target: str | os.PathLike, *, size: int | None = None) -> Iterator[Path]:
+def atomic_write(target: str | os.PathLike, *, size: int | None = None, kind: str | None = None) -> Iterator[Path]:
     """Yield the temporary path to write ``target``'s new content to; on success it replaces
     ``target``. On any error the temporary file is removed and ``target`` is untouched; running
     out of disk space becomes a one-line :class:`FeatgenderError` naming ``target``. ``size``:
     the bytes the content will take at most, refused before anything is written when there is
-    no room for them."""
+    no room for them. ``kind``: what the content is, so that a file of another kind is not
+    replaced (:func:`check_writable`)."""
     target = Path(target)
     tmp = target.with_name(target.name + ".tmp")
-    check_writable(target)
+    check_writable(target, kind)
     if size is not None:
         _check_room(target, size)
     try:
@@ -69,17 +71,36 @@ def atomic_write(target: str | os.PathLike, *, size: int | None = None) -> Itera
         raise
 
 
-def check_writable(target: str | os.PathLike) -> None:
+# The first bytes of what featgender writes, and what a file that starts so holds.
+CACHE, CHECKPOINT, HEAD_MODEL = "a feature cache (HDF5)", "a torch file", "a head model (joblib)"
+KIND_MAGIC = {CACHE: b"\x89HDF\r\n\x1a\n", CHECKPOINT: b"PK\x03\x04", HEAD_MODEL: b"\x80"}
+
+
+def file_kind(path: str | os.PathLike) -> str | None:
+    """Which of :data:`KIND_MAGIC`'s kinds ``path`` holds, by its first bytes; None if none or unreadable."""
+    try:
+        with open(path, "rb") as handle:
+            start = handle.read(8)
+    except OSError:
+        return None
+    return next((kind for kind, magic in KIND_MAGIC.items() if start.startswith(magic)), None)
+
+
+def check_writable(target: str | os.PathLike, kind: str | None = None) -> None:
     """Refuse, in one line naming ``target``, a path no file can be written to (a folder, a
-    read-only place), before the work whose result goes there: its ``.tmp`` is made and removed."""
+    read-only place), or one holding a file of another ``kind`` than the one to write there (a
+    cache is not replaced by a model), before the work whose result goes there. The probe is
+    a file of its own name, made and removed: another writer's ``.tmp`` is left alone."""
     target = Path(target)
     if target.is_dir():
         raise FeatgenderError(f"{target}: is a folder; name the file to write")
-    tmp = target.with_name(target.name + ".tmp")
+    found = file_kind(target) if kind is not None else None
+    if found is not None and found != kind:
+        raise FeatgenderError(f"{target}: holds {found}, which {kind} would replace; write it elsewhere")
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp.touch()
-        tmp.unlink()
+        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".probe"):
+            pass
     except OSError as error:
         raise FeatgenderError(f"{target}: cannot be written ({error.strerror})") from None
 

@@ -43,7 +43,7 @@ from featgender.defaults import DEFAULT_BACKBONE, MODELS_FOLDER
 from featgender.embed import detects_on_loader, resolve_device, resolve_workers, uses_bfloat16, worker_init
 from featgender.errors import FeatgenderError
 from featgender.extract import finding_faces_in
-from featgender.files import atomic_write, check_writable
+from featgender.files import CHECKPOINT, atomic_write, check_writable
 from featgender.images import load_image
 from featgender.metrics import evaluate_scores, pool_evaluations, public_result
 from featgender.mixing import balance_weights, parse_balance
@@ -382,7 +382,7 @@ def finetune(
     out = Path(out) if out is not None else Path(MODELS_FOLDER) / f"{backbone}-ft.pt"
     last = out.with_name(out.name + ".last.pt")
     for path in (out, last):
-        check_writable(path)
+        check_writable(path, CHECKPOINT)
     built = build_backbone(backbone, weights=weights, face_box=None)
     parts = load_training_data(
         [data] if isinstance(data, (str, Path)) else data,
@@ -618,7 +618,7 @@ def _test(net: GenderNet, parts: list[TrainingData], run: _Run) -> dict:
 def _save(path: Path, content: dict) -> None:
     """torch.save, atomically (:func:`featgender.files.atomic_write`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_write(path) as tmp:
+    with atomic_write(path, kind=CHECKPOINT) as tmp:
         torch.save(content, tmp)
 
 

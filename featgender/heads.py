@@ -49,7 +49,7 @@ from featgender import trust
 from featgender.data import LABEL_NAMES
 from featgender.defaults import DEFAULT_HEAD, EXPORTED_SUFFIX, FINETUNED_SUFFIXES
 from featgender.errors import FeatgenderError
-from featgender.files import atomic_write, file_sha256
+from featgender.files import HEAD_MODEL, atomic_write, file_sha256
 
 NORMALIZATIONS = ("none", "l2", "power")
 
@@ -535,7 +535,7 @@ class HeadModel:
         """Write the artifact with joblib, atomically (:func:`featgender.files.atomic_write`)."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(path) as tmp:
+        with atomic_write(path, kind=HEAD_MODEL) as tmp:
             joblib.dump({"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, **self.__dict__}, tmp)
         trust.record(path)
 

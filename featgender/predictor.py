@@ -273,7 +273,7 @@ def write_predictions_csv(predictions: list[Prediction], path: str | Path) -> in
         for p in predictions
         if p.label is not None
     ]
-    with atomic_write(path) as tmp, open(tmp, "w", newline="") as handle:
+    with atomic_write(path, kind="a CSV of predictions") as tmp, open(tmp, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(["id", "label", "box"] if with_boxes else ["id", "label"])
         writer.writerows(rows)

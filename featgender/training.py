@@ -16,7 +16,7 @@ from featgender.data import split_code
 from featgender.defaults import DEFAULT_HEAD
 from featgender.errors import FeatgenderError
 from featgender.evaluate import evaluate_datasets
-from featgender.files import check_writable
+from featgender.files import HEAD_MODEL, check_writable
 from featgender.heads import HeadModel, fit_head, fit_head_streaming
 from featgender.metrics import public_result
 from featgender.mixing import balance_weights, cache_list, parse_balance, read_datasets, stack_rows
@@ -72,7 +72,7 @@ def train_head(
     if eval_split is not None:
         split_code(eval_split, "--eval-split")
     if out is not None:
-        check_writable(out)
+        check_writable(out, HEAD_MODEL)
     datasets = [cache_list(caches), *map(cache_list, stack)]
     started = time.perf_counter()
     if out_of_core:

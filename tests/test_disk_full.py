@@ -72,6 +72,31 @@ def test_no_room_for_the_new_cache_keeps_the_old_one_and_resumes(csv_dataset, sm
     np.testing.assert_array_equal(read_cache(out).features, read_cache(reference).features)
 
 
+def test_a_cache_or_model_is_not_replaced_by_a_file_of_another_kind(csv_dataset, small_backbone, tmp_path):
+    """A mistyped --out (a model onto the cache, a cache onto the model) is refused before any work."""
+    from featgender.finetune import finetune
+    from featgender.predictor import write_predictions_csv
+    from featgender.training import train_head
+
+    dataset = load_dataset(csv_dataset)
+    cache, model = tmp_path / "c.h5", tmp_path / "m.joblib"
+    build_cache(dataset, small_backbone, cache, dtype="float32", **OPTIONS)
+    train_head(cache, "logreg", eval_split=None, out=model)
+    kept = {path: sha256(path) for path in (cache, model)}
+    with pytest.raises(FeatgenderError, match=r"c\.h5: holds a feature cache \(HDF5\), which a head model"):
+        train_head(cache, "logreg", eval_split=None, out=cache)
+    with pytest.raises(FeatgenderError, match=r"m\.joblib: holds a head model \(joblib\), which a feature cache"):
+        build_cache(dataset, small_backbone, model, dtype="float32", overwrite=True, **OPTIONS)
+    with pytest.raises(FeatgenderError, match=r"m\.joblib: holds a head model \(joblib\), which a torch file"):
+        finetune(csv_dataset, backbone=BACKBONE, weights="none", out=model, workers=0, progress=False)
+    with pytest.raises(FeatgenderError, match=r"c\.h5: holds a feature cache \(HDF5\), which a CSV"):
+        write_predictions_csv([], cache)
+    assert {path: sha256(path) for path in kept} == kept
+    written = sorted(path.name for path in tmp_path.iterdir() if path != csv_dataset)
+    assert written == ["c.h5", "m.joblib"]  # no .partial, .tmp or probe left
+    train_head(cache, "logreg", eval_split=None, out=model)  # a model replaces a model
+
+
 def test_no_room_for_a_model_keeps_the_old_model(tmp_path):
     rng = np.random.default_rng(0)
     labels = np.arange(200) % 2

@@ -31,7 +31,7 @@ from featgender.cache.read import read_metadata
 from featgender.cache.schema import FORMAT_VERSION, identity_mismatch
 from featgender.data import SPLITS, FaceDataset
 from featgender.errors import FeatgenderError
-from featgender.files import atomic_write, exclusive
+from featgender.files import CACHE, atomic_write, check_writable, exclusive
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class CacheWriter:
         self._held = ExitStack()
 
     def __enter__(self) -> CacheWriter:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
+        check_writable(self.out, CACHE)  # even --overwrite replaces a cache, not a model
         self._held.enter_context(exclusive(self.out))  # a second writer would write over this one's files
         try:
             self._open()
@@ -215,7 +215,7 @@ def write_cache(
     total = len(dataset)
     errors: list[str] = []
     size = total * metadata["feature_dim"] * np.dtype(metadata["dtype"]).itemsize + row_table_bytes(dataset)
-    with atomic_write(out, size=size) as tmp, h5py.File(tmp, "w") as h5:
+    with atomic_write(out, size=size, kind=CACHE) as tmp, h5py.File(tmp, "w") as h5:
         features = h5.create_dataset(
             "features",
             shape=(total, metadata["feature_dim"]),
@@ -299,7 +299,7 @@ def join_shards(out: str | Path, dataset, shards: list[Path], metadata: dict) ->
     if len(errors) != len(dataset):
         raise FeatgenderError(f"{out}: the shards hold {len(errors)} rows for {len(dataset)} images")
     with (
-        atomic_write(out, size=row_table_bytes(dataset) + 1024 * len(shards)) as tmp,
+        atomic_write(out, size=row_table_bytes(dataset) + 1024 * len(shards), kind=CACHE) as tmp,
         h5py.File(tmp, "w", libver="latest") as h5,
     ):
         h5.create_virtual_dataset("features", layout, fillvalue=np.nan)

@@ -35,7 +35,7 @@ from torch import nn
 from featgender.errors import FeatgenderError
 from featgender.faces.align import CHIP_SIZE
 from featgender.faces.dlib_format import DlibReader, folded_convolutions, read_layers
-from featgender.files import atomic_write, file_sha256
+from featgender.files import CHECKPOINT, atomic_write, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -177,7 +177,7 @@ def converted_state_dict(dat_file: str | Path, converted_dir: str | Path) -> dic
     state = read_dlib_model(dat_file)
     try:
         converted.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_write(converted) as tmp:
+        with atomic_write(converted, kind=CHECKPOINT) as tmp:
             torch.save(state, tmp)
     except (OSError, FeatgenderError) as error:
         logger.warning("%s: not kept (%s); dlib's file will be read again next time", converted, error)
