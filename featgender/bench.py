@@ -27,6 +27,7 @@ from featgender.data import FaceDataset, load_dataset
 from featgender.defaults import DEFAULT_BACKBONE
 from featgender.embed import default_batch_size, resolve_device, uses_bfloat16
 from featgender.extract import build_cache, finding_faces_in
+from featgender.files import check_writable_folder
 from featgender.heads import fit_head
 from featgender.images import load_image
 from featgender.metrics import classification_metrics, group_gender_errors
@@ -241,6 +242,8 @@ def run_bench(
     """Benchmark backbones × heads (and optionally fine-tuning) on ``data``, one dataset or
     several (heads and the fine-tuned network trained on all of them, weighted per ``balance``
     as ``fit --balance``); write a report to ``out``."""
+    if out is not None:
+        check_writable_folder(out, "--out")
     paths = [data] if isinstance(data, (str, Path)) else list(data)
     datasets = [load_dataset(path, limit=limit) for path in paths]
     results: dict = {

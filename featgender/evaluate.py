@@ -15,6 +15,7 @@ import numpy as np
 from featgender.cache import CacheData, features_mismatch, read_caches
 from featgender.data import FaceDataset, load_dataset, split_code
 from featgender.errors import FeatgenderError
+from featgender.files import check_writable_folder
 from featgender.heads import HeadModel, load_model
 from featgender.metrics import (
     evaluate_scores,
@@ -23,7 +24,7 @@ from featgender.metrics import (
 )
 from featgender.mixing import cache_list, read_datasets
 from featgender.models import load
-from featgender.report import check_report_folder, write_report
+from featgender.report import write_report
 
 logger = logging.getLogger(__name__)
 
@@ -54,7 +55,7 @@ def evaluate_model(
     finished so far of caches still being extracted.
     """
     if report is not None:
-        check_report_folder(report)
+        check_writable_folder(report, "--report")
     model = load_model(model, trusted=trusted) if isinstance(model, (str, Path)) else model
     caches = cache_list(caches)
     data = read_caches(caches, split, include_failed=count_failed, in_progress=in_progress)
@@ -176,7 +177,7 @@ def evaluate_images(
     ``count_failed`` counted as wrong answers; ``failed`` says how many there were.
     """
     if report is not None:
-        check_report_folder(report)
+        check_writable_folder(report, "--report")
     rows = split_rows(data, split, format=format)
     scores = image_scores(
         model,

@@ -97,12 +97,26 @@ def check_writable(target: str | os.PathLike, kind: str | None = None) -> None:
     found = file_kind(target) if kind is not None else None
     if found is not None and found != kind:
         raise FeatgenderError(f"{target}: holds {found}, which {kind} would replace; write it elsewhere")
+    _probe(target.parent, str(target))
+
+
+def check_writable_folder(folder: str | os.PathLike, option: str) -> None:
+    """:func:`check_writable` for the folder a report goes to, given as ``option``."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise FeatgenderError(f"{option} {folder}: is a file; name a folder")
+    _probe(folder, f"{option} {folder}")
+
+
+def _probe(folder: Path, name: str) -> None:
+    """Make ``folder`` and a file of its own name in it, then remove the file; ``name`` is what
+    the error calls the place."""
     try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=target.parent, prefix=f".{target.name}.", suffix=".probe"):
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".probe"):
             pass
     except OSError as error:
-        raise FeatgenderError(f"{target}: cannot be written ({error.strerror})") from None
+        raise FeatgenderError(f"{name}: cannot be written ({error.strerror})") from None
 
 
 def _no_room_error(target: Path, why: str) -> FeatgenderError:

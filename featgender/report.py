@@ -12,8 +12,6 @@ from pathlib import Path
 import numpy as np
 from sklearn import metrics as skm
 
-from featgender.errors import FeatgenderError
-from featgender.files import check_writable
 from featgender.metrics import METRICS, public_result
 
 logger = logging.getLogger(__name__)
@@ -36,15 +34,6 @@ def audit_sentence(audit: dict, shown: int = 12) -> str:
         sentence + f" Accuracy on the other {audit['n_consistent']} images: "
         f"{audit['accuracy_consistent']:.4f} (95% CI {low:.4f} - {high:.4f})."
     )
-
-
-def check_report_folder(folder: str | Path) -> None:
-    """Refuse, in one line naming it, a report folder no file can be written to, before the
-    evaluation whose figures go there."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise FeatgenderError(f"--report {folder}: is a file; name a folder for the report")
-    check_writable(folder / "metrics.json")
 
 
 def write_report(result: dict, folder: str | Path, *, title: str = "featgender evaluation") -> list[Path]:

@@ -4,6 +4,7 @@ import pytest
 from PIL import Image
 
 from featgender.bench import run_bench, timed
+from featgender.errors import FeatgenderError
 
 
 def test_timed_excludes_the_warm_up_and_reports_spread():
@@ -57,3 +58,9 @@ def test_bench_trains_heads_on_several_datasets_and_reports_each(csv_dataset, ce
     pooled = (head["datasets_test_accuracy"]["csvset"] * 4 + head["datasets_test_accuracy"]["celeba"] * 6) / 10
     assert head["test_accuracy"] == pytest.approx(pooled)
     assert set(head["worst_group_gender"]["csvset"]) == {"age", "race"}
+
+
+def test_a_report_folder_no_file_can_take_is_refused_before_the_bench(csv_dataset, tmp_path):
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(FeatgenderError, match="--out .*a_file: is a file; name a folder"):
+        run_bench(csv_dataset, backbones=["no_such_backbone"], out=tmp_path / "a_file")  # refused before the name
