@@ -13,7 +13,9 @@ from featgender.cache import DEFAULT_CACHE_DIR
 from featgender.defaults import DEFAULT_HEAD
 from featgender.errors import FeatgenderError
 from featgender.extract import extract_to_cache
+from featgender.files import HEAD_MODEL, check_writable
 from featgender.finetune import RECIPES, FinetuneResult, finetune, recipe
+from featgender.heads import make_head
 from featgender.training import train_head
 
 # Most accurate first, on UTKFace and unseen CelebA faces (benchmarks/README.md); all offline.
@@ -69,6 +71,10 @@ def run_demo(
             get_config(name)
         except FeatgenderError as error:
             raise FeatgenderError(str(error).replace("--backbone", "--join", 1)) from None
+    name = "+".join([backbone, *join])
+    out = Path(out) if out is not None else Path("models") / f"demo-{name}-{head}.joblib"
+    make_head(head, C=C)  # an unknown head or C, and an --out no model can take, fail now, not after
+    check_writable(out, HEAD_MODEL)  # the fine-tune and the extractions
     balance = balance if len(datasets) > 1 else None
     finetuned = None
     first_options = extract_options
@@ -90,8 +96,6 @@ def run_demo(
     per_dataset = [
         [cache.path, *(extra.path for extra in extras)] for cache, extras in zip(caches, joined, strict=True)
     ]
-    name = "+".join([backbone, *join])
-    out = Path(out) if out is not None else Path("models") / f"demo-{name}-{head}.joblib"
     model, evaluation = train_head(
         per_dataset[0],
         head,

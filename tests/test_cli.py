@@ -170,10 +170,19 @@ def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
     assert predicted.exit_code == 0 and predicted.output.split("\t")[1] in ("male", "female"), predicted.output
 
 
-def test_demo_refuses_an_unknown_joined_backbone_before_any_work(csv_dataset, tmp_path, monkeypatch):
+@pytest.mark.parametrize(
+    "options, refusal",
+    [
+        (["--join", "efficientnet_lite9"], "--join 'efficientnet_lite9': unknown"),
+        (["--head", "svn"], "--head 'svn': unknown"),
+        (["--C", "0"], "--C 0.0: the regularisation C must be above 0"),
+        (["--out", "."], ".: is a folder"),
+    ],
+)
+def test_demo_refuses_a_bad_option_before_any_work(csv_dataset, tmp_path, monkeypatch, options, refusal):
     monkeypatch.chdir(tmp_path)
-    result = invoke("demo", "--data", csv_dataset, "--join", "efficientnet_lite9", "--frozen")
-    assert result.exit_code != 0 and "--join 'efficientnet_lite9': unknown" in result.output
+    result = invoke("demo", "--data", csv_dataset, *options, "--frozen")
+    assert result.exit_code == 1 and f"Error: {refusal}" in result.output
     assert not (tmp_path / "models").exists() and not (tmp_path / "cache").exists()
 
 
