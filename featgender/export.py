@@ -145,7 +145,6 @@ def export_onnx(model: str | Path, out: str | Path | None = None, *, trusted: bo
     proto.doc_string = f"featgender {record['kind']} model exported from {model.name}: uint8 pixels to P(male)"
     entry = proto.metadata_props.add()
     entry.key, entry.value = METADATA_KEY, json.dumps(metadata, default=str)
-    out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(out, kind="an ONNX graph") as tmp:
         tmp.write_bytes(proto.SerializeToString())
     return out

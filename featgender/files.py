@@ -52,7 +52,7 @@ def atomic_write(target: str | os.PathLike, *, size: int | None = None, kind: st
     out of disk space becomes a one-line :class:`FeatgenderError` naming ``target``. ``size``:
     the bytes the content will take at most, refused before anything is written when there is
     no room for them. ``kind``: what the content is, so that a file of another kind is not
-    replaced (:func:`check_writable`)."""
+    replaced (:func:`check_writable`, which also makes ``target``'s folder)."""
     target = Path(target)
     tmp = target.with_name(target.name + ".tmp")
     check_writable(target, kind)

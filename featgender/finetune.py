@@ -617,7 +617,6 @@ def _test(net: GenderNet, parts: list[TrainingData], run: _Run) -> dict:
 
 def _save(path: Path, content: dict) -> None:
     """torch.save, atomically (:func:`featgender.files.atomic_write`)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_write(path, kind=CHECKPOINT) as tmp:
         torch.save(content, tmp)
 

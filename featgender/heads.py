@@ -534,7 +534,6 @@ class HeadModel:
     def save(self, path: str | os.PathLike) -> None:
         """Write the artifact with joblib, atomically (:func:`featgender.files.atomic_write`)."""
         path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(path, kind=HEAD_MODEL) as tmp:
             joblib.dump({"format": ARTIFACT_FORMAT, "format_version": ARTIFACT_VERSION, **self.__dict__}, tmp)
         trust.record(path)

@@ -266,7 +266,6 @@ def write_predictions_csv(predictions: list[Prediction], path: str | Path) -> in
     Faces found in photos add a ``box`` column (left top right bottom).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with_boxes = any(p.box is not None for p in predictions)
     rows = [
         (Path(p.image).name, p.label) + ((" ".join(map(str, p.box or ())),) if with_boxes else ())

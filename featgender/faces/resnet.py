@@ -176,7 +176,6 @@ def converted_state_dict(dat_file: str | Path, converted_dir: str | Path) -> dic
         return torch.load(converted, map_location="cpu", weights_only=True)
     state = read_dlib_model(dat_file)
     try:
-        converted.parent.mkdir(parents=True, exist_ok=True)
         with atomic_write(converted, kind=CHECKPOINT) as tmp:
             torch.save(state, tmp)
     except (OSError, FeatgenderError) as error:
