@@ -71,8 +71,9 @@ def atomic_write(target: str | os.PathLike, *, size: int | None = None, kind: st
         raise
 
 
-# The first bytes of what featgender writes, and what a file that starts so holds.
-CACHE, CHECKPOINT, HEAD_MODEL = "a feature cache (HDF5)", "a torch file", "a head model (joblib)"
+# The first bytes of what featgender writes, and what a file that starts so holds (torch's
+# legacy files are pickles too: both are told apart from caches and zip checkpoints).
+CACHE, CHECKPOINT, HEAD_MODEL = "a feature cache (HDF5)", "a torch file", "a pickle (a joblib head model)"
 KIND_MAGIC = {CACHE: b"\x89HDF\r\n\x1a\n", CHECKPOINT: b"PK\x03\x04", HEAD_MODEL: b"\x80"}
 
 

@@ -83,11 +83,12 @@ def test_a_cache_or_model_is_not_replaced_by_a_file_of_another_kind(csv_dataset,
     build_cache(dataset, small_backbone, cache, dtype="float32", **OPTIONS)
     train_head(cache, "logreg", eval_split=None, out=model)
     kept = {path: sha256(path) for path in (cache, model)}
-    with pytest.raises(FeatgenderError, match=r"c\.h5: holds a feature cache \(HDF5\), which a head model"):
+    pickle = r"a pickle \(a joblib head model\)"
+    with pytest.raises(FeatgenderError, match=rf"c\.h5: holds a feature cache \(HDF5\), which {pickle}"):
         train_head(cache, "logreg", eval_split=None, out=cache)
-    with pytest.raises(FeatgenderError, match=r"m\.joblib: holds a head model \(joblib\), which a feature cache"):
+    with pytest.raises(FeatgenderError, match=rf"m\.joblib: holds {pickle}, which a feature cache"):
         build_cache(dataset, small_backbone, model, dtype="float32", overwrite=True, **OPTIONS)
-    with pytest.raises(FeatgenderError, match=r"m\.joblib: holds a head model \(joblib\), which a torch file"):
+    with pytest.raises(FeatgenderError, match=rf"m\.joblib: holds {pickle}, which a torch file"):
         finetune(csv_dataset, backbone=BACKBONE, weights="none", out=model, workers=0, progress=False)
     with pytest.raises(FeatgenderError, match=r"c\.h5: holds a feature cache \(HDF5\), which a CSV"):
         write_predictions_csv([], cache)
