@@ -177,6 +177,18 @@ def test_a_photo_without_a_face_is_reported_not_classified(tmp_path):
     assert crop_aligner(blank).shape == (3, 150, 150)  # a face crop falls back to its central box
 
 
+def test_pictures_a_few_pixels_wide_go_the_crop_way_without_crashing_the_call(dlib_model, tmp_path):
+    """A 1-pixel side halved for the detector became 0 (PIL refused it) and a 6-pixel one made
+    the CNN fail: either ended the whole `predict` call."""
+    import featgender
+
+    paths = [tmp_path / f"{width}x{height}.png" for width, height in ((1, 1), (3, 7), (50, 1))]
+    for path in paths:
+        Image.new("RGB", tuple(map(int, path.stem.split("x"))), (120, 100, 90)).save(path)
+    predictions = featgender.load(dlib_model[0]).predict(paths)
+    assert [(p.route, p.error, p.label is not None) for p in predictions] == [("crop", "", True)] * 3  # no face found
+
+
 def test_aligned_crops_get_a_fixed_face_box_and_skip_detection(shared_faces, tmp_path):
     from PIL import Image
 

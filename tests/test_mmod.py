@@ -71,6 +71,26 @@ def test_a_batch_finds_what_each_picture_finds_alone(detector, real_pictures):
         np.testing.assert_allclose([s for _, s in together], [s for _, s in single], atol=1e-4)
 
 
+def test_pictures_too_narrow_for_the_network_find_no_face_and_raise_nothing(detector):
+    """Down to a pixel wide: the network is not run where its tiled picture would not outlast
+    its strided layers (a 6-px-wide picture did, and crashed `predict` on a tiny image), nor
+    dlib's own where it raises or corrupts its heap (under 10 px)."""
+    import subprocess
+    import sys
+
+    pictures = [np.full((rows, cols, 3), 100, dtype=np.uint8) for rows in range(1, 16) for cols in (1, 6, 9, 10, 15)]
+    assert detector.detect(pictures) == [[] for _ in pictures]
+    torch_free = (  # dlib's own detector, where torch is not installed
+        "import sys\nsys.modules['torch'] = None\nimport numpy as np\n"
+        "from featgender.faces import dlib_model_file\nfrom featgender.faces.detect import cnn_detector\n"
+        "detect = cnn_detector(str(dlib_model_file('cnn_detector')))\n"
+        "sizes = [(rows, cols) for rows in range(1, 16) for cols in (1, 6, 9, 10, 15)]\n"
+        "assert [detect(np.full((*size, 3), 100, dtype=np.uint8)) for size in sizes] == [[]] * len(sizes)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", torch_free], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_the_tiled_pyramid_is_laid_out_as_dlibs():
     """dlib's layout of a 200 x 200 picture: the image and levels down a first column, 10 px
     apart and 11 px in, then the smaller ones back up beside them, right-aligned."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from featgender.errors import FeatgenderError
-from featgender.faces.models import Box, _dlib, _loaded_hog_detector, dlib_model_file, hog_detector
+from featgender.faces.models import CNN_MIN_SIDE, Box, _dlib, _loaded_hog_detector, dlib_model_file, hog_detector
 
 if TYPE_CHECKING:
     import torch
@@ -141,7 +141,11 @@ def cnn_detector(dat_file: str | None, device: str = "cpu") -> Callable[[np.ndar
             device = "cuda" if torch.cuda.is_available() else "cpu"
         return _torch_cnn_detector(dat_file, device)
     net = _dlib().cnn_face_detection_model_v1(dat_file)
-    return lambda pixels: _boxes(found.rect for found in net(pixels, 0))
+
+    def detect(pixels: np.ndarray) -> list[Box]:
+        return _boxes(found.rect for found in net(pixels, 0)) if min(pixels.shape[:2]) >= CNN_MIN_SIDE else []
+
+    return detect
 
 
 @cache
@@ -164,7 +168,7 @@ def rescaled(pixels: np.ndarray, factor: float) -> np.ndarray:
     from PIL import Image
 
     height, width = pixels.shape[:2]
-    size = (int(width * factor), int(height * factor))
+    size = (max(1, int(width * factor)), max(1, int(height * factor)))  # a 1-pixel side halves to 1, not 0
     return np.asarray(Image.fromarray(pixels).resize(size, Image.Resampling.BILINEAR))
 
 

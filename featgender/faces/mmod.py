@@ -40,7 +40,7 @@ from torch import nn
 
 from featgender.errors import FeatgenderError
 from featgender.faces.dlib_format import DlibReader, folded_convolutions, read_layers
-from featgender.faces.models import Box, dlib_model_file
+from featgender.faces.models import CNN_MIN_SIDE, Box, dlib_model_file
 
 # input to output, as dlib nests them: downsampler, three rcon5, the 9x9 scorer
 LAYERS: list[tuple] = (
@@ -289,7 +289,7 @@ class MMODDetector:
         for indices in by_size.values():
             for start in range(0, len(indices), self.batch_size):
                 batch = indices[start : start + self.batch_size]
-                if min(images[batch[0]].shape[:2]) < PYRAMID_MIN_ROWS:
+                if min(images[batch[0]].shape[:2]) < CNN_MIN_SIDE:
                     continue
                 maps, tiles = self.scores([images[i] for i in batch])
                 for index, scores in zip(batch, maps, strict=True):

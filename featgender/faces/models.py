@@ -17,6 +17,11 @@ MODEL_FILES = {
     "landmarks": "shape_predictor_5_face_landmarks.dat",
     "cnn_detector": "mmod_human_face_detector.dat",
 }
+# The narrowest picture the CNN detector is run on. In torch a picture under 7 px (its side
+# + 2 x 11 outer padding) does not outlast three 5x5 stride-2 layers; dlib's own raises, or
+# corrupts its heap, under 10. Far below the smallest face it finds (about 40 px): a narrower
+# picture has none to find.
+CNN_MIN_SIDE = 10
 
 
 def _dlib():
