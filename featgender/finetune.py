@@ -594,8 +594,12 @@ def _run_config(parts: list[TrainingData], built: Backbone, **settings) -> dict:
 def _resume(last: Path, config: dict, net: GenderNet, optimizer) -> tuple[list[dict], BestEpoch]:
     """The history and best epoch of the run checkpointed in ``last``, its state loaded."""
     saved = torch.load(last, map_location="cpu", weights_only=True)
-    if saved.get("config") != config:
-        raise FeatgenderError(f"{last}: a checkpoint of a different fine-tune run; delete it or change --out")
+    found = saved.get("config") or {}
+    differ = sorted(key for key in found.keys() | config.keys() if found.get(key) != config.get(key))
+    if differ:
+        raise FeatgenderError(
+            f"{last}: a checkpoint of a different fine-tune run ({', '.join(differ)} differ); delete it or change --out"
+        )
     net.load_state_dict(saved["model"])
     optimizer.load_state_dict(saved["optimizer"])
     logger.info("%s: resuming after epoch %d", last, len(saved["history"]))

@@ -50,6 +50,8 @@ def test_resume_continues_where_it_stopped(csv_dataset, tmp_path):
     best_a = torch.load(tmp_path / "a.pt", weights_only=True)["state_dict"]
     best_b = torch.load(tmp_path / "b.pt", weights_only=True)["state_dict"]
     assert all(torch.equal(best_a[key], best_b[key]) for key in best_a)
+    with pytest.raises(FeatgenderError, match=r"b\.pt\.last\.pt: a checkpoint of a different .* \(lr differ\)"):
+        finetune(csv_dataset, epochs=3, patience=5, lr=0.5, out=tmp_path / "b.pt", **OPTIONS)
 
 
 def test_several_datasets_train_one_network_drawn_balanced_and_each_is_tested(csv_dataset, celeba_official, tmp_path):
