@@ -594,8 +594,8 @@ def _run_config(parts: list[TrainingData], built: Backbone, **settings) -> dict:
 def _resume(last: Path, config: dict, net: GenderNet, optimizer) -> tuple[list[dict], BestEpoch]:
     """The history and best epoch of the run checkpointed in ``last``, its state loaded."""
     saved = torch.load(last, map_location="cpu", weights_only=True)
-    found = saved.get("config") or {}
-    differ = sorted(key for key in found.keys() | config.keys() if found.get(key) != config.get(key))
+    found, absent = saved.get("config") or {}, object()  # a key in one config only differs, as before
+    differ = sorted(key for key in found.keys() | config.keys() if found.get(key, absent) != config.get(key, absent))
     if differ:
         raise FeatgenderError(
             f"{last}: a checkpoint of a different fine-tune run ({', '.join(differ)} differ); delete it or change --out"
