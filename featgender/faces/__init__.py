@@ -1,13 +1,14 @@
 """The face step, in one home: finding faces (:mod:`~featgender.faces.detect`, dlib's HOG and
 its CNN detector; :mod:`~featgender.faces.mmod`, that CNN batched in torch), deciding per
 image whether it is a face crop or a photo (:mod:`~featgender.faces.route`), aligning a face
-to dlib's chip (:mod:`~featgender.faces.align`), and dlib's face network in torch
-(:mod:`~featgender.faces.resnet`, read by :mod:`~featgender.faces.dlib_format`); dlib and
-its model files (:mod:`~featgender.faces.models`).
+to dlib's chip or ArcFace's (:mod:`~featgender.faces.align`), dlib's face network in torch
+(:mod:`~featgender.faces.resnet`, read by :mod:`~featgender.faces.dlib_format`) and
+InsightFace's MobileFaceNet (:mod:`~featgender.faces.mobilefacenet`); dlib and its model
+files (:mod:`~featgender.faces.models`).
 
 ImageNet features are the weak link for faces; a network trained to recognise faces embeds
 them far better. This package's top level is numpy and dlib only: an exported model predicts
-with it on an install without torch; ``mmod`` and ``resnet`` need torch.
+with it on an install without torch; ``mmod``, ``resnet`` and ``mobilefacenet`` need torch.
 """
 
 from featgender.faces.align import (
@@ -16,6 +17,7 @@ from featgender.faces.align import (
     CROP_FALLBACK_BOX,
     FaceAligner,
     calibrate_face_box,
+    chip_aligner,
     parse_face_box,
     resolve_face_box,
 )
@@ -42,6 +44,7 @@ __all__ = [
     "FaceDetector",
     "PhotoFaceStep",
     "calibrate_face_box",
+    "chip_aligner",
     "crop_face",
     "cut_faces",
     "default_detector",

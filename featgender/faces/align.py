@@ -1,5 +1,6 @@
-"""The 5-point alignment of dlib's face network: where the face is in a face crop, its
-landmarks, and the aligned 150 x 150 chip the network embeds.
+"""The alignment of the face networks: where the face is in a face crop, its landmarks, and
+the aligned chip the network embeds: dlib's 150 x 150 chip on its 5 landmarks, or ArcFace's
+112 x 112 on the eye centres, nose tip and mouth corners of dlib's 68 (``arcface_mbf``).
 
 Per image, on the loader workers (:class:`FaceAligner`): find the face (the detectors of
 :mod:`featgender.faces.detect`; on crops where none finds one, a central box; or a fixed box
@@ -18,7 +19,7 @@ import numpy as np
 
 from featgender.errors import FeatgenderError
 from featgender.faces.detect import FaceDetector
-from featgender.faces.models import _dlib, hog_detector
+from featgender.faces.models import _dlib, dlib_model_file, hog_detector
 from featgender.threads import map_in_threads
 
 if TYPE_CHECKING:
@@ -28,6 +29,13 @@ logger = logging.getLogger(__name__)
 
 CHIP_SIZE = 150  # side of the aligned chip dlib's face network takes
 CHIP_PADDING = 0.25
+# ArcFace's 112 x 112 template (InsightFace): where the eye centres (the one on the picture's
+# left first), the nose tip and the mouth corners go; and those points among dlib's 68
+ARCFACE_TEMPLATE = np.array(
+    [[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366], [41.5493, 92.3655], [70.7299, 92.2041]]
+)
+ARCFACE_SIZE = 112
+ARCFACE_POINTS = (slice(36, 42), slice(42, 48), slice(30, 31), slice(48, 49), slice(54, 55))
 CROP_FALLBACK_BOX = (0.1, 0.1, 0.9, 0.9)  # fractions of width/height: a face crop's central box
 # Where dlib's 5 landmarks (outer and inner corner of each eye, then the nose) sit in dlib's HOG
 # box, as fractions of its width and height: the mean over 600 UTKFace and CelebA faces. A box
@@ -143,8 +151,34 @@ def chip_face_score(hog, chip: np.ndarray) -> float:
     return max(scores, default=-np.inf)
 
 
+def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
+    """The rotation, uniform scale and shift taking ``source`` points nearest to ``target``
+    (least squares, Umeyama 1991), as a 2 x 3 matrix."""
+    source_mean, target_mean = source.mean(0), target.mean(0)
+    source_centred, target_centred = source - source_mean, target - target_mean
+    u, singular, vt = np.linalg.svd(target_centred.T @ source_centred)
+    sign = np.diag([1.0, np.sign(np.linalg.det(u @ vt))])  # a rotation, never a reflection
+    rotation = u @ sign @ vt
+    scale = (singular * np.diag(sign)).sum() / (source_centred**2).sum()
+    return np.hstack([scale * rotation, (target_mean - scale * rotation @ source_mean)[:, None]])
+
+
+def arcface_chip(pixels: np.ndarray, points68: np.ndarray) -> np.ndarray:
+    """ArcFace's aligned uint8 (112, 112, 3) chip of a uint8 (H, W, 3) image, from dlib's 68
+    landmarks: bilinear, black beyond the picture's edge."""
+    from PIL import Image
+
+    five = np.stack([points68[part].mean(0) for part in ARCFACE_POINTS])
+    forward = np.vstack([similarity_transform(five, ARCFACE_TEMPLATE), [0.0, 0.0, 1.0]])
+    inverse = np.linalg.inv(forward)[:2].ravel()  # PIL maps each chip pixel back to the picture
+    picture = Image.fromarray(pixels)
+    size = (ARCFACE_SIZE, ARCFACE_SIZE)
+    return np.array(picture.transform(size, Image.Transform.AFFINE, tuple(inverse), Image.Resampling.BILINEAR))
+
+
 class FaceAligner:
-    """uint8 (3, H, W) image → aligned uint8 (3, 150, 150) face chip, as dlib's model expects.
+    """uint8 (3, H, W) image → aligned uint8 face chip: (3, 150, 150) as dlib's model expects, or
+    with ``arcface``, (3, 112, 112) on ArcFace's template (dlib's 68 landmarks in the same box).
 
     ``box``: the face's relative (left, top, right, bottom) box in every image (aligned face
     crops, see :func:`calibrate_face_box`): no detection, only landmarks; with ``check``, an
@@ -164,17 +198,20 @@ class FaceAligner:
         face_crop: bool = True,
         box: tuple[float, float, float, float] | None = None,
         check: bool = False,
+        arcface: str | None = None,
     ):
         self.landmarks_file = landmarks_file
+        self.arcface = arcface  # dlib's 68-landmark file: cut ArcFace's chip
         self.detector = FaceDetector(cnn_detector_file)
         self.face_crop = face_crop
         self.box = box
         self.check = check and box is not None
         self._landmarks: Any = None  # dlib's shape predictor, once loaded
         self._hog: Any = None  # dlib's HOG detector, once loaded, for the check
+        self._landmarks68: Any = None  # dlib's 68-landmark predictor, once loaded (arcface)
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_landmarks": None, "_hog": None}
+        return {**self.__dict__, "_landmarks": None, "_hog": None, "_landmarks68": None}
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         import torch
@@ -182,7 +219,7 @@ class FaceAligner:
         return torch.from_numpy(self.chip(image.permute(1, 2, 0).numpy())).permute(2, 0, 1)
 
     def chip(self, pixels: np.ndarray) -> np.ndarray:
-        """The aligned uint8 (150, 150, 3) chip of a uint8 (H, W, 3) image."""
+        """The aligned uint8 (150, 150, 3) chip of a uint8 (H, W, 3) image; (112, 112, 3) for ArcFace."""
         dlib = _dlib()
         if self._landmarks is None:
             self._landmarks = dlib.shape_predictor(self.landmarks_file)
@@ -197,17 +234,39 @@ class FaceAligner:
         shape = self._landmarks(pixels, dlib.rectangle(*boxes[0]))
         if self.check and not face_stays_in_box(self._landmarks_in, pixels, boxes[0], _points(shape)):
             raise FeatgenderError(OFF_BOX)
-        chip = np.ascontiguousarray(dlib.get_face_chip(pixels, shape, size=CHIP_SIZE, padding=CHIP_PADDING))
+        if self.check or self.arcface is None:
+            chip = np.ascontiguousarray(dlib.get_face_chip(pixels, shape, size=CHIP_SIZE, padding=CHIP_PADDING))
+        # dlib's chip is what is checked for a face, whichever chip is cut: a joined model's
+        # networks take or leave the same pictures
         if self.check:
             if self._hog is None:
                 self._hog = hog_detector()
             if chip_face_score(self._hog, chip) < CHIP_FACE_SCORE:
                 raise FeatgenderError(OFF_BOX)
+        if self.arcface is not None:
+            if self._landmarks68 is None:
+                self._landmarks68 = dlib.shape_predictor(self.arcface)
+            chip = arcface_chip(pixels, _points(self._landmarks68(pixels, dlib.rectangle(*boxes[0]))))
         return chip
 
     def _landmarks_in(self, pixels: np.ndarray, box) -> np.ndarray:
         """The five landmarks found in a (left, top, right, bottom) box, as a (5, 2) array."""
         return _points(self._landmarks(pixels, _dlib().rectangle(*(int(round(value)) for value in box))))
+
+
+def chip_aligner(chip: str, box: tuple | None = None, check: bool = False) -> FaceAligner:
+    """The :class:`FaceAligner` that cuts a face network's ``chip`` ('dlib' or 'arcface'), with
+    dlib's model files, finding faces in ``box`` (None: detected)."""
+    if chip not in ("dlib", "arcface"):
+        raise FeatgenderError(f"chip {chip!r}: a face network takes 'dlib' or 'arcface' chips")
+    return FaceAligner(
+        str(dlib_model_file("landmarks")),
+        str(dlib_model_file("cnn_detector")),
+        face_crop=True,
+        box=box,
+        check=check,
+        arcface=str(dlib_model_file("landmarks68")) if chip == "arcface" else None,
+    )
 
 
 def _points(shape) -> np.ndarray:

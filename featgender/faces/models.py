@@ -15,6 +15,7 @@ Box = tuple[int, int, int, int]  # a face's left, top, right, bottom, in pixels 
 MODEL_FILES = {
     "recognition": "dlib_face_recognition_resnet_model_v1.dat",
     "landmarks": "shape_predictor_5_face_landmarks.dat",
+    "landmarks68": "shape_predictor_68_face_landmarks.dat",  # eye centres and mouth corners
     "cnn_detector": "mmod_human_face_detector.dat",
 }
 # The narrowest picture the CNN detector is run on. In torch a picture under 7 px (its side
