@@ -686,23 +686,32 @@ class FaceChips(Transform):
         return chips.to(dtype).contiguous(memory_format=torch.channels_last)
 
 
+def _face_network(**fields) -> BackboneConfig:
+    """A face network's config: it finds and aligns the face itself (its chip cut on the loader
+    workers), normalises its input itself, and takes photos decoded at >= 400 px: enough for
+    the detectors."""
+    return BackboneConfig(
+        resize_size=400,
+        mean=(0.0, 0.0, 0.0),
+        std=(1.0, 1.0, 1.0),
+        input_kind="photo",
+        make_transform=_face_chips,
+        **fields,
+    )
+
+
 @register_backbone("dlib_resnet")
 def _dlib_resnet() -> BackboneConfig:
-    return BackboneConfig(
+    return _face_network(
         name="dlib_resnet",
         input_size=150,
-        resize_size=400,  # JPEG photos decode at >= 400 px: enough for the detectors
-        mean=(0.0, 0.0, 0.0),  # the network subtracts dlib's channel means itself
-        std=(1.0, 1.0, 1.0),
         layer="descriptor",
         feature_dim=128,
         weights="package:face_recognition_models (dlib ResNet v1, run in torch)",
         alignment="dlib HOG/CNN detection, 5-point landmarks, 150px chip, padding 0.25",
-        input_kind="photo",  # it finds and aligns the face itself
         build=_face_resnet,
         default_weights_file=partial(_dlib_file, "recognition"),
         convert_weights=(".dat", _convert_dlib_file),
-        make_transform=_face_chips,
     )
 
 
@@ -754,21 +763,16 @@ def _read_insightface_onnx(path: Path) -> dict:
 
 @register_backbone("arcface_mbf")
 def _arcface_mbf() -> BackboneConfig:
-    return BackboneConfig(
+    return _face_network(
         name="arcface_mbf",
         input_size=112,
-        resize_size=400,  # JPEG photos decode at >= 400 px: enough for the detectors
-        mean=(0.0, 0.0, 0.0),  # the network standardises its input itself
-        std=(1.0, 1.0, 1.0),
         layer="embedding",
         feature_dim=512,
         weights="InsightFace buffalo_s w600k_mbf (MobileFaceNet, WebFace600K; non-commercial research only)",
         alignment="dlib HOG/CNN detection, 68-point landmarks, ArcFace's 112px five-point template",
-        input_kind="photo",
+        chip="arcface",
         build=_mobilefacenet,
         default_weights_file=_arcface_weights_file,
         download=_download_arcface,
         convert_weights=(".onnx", _read_insightface_onnx),
-        chip="arcface",
-        make_transform=_face_chips,
     )
