@@ -790,7 +790,7 @@ def demo(
         "--join",
         help="A frozen backbone whose features join the first's in the head (repeat for more). The quick start "
         "joins arcface_mbf (extra 'arcface'; with --C 0.001): a face network taught on web photos, FairFace "
-        "0.873 -> 0.890 and no kind of picture worse, for 1.3-1.6 times predict's time. predict runs every "
+        "0.873 -> 0.890 and no kind of picture worse, for 1.1-1.5 times predict's time. predict runs every "
         "network on each face, dlib's face step finding the faces of photos for all (benchmarks/README.md).",
     ),
     c: float | None = typer.Option(None, "-C", "--C", help="The head's regularisation C (default the head's)."),
