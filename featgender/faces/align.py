@@ -231,22 +231,28 @@ class FaceAligner:
             height, width = pixels.shape[:2]
             left, top, right, bottom = self.box or CROP_FALLBACK_BOX
             boxes = [(int(left * width), int(top * height), int(right * width), int(bottom * height))]
-        shape = self._landmarks(pixels, dlib.rectangle(*boxes[0]))
-        if self.check and not face_stays_in_box(self._landmarks_in, pixels, boxes[0], _points(shape)):
+        if self.arcface is None or self.check:
+            # dlib's chip is what is checked for a face, whichever chip is cut: a joined model's
+            # networks take or leave the same pictures
+            chip = self._dlib_chip(pixels, boxes[0])
+            if self.arcface is None:
+                return chip
+        if self._landmarks68 is None:
+            self._landmarks68 = dlib.shape_predictor(self.arcface)
+        return arcface_chip(pixels, _points(self._landmarks68(pixels, dlib.rectangle(*boxes[0]))))
+
+    def _dlib_chip(self, pixels: np.ndarray, box: tuple) -> np.ndarray:
+        """dlib's chip on the 5 landmarks found in ``box``; with ``check``, one whose landmarks
+        leave the box or whose chip does not look like a face raises :data:`OFF_BOX`."""
+        shape = self._landmarks(pixels, _dlib().rectangle(*box))
+        if self.check and not face_stays_in_box(self._landmarks_in, pixels, box, _points(shape)):
             raise FeatgenderError(OFF_BOX)
-        if self.check or self.arcface is None:
-            chip = np.ascontiguousarray(dlib.get_face_chip(pixels, shape, size=CHIP_SIZE, padding=CHIP_PADDING))
-        # dlib's chip is what is checked for a face, whichever chip is cut: a joined model's
-        # networks take or leave the same pictures
+        chip = np.ascontiguousarray(_dlib().get_face_chip(pixels, shape, size=CHIP_SIZE, padding=CHIP_PADDING))
         if self.check:
             if self._hog is None:
                 self._hog = hog_detector()
             if chip_face_score(self._hog, chip) < CHIP_FACE_SCORE:
                 raise FeatgenderError(OFF_BOX)
-        if self.arcface is not None:
-            if self._landmarks68 is None:
-                self._landmarks68 = dlib.shape_predictor(self.arcface)
-            chip = arcface_chip(pixels, _points(self._landmarks68(pixels, dlib.rectangle(*boxes[0]))))
         return chip
 
     def _landmarks_in(self, pixels: np.ndarray, box) -> np.ndarray:
