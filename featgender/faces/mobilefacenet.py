@@ -30,7 +30,6 @@ from torch import nn
 
 from featgender.errors import FeatgenderError
 
-CHIP_SIZE = 112  # ArcFace's aligned chip
 EMBEDDING_DIM = 512
 # (input channels, output channels, expansion, residual blocks after the strided one) per stage
 STAGES = ((128, 128, 128, 4), (128, 256, 256, 6), (256, 256, 512, 2))
@@ -107,4 +106,4 @@ def read_insightface_onnx(path: str | Path) -> dict[str, torch.Tensor]:
     return state
 
 
-__all__ = ["CHIP_SIZE", "MobileFaceNet", "read_insightface_onnx"]
+__all__ = ["MobileFaceNet", "read_insightface_onnx"]
