@@ -608,6 +608,14 @@ def finetune(
     ),
     backbone: str | None = BackboneOption,
     weights: str | None = WeightsOption,
+    layer: str | None = typer.Option(
+        None,
+        "--layer",
+        help=(
+            "Graph node the logit reads, pooled (default: the backbone's embedding layer); the layers above it "
+            "are left out. Extract the result with the same --layer."
+        ),
+    ),
     epochs: int | None = typer.Option(None, "--epochs", help="Most epochs to train (default 10)."),
     unfreeze_last: str | None = typer.Option(
         None, "--unfreeze-last", help="Blocks of the backbone to train: 0 (head only, default), N, or all."
@@ -671,6 +679,7 @@ def finetune(
         **_given(
             backbone=backbone,
             weights=weights,
+            layer=layer,
             epochs=epochs,
             unfreeze_last=unfreeze_last,
             batch_size=batch_size,

@@ -329,6 +329,7 @@ def finetune(
     *,
     backbone: str = DEFAULT_BACKBONE,
     weights: str = "default",
+    layer: str | None = None,
     epochs: int = 10,
     unfreeze_last: int | str = 0,
     batch_size: int = 32,
@@ -360,7 +361,9 @@ def finetune(
     the weights :func:`featgender.mixing.balance_weights` gives, ``samples_per_epoch`` of them per
     epoch (default: as many as there are training images). ``augment``, ``layer_decay``,
     ``schedule``, ``head_first`` and ``batch_norm``: how much the network keeps of what it knew
-    (the module's docstring). ``face_box``: for a face-aligning
+    (the module's docstring). ``layer``: the graph node the logit reads, pooled (default: the
+    backbone's embedding layer), e.g. arcface_mbf's ``neck.1`` below its identity projection; the
+    checkpoint loads, and ``extract --weights`` embeds, at it. ``face_box``: for a face-aligning
     backbone (dlib_resnet), where to find the face in each dataset's images, as ``featgender
     extract --face-box`` (:func:`featgender.extract.face_box_for`).
     Writes ``out`` (default ``models/<backbone>-ft.pt``: the best epoch) and
@@ -383,7 +386,7 @@ def finetune(
     last = out.with_name(out.name + ".last.pt")
     for path in (out, last):
         check_writable(path, CHECKPOINT)
-    built = build_backbone(backbone, weights=weights, face_box=None)
+    built = build_backbone(backbone, weights=weights, layer=layer, face_box=None)
     parts = load_training_data(
         [data] if isinstance(data, (str, Path)) else data,
         built,
@@ -423,6 +426,8 @@ def finetune(
         layer_decay=layer_decay,
         schedule=schedule,
         head_first=head_first,
+        # absent where the logit reads the registry's layer, as in checkpoints written before the option
+        **({"layer": built.config.layer} if layer is not None else {}),
         # absent where the statistics train, as in checkpoints written before the option
         **({"batch_norm": batch_norm} if batch_norm != "train" else {}),
     )
@@ -637,7 +642,9 @@ def load_finetuned(path: str | Path, *, device: str = "auto") -> tuple[GenderNet
     if not isinstance(saved, dict) or saved.get("format") != CHECKPOINT_FORMAT:
         raise FeatgenderError(f"--model {path}: not a featgender fine-tuned checkpoint")
     # every weight is in the checkpoint; a face-aligning backbone aligns as in training
-    built = build_backbone(saved["backbone"], weights="none", face_box=saved["config"].get("face_box"))
+    built = build_backbone(
+        saved["backbone"], weights="none", layer=saved.get("layer"), face_box=saved["config"].get("face_box")
+    )
     net = GenderNet(built)
     net.load_state_dict(saved["state_dict"])
     return net.to(resolve_device(device)).eval(), built, saved

@@ -240,3 +240,20 @@ def test_a_fine_tuned_network_is_frozen_again_as_a_backbone_for_extraction(csv_d
         assert not torch.allclose(untrained.model(images), tuned, atol=1e-3)
     with pytest.raises(FeatgenderError, match=r"ft\.pt: a fine-tuned mobilenet_v3_small, not resnet18"):
         build_backbone("resnet18", weights=str(out))
+
+
+def test_a_fine_tune_read_at_a_lower_layer_is_saved_loaded_and_frozen_again_at_it(csv_dataset, tmp_path):
+    """``finetune --layer``: the logit reads that node, pooled; the checkpoint loads at it and
+    ``extract --weights ft.pt --layer`` embeds as the fine-tuned network does."""
+    from featgender.finetune import load_finetuned
+
+    out = tmp_path / "ft.pt"
+    finetune(csv_dataset, layer="features.6", epochs=1, unfreeze_last="all", lr=0.01, out=out, **OPTIONS)
+    net, built, saved = load_finetuned(out, device="cpu")
+    assert saved["config"]["layer"] == built.config.layer and net.logit.in_features == 40  # features.6's channels
+    refrozen = build_backbone("mobilenet_v3_small", weights=str(out), layer="features.6")
+    images = torch.rand(4, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.allclose(refrozen.model(images), net.features(images), atol=1e-5)
+    predictions = featgender.load(out).predict(sorted((csv_dataset / "images").glob("*.jpg"))[:2])
+    assert all(p.label in ("male", "female") for p in predictions)
