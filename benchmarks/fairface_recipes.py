@@ -8,7 +8,10 @@ extract cut it, the crop way): FairFace val with its under-20s apart and its wor
 cell, celeba_15k, and utkface_more with its worst race x gender cell and its Black women. Every
 worst cell comes with its 95% Wilson interval; every recipe after the first is set against the
 first on FairFace val face by face (the faces only one of the two gets right, and the exact
-McNemar p-value: whether the difference is beyond chance). Prints a markdown table::
+McNemar p-value: whether the difference is beyond chance). ``--fairface-train 0.25,0.5`` adds a
+row per share of FairFace's training faces the head sees (seeded, each gender cut alike; the
+others marked failed in copies of its caches): the learning curve over FairFace's train
+size. Prints a markdown table::
 
     python benchmarks/fairface_recipes.py \\
         --recipe "quick start=cache/demo-dlib_resnet-ft/{set}-dlib_resnet.h5" \\
@@ -18,6 +21,12 @@ McNemar p-value: whether the difference is beyond chance). Prints a markdown tab
 from __future__ import annotations
 
 import argparse
+import shutil
+import tempfile
+from pathlib import Path
+
+import h5py
+import numpy as np
 
 from featgender.cache import read_caches
 from featgender.evaluate import evaluate_datasets
@@ -101,11 +110,36 @@ def recipe_row(
     return row, right
 
 
+def fairface_share(datasets: list[list[str]], sets: list[str], share: float, folder: str) -> list[list[str]]:
+    """The recipe's caches with FairFace's copied into ``folder``, all but ``share`` of its
+    training faces of each gender marked failed (the same faces in every joined cache)."""
+    paths = datasets[sets.index("fairface")]
+    with h5py.File(paths[0], "r") as cache:
+        ids, labels, split = cache["ids"][:], cache["labels"][:], cache["split"][:]
+    random = np.random.default_rng(0)
+    dropped = set()
+    for label in (0, 1):
+        train = np.flatnonzero((split == 0) & (labels == label))
+        dropped |= set(ids[random.permutation(train)[round(share * len(train)) :]].tolist())
+    copies = []
+    for index, path in enumerate(paths):
+        copy = str(Path(folder) / f"{index}-{Path(path).name}")
+        shutil.copyfile(path, copy)
+        with h5py.File(copy, "r+") as cache:
+            gone = np.isin(cache["ids"][:], list(dropped))
+            features = cache["features"][:]
+            features[gone] = np.nan  # how a joined read knows a face failed
+            cache["features"][:], cache["valid"][:] = features, cache["valid"][:] & ~gone
+        copies.append(copy)
+    return [copies if each == "fairface" else caches for each, caches in zip(sets, datasets, strict=True)]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", action="append", required=True, help="NAME=PATH{set}.h5[+PATH{set}.h5...]")
     parser.add_argument("--sets", default=",".join(SETS), help="the sets the head trains on (fairface among them)")
     parser.add_argument("--C", default="0.002,0.005,0.01", help="the head's C, chosen on FairFace's valid")
+    parser.add_argument("--fairface-train", default="", help="shares of FairFace's training faces: a row for each")
     args = parser.parse_args()
     sets = args.sets.split(",")
     grid = [float(value) for value in args.C.split(",")]
@@ -116,10 +150,16 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     reference = None
-    for text in args.recipe:
-        row, right = recipe_row(*_recipe(text, sets), sets, grid, reference)
-        reference = right if reference is None else reference
-        print(row, flush=True)
+    shares = [float(value) for value in args.fairface_train.split(",") if value]
+    with tempfile.TemporaryDirectory() as folder:
+        for text in args.recipe:
+            name, datasets = _recipe(text, sets)
+            row, right = recipe_row(name, datasets, sets, grid, reference)
+            reference = right if reference is None else reference
+            print(row, flush=True)
+            for share in shares:
+                cut = fairface_share(datasets, sets, share, folder)
+                print(recipe_row(f"{name}, {share:g} of FairFace train", cut, sets, grid, reference)[0], flush=True)
 
 
 if __name__ == "__main__":
