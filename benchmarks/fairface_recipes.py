@@ -116,21 +116,21 @@ def fairface_share(datasets: list[list[str]], sets: list[str], share: float, fol
     paths = datasets[sets.index("fairface")]
     with h5py.File(paths[0], "r") as cache:
         ids, labels, split = cache["ids"][:], cache["labels"][:], cache["split"][:]
-    random = np.random.default_rng(0)
+    generator = np.random.default_rng(0)
     dropped = set()
     for label in (0, 1):
         train = np.flatnonzero((split == 0) & (labels == label))
-        dropped |= set(ids[random.permutation(train)[round(share * len(train)) :]].tolist())
+        dropped |= set(ids[generator.permutation(train)[round(share * len(train)) :]].tolist())
     copies = []
     for index, path in enumerate(paths):
-        copy = str(Path(folder) / f"{index}-{Path(path).name}")
-        shutil.copyfile(path, copy)
-        with h5py.File(copy, "r+") as cache:
+        copied = str(Path(folder) / f"{index}-{Path(path).name}")
+        shutil.copyfile(path, copied)
+        with h5py.File(copied, "r+") as cache:
             gone = np.isin(cache["ids"][:], list(dropped))
             features = cache["features"][:]
             features[gone] = np.nan  # how a joined read knows a face failed
             cache["features"][:], cache["valid"][:] = features, cache["valid"][:] & ~gone
-        copies.append(copy)
+        copies.append(copied)
     return [copies if each == "fairface" else caches for each, caches in zip(sets, datasets, strict=True)]
 
 
