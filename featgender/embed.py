@@ -344,6 +344,22 @@ def extract_features(backbone: Backbone, sources: Sequence, **options) -> tuple[
     return np.concatenate(features), errors
 
 
+def extract_layer_features(backbone: Backbone, sources: Sequence, **options) -> tuple[dict[str, np.ndarray], list[str]]:
+    """:func:`extract_features` at every layer the backbone was built for, from one forward
+    pass per batch: each layer's features, and per-row errors."""
+    blocks: dict[str, list[np.ndarray]] = {layer: [] for layer in backbone.layers}
+    errors: list[str] = []
+    for _, batch_features, batch_errors in iter_layer_features(backbone, sources, **options):
+        for layer, rows in batch_features.items():
+            blocks[layer].append(rows)
+        errors.extend(batch_errors)
+    dtype = DTYPES[options.get("dtype", "float16")]
+    return {
+        layer: np.concatenate(rows) if rows else np.empty((0, backbone.at(layer).feature_dim), dtype=dtype)
+        for layer, rows in blocks.items()
+    }, errors
+
+
 class CNNFeatures(TransformerMixin, BaseEstimator):
     """scikit-learn transformer: image paths or PIL images → frozen CNN embeddings (float32).
 

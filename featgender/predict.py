@@ -10,12 +10,13 @@ graph runs on :mod:`featgender.runtime`.)
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from featgender.backbones import Backbone, build_backbone, with_face_box
-from featgender.embed import extract_features
+from featgender.embed import extract_features, extract_layer_features
 from featgender.errors import FeatgenderError
 from featgender.heads import HeadModel
 from featgender.predictor import ImagePredictor
@@ -31,11 +32,12 @@ def _weights_option(entry: dict) -> str:
     return "default"
 
 
-def rebuild_backbone(entry: dict, *, face_crops: bool = False) -> Backbone:
+def rebuild_backbone(entry: dict, *, face_crops: bool = False, layers: Sequence[str] = ()) -> Backbone:
     """Build the backbone described by one of a model's ``backbones`` entries; check its weights.
 
     ``face_crops``: the images will be faces cut from photos by the face step, which a model
     trained on a photo cache must not run again (where to align them: :func:`aligned_for`).
+    ``layers``: the network's layers to embed at in one pass (default: the entry's).
     """
     preprocessing = json.loads(entry.get("preprocessing") or "{}")
     weights = _weights_option(entry)
@@ -47,7 +49,7 @@ def rebuild_backbone(entry: dict, *, face_crops: bool = False) -> Backbone:
     backbone = build_backbone(
         entry["backbone"],
         weights=weights,
-        layer=entry["layer"],
+        layer=list(layers) if len(layers) > 1 else entry["layer"],
         face_box=preprocessing.get("face_box"),
         find_faces=bool(preprocessing.get("face_step")) and not face_crops,
     )
@@ -57,6 +59,28 @@ def rebuild_backbone(entry: dict, *, face_crops: bool = False) -> Backbone:
             f"are not the ones the model was trained on (sha256 {str(entry.get('weights_sha256'))[:12]})"
         )
     return backbone
+
+
+def network_groups(entries: Sequence[dict]) -> list[list[int]]:
+    """A model's ``backbones`` entries grouped by the network computing them: entries that
+    differ only in their layer (one network joined at two layers) share one forward pass."""
+    groups: list[list[int]] = []
+    for index, entry in enumerate(entries):
+        network, layer = _network(entry), entry["layer"]
+        shared = [
+            group
+            for group in groups
+            if _network(entries[group[0]]) == network and all(entries[i]["layer"] != layer for i in group)
+        ]
+        if shared:
+            shared[0].append(index)
+        else:
+            groups.append([index])
+    return groups
+
+
+def _network(entry: dict) -> dict:
+    return {key: value for key, value in entry.items() if key not in ("layer", "feature_dim")}
 
 
 def aligned_for(
@@ -76,7 +100,8 @@ class Predictor(ImagePredictor):
     def __init__(self, model: HeadModel, **options):
         super().__init__(**options)
         self.model = model
-        self.backbones = {False: [rebuild_backbone(entry) for entry in model.backbones]}
+        self.groups = network_groups(model.backbones)
+        self.backbones = {False: self._rebuild(face_crops=False)}
         # one face-finding backbone finds the faces for all: the others take the crop it cuts
         kinds = {backbone.config.input_kind for backbone in self.backbones[False]}
         self.input_kind = "photo" if "photo" in kinds else "face crop"
@@ -85,22 +110,34 @@ class Predictor(ImagePredictor):
         self, images: list, progress: bool, face_crops: bool = False, check_box: bool = False
     ) -> tuple[np.ndarray, list[str]]:
         if face_crops not in self.backbones:
-            self.backbones[face_crops] = [rebuild_backbone(entry, face_crops=True) for entry in self.model.backbones]
-        blocks, errors = [], [""] * len(images)
+            self.backbones[face_crops] = self._rebuild(face_crops=True)
+        entries = self.model.backbones
+        blocks: list[np.ndarray] = [np.empty(0)] * len(entries)
+        errors = [""] * len(images)
         backbones = [
             aligned_for(self, backbone, images, face_crops, check_box) for backbone in self.backbones[face_crops]
         ]
-        for backbone, entry in zip(backbones, self.model.backbones, strict=True):
-            features, block_errors = extract_features(
-                backbone, images, progress=progress, flip=bool(entry.get("flip")), dtype="float32", **self.options
+        for backbone, group in zip(backbones, self.groups, strict=True):
+            flip = bool(entries[group[0]].get("flip"))
+            features, block_errors = extract_layer_features(
+                backbone, images, progress=progress, flip=flip, dtype="float32", **self.options
             )
-            blocks.append(features)
+            for index in group:
+                blocks[index] = features[entries[index]["layer"]]
             errors = [first or second for first, second in zip(errors, block_errors, strict=True)]
         ok = np.array([not error for error in errors], dtype=bool)
         probabilities = np.full(len(images), np.nan)
         if ok.any():
             probabilities[ok] = self.model.predict_proba(np.hstack(blocks)[ok])
         return probabilities, errors
+
+    def _rebuild(self, face_crops: bool) -> list[Backbone]:
+        """One backbone per network of the model, built for each of its layers the model joins."""
+        entries = self.model.backbones
+        return [
+            rebuild_backbone(entries[group[0]], face_crops=face_crops, layers=[entries[i]["layer"] for i in group])
+            for group in self.groups
+        ]
 
 
 class FinetunedPredictor(ImagePredictor):

@@ -359,3 +359,30 @@ def test_failed_images_stay_out_of_metrics_unless_counted(trained, tmp_path):
     assert counted["n"] == len(test_rows) and counted["failed_counted_as_errors"] == 3
     correct = left_out["accuracy"] * left_out["n"]
     assert counted["accuracy"] == pytest.approx(correct / counted["n"])
+
+
+def test_a_model_joining_two_layers_of_one_network_predicts_from_one_pass_as_its_caches_say(csv_dataset, tmp_path):
+    """One network joined at two layers is built once, for both, and its two blocks of
+    features land where the head expects them: predictions match the caches' rows."""
+    from featgender.extract import extract_layers
+    from featgender.predict import network_groups
+
+    caches = extract_layers(
+        csv_dataset,
+        layers=["features.6", "avgpool"],
+        backbone="mobilenet_v3_small",
+        weights="none",
+        out=str(tmp_path / "c@{layer}.h5"),
+        dtype="float32",
+        progress=False,
+    )
+    model, _ = train_head([caches[1].path, caches[0].path], "logreg", eval_split=None, out=tmp_path / "m.joblib")
+    assert [entry["layer"] for entry in model.backbones] == ["avgpool", "features.6"]
+    assert network_groups(model.backbones) == [[0, 1]]
+    assert network_groups([model.backbones[0], model.backbones[0]]) == [[0], [1]]  # one layer twice: two passes
+    predictor = featgender.load(tmp_path / "m.joblib")
+    assert len(predictor.backbones[False]) == 1 and predictor.backbones[False][0].layers == ("avgpool", "features.6")
+    rows = read_caches([caches[1].path, caches[0].path])
+    images = [csv_dataset / image_id for image_id in rows.ids[:6]]
+    predicted = [p.probability for p in predictor.predict(images)]
+    np.testing.assert_allclose(predicted, model.predict_proba(rows.features[:6]), atol=1e-4)
