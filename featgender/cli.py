@@ -797,7 +797,8 @@ def demo(
     join: list[str] = typer.Option(
         [],
         "--join",
-        help="A frozen backbone whose features join the first's in the head (repeat for more). The quick start "
+        help="A frozen backbone whose features join the first's in the head (repeat for more; NAME@LAYER for "
+        "another of its layers, all of one network's from one pass). The quick start "
         "joins arcface_mbf (extra 'arcface'; with --C 0.001): a face network taught on web photos, FairFace "
         "0.873 -> 0.890 and no kind of picture worse, for 1.1-1.5 times predict's time. predict runs every "
         "network on each face, dlib's face step finding the faces of photos for all (benchmarks/README.md).",

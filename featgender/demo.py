@@ -8,11 +8,11 @@ import importlib.util
 from collections.abc import Sequence
 from pathlib import Path
 
-from featgender.backbones import get_config, weights_available
+from featgender.backbones import build_backbone, get_config, weights_available
 from featgender.cache import DEFAULT_CACHE_DIR
 from featgender.defaults import DEFAULT_HEAD
 from featgender.errors import FeatgenderError
-from featgender.extract import extract_to_cache
+from featgender.extract import CacheResult, extract_layers, extract_to_cache
 from featgender.files import HEAD_MODEL, check_writable
 from featgender.finetune import RECIPES, FinetuneResult, finetune, recipe
 from featgender.heads import make_head
@@ -31,6 +31,39 @@ def best_offline_backbone() -> str:
         if weights_available(get_config(name)) and (name != "dlib_resnet" or importlib.util.find_spec("dlib")):
             return name
     return OFFLINE_BACKBONES[-1]  # its build names the extra to install
+
+
+def parse_join(join: Sequence[str]) -> list[tuple[str, str]]:
+    """Each ``--join`` as (backbone, layer): ``arcface_mbf@neck.1`` names a layer, a plain name
+    takes the backbone's own. An unknown backbone or layer, or one given twice, fails here."""
+    specs = []
+    for text in join:
+        name, _, layer = text.partition("@")
+        try:
+            default = get_config(name).layer
+        except FeatgenderError as error:
+            raise FeatgenderError(str(error).replace("--backbone", "--join", 1)) from None
+        if layer and layer != default:
+            try:
+                build_backbone(name, weights="none", layer=layer)  # a layer it does not have fails now
+            except FeatgenderError as error:  # "--layer 'x': not a node ..." said of the --join
+                raise FeatgenderError(f"--join {text}: {str(error).split(': ', 1)[1]}") from None
+        if (name, layer or default) in specs:
+            raise FeatgenderError(f"--join {text}: given twice")
+        specs.append((name, layer or default))
+    return specs
+
+
+def joined_caches(dataset: str | Path, join: Sequence[tuple[str, str]], **options) -> list[CacheResult]:
+    """The caches of the joined backbones' layers, in ``join``'s order: the layers of one
+    network from one pass over the images (:func:`featgender.extract.extract_layers`)."""
+    caches: dict[tuple[str, str], CacheResult] = {}
+    for name in dict.fromkeys(name for name, _ in join):
+        layers = [layer for each, layer in join if each == name]
+        default = [get_config(name).layer]
+        results = extract_layers(dataset, backbone=name, layers=None if layers == default else layers, **options)
+        caches.update(zip([(name, layer) for layer in layers], results, strict=True))
+    return [caches[spec] for spec in join]
 
 
 def run_demo(
@@ -57,7 +90,8 @@ def run_demo(
     frozen again to embed them (caches in the folder of that name under ``cache/``); others
     embed them as they come. ``join``: frozen backbones (as they come, caches under the default
     folder) whose features join the first's side by side in the head, e.g. efficientnet_lite0
-    on the whole crop (hair and ears, which dlib's chip cuts off); ``C``: the head's. The model
+    on the whole crop (hair and ears, which dlib's chip cuts off), or ``name@layer`` for another
+    of its layers (:func:`parse_join`; one network's layers come from one pass); ``C``: the head's. The model
     is saved to ``out`` (default ``models/demo-<backbone>[+<joined>...]-<head>.joblib``).
     Returns a dict with ``finetuned`` (the :class:`~featgender.finetune.FinetuneResult`, or
     None), ``caches`` (the :class:`~featgender.extract.CacheResult` of each dataset),
@@ -66,11 +100,7 @@ def run_demo(
     """
     datasets = [data] if isinstance(data, (str, Path)) else list(data)
     backbone = backbone or best_offline_backbone()
-    for name in join:  # a wrong name fails now, not after the fine-tune
-        try:
-            get_config(name)
-        except FeatgenderError as error:
-            raise FeatgenderError(str(error).replace("--backbone", "--join", 1)) from None
+    specs = parse_join(join)  # a wrong name or layer fails now, not after the fine-tune
     name = "+".join([backbone, *join])
     out = Path(out) if out is not None else Path("models") / f"demo-{name}-{head}.joblib"
     make_head(head, C=C)  # an unknown head or C, and an --out no model can take, fail now, not after
@@ -89,10 +119,7 @@ def run_demo(
         extract_to_cache(dataset, backbone=backbone, limit=limit, progress=progress, **first_options)
         for dataset in datasets
     ]
-    joined = [
-        [extract_to_cache(dataset, backbone=name, limit=limit, progress=progress, **extract_options) for name in join]
-        for dataset in datasets
-    ]
+    joined = [joined_caches(dataset, specs, limit=limit, progress=progress, **extract_options) for dataset in datasets]
     per_dataset = [
         [cache.path, *(extra.path for extra in extras)] for cache, extras in zip(caches, joined, strict=True)
     ]

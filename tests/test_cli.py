@@ -174,6 +174,8 @@ def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
     "options, refusal",
     [
         (["--join", "efficientnet_lite9"], "--join 'efficientnet_lite9': unknown"),
+        (["--join", "mobilenet_v3_small@nolayer"], "--join mobilenet_v3_small@nolayer: not a node or module"),
+        (["--join", "resnet18", "--join", "resnet18@flatten"], "--join resnet18@flatten: given twice"),
         (["--head", "svn"], "--head 'svn': unknown"),
         (["--C", "0"], "--C 0.0: the regularisation C must be above 0"),
         (["--out", "."], ".: is a folder"),
@@ -333,3 +335,37 @@ def test_serve_refuses_to_expose_the_page_without_a_password_or_a_port_that_is_n
     no_port = invoke("serve", "--model", tmp_path / "m.joblib", "--port", "-5")
     assert no_port.exit_code == 2 and "Invalid value for '--port'" in no_port.output
     assert not list(tmp_path.iterdir())
+
+
+def test_demo_joins_one_network_at_two_layers_from_one_pass(csv_dataset, tmp_path, monkeypatch):
+    """``--join NAME@LAYER``: another layer of a joined network, extracted in the same pass as
+    its others (one extraction per network and dataset), each layer its own cache and block."""
+    import featgender.demo
+    from featgender.demo import run_demo
+
+    passes = []
+
+    def counted(dataset, **options):
+        passes.append(options.get("layers"))
+        return extract_layers(dataset, **options)
+
+    extract_layers = featgender.demo.extract_layers
+    monkeypatch.setattr(featgender.demo, "extract_layers", counted)
+    result = run_demo(
+        csv_dataset,
+        backbone="mobilenet_v3_small",
+        join=["resnet18", "resnet18@layer3"],
+        fine_tune=False,
+        weights="none",
+        cache_dir=tmp_path / "cache",
+        out=tmp_path / "m.joblib",
+        progress=False,
+    )
+    assert passes == [["flatten", "layer3"]]
+    assert [cache.path.name for cache in result["joined"][0]] == ["csvset-resnet18.h5", "csvset-resnet18@layer3.h5"]
+    assert [(entry["backbone"], entry["layer"]) for entry in result["model"].backbones] == [
+        ("mobilenet_v3_small", "flatten"),
+        ("resnet18", "flatten"),
+        ("resnet18", "layer3"),
+    ]
+    assert result["model"].feature_dim == 576 + 512 + 256
