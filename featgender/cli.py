@@ -799,8 +799,9 @@ def demo(
         "--join",
         help="A frozen backbone whose features join the first's in the head (repeat for more; NAME@LAYER for "
         "another of its layers, all of one network's from one pass). The quick start "
-        "joins arcface_mbf (extra 'arcface'; with --C 0.001): a face network taught on web photos, FairFace "
-        "0.873 -> 0.890 and no kind of picture worse, for 1.1-1.5 times predict's time. predict runs every "
+        "joins arcface_mbf and arcface_mbf@neck.1 (extra 'arcface'; with --C 0.001): a face network taught on "
+        "web photos, FairFace 0.873 -> 0.904 and no kind of picture worse, for 1.1-1.5 times predict's time. "
+        "predict runs every "
         "network on each face, dlib's face step finding the faces of photos for all (benchmarks/README.md).",
     ),
     c: float | None = typer.Option(None, "-C", "--C", help="The head's regularisation C (default the head's)."),
