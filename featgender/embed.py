@@ -335,13 +335,12 @@ def _to_device(images: torch.Tensor | list[torch.Tensor], device: torch.device) 
 
 def extract_features(backbone: Backbone, sources: Sequence, **options) -> tuple[np.ndarray, list[str]]:
     """All embeddings of ``sources`` at once (in memory): features and per-row errors."""
-    features, errors = [], []
-    for _, batch_features, batch_errors in iter_features(backbone, sources, **options):
-        features.append(batch_features)
-        errors.extend(batch_errors)
-    if not features:
-        return np.empty((0, backbone.feature_dim), dtype=DTYPES[options.get("dtype", "float16")]), []
-    return np.concatenate(features), errors
+    if len(backbone.layers) > 1:
+        raise FeatgenderError(
+            f"{backbone.config.name}: built for {len(backbone.layers)} layers; use extract_layer_features"
+        )
+    features, errors = extract_layer_features(backbone, sources, **options)
+    return features[backbone.layers[0]], errors
 
 
 def extract_layer_features(backbone: Backbone, sources: Sequence, **options) -> tuple[dict[str, np.ndarray], list[str]]:
