@@ -226,12 +226,17 @@ def iter_features(
     into ``sources``; a (len(indices), D) array of ``dtype``, NaN rows where an image failed;
     one message per row, '' where the image was embedded.
     """
-    if len(backbone.layers) > 1:
-        raise FeatgenderError(
-            f"{backbone.config.name}: built for {len(backbone.layers)} layers; use iter_layer_features"
-        )
+    layer = _only_layer(backbone, instead="iter_layer_features")
     for indices, features, errors in iter_layer_features(backbone, sources, **options):
-        yield indices, features[backbone.layers[0]], errors
+        yield indices, features[layer], errors
+
+
+def _only_layer(backbone: Backbone, instead: str) -> str:
+    """The one layer ``backbone`` was built for; built for several, an error naming the
+    function that takes them all (``instead``)."""
+    if len(backbone.layers) > 1:
+        raise FeatgenderError(f"{backbone.config.name}: built for {len(backbone.layers)} layers; use {instead}")
+    return backbone.layers[0]
 
 
 def iter_layer_features(
@@ -335,12 +340,9 @@ def _to_device(images: torch.Tensor | list[torch.Tensor], device: torch.device) 
 
 def extract_features(backbone: Backbone, sources: Sequence, **options) -> tuple[np.ndarray, list[str]]:
     """All embeddings of ``sources`` at once (in memory): features and per-row errors."""
-    if len(backbone.layers) > 1:
-        raise FeatgenderError(
-            f"{backbone.config.name}: built for {len(backbone.layers)} layers; use extract_layer_features"
-        )
+    layer = _only_layer(backbone, instead="extract_layer_features")
     features, errors = extract_layer_features(backbone, sources, **options)
-    return features[backbone.layers[0]], errors
+    return features[layer], errors
 
 
 def extract_layer_features(backbone: Backbone, sources: Sequence, **options) -> tuple[dict[str, np.ndarray], list[str]]:
