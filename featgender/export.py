@@ -3,12 +3,13 @@
 The graph holds everything after the image has been cut to the network's input: the
 normalisation, the network(s), the pooling, the flip averaging where the features were
 flipped, the joining of several backbones' features, and the head's whole pipeline
-(:mod:`featgender.head_graph`), in float32. Its inputs, one per backbone, are uint8
-(N, 3, S, S) batches of any size: dlib_resnet's aligned face chip, or the image resized
-(shorter side) and centre-cropped as extraction does. The file's metadata records how to cut
-them and everything the saved model records of itself (backbone, weights sha256, training
-data, test metrics, versions), so that :mod:`featgender.runtime` predicts and the model card
-is rebuilt from the file alone, on onnxruntime, without torch.
+(:mod:`featgender.head_graph`), in float32. Its inputs, one per network (a network the model
+joins at several layers is held and run once), are uint8 (N, 3, S, S) batches of any size:
+dlib_resnet's aligned face chip, or the image resized (shorter side) and centre-cropped as
+extraction does. The file's metadata records how to cut them and everything the saved model
+records of itself (backbone, weights sha256, training data, test metrics, versions), so that
+:mod:`featgender.runtime` predicts and the model card is rebuilt from the file alone, on
+onnxruntime, without torch.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from featgender.backbones import Backbone, Preprocess
+from featgender.backbones import Backbone, EmbeddingModel, Preprocess
 from featgender.defaults import EXPORTED_SUFFIX, FINETUNED_SUFFIXES
 from featgender.errors import FeatgenderError
 from featgender.files import atomic_write, file_sha256
@@ -32,7 +33,8 @@ OPSET = 18
 
 class ImageNetwork(nn.Module):
     """uint8 pixels to features (or P(male)): cast, normalise as the backbone's transform
-    does, run the network; with ``flip``, the mean with the mirrored image's output."""
+    does, run the network (a network built at several layers: each layer's features side by
+    side, in its order); with ``flip``, the mean with the mirrored image's output."""
 
     mean: torch.Tensor
     std: torch.Tensor
@@ -46,21 +48,44 @@ class ImageNetwork(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         x = (pixels.to(torch.float32) - self.mean) / self.std
-        out = self.network(x)
-        return (out + self.network(x.flip(-1))) / 2 if self.flip else out
+        out = self._features(x)
+        return (out + self._features(x.flip(-1))) / 2 if self.flip else out
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.network, EmbeddingModel) and len(self.network.layers) > 1:
+            return torch.cat(list(self.network.forward_layers(x).values()), 1)
+        return self.network(x)
 
 
 class ExportedModel(nn.Module):
-    """Each input through its backbone, the features joined, then the head: P(male), (N,)."""
+    """Each input through its network, the features joined (their columns put back in the
+    model's order where a network's layers are not side by side in it), then the head:
+    P(male), (N,)."""
 
-    def __init__(self, branches: list[ImageNetwork], head: nn.Module):
+    columns: torch.Tensor | None
+
+    def __init__(self, branches: list[ImageNetwork], head: nn.Module, columns: torch.Tensor | None = None):
         super().__init__()
         self.branches = nn.ModuleList(branches)
         self.head = head
+        self.register_buffer("columns", columns)
 
     def forward(self, *pixels: torch.Tensor) -> torch.Tensor:
         features = [branch(x) for branch, x in zip(self.branches, pixels, strict=True)]
-        return self.head(torch.cat(features, 1) if len(features) > 1 else features[0])
+        joined = torch.cat(features, 1) if len(features) > 1 else features[0]
+        return self.head(joined if self.columns is None else joined[:, self.columns])
+
+
+def _model_columns(dims: list[int], groups: list[list[int]]) -> torch.Tensor | None:
+    """Where each of the model's feature columns lies in the graph's join, which takes the
+    backbones entries network by network (``groups``); None where that is the model's order."""
+    order = [index for group in groups for index in group]
+    if order == sorted(order):
+        return None
+    starts, start = {}, 0
+    for index in order:
+        starts[index], start = start, start + dims[index]
+    return torch.cat([torch.arange(starts[i], starts[i] + dims[i]) for i in range(len(dims))])
 
 
 def _normalisation(backbone: Backbone) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,16 +106,20 @@ def _head_model(path: Path, trusted: bool) -> tuple[nn.Module, list[dict], dict]
     """A head artifact's graph module, its inputs and its metadata."""
     from featgender.head_graph import head_network
     from featgender.heads import load_model
-    from featgender.predict import rebuild_backbone
+    from featgender.predict import network_groups, rebuild_backbone
 
     model = load_model(path, trusted=trusted)
+    entries = model.backbones
+    groups = network_groups(entries)
     branches, inputs = [], []
-    for index, entry in enumerate(model.backbones):
-        backbone = rebuild_backbone(entry)
+    for index, group in enumerate(groups):
+        entry = entries[group[0]]
+        backbone = rebuild_backbone(entry, layers=[entries[i]["layer"] for i in group])
         branches.append(ImageNetwork(backbone.model, *_normalisation(backbone), flip=bool(entry.get("flip"))))
         inputs.append(_input_record(f"pixels_{index}", backbone, entry))
+    columns = _model_columns([entry["feature_dim"] for entry in entries], groups)
     record = {key: getattr(model, key) for key in ("head", "params", "backbones", "training", "metrics", "versions")}
-    return ExportedModel(branches, head_network(model.pipeline)), inputs, {"kind": "head", "model": record}
+    return ExportedModel(branches, head_network(model.pipeline), columns), inputs, {"kind": "head", "model": record}
 
 
 def _finetuned_model(path: Path) -> tuple[nn.Module, list[dict], dict]:

