@@ -62,6 +62,9 @@ class BackboneConfig:
     input_kind : what the backbone expects: 'face crop' (a cropped face, as in CelebA; photos
         need the face step of ``predict --faces photo`` first) or 'photo' (it finds and aligns
         the face itself).
+    outweighs_alignment : a face network whose forward pass costs more per face than cutting
+        its chip does: torch keeps every core beside the aligning loader worker
+        (:data:`featgender.embed.SHARED_CORES`).
     """
 
     name: str
@@ -84,6 +87,7 @@ class BackboneConfig:
     face_box: tuple[float, float, float, float] | None = None
     check_box: bool = False
     face_step: str = ""
+    outweighs_alignment: bool = False
     # Weights files of a foreign format (dlib's .dat) -> state_dict, for files with this suffix.
     convert_weights: tuple[str, Callable[[Path], dict]] | None = field(default=None, repr=False, compare=False)
     # The transform, when it is not Preprocess (face chips cut on the loader workers).
@@ -772,6 +776,7 @@ def _arcface_mbf() -> BackboneConfig:
         weights="InsightFace buffalo_s w600k_mbf (MobileFaceNet, WebFace600K; non-commercial research only)",
         alignment="dlib HOG/CNN detection, 68-point landmarks, ArcFace's 112px five-point template",
         chip="arcface",
+        outweighs_alignment=True,  # about 17 ms a face on one core, against about 7 for its chip
         build=_mobilefacenet,
         default_weights_file=_arcface_weights_file,
         download=_download_arcface,

@@ -84,9 +84,11 @@ class _SharedCores:
     same CPU cores: the cores the workers leave. Three busy threads on two cores cost dlib's
     network 20-45 % of its speed (embedding 2,000 UTKFace faces: 4.8-5.4 s with two threads
     beside the aligning worker, 4.1 s with one; FairFace's 2,500 checked crops: 8.5-9.1 s
-    against 5.0 s). A network the loader keeps fed (EfficientNet-Lite0 on decoded crops) keeps
-    every core: 12.7 s against 17 s with one. Threads of one process embedding at once share
-    one count, restored when the last is done."""
+    against 5.0 s). A network the loader keeps fed keeps every core: EfficientNet-Lite0 on
+    decoded crops (12.7 s against 17 s with one), and a face network whose forward pass
+    outweighs the alignment (``outweighs_alignment``; arcface_mbf on 2,000 FairFace faces:
+    31 s against 43 s with one). Threads of one process embedding at once share one count,
+    restored when the last is done."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -94,8 +96,10 @@ class _SharedCores:
         self.saved = 0
 
     @contextmanager
-    def beside(self, workers: int, device: torch.device, loader_step: object) -> Iterator[None]:
-        if device.type != "cpu" or not workers or loader_step is None:
+    def beside(self, workers: int, device: torch.device, backbone: Backbone) -> Iterator[None]:
+        config = backbone.config
+        network_bound = config.outweighs_alignment and not detects_on_loader(backbone)
+        if device.type != "cpu" or not workers or backbone.transform.loader_step is None or network_bound:
             yield
             return
         with self.lock:
@@ -283,7 +287,7 @@ def iter_layer_features(
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(sources), initial=start, unit="img", disable=not progress, desc=backbone.config.name)
-    with SHARED_CORES.beside(workers, device, backbone.transform.loader_step):
+    with SHARED_CORES.beside(workers, device, backbone):
         for batch in loader:
             features = {
                 layer: np.full((len(batch.indices), dim), np.nan, dtype=DTYPES[dtype]) for layer, dim in dims.items()
