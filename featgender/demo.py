@@ -101,6 +101,9 @@ def run_demo(
     datasets = [data] if isinstance(data, (str, Path)) else list(data)
     backbone = backbone or best_offline_backbone()
     specs = parse_join(join)  # a wrong name or layer fails now, not after the fine-tune
+    first = (backbone, get_config(backbone).layer)
+    if first in specs:
+        raise FeatgenderError(f"--join {backbone}: the demo's backbone already gives that layer")
     name = "+".join([backbone, *join])
     out = Path(out) if out is not None else Path("models") / f"demo-{name}-{head}.joblib"
     make_head(head, C=C)  # an unknown head or C, and an --out no model can take, fail now, not after
@@ -115,11 +118,20 @@ def run_demo(
             "weights": str(finetuned.checkpoint),
             "cache_dir": Path(extract_options.get("cache_dir", DEFAULT_CACHE_DIR)) / finetuned.checkpoint.stem,
         }
-    caches = [
-        extract_to_cache(dataset, backbone=backbone, limit=limit, progress=progress, **first_options)
-        for dataset in datasets
-    ]
-    joined = [joined_caches(dataset, specs, limit=limit, progress=progress, **extract_options) for dataset in datasets]
+    if finetuned is None:  # the backbone as it comes: a join of its other layers shares its pass
+        both = [
+            joined_caches(dataset, [first, *specs], limit=limit, progress=progress, **extract_options)
+            for dataset in datasets
+        ]
+        caches, joined = [each[0] for each in both], [each[1:] for each in both]
+    else:
+        caches = [
+            extract_to_cache(dataset, backbone=backbone, limit=limit, progress=progress, **first_options)
+            for dataset in datasets
+        ]
+        joined = [
+            joined_caches(dataset, specs, limit=limit, progress=progress, **extract_options) for dataset in datasets
+        ]
     per_dataset = [
         [cache.path, *(extra.path for extra in extras)] for cache, extras in zip(caches, joined, strict=True)
     ]

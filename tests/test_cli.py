@@ -176,6 +176,7 @@ def test_demo_on_real_faces(shared_faces, tmp_path, monkeypatch):
         (["--join", "efficientnet_lite9"], "--join 'efficientnet_lite9': unknown"),
         (["--join", "mobilenet_v3_small@nolayer"], "--join mobilenet_v3_small@nolayer: not a node or module"),
         (["--join", "resnet18", "--join", "resnet18@flatten"], "--join resnet18@flatten: given twice"),
+        (["--backbone", "resnet18", "--join", "resnet18"], "--join resnet18: the demo's backbone already gives"),
         (["--head", "svn"], "--head 'svn': unknown"),
         (["--C", "0"], "--C 0.0: the regularisation C must be above 0"),
         (["--out", "."], ".: is a folder"),
@@ -338,34 +339,39 @@ def test_serve_refuses_to_expose_the_page_without_a_password_or_a_port_that_is_n
 
 
 def test_demo_joins_one_network_at_two_layers_from_one_pass(csv_dataset, tmp_path, monkeypatch):
-    """``--join NAME@LAYER``: another layer of a joined network, extracted in the same pass as
-    its others (one extraction per network and dataset), each layer its own cache and block."""
+    """``--join NAME@LAYER``: another layer of a network, extracted in the same pass as its
+    others (one extraction per network and dataset), the demo's own frozen backbone among them;
+    each layer its own cache and block."""
     import featgender.demo
     from featgender.demo import run_demo
 
     passes = []
 
     def counted(dataset, **options):
-        passes.append(options.get("layers"))
+        passes.append((options["backbone"], options.get("layers")))
         return extract_layers(dataset, **options)
 
     extract_layers = featgender.demo.extract_layers
     monkeypatch.setattr(featgender.demo, "extract_layers", counted)
     result = run_demo(
         csv_dataset,
-        backbone="mobilenet_v3_small",
-        join=["resnet18", "resnet18@layer3"],
+        backbone="resnet18",
+        join=["mobilenet_v3_small", "resnet18@layer3"],
         fine_tune=False,
         weights="none",
         cache_dir=tmp_path / "cache",
         out=tmp_path / "m.joblib",
         progress=False,
     )
-    assert passes == [["flatten", "layer3"]]
-    assert [cache.path.name for cache in result["joined"][0]] == ["csvset-resnet18.h5", "csvset-resnet18@layer3.h5"]
+    assert passes == [("resnet18", ["flatten", "layer3"]), ("mobilenet_v3_small", None)]
+    assert result["caches"][0].path.name == "csvset-resnet18.h5"
+    assert [cache.path.name for cache in result["joined"][0]] == [
+        "csvset-mobilenet_v3_small.h5",
+        "csvset-resnet18@layer3.h5",
+    ]
     assert [(entry["backbone"], entry["layer"]) for entry in result["model"].backbones] == [
-        ("mobilenet_v3_small", "flatten"),
         ("resnet18", "flatten"),
+        ("mobilenet_v3_small", "flatten"),
         ("resnet18", "layer3"),
     ]
-    assert result["model"].feature_dim == 576 + 512 + 256
+    assert result["model"].feature_dim == 512 + 576 + 256
