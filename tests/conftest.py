@@ -170,7 +170,9 @@ def group_photo(dlib_model, tmp_path_factory) -> Path:
 def boxed_portraits(dlib_model, tmp_path_factory) -> tuple[list[Path], int]:
     """300 x 400 portraits of test faces: the first 26 framed alike (a 150 px face at one
     place, give or take 6 px), so a face box is calibrated for the folder; the last 4 framed
-    otherwise (the face smaller or larger, elsewhere): (paths, 26)."""
+    otherwise (the face smaller or larger, elsewhere): (paths, 26). The scene around each is
+    its face blurred upside down: no face a detector could take for the picture's (dlib's HOG
+    found the blurred upright face, the largest, on an AVX2-only CPU)."""
     from PIL import ImageFilter
 
     _, paths, _ = dlib_model
@@ -180,7 +182,7 @@ def boxed_portraits(dlib_model, tmp_path_factory) -> tuple[list[Path], int]:
     portraits = []
     for index, (side, left, top) in enumerate(framings):
         face = Image.open(paths[index % len(paths)]).convert("RGB")
-        scene = face.resize((300, 400)).filter(ImageFilter.GaussianBlur(20))
+        scene = face.rotate(180).resize((300, 400)).filter(ImageFilter.GaussianBlur(20))
         scene.paste(face.resize((side, side)), (left, top))
         portraits.append(folder / f"{index:02d}.jpg")
         scene.save(portraits[-1], quality=95)
