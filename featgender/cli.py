@@ -792,17 +792,18 @@ def demo(
         True,
         "--fine-tune/--frozen",
         help="Fine-tune dlib_resnet on the datasets first (2 epochs of 12,000 faces; the recipe in "
-        "benchmarks/README.md), then embed them with it; --frozen embeds with the network as it comes.",
+        "benchmarks/README.md), then embed them with it; --frozen embeds with the network as it comes, as "
+        "every other backbone does (no recipe).",
     ),
     join: list[str] = typer.Option(
         [],
         "--join",
         help="A frozen backbone whose features join the first's in the head (repeat for more; NAME@LAYER for "
-        "another of its layers, all of one network's from one pass). The quick start "
-        "joins arcface_mbf and arcface_mbf@neck.1 (extra 'arcface'; with --C 0.001): a face network taught on "
-        "web photos, FairFace 0.873 -> 0.904 and no kind of picture worse, for 1.1-1.5 times predict's time. "
-        "predict runs every "
-        "network on each face, dlib's face step finding the faces of photos for all (benchmarks/README.md).",
+        "another of its layers, all of one network's from one pass, the backbone's own among them when it is "
+        "not fine-tuned). The quick start is --backbone arcface_mbf --join arcface_mbf@neck.1 --C 0.005 "
+        "(extra 'arcface'): a face network taught on web photos, at its identity embedding and at the layer "
+        "before it. predict runs every network on each face, dlib's face step finding the faces of photos for "
+        "all (benchmarks/README.md).",
     ),
     c: float | None = typer.Option(None, "-C", "--C", help="The head's regularisation C (default the head's)."),
     out: Path | None = typer.Option(

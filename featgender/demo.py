@@ -91,7 +91,8 @@ def run_demo(
     embed them as they come. ``join``: frozen backbones (as they come, caches under the default
     folder) whose features join the first's side by side in the head, e.g. efficientnet_lite0
     on the whole crop (hair and ears, which dlib's chip cuts off), or ``name@layer`` for another
-    of its layers (:func:`parse_join`; one network's layers come from one pass); ``C``: the head's. The model
+    of its layers (:func:`parse_join`; one network's layers come from one pass, the backbone's own
+    among them when it is not fine-tuned); ``C``: the head's. The model
     is saved to ``out`` (default ``models/demo-<backbone>[+<joined>...]-<head>.joblib``).
     Returns a dict with ``finetuned`` (the :class:`~featgender.finetune.FinetuneResult`, or
     None), ``caches`` (the :class:`~featgender.extract.CacheResult` of each dataset),
