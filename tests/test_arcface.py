@@ -1,6 +1,7 @@
 """InsightFace's w600k MobileFaceNet in torch (``arcface_mbf``): the reader of InsightFace's ONNX
-file, equality with onnxruntime's run of that file, ArcFace's alignment on dlib's landmarks,
-and the backbone on real faces (skips without dlib, onnx, the weights or ../shared)."""
+file, equality with onnxruntime's run of that file, ArcFace's alignment on SCRFD's keypoints
+(dlib's landmarks where it finds no face), and the backbone on real faces (skips without dlib,
+onnx, the weights or ../shared)."""
 
 import numpy as np
 import pytest
@@ -28,7 +29,9 @@ from featgender.backbones import build_backbone, get_config, weights_available  
 from featgender.data import load_dataset  # noqa: E402
 from featgender.embed import extract_features  # noqa: E402
 from featgender.faces import calibrate_face_box, chip_aligner, dlib_model_file  # noqa: E402
+from featgender.faces.align import _points, arcface_chip, five_of_68  # noqa: E402
 from featgender.faces.mobilefacenet import MobileFaceNet, read_insightface_onnx  # noqa: E402
+from featgender.faces.scrfd import FiveKeypoints, scrfd_file  # noqa: E402
 from featgender.images import load_image  # noqa: E402
 
 
@@ -93,6 +96,64 @@ def test_the_chip_puts_the_eyes_nose_and_mouth_where_arcfaces_template_has_them(
         points = np.array([(shape.part(index).x, shape.part(index).y) for index in range(68)], dtype=float)
         found.append([points[36:42].mean(0), points[42:48].mean(0), points[30], points[48], points[54]])
     assert np.abs(np.median(found, axis=0) - ARCFACE_TEMPLATE).max() < 3
+
+
+@pytest.fixture(scope="module")
+def keypoints():
+    pytest.importorskip("onnxruntime")
+    if not scrfd_file().is_file():
+        pytest.skip("InsightFace's SCRFD-500M is not installed (pip install 'featgender[arcface]')")
+    return FiveKeypoints(scrfd_file())
+
+
+def _faces_and_boxes(shared_faces, count: int = 12) -> list[tuple[np.ndarray, tuple]]:
+    """UTKFace pictures as uint8 (H, W, 3) arrays, each with its calibrated face box in pixels."""
+    paths = load_dataset(shared_faces / "utkface", limit=48).paths[:count]
+    box = calibrate_face_box(paths)
+    assert box is not None  # UTKFace's aligned crops sit still
+    faces = []
+    for path in paths:
+        pixels = np.ascontiguousarray(load_image(path).permute(1, 2, 0).numpy())
+        height, width = pixels.shape[:2]
+        faces.append((pixels, tuple(int(value * side) for value, side in zip(box, (width, height) * 2, strict=True))))
+    return faces
+
+
+def test_scrfds_keypoints_are_the_eyes_nose_and_mouth_dlibs_landmarks_find(keypoints, shared_faces):
+    """On real faces about 180 px across, each of the five points lies within 8 px of dlib's
+    (the median over 12 faces): the same parts of the face, in the picture's coordinates."""
+    import dlib
+
+    landmarks = dlib.shape_predictor(str(dlib_model_file("landmarks68")))
+    apart = []
+    for pixels, box in _faces_and_boxes(shared_faces):
+        found = keypoints(pixels, box)
+        assert found is not None and found.shape == (5, 2)
+        apart.append(np.linalg.norm(found - five_of_68(_points(landmarks(pixels, dlib.rectangle(*box)))), axis=1))
+    assert np.median(apart, axis=0).max() < 8
+
+
+def test_where_scrfd_finds_no_face_dlibs_landmarks_place_the_chip(keypoints, shared_faces):
+    import dlib
+
+    pixels, box = _faces_and_boxes(shared_faces, 1)[0]
+    height, width = pixels.shape[:2]
+    aligner = chip_aligner("arcface", box=(box[0] / width, box[1] / height, box[2] / width, box[3] / height))
+    placed = keypoints(pixels, box)
+    assert placed is not None
+    np.testing.assert_array_equal(aligner.chip(pixels), arcface_chip(pixels, placed))
+    blank = np.full_like(pixels, 128)
+    assert keypoints(blank, box) is None
+    landmarks = dlib.shape_predictor(str(dlib_model_file("landmarks68")))
+    expected = arcface_chip(blank, five_of_68(_points(landmarks(blank, dlib.rectangle(*box)))))
+    np.testing.assert_array_equal(aligner.chip(blank), expected)
+
+
+def test_a_missing_keypoint_model_is_named_with_where_to_put_it(tmp_path):
+    pytest.importorskip("onnxruntime")
+    missing = tmp_path / "det_500m.onnx"
+    with pytest.raises(FeatgenderError, match=r"det_500m.onnx.*buffalo_s"):
+        FiveKeypoints(missing)(np.zeros((64, 64, 3), np.uint8), (8, 8, 56, 56))
 
 
 def test_the_backbone_embeds_faces_and_tells_people_apart(onnx_file, shared_faces):

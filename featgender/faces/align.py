@@ -1,11 +1,12 @@
 """The alignment of the face networks: where the face is in a face crop, its landmarks, and
 the aligned chip the network embeds: dlib's 150 x 150 chip on its 5 landmarks, or ArcFace's
-112 x 112 on the eye centres, nose tip and mouth corners of dlib's 68 (``arcface_mbf``).
+112 x 112 on the eye centres, nose tip and mouth corners that SCRFD finds (``arcface_mbf``;
+dlib's 68 landmarks where it finds no face).
 
 Per image, on the loader workers (:class:`FaceAligner`): find the face (the detectors of
 :mod:`featgender.faces.detect`; on crops where none finds one, a central box; or a fixed box
-calibrated for a dataset of aligned crops), locate 5 landmarks, cut the chip. numpy and dlib
-only (torch tensors only at the loader steps' edges).
+calibrated for a dataset of aligned crops), locate 5 landmarks, cut the chip. numpy, dlib and
+onnxruntime only (torch tensors only at the loader steps' edges).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 from featgender.errors import FeatgenderError
 from featgender.faces.detect import FaceDetector
 from featgender.faces.models import _dlib, dlib_model_file, hog_detector
+from featgender.faces.scrfd import FiveKeypoints, scrfd_file
 from featgender.threads import map_in_threads
 
 if TYPE_CHECKING:
@@ -163,12 +165,11 @@ def similarity_transform(source: np.ndarray, target: np.ndarray) -> np.ndarray:
     return np.hstack([scale * rotation, (target_mean - scale * rotation @ source_mean)[:, None]])
 
 
-def arcface_chip(pixels: np.ndarray, points68: np.ndarray) -> np.ndarray:
-    """ArcFace's aligned uint8 (112, 112, 3) chip of a uint8 (H, W, 3) image, from dlib's 68
-    landmarks: bilinear, black beyond the picture's edge."""
+def arcface_chip(pixels: np.ndarray, five: np.ndarray) -> np.ndarray:
+    """ArcFace's aligned uint8 (112, 112, 3) chip of a uint8 (H, W, 3) image, from its five
+    points (eye centres, nose tip, mouth corners): bilinear, black beyond the picture's edge."""
     from PIL import Image
 
-    five = np.stack([points68[part].mean(0) for part in ARCFACE_POINTS])
     forward = np.vstack([similarity_transform(five, ARCFACE_TEMPLATE), [0.0, 0.0, 1.0]])
     inverse = np.linalg.inv(forward)[:2].ravel()  # PIL maps each chip pixel back to the picture
     picture = Image.fromarray(pixels)
@@ -176,9 +177,16 @@ def arcface_chip(pixels: np.ndarray, points68: np.ndarray) -> np.ndarray:
     return np.array(picture.transform(size, Image.Transform.AFFINE, tuple(inverse), Image.Resampling.BILINEAR))
 
 
+def five_of_68(points68: np.ndarray) -> np.ndarray:
+    """ArcFace's five points (eye centres, nose tip, mouth corners) from dlib's 68 landmarks."""
+    return np.stack([points68[part].mean(0) for part in ARCFACE_POINTS])
+
+
 class FaceAligner:
     """uint8 (3, H, W) image → aligned uint8 face chip: (3, 150, 150) as dlib's model expects, or
-    with ``arcface``, (3, 112, 112) on ArcFace's template (dlib's 68 landmarks in the same box).
+    with ``arcface``, (3, 112, 112) on ArcFace's template, placed by SCRFD's five keypoints
+    around the face's box (``keypoints``, ArcFace's own way), or where SCRFD finds no face
+    there, by dlib's 68 landmarks in the box.
 
     ``box``: the face's relative (left, top, right, bottom) box in every image (aligned face
     crops, see :func:`calibrate_face_box`): no detection, only landmarks; with ``check``, an
@@ -199,9 +207,11 @@ class FaceAligner:
         box: tuple[float, float, float, float] | None = None,
         check: bool = False,
         arcface: str | None = None,
+        keypoints: FiveKeypoints | None = None,
     ):
         self.landmarks_file = landmarks_file
         self.arcface = arcface  # dlib's 68-landmark file: cut ArcFace's chip
+        self.keypoints = keypoints
         self.detector = FaceDetector(cnn_detector_file)
         self.face_crop = face_crop
         self.box = box
@@ -237,9 +247,12 @@ class FaceAligner:
             chip = self._dlib_chip(pixels, boxes[0])
             if self.arcface is None:
                 return chip
-        if self._landmarks68 is None:
-            self._landmarks68 = dlib.shape_predictor(self.arcface)
-        return arcface_chip(pixels, _points(self._landmarks68(pixels, dlib.rectangle(*boxes[0]))))
+        five = None if self.keypoints is None else self.keypoints(pixels, boxes[0])
+        if five is None:
+            if self._landmarks68 is None:
+                self._landmarks68 = dlib.shape_predictor(self.arcface)
+            five = five_of_68(_points(self._landmarks68(pixels, dlib.rectangle(*boxes[0]))))
+        return arcface_chip(pixels, five)
 
     def _dlib_chip(self, pixels: np.ndarray, box: tuple) -> np.ndarray:
         """dlib's chip on the 5 landmarks found in ``box``; with ``check``, one whose landmarks
@@ -272,6 +285,7 @@ def chip_aligner(chip: str, box: tuple | None = None, check: bool = False) -> Fa
         box=box,
         check=check,
         arcface=str(dlib_model_file("landmarks68")) if chip == "arcface" else None,
+        keypoints=FiveKeypoints(scrfd_file()) if chip == "arcface" else None,
     )
 
 
