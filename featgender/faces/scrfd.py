@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -85,15 +86,23 @@ class FiveKeypoints:
         blob = ((region.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
         outputs = self._session.run(None, {self._session.get_inputs()[0].name: blob})
         scores, points = [], []
-        for index, stride in enumerate(STRIDES):
-            places = SIDE // stride
-            rows, columns = np.mgrid[:places, :places]
-            centres = np.stack([columns, rows], axis=-1).reshape(-1, 2) * stride
-            centres = np.repeat(centres, ANCHORS, axis=0).astype(np.float32)
+        for index, (stride, centres) in enumerate(zip(STRIDES, _anchor_centres(), strict=True)):
             scores.append(outputs[index][0][:, 0])
             offsets = outputs[index + 2 * len(STRIDES)][0].reshape(-1, 5, 2)
             points.append(centres[:, None] + offsets * stride)
         return np.concatenate(scores), np.concatenate(points)
+
+
+@cache
+def _anchor_centres() -> list[np.ndarray]:
+    """Each stride's anchor centres in a (SIDE, SIDE) region, in SCRFD's output order: the
+    same for every face, so made once."""
+    centres = []
+    for stride in STRIDES:
+        rows, columns = np.mgrid[: SIDE // stride, : SIDE // stride]
+        places = np.stack([columns, rows], axis=-1).reshape(-1, 2) * stride
+        centres.append(np.repeat(places, ANCHORS, axis=0).astype(np.float32))
+    return centres
 
 
 def _square(pixels: np.ndarray, x0: float, y0: float, side: float) -> np.ndarray:
