@@ -1,7 +1,8 @@
 """Recipes for faces in the wild side by side, one row each, from their caches (issue #34's table).
 
 A recipe is the five sets' caches: one backbone, or several joined by image id (``+``), each
-path with ``{set}`` where the set's name goes. A logistic head is fitted on the train splits,
+path with ``{set}`` where the set's name goes. A logistic head (``--heads``: others with a C, a
+row each) is fitted on the train splits,
 balanced by dataset x gender as the quick start's, at the C that FairFace's valid carve-out
 prefers (never its val; ``--choose pooled``: the C with the fewest errors on the five sets'
 valid splits together, the quick start's rule), then scored on each test split from the cache rows (each face as
@@ -99,6 +100,7 @@ def recipe_row(
     grid: list[float],
     reference: dict[str, bool] | None,
     choose: str = "fairface",
+    head: str = "logreg",
 ) -> tuple[str, dict[str, bool]]:
     """The table row of one recipe (C chosen on the valid splits as ``choose`` says, then every
     test split, then FairFace val against the ``reference`` recipe's), and which FairFace val
@@ -107,7 +109,7 @@ def recipe_row(
     first, *stack = datasets
     fitted = {}
     for C in grid:
-        model, valid = train_head(first, "logreg", stack=stack, balance="dataset,gender", C=C)
+        model, valid = train_head(first, head, stack=stack, balance="dataset,gender", C=C)
         fitted[C] = (_valid_score(valid, fairface, choose), model, list(valid["datasets"].values())[fairface])
     C = max(grid, key=lambda value: (fitted[value][0], -value))  # the smaller C where valid ties
     _, model, fairface_valid = fitted[C]
@@ -149,12 +151,30 @@ def fairface_share(datasets: list[list[str]], sets: list[str], share: float, fol
     return [copies if each == "fairface" else caches for each, caches in zip(sets, datasets, strict=True)]
 
 
+def _grids(texts: list[str], heads: list[str]) -> dict[str, list[float]]:
+    """Each head's C values from ``--C`` items: 'VALUES' for every head, 'HEAD=VALUES' for one."""
+    grids: dict[str, list[float]] = {}
+    for text in texts:
+        head, _, values = text.rpartition("=")
+        for each in [head] if head else heads:
+            grids[each] = [float(value) for value in values.split(",")]
+    missing = [head for head in heads if head not in grids]
+    if missing:
+        raise SystemExit(f"--C: no values for --heads {','.join(missing)}")
+    return grids
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--recipe", action="append", required=True, help="NAME=PATH{set}.h5[+PATH{set}.h5...]")
     parser.add_argument("--sets", default=",".join(SETS), help="the sets the head trains on (fairface among them)")
-    parser.add_argument("--C", default="0.002,0.005,0.01", help="the head's C, chosen on FairFace's valid")
+    parser.add_argument(
+        "--C",
+        action="append",
+        help="the head's C values, chosen on the valid splits (default 0.002,0.005,0.01); HEAD=VALUES for one head",
+    )
     parser.add_argument("--fairface-train", default="", help="shares of FairFace's training faces: a row for each")
+    parser.add_argument("--heads", default="logreg", help="heads with a C (logreg, svm, svm-rbf): a row for each")
     parser.add_argument(
         "--choose",
         choices=("fairface", "pooled"),
@@ -163,7 +183,8 @@ def main() -> None:
     )
     args = parser.parse_args()
     sets = args.sets.split(",")
-    grid = [float(value) for value in args.C.split(",")]
+    heads = args.heads.split(",")
+    grids = _grids(args.C or ["0.002,0.005,0.01"], heads)
     print(
         "| recipe | C | FairFace valid | FairFace val | right only for the first row / this one (McNemar p) "
         "| under 20 | worst FairFace race x gender (95% CI) | celeba_15k | utkface_more | its worst race x gender "
@@ -175,13 +196,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         for text in args.recipe:
             name, datasets = _recipe(text, sets)
-            row, right = recipe_row(name, datasets, sets, grid, reference, args.choose)
-            reference = right if reference is None else reference
-            print(row, flush=True)
-            for share in shares:
-                cut = fairface_share(datasets, sets, share, folder)
-                row = recipe_row(f"{name}, {share:g} of FairFace train", cut, sets, grid, reference, args.choose)[0]
+            for head in heads:
+                named = name if len(heads) == 1 else f"{name}, {head}"
+                row, right = recipe_row(named, datasets, sets, grids[head], reference, args.choose, head)
+                reference = right if reference is None else reference
                 print(row, flush=True)
+                for share in shares:
+                    cut = fairface_share(datasets, sets, share, folder)
+                    row = recipe_row(
+                        f"{named}, {share:g} of FairFace train", cut, sets, grids[head], reference, args.choose, head
+                    )[0]
+                    print(row, flush=True)
 
 
 if __name__ == "__main__":

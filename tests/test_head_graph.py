@@ -31,13 +31,18 @@ def test_each_head_as_a_module_gives_sklearn_probabilities(features, head):
 
 
 @pytest.mark.parametrize(
-    ("head", "params"), [("svm", {"max_small_samples": 100}), ("svm-rbf", {"max_small_samples": 100})]
+    ("head", "params"),
+    [
+        ("svm", {"max_small_samples": 100}),
+        ("svm-rbf", {"max_small_samples": 100}),
+        ("svm-rbf", {"max_small_samples": 100, "max_exact_samples": 100}),
+    ],
 )
 def test_large_data_variants_translate_too(features, head, params):
-    """SGD behind calibration (svm) and PCA + Nystroem + linear SVM (svm-rbf), as fitted above
-    their sample thresholds."""
+    """SGD behind calibration (svm), one SVC calibrated on a held-out tenth and PCA + Nystroem
+    + linear SVM (svm-rbf), as fitted above their sample thresholds."""
     rows, labels = features
-    pipeline, _ = fit_head(rows[:400], labels[:400], head, max_small_samples=100)
+    pipeline, _ = fit_head(rows[:400], labels[:400], head, **params)
     expected = pipeline.predict_proba(rows[400:])[:, 1]
     np.testing.assert_allclose(_module_probabilities(pipeline, rows[400:]), expected, atol=2e-5)
 

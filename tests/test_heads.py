@@ -5,6 +5,7 @@ import pytest
 from sklearn.base import clone
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
 from sklearn.utils.estimator_checks import check_estimator
 
 from featgender.errors import FeatgenderError
@@ -130,7 +131,7 @@ def test_our_estimators_pass_sklearn_checks(estimator):
     check_estimator(estimator, expected_failed_checks=unweighted_steps if isinstance(estimator, NystroemSVM) else None)
 
 
-SIZE_SWITCHES = {"svm": 50_000, "svm-rbf": 20_000}  # the heads that change solver above a row count
+SIZE_SWITCHES = {"svm": 50_000, "svm-rbf": 20_000}  # the heads that change solver above a row count (first switch)
 
 
 @pytest.mark.parametrize("width", [64, 128, 512, 1280, 2048])  # what the registry's backbones produce
@@ -148,16 +149,30 @@ def test_every_head_fits_every_width_on_both_sides_of_its_size_switch(head, widt
         assert (pipeline.predict(features) == labels).mean() > 0.75
         if head in SIZE_SWITCHES:
             switch = pipeline.named_steps["classifier"]
-            expected = switch.large if rows > 300 else switch.small
-            assert type(switch.estimator_.estimator) is type(expected.estimator)  # both calibrated
+            fitted, expected = switch.estimator_, switch.large if rows > 300 else switch.small
+            while isinstance(expected, SizeAdaptiveClassifier):  # svm-rbf's second switch: 301 rows are below it
+                fitted, expected = fitted.estimator_, expected.small
+            assert type(fitted.estimator) is type(expected.estimator)  # both calibrated
 
 
-def test_svm_rbf_fits_a_face_network_sized_cache_above_its_real_switch():
+def test_svm_rbf_between_its_switches_fits_one_svc_calibrated_on_a_held_out_tenth():
+    """Above 20,000 rows three SVC fits cost minutes (38k face rows: 2 min each): one SVC is
+    fitted on nine tenths of the rows, its sigmoid on the tenth it did not see."""
+    features, labels = separable(n=1000, d=64)
+    pipeline, _ = fit_head(features, labels, "svm-rbf", max_small_samples=500)
+    (fold,) = pipeline.named_steps["classifier"].estimator_.estimator_.calibrated_classifiers_
+    assert isinstance(fold.estimator, SVC) and fold.estimator.shape_fit_[0] == 900
+    probabilities = pipeline.predict_proba(features)[:, 1]
+    assert (pipeline.predict(features) == labels).mean() > 0.9
+    assert 0 < probabilities.min() < 0.1 and 0.9 < probabilities.max() < 1  # a sigmoid, not the SVC's sign
+
+
+def test_svm_rbf_approximation_fits_a_face_network_sized_cache():
     """The reported case: 128-d face-network features, more rows than exact SVC takes (its
     approximation asked PCA for 256 components of 128 columns)."""
     features, labels = separable(n=SIZE_SWITCHES["svm-rbf"] + 1, d=128)
-    pipeline, _ = fit_head(features, labels, "svm-rbf")
-    approximation = pipeline.named_steps["classifier"].estimator_.calibrated_classifiers_[0].estimator
+    pipeline, _ = fit_head(features, labels, "svm-rbf", max_exact_samples=SIZE_SWITCHES["svm-rbf"])
+    approximation = pipeline.named_steps["classifier"].estimator_.estimator_.calibrated_classifiers_[0].estimator
     assert approximation.pipeline_.named_steps["pca"].pca_.n_components_ == 128
     assert (pipeline.predict(features) == labels).mean() > 0.9
 
