@@ -34,6 +34,7 @@ from pathlib import Path
 
 import joblib
 import numpy as np
+from scipy.sparse import issparse
 from sklearn.base import BaseEstimator, ClassifierMixin, TransformerMixin, clone
 from sklearn.calibration import CalibratedClassifierCV
 from sklearn.decomposition import PCA
@@ -201,6 +202,27 @@ class NystroemSVM(ClassifierMixin, BaseEstimator):
         return self.pipeline_.predict(validate_data(self, X, dtype=[np.float32, np.float64], reset=False))
 
 
+class BlasSVC(SVC):
+    """:class:`~sklearn.svm.SVC` whose binary RBF decision function is computed as kernel-matrix
+    products (BLAS) rather than by libsvm's loop over support vectors: the same values, for the
+    quick start's 5,600 support vectors of 1,024 features about 30 times faster, so that the head
+    costs ``predict`` little beside the network. Other kernels, or several classes, stay libsvm's."""
+
+    def decision_function(self, X):
+        if self.kernel != "rbf" or len(self.classes_) != 2 or issparse(X):
+            return super().decision_function(X)
+        check_is_fitted(self)
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        vectors, weights = self.support_vectors_, self.dual_coef_[0]
+        norms = (vectors**2).sum(1)
+        decisions = np.empty(len(X))
+        for start in range(0, len(X), 4096):  # a (rows, vectors) kernel block at a time
+            rows = X[start : start + 4096]
+            distances = (rows**2).sum(1)[:, None] + norms - 2 * rows @ vectors.T
+            decisions[start : start + 4096] = np.exp(-self._gamma * np.maximum(distances, 0)) @ weights
+        return decisions + self.intercept_[0]
+
+
 class SizeAdaptiveClassifier(ClassifierMixin, BaseEstimator):
     """Fits ``small`` when the training set has at most ``max_small_samples`` rows, else ``large``.
 
@@ -330,7 +352,7 @@ SVC_CACHE_MB = 2048  # libsvm's kernel cache: on 38k face rows a fit takes 2.4x 
 
 @register_head("svm-rbf", grid={"C": [0.3, 1.0, 3.0, 10.0]})
 def _svm_rbf(random_state: int, C: float = 3.0, max_small_samples: int = 20_000, max_exact_samples: int = 60_000):
-    exact = SVC(C=C, kernel="rbf", gamma="scale", cache_size=SVC_CACHE_MB, random_state=random_state)
+    exact = BlasSVC(C=C, kernel="rbf", gamma="scale", cache_size=SVC_CACHE_MB, random_state=random_state)
     held_out = StratifiedShuffleSplit(n_splits=1, test_size=0.1, random_state=random_state)
     return SizeAdaptiveClassifier(
         # Platt scaling by 3-fold CV costs about 3x one SVC fit; SVC(probability=True) costs 6x.

@@ -10,6 +10,7 @@ from sklearn.utils.estimator_checks import check_estimator
 
 from featgender.errors import FeatgenderError
 from featgender.heads import (
+    BlasSVC,
     FeatureNormalizer,
     NystroemSVM,
     SampledScaler,
@@ -165,6 +166,15 @@ def test_svm_rbf_between_its_switches_fits_one_svc_calibrated_on_a_held_out_tent
     probabilities = pipeline.predict_proba(features)[:, 1]
     assert (pipeline.predict(features) == labels).mean() > 0.9
     assert 0 < probabilities.min() < 0.1 and 0.9 < probabilities.max() < 1  # a sigmoid, not the SVC's sign
+
+
+def test_blas_svc_decides_as_libsvm_does():
+    """The same decision values as libsvm's loop, also across the 4,096-row blocks."""
+    features, labels = separable(n=4600, d=64)
+    fitted = BlasSVC(C=3.0, gamma="scale").fit(features[:500], labels[:500])
+    np.testing.assert_allclose(
+        fitted.decision_function(features[500:]), SVC.decision_function(fitted, features[500:]), atol=1e-9
+    )
 
 
 def test_svm_rbf_approximation_fits_a_face_network_sized_cache():
