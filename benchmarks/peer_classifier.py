@@ -10,7 +10,7 @@ file to 5e-7). Ours is any featgender model, scored through ``featgender evaluat
 (``predict``'s default route, faces not found counted wrong). Both see the same test split of
 each dataset; prints a markdown table::
 
-    python benchmarks/peer_classifier.py --model models/demo-arcface_mbf+arcface_mbf@neck.1-logreg.joblib \\
+    python benchmarks/peer_classifier.py --model models/demo-arcface_mbf+arcface_mbf@neck.1-svm-rbf.joblib \\
         --data ../shared/faces/fairface --data ../shared/faces/utkface_more --data ../shared/faces/celeba_15k
 """
 

@@ -22,7 +22,7 @@ held-out accuracy is the test splits' (``featgender evaluate --data``).
 Each command runs as a whole process (start-up included), all in one run, one after another::
 
     python benchmarks/predict_routes.py \\
-        --model models/demo-arcface_mbf+arcface_mbf@neck.1-logreg.joblib [--images 400]
+        --model models/demo-arcface_mbf+arcface_mbf@neck.1-svm-rbf.joblib [--images 400]
     cd /path/to/old/checkout && python /path/to/benchmarks/predict_routes.py --model ABSOLUTE/PATH ...
 
 The second line times the code before: ``python -m featgender`` runs the checkout it starts in

@@ -800,7 +800,7 @@ def demo(
         "--join",
         help="A frozen backbone whose features join the first's in the head (repeat for more; NAME@LAYER for "
         "another of its layers, all of one network's from one pass, the backbone's own among them when it is "
-        "not fine-tuned). The quick start is --backbone arcface_mbf --join arcface_mbf@neck.1 --C 0.01 "
+        "not fine-tuned). The quick start is --backbone arcface_mbf --join arcface_mbf@neck.1 --head svm-rbf --C 3 "
         "(extra 'arcface'): a face network taught on web photos, at its identity embedding and at the layer "
         "before it. predict runs every network on each face, dlib's face step finding the faces of photos for "
         "all (benchmarks/README.md).",
