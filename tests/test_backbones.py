@@ -15,6 +15,7 @@ from featgender.backbones import (
     weights_available,
 )
 from featgender.errors import FeatgenderError
+from featgender.faces.models import hub_checkpoints
 from featgender.images import load_image
 
 REQUIRED = [
@@ -125,6 +126,16 @@ def test_default_weights_without_network_name_the_file_and_folder(tmp_path, monk
     checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
     with pytest.raises(FeatgenderError, match=rf"place {file} in {checkpoints}"):
         build_backbone(name)
+
+
+@pytest.mark.parametrize("variable", ["TORCH_HOME", "XDG_CACHE_HOME"])
+def test_hub_checkpoints_without_torch_is_the_folder_torch_uses(tmp_path, monkeypatch, variable):
+    monkeypatch.delenv("TORCH_HOME", raising=False)
+    monkeypatch.setenv(variable, str(tmp_path / "home"))
+    with_torch = hub_checkpoints()
+    assert with_torch == tmp_path / "home" / ("hub" if variable == "TORCH_HOME" else "torch/hub") / "checkpoints"
+    monkeypatch.setitem(sys.modules, "torch", None)  # import torch now fails, as in an export-only install
+    assert hub_checkpoints() == with_torch
 
 
 def test_vggface2_embeds_face_crops_as_512_d_unit_vectors():
