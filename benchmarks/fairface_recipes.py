@@ -13,7 +13,8 @@ first on FairFace val face by face (the faces only one of the two gets right, an
 McNemar p-value: whether the difference is beyond chance). ``--fairface-train 0.25,0.5`` adds a
 row per share of FairFace's training faces the head sees (seeded, each gender cut alike; the
 others marked failed in copies of its caches): the learning curve over FairFace's train
-size. Prints a markdown table::
+size. ``--cells`` adds a second table: each row's errors in every FairFace race x gender cell,
+to see which cells a recipe (or more training faces) moves. Prints markdown tables::
 
     python benchmarks/fairface_recipes.py \\
         --recipe "quick start=cache/demo-dlib_resnet-ft/{set}-dlib_resnet.h5" \\
@@ -101,10 +102,10 @@ def recipe_row(
     reference: dict[str, bool] | None,
     choose: str = "fairface",
     head: str = "logreg",
-) -> tuple[str, dict[str, bool]]:
+) -> tuple[str, dict[str, bool], dict]:
     """The table row of one recipe (C chosen on the valid splits as ``choose`` says, then every
-    test split, then FairFace val against the ``reference`` recipe's), and which FairFace val
-    faces it gets right."""
+    test split, then FairFace val against the ``reference`` recipe's), which FairFace val faces
+    it gets right, and FairFace val's race x gender table."""
     fairface = sets.index("fairface")
     first, *stack = datasets
     fitted = {}
@@ -124,7 +125,19 @@ def recipe_row(
         f"| {cell_text(ff['group_gender']['race'])} | {by_set['celeba_15k']['accuracy']:.4f} | {utk['accuracy']:.4f} "
         f"| {cell_text(utk['group_gender']['race'])} | {cell_text(utk['group_gender']['race'], 'black', 'women')} |"
     )
-    return row, right
+    return row, right, ff["group_gender"]["race"]
+
+
+def cells_table(rows: list[tuple[str, dict]]) -> list[str]:
+    """Markdown lines: a recipe per row, its errors of n in every FairFace race x gender cell."""
+    cells = rows[0][1]["cells"]
+    lines = [
+        "| recipe | " + " | ".join(f"{cell['group']} {cell['gender']}" for cell in cells) + " |",
+        "|---|" + "---|" * len(cells),
+    ]
+    for name, table in rows:
+        lines.append(f"| {name} | " + " | ".join(f"{cell['errors']} of {cell['n']}" for cell in table["cells"]) + " |")
+    return lines
 
 
 def fairface_share(datasets: list[list[str]], sets: list[str], share: float, folder: str) -> list[list[str]]:
@@ -181,6 +194,7 @@ def main() -> None:
         default="fairface",
         help="C by FairFace's valid accuracy, or by the fewest errors on every set's valid split",
     )
+    parser.add_argument("--cells", action="store_true", help="then every FairFace race x gender cell, a row each")
     args = parser.parse_args()
     sets = args.sets.split(",")
     heads = args.heads.split(",")
@@ -192,21 +206,25 @@ def main() -> None:
     )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     reference = None
+    cells = []
     shares = [float(value) for value in args.fairface_train.split(",") if value]
     with tempfile.TemporaryDirectory() as folder:
         for text in args.recipe:
             name, datasets = _recipe(text, sets)
             for head in heads:
                 named = name if len(heads) == 1 else f"{name}, {head}"
-                row, right = recipe_row(named, datasets, sets, grids[head], reference, args.choose, head)
+                row, right, table = recipe_row(named, datasets, sets, grids[head], reference, args.choose, head)
                 reference = right if reference is None else reference
                 print(row, flush=True)
+                cells.append((named, table))
                 for share in shares:
                     cut = fairface_share(datasets, sets, share, folder)
-                    row = recipe_row(
-                        f"{named}, {share:g} of FairFace train", cut, sets, grids[head], reference, args.choose, head
-                    )[0]
+                    shared = f"{named}, {share:g} of FairFace train"
+                    row, _, table = recipe_row(shared, cut, sets, grids[head], reference, args.choose, head)
                     print(row, flush=True)
+                    cells.append((shared, table))
+    if args.cells:
+        print("\n" + "\n".join(cells_table(cells)))
 
 
 if __name__ == "__main__":
